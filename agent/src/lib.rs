@@ -1,0 +1,8 @@
+//! `caudal-agent`: polls Modbus meters, validates and stores readings durably, syncs them to the
+//! cloud over MQTT with end-to-end acknowledgements, and gives the technician tools on site.
+//!
+//! See `ARCHITECTURE.md` for the tasks, the channels between them and the durability invariant.
+
+pub mod config;
+pub mod metrics;
+pub mod register;

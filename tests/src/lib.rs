@@ -1,0 +1,1 @@
+//! Harness for end-to-end scenarios: spawns the real binaries, an embedded broker and an acknowledging receiver.
