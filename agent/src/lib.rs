@@ -5,4 +5,5 @@
 
 pub mod config;
 pub mod metrics;
+pub mod outbox;
 pub mod register;
