@@ -1,6 +1,7 @@
 //! The uplink against a real embedded rumqttd broker and the acknowledging test receiver (a real
 //! SQLite file): delivery, deletion only after the cloud's ack, live-first ordering, backlog rate,
-//! broker outages, misbehaving acks, refused credentials, commands, retained status and last will.
+//! broker outages, misbehaving acks, refused credentials, mutual TLS, commands, retained status
+//! and last will.
 //!
 //! The outbox here is `MemorySpool`, an in-memory stand-in for the `Spool` seam used only until
 //! the SQLite outbox is merged; the end-to-end scenarios in `tests/` use the real one.
@@ -15,11 +16,12 @@ use caudal_common::{
     Command, CommandKind, CommandResult, DeviceId, DeviceState, Reading, SCHEMA_VERSION, Seq,
     SeqRange, SiteId, Status,
 };
-use caudal_tests::broker::{Broker, BrokerOptions};
+use caudal_tests::broker::{Broker, BrokerOptions, BrokerTls};
 use caudal_tests::receiver::{AckMode, Receiver};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -762,4 +764,67 @@ async fn status_is_retained_and_the_last_will_marks_the_agent_offline() {
     let p = next_publish(&mut rx).await;
     assert!(p.retain, "the will is retained");
     assert_eq!(decode::<Status>(&p.payload).unwrap(), Status::offline(site));
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+async fn tls_cloud() -> Cloud {
+    init_tracing();
+    let broker = Broker::start_with(BrokerOptions {
+        tls: Some(BrokerTls {
+            cert: fixture("server.pem"),
+            key: fixture("server.key"),
+            client_ca: fixture("ca.pem"),
+        }),
+        ..Default::default()
+    })
+    .expect("TLS broker starts");
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(broker.v4_addr(), &dir.path().join("cloud.db"))
+        .await
+        .expect("receiver starts");
+    Cloud {
+        broker,
+        receiver,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_travel_over_mutual_tls() {
+    let c = tls_cloud().await;
+    let spool = MemorySpool::new();
+    let seqs = spool.commit(40);
+    let mut cfg = config(&c.broker.tls_url().expect("TLS listener"));
+    cfg.ca_file = Some(fixture("ca.pem"));
+    cfg.client_cert = Some(fixture("client.pem"));
+    cfg.client_key = Some(fixture("client.key"));
+    let agent = Agent::start(cfg, spool.clone());
+    spool.wait_empty(Duration::from_secs(10)).await;
+    assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), u64s(&seqs));
+    assert_eq!(agent.connects("ok"), 1);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_from_another_ca_is_refused() {
+    let c = tls_cloud().await;
+    let spool = MemorySpool::new();
+    spool.commit(3);
+    let mut cfg = config(&c.broker.tls_url().expect("TLS listener"));
+    cfg.ca_file = Some(fixture("other-ca.pem"));
+    cfg.client_cert = Some(fixture("client.pem"));
+    cfg.client_key = Some(fixture("client.key"));
+    let agent = Agent::start(cfg, spool.clone());
+    agent
+        .wait_connects("error", 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(agent.connects("ok"), 0);
+    assert_eq!(spool.remaining().len(), 3);
+    assert_eq!(c.receiver.batches_received(), 0);
+    agent.stop().await.unwrap();
 }

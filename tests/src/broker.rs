@@ -4,7 +4,8 @@
 //! rumqttd 0.20's `Broker::start` blocks its caller forever and spawns listener threads it never
 //! stops, so this module drives rumqttd's public pieces itself: one `Router` and one `Server` per
 //! listener (MQTT v4, MQTT v5 and, when asked for, MQTT v4 over TLS), each listener on a thread of
-//! its own with its own current-thread runtime. [`Broker::stop`] drops those runtimes, which
+//! its own with its own current-thread runtime. The TLS listener requires a client certificate
+//! (rumqttd's `verify-client-cert`), so it exercises mutual TLS. [`Broker::stop`] drops those runtimes, which
 //! closes the listening sockets and every client connection at once: clients see the connection
 //! go away without a DISCONNECT, as when a broker process dies. [`Broker::restart`] builds a fresh
 //! router on the same ports, so the broker has forgotten every session, subscription and retained
@@ -40,13 +41,16 @@ pub struct BrokerOptions {
     pub tls: Option<BrokerTls>,
 }
 
-/// The TLS listener's identity.
+/// The TLS listener's identity, and the CA its clients' certificates must chain to (the
+/// listener requires mutual TLS).
 #[derive(Debug, Clone)]
 pub struct BrokerTls {
     /// PEM certificate chain presented to clients.
     pub cert: PathBuf,
     /// PEM private key of `cert`.
     pub key: PathBuf,
+    /// PEM CA that issued the clients' certificates.
+    pub client_ca: PathBuf,
 }
 
 /// One listener thread and the switch that stops it.
@@ -172,7 +176,7 @@ impl Broker {
             plan.push((
                 addr,
                 Some(TlsConfig::Rustls {
-                    capath: None,
+                    capath: Some(tls.client_ca.display().to_string()),
                     certpath: tls.cert.display().to_string(),
                     keypath: tls.key.display().to_string(),
                 }),

@@ -310,6 +310,135 @@ fn pem_error(key: &'static str, path: &Path, reason: &str) -> UplinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    fn cfg(broker: &str) -> UplinkConfig {
+        toml::from_str(&format!("broker = {broker:?}")).expect("minimal [uplink] parses")
+    }
+
+    fn site() -> SiteId {
+        SiteId::new("pozo-1").expect("valid")
+    }
+
+    #[test]
+    fn plain_options_carry_session_will_and_limits() {
+        let mut c = cfg("mqtt://127.0.0.1:1884");
+        c.username = Some("agent".into());
+        c.password = Some(crate::config::Secret::new("pw"));
+        let o = mqtt_options(&c, &site()).expect("valid");
+        assert_eq!(o.broker_address(), ("127.0.0.1".to_string(), 1884));
+        assert_eq!(o.client_id(), "caudal-agent-pozo-1");
+        assert!(o.clean_session());
+        assert_eq!(o.keep_alive(), Duration::from_secs(30));
+        let will = o.last_will().expect("a last will");
+        assert_eq!(will.topic, "caudal/v1/pozo-1/status");
+        assert!(will.retain);
+        assert_eq!(
+            caudal_common::payload::decode::<Status>(&will.message).expect("status"),
+            Status::offline(site())
+        );
+        let login = o.credentials().expect("credentials");
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("agent", "pw")
+        );
+        assert_eq!(o.request_channel_capacity(), 8 + CONTROL_SLOTS);
+    }
+
+    #[test]
+    fn tls_config_loads_the_ca_and_the_client_identity() {
+        let mut c = cfg("mqtts://127.0.0.1:8883");
+        c.ca_file = Some(fixture("ca.pem"));
+        c.client_cert = Some(fixture("client.pem"));
+        c.client_key = Some(fixture("client.key"));
+        assert!(
+            tls_config(&c)
+                .expect("valid")
+                .client_auth_cert_resolver
+                .has_certs()
+        );
+        assert!(matches!(
+            mqtt_options(&c, &site()).expect("valid").transport(),
+            Transport::Tls(_)
+        ));
+        c.client_cert = None;
+        c.client_key = None;
+        assert!(
+            !tls_config(&c)
+                .expect("valid")
+                .client_auth_cert_resolver
+                .has_certs()
+        );
+    }
+
+    #[test]
+    fn tls_problems_name_the_key_and_the_file() {
+        let err = |c: &UplinkConfig| tls_config(c).expect_err("invalid").to_string();
+        let mut c = cfg("mqtts://b");
+        c.ca_file = Some(fixture("missing.pem"));
+        let e = err(&c);
+        assert!(
+            e.contains("uplink.ca_file") && e.contains("missing.pem"),
+            "{e}"
+        );
+
+        c.ca_file = Some(fixture("server.key"));
+        let e = err(&c);
+        assert!(
+            e.contains("uplink.ca_file") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+
+        c.ca_file = Some(fixture("ca.pem"));
+        c.client_cert = Some(fixture("client.pem"));
+        assert!(err(&c).contains("without uplink.client_key"));
+
+        c.client_key = Some(fixture("ca.pem"));
+        let e = err(&c);
+        assert!(
+            e.contains("uplink.client_key") && e.contains("no private key"),
+            "{e}"
+        );
+
+        c.client_key = Some(fixture("server.key"));
+        let e = err(&c);
+        assert!(e.contains("client.pem") && e.contains("server.key"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_with_plain_mqtt_and_bad_limits_are_refused() {
+        let mut c = cfg("mqtt://b");
+        c.ca_file = Some(fixture("ca.pem"));
+        let e = mqtt_options(&c, &site()).expect_err("plain").to_string();
+        assert!(
+            e.contains("uplink.ca_file") && e.contains("mqtts://"),
+            "{e}"
+        );
+
+        for (field, edit) in [
+            (
+                "keep_alive_s",
+                (|c: &mut UplinkConfig| c.keep_alive_s = 0) as fn(&mut UplinkConfig),
+            ),
+            ("max_inflight_batches", |c| c.max_inflight_batches = 0),
+            ("backlog_rate", |c| c.backlog_rate = 0),
+            ("reconnect_min_ms", |c| {
+                c.reconnect_min_ms = c.reconnect_max_ms + 1
+            }),
+            ("status_interval_s", |c| c.status_interval_s = 0),
+        ] {
+            let mut c = cfg("mqtt://b");
+            edit(&mut c);
+            let e = mqtt_options(&c, &site()).expect_err(field).to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
 
     fn url(s: &str) -> Result<BrokerUrl, String> {
         BrokerUrl::parse(s).map_err(|e| e.to_string())
