@@ -13,8 +13,8 @@ use caudal_agent::uplink::{CommandRequest, Uplink, UplinkError};
 use caudal_common::payload::{Payload, RecordKind, decode};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{
-    Command, CommandKind, CommandResult, DeviceId, DeviceState, Reading, SCHEMA_VERSION, Seq,
-    SeqRange, SiteId, Status,
+    Command, CommandKind, CommandResult, DesiredConfig, DeviceId, DeviceState, Reading,
+    SCHEMA_VERSION, Seq, SeqRange, SiteId, Status,
 };
 use caudal_tests::broker::{Broker, BrokerOptions, BrokerTls};
 use caudal_tests::receiver::{AckMode, Receiver};
@@ -32,6 +32,8 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Default)]
 struct Inner {
     records: BTreeMap<Seq, Pending>,
+    /// Committed but not sendable yet (the outbox holds records back until the clock is trusted).
+    held: BTreeSet<Seq>,
     counter: u32,
 }
 
@@ -88,6 +90,20 @@ impl MemorySpool {
         out
     }
 
+    /// Commits `n` readings that are held back until [`MemorySpool::release`].
+    fn commit_held(&self, n: usize) -> Vec<Seq> {
+        let seqs = self.commit(n);
+        self.inner.lock().unwrap().held.extend(seqs.iter().copied());
+        seqs
+    }
+
+    /// Makes the held records sendable and asks the uplink to rescan, as the outbox does when
+    /// the clock becomes trusted.
+    fn release(&self) {
+        self.inner.lock().unwrap().held.clear();
+        self.state.send_modify(|s| s.generation += 1);
+    }
+
     fn remaining(&self) -> BTreeSet<u64> {
         self.inner
             .lock()
@@ -123,6 +139,7 @@ impl Spool for MemorySpool {
             .records
             .range(Seq(after.0 + 1)..)
             .take_while(|(s, _)| upto.is_none_or(|u| **s <= u))
+            .filter(|(s, _)| !inner.held.contains(s))
             .take(limit)
             .map(|(_, p)| p.clone())
             .collect())
@@ -193,6 +210,7 @@ struct Agent {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), UplinkError>>,
     commands: mpsc::Receiver<CommandRequest>,
+    desired: watch::Receiver<Option<DesiredConfig>>,
     _devices: watch::Sender<BTreeMap<String, DeviceState>>,
     _clock: watch::Sender<bool>,
 }
@@ -223,6 +241,7 @@ impl Agent {
             ("0.1.0-test".into(), "cfg-7".into()),
         )
         .expect("valid uplink config");
+        let desired = uplink.desired_config();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(uplink.run(async {
             let _ = stop_rx.await;
@@ -232,6 +251,7 @@ impl Agent {
             stop: Some(stop_tx),
             task,
             commands: cmd_rx,
+            desired,
             _devices: devices_tx,
             _clock: clock_tx,
         }
@@ -347,6 +367,16 @@ async fn probe(
         .expect("probe subscribed")
         .unwrap();
     (client, rx, task)
+}
+
+/// The next message on `topic`, skipping others.
+async fn next_on(rx: &mut mpsc::Receiver<rumqttc::Publish>, topic: &str) -> rumqttc::Publish {
+    loop {
+        let p = next_publish(rx).await;
+        if p.topic == topic {
+            return p;
+        }
+    }
 }
 
 async fn next_publish(rx: &mut mpsc::Receiver<rumqttc::Publish>) -> rumqttc::Publish {
@@ -489,6 +519,30 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_released_by_the_outbox_are_sent_after_a_rescan() {
+    let c = cloud().await;
+    let spool = MemorySpool::new();
+    let held = spool.commit_held(5);
+    let free = spool.commit(5);
+    let agent = Agent::start(config(&c.broker.url()), spool.clone());
+    c.receiver
+        .wait_stored(5, Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(spool.remaining(), u64s(&held), "held records are not sent");
+
+    // Below every cursor of the running flow: only the rescan finds them.
+    spool.release();
+    spool.wait_empty(Duration::from_secs(10)).await;
+    let mut all = u64s(&held);
+    all.extend(u64s(&free));
+    assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), all);
+    assert_eq!(agent.connects("ok"), 1, "without reconnecting");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_stay_in_the_outbox_until_the_cloud_acknowledges_them() {
     let c = cloud().await;
     c.receiver.set_mode(AckMode::Paused);
@@ -625,12 +679,16 @@ async fn commands_are_answered_on_the_result_topic() {
     let mut agent = Agent::start(config(&c.broker.url()), spool);
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
     let site = site();
+    let result_topic = topic::topic(&site, TopicKind::CommandResult);
+    let status_topic = topic::topic(&site, TopicKind::Status);
     let (client, mut results, _t) = probe(
         c.broker.v4_addr(),
         "probe-commands",
-        &[topic::topic(&site, TopicKind::CommandResult)],
+        &[result_topic.clone(), status_topic.clone()],
     )
     .await;
+    // The retained status comes first on subscription.
+    next_on(&mut results, &status_topic).await;
     let cmd_topic = topic::topic(&site, TopicKind::Command);
     let send = |cmd: Command| {
         let client = client.clone();
@@ -649,8 +707,20 @@ async fn commands_are_answered_on_the_result_topic() {
         kind: CommandKind::Ping,
     })
     .await;
-    let r: CommandResult = decode(&next_publish(&mut results).await.payload).unwrap();
+    let r: CommandResult = decode(&next_on(&mut results, &result_topic).await.payload).unwrap();
     assert_eq!((r.id.as_str(), r.ok, &r.site), ("cmd-1", true, &site));
+
+    // publish_status refreshes the retained status, then answers.
+    send(Command {
+        v: SCHEMA_VERSION,
+        id: "cmd-s".into(),
+        kind: CommandKind::PublishStatus,
+    })
+    .await;
+    let st: Status = decode(&next_on(&mut results, &status_topic).await.payload).unwrap();
+    assert!(st.online);
+    let r: CommandResult = decode(&next_on(&mut results, &result_topic).await.payload).unwrap();
+    assert_eq!((r.id.as_str(), r.ok), ("cmd-s", true));
 
     // poll_now goes to the component that can do it; its answer is published.
     send(Command {
@@ -676,7 +746,7 @@ async fn commands_are_answered_on_the_result_topic() {
             error: None,
         })
         .unwrap();
-    let r: CommandResult = decode(&next_publish(&mut results).await.payload).unwrap();
+    let r: CommandResult = decode(&next_on(&mut results, &result_topic).await.payload).unwrap();
     assert_eq!((r.id.as_str(), r.ok), ("cmd-2", true));
     assert_eq!(r.output["flow_lps"], 12.5);
 
@@ -690,7 +760,7 @@ async fn commands_are_answered_on_the_result_topic() {
         )
         .await
         .unwrap();
-    let r: CommandResult = decode(&next_publish(&mut results).await.payload).unwrap();
+    let r: CommandResult = decode(&next_on(&mut results, &result_topic).await.payload).unwrap();
     assert_eq!((r.id.as_str(), r.ok), ("cmd-3", false));
     assert!(r.error.unwrap().contains("reboot"));
     assert_eq!(
@@ -701,6 +771,29 @@ async fn commands_are_answered_on_the_result_topic() {
             .get(),
         1
     );
+
+    // The retained desired configuration is handed over.
+    let desired = DesiredConfig {
+        v: SCHEMA_VERSION,
+        version: "cfg-8".into(),
+        config: "[site]\nid = \"pozo-test\"\n".into(),
+    };
+    client
+        .publish(
+            topic::topic(&site, TopicKind::DesiredConfig),
+            QoS::AtLeastOnce,
+            true,
+            desired.encode(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        agent.desired.wait_for(|d| d.as_ref() == Some(&desired)),
+    )
+    .await
+    .expect("desired configuration handed over")
+    .unwrap();
 
     // An ack for another site is counted and ignored.
     client

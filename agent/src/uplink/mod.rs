@@ -73,6 +73,8 @@ const EVENT_QUEUE: usize = 64;
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long a clean shutdown waits for the offline status and DISCONNECT to leave.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the request queue was found full, when to try again.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(20);
 /// After an outbox read error, when to try again.
 const OUTBOX_RETRY: Duration = Duration::from_secs(1);
 
@@ -313,7 +315,7 @@ struct Driver<S: Spool> {
     online: bool,
     /// False once the clock watch's sender is gone (its branch would fire forever).
     clock_open: bool,
-    /// When to read the outbox again after a read error.
+    /// When to read the outbox again after a read error or a full request queue.
     retry_at: Option<Instant>,
 }
 
@@ -593,8 +595,10 @@ impl<S: Spool> Driver<S> {
                     flow.sent(id, &out.records, out.class, Instant::now());
                 }
                 Err(_) => {
-                    // The request queue is full: the event loop is behind. Try on the next turn.
+                    // The request queue is full: the event loop is behind. Try again shortly
+                    // (not at once: the batch's records are due and would wake the loop at once).
                     flow.unsent(&out.records);
+                    self.retry_at = Some(now + QUEUE_FULL_RETRY);
                     return Ok(());
                 }
             }
