@@ -74,8 +74,13 @@ impl Receiver {
     pub async fn start(broker: SocketAddr, db: &Path) -> anyhow::Result<Receiver> {
         let conn = open(db)?;
         let shared = Arc::new(Shared::default());
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         let mut opts = MqttOptions::new(
-            format!("caudal-test-receiver-{}", std::process::id()),
+            format!(
+                "caudal-test-receiver-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
             broker.ip().to_string(),
             broker.port(),
         );
