@@ -315,8 +315,9 @@ impl BusClient {
     }
 
     /// Reads `count` registers (fc 03/04) or bits (fc 01/02, returned as 0/1 words) from
-    /// `unit`, starting at the 0-based `address`. `timeout` bounds the exchange (not a
-    /// reconnect, which is bounded by the connect timeout).
+    /// `unit`, starting at the 0-based `address`. `timeout` bounds the exchange. After a failed
+    /// read the transport is reopened first, bounded by the connect timeout, and on RTU links
+    /// drained for about the failed read's timeout (see the module doc).
     pub async fn read(
         &mut self,
         unit: u8,
@@ -350,7 +351,10 @@ impl BusClient {
             return Err(invalid("unit 0 is broadcast on RTU and never answers"));
         }
 
-        if let Some(last) = self.last_exchange {
+        if let Some(last) = self
+            .last_exchange
+            .filter(|_| !self.inter_frame_gap.is_zero())
+        {
             tokio::time::sleep_until(last + self.inter_frame_gap).await;
         }
         let mut ctx = match self.ctx.take() {

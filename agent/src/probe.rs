@@ -111,7 +111,11 @@ impl fmt::Display for ProbeReport {
         for (i, r) in self.registers.iter().enumerate() {
             writeln!(f, "{:>7}  0x{r:04X}  {r:>6}", usize::from(self.address) + i)?;
         }
-        writeln!(f, "as            (from address {})", self.address)?;
+        writeln!(
+            f,
+            "{:<4} {:<5} {:>24}  (from address {})",
+            "type", "order", "value", self.address
+        )?;
         for i in &self.interpretations {
             write!(
                 f,

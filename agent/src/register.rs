@@ -7,7 +7,12 @@
 //! and the research notes do: `ABCD` big-endian, `CDAB` word-swapped (low word first), `BADC`
 //! bytes swapped in each word, `DCBA` fully little-endian; for 64-bit types the same four
 //! patterns extend to eight bytes (`ABCD` = ABCDEFGH, `DCBA` = HGFEDCBA, `CDAB` = GHEFCDAB,
-//! `BADC` = BADCFEHG).
+//! `BADC` = BADCFEHG). 16-bit values only honour the byte swap (`BADC`, `DCBA`).
+//!
+//! Totals are composed and scaled in `f64` (integer parts in `i32`/`i64`), never through `f32`.
+//! NaN and infinities decode as such: validation, not decoding, decides they are no data.
+//! [`plan_reads`] groups a device's points into as few requests as the meter allows, and
+//! [`assemble`] puts each point's words back together from the replies.
 
 use caudal_common::units::Unit;
 use serde::{Deserialize, Serialize};
@@ -1060,6 +1065,16 @@ mod tests {
         assert!(matches!(z.encode(1.0), Err(EncodeError::ZeroScale { .. })));
         let err = p.encode(1e9).unwrap_err().to_string();
         assert!(err.contains("fc 03 address 3017"), "{err}");
+    }
+
+    #[test]
+    fn type_names_are_the_profile_names() {
+        for t in ALL_TYPES {
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                format!("\"{}\"", t.name())
+            );
+        }
     }
 
     #[test]

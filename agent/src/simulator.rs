@@ -358,6 +358,12 @@ enum Answer {
 
 struct Shared {
     units: Mutex<BTreeMap<u8, UnitState>>,
+}
+
+/// How a listener frames and whom it answers.
+#[derive(Debug, Clone, Copy)]
+struct Serving {
+    framing: Framing,
     /// Exception sent for units nobody simulates (TCP framing only); silent when `None`.
     unknown_unit_exception: Option<u8>,
 }
@@ -368,10 +374,10 @@ impl Shared {
     }
 
     /// The answer to a request PDU and how long to wait before giving it.
-    fn answer(&self, unit: u8, pdu: &[u8], framing: Framing) -> (Answer, Duration) {
+    fn answer(&self, unit: u8, pdu: &[u8], serving: Serving) -> (Answer, Duration) {
         let mut units = self.units();
         let Some(state) = units.get_mut(&unit) else {
-            return match (framing, self.unknown_unit_exception, pdu.first()) {
+            return match (serving.framing, serving.unknown_unit_exception, pdu.first()) {
                 (Framing::Tcp, Some(code), Some(fc)) => {
                     (Answer::Pdu(vec![fc | 0x80, code]), Duration::ZERO)
                 }
@@ -407,14 +413,14 @@ impl Shared {
 /// Serves simulated meters. Build it, take a [`SimHandle`], then serve.
 pub struct Simulator {
     shared: Arc<Shared>,
-    framing: Framing,
+    serving: Serving,
 }
 
 impl std::fmt::Debug for Simulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Simulator")
             .field("units", &self.shared.units().keys().collect::<Vec<_>>())
-            .field("framing", &self.framing)
+            .field("serving", &self.serving)
             .finish()
     }
 }
@@ -431,9 +437,11 @@ impl Simulator {
         Simulator {
             shared: Arc::new(Shared {
                 units: Mutex::new(BTreeMap::new()),
-                unknown_unit_exception: None,
             }),
-            framing: Framing::Tcp,
+            serving: Serving {
+                framing: Framing::Tcp,
+                unknown_unit_exception: None,
+            },
         }
     }
 
@@ -444,28 +452,18 @@ impl Simulator {
     }
 
     pub fn framing(mut self, framing: Framing) -> Simulator {
-        self.framing = framing;
+        self.serving.framing = framing;
         self
     }
 
     /// Answer requests for units nobody simulates with this exception (a Modbus TCP gateway
     /// sends 0x0B "target device failed to respond"). Silent by default; RTU is always silent.
     pub fn unknown_units_answer(mut self, code: u8) -> Simulator {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.unknown_unit_exception = Some(code);
-        } else {
-            // A handle exists already; rebuild the shared state around the same units.
-            let units = std::mem::take(&mut *self.shared.units());
-            self.shared = Arc::new(Shared {
-                units: Mutex::new(units),
-                unknown_unit_exception: Some(code),
-            });
-        }
+        self.serving.unknown_unit_exception = Some(code);
         self
     }
 
-    /// A handle to change faults and values while serving. Take it after the last builder
-    /// call.
+    /// A handle to change faults and values while serving.
     pub fn handle(&self) -> SimHandle {
         SimHandle {
             shared: Arc::clone(&self.shared),
@@ -488,9 +486,9 @@ impl Simulator {
                     let (stream, peer) = accepted?;
                     stream.set_nodelay(true)?;
                     let shared = Arc::clone(&self.shared);
-                    let framing = self.framing;
+                    let serving = self.serving;
                     connections.spawn(async move {
-                        if let Err(e) = serve_connection(&shared, stream, framing).await {
+                        if let Err(e) = serve_connection(&shared, stream, serving).await {
                             tracing::debug!(%peer, error = %e, "simulator connection ended");
                         }
                     });
@@ -511,7 +509,7 @@ impl Simulator {
     {
         tokio::select! {
             () = shutdown => Ok(()),
-            r = serve_connection(&self.shared, stream, self.framing) => r,
+            r = serve_connection(&self.shared, stream, self.serving) => r,
         }
     }
 
@@ -609,7 +607,7 @@ impl SimHandle {
         .is_some()
     }
 
-    /// The values the unit would serve now (without noise draws being repeatable).
+    /// The values the unit would serve now (with a fresh noise draw on the flow).
     pub fn snapshot(&self, unit: u8) -> Option<Snapshot> {
         self.with(unit, |u| u.snapshot())
     }
@@ -642,19 +640,20 @@ fn crc16(bytes: &[u8]) -> u16 {
 /// room for a converter's buffering).
 const RTU_FRAME_SILENCE: Duration = Duration::from_millis(50);
 
-async fn serve_connection<S>(shared: &Shared, stream: S, framing: Framing) -> io::Result<()>
+async fn serve_connection<S>(shared: &Shared, stream: S, serving: Serving) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match framing {
-        Framing::Tcp => serve_tcp(shared, stream).await,
-        Framing::Rtu => serve_rtu(shared, stream).await,
+    match serving.framing {
+        Framing::Tcp => serve_tcp(shared, stream, serving).await,
+        Framing::Rtu => serve_rtu(shared, stream, serving).await,
     }
 }
 
 async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     mut stream: S,
+    serving: Serving,
 ) -> io::Result<()> {
     loop {
         let mut header = [0u8; 7];
@@ -673,7 +672,7 @@ async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
         let unit = header[6];
         let mut pdu = vec![0u8; len - 1];
         stream.read_exact(&mut pdu).await?;
-        let (answer, delay) = shared.answer(unit, &pdu, Framing::Tcp);
+        let (answer, delay) = shared.answer(unit, &pdu, serving);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -720,6 +719,7 @@ fn rtu_request_len(buf: &[u8]) -> Result<Option<usize>, ()> {
 async fn serve_rtu<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     mut stream: S,
+    serving: Serving,
 ) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(512);
     let mut chunk = [0u8; 256];
@@ -751,7 +751,7 @@ async fn serve_rtu<S: AsyncRead + AsyncWrite + Unpin>(
                     if unit == 0 {
                         continue; // broadcast: never answered
                     }
-                    let (answer, delay) = shared.answer(unit, &frame[1..len - 2], Framing::Rtu);
+                    let (answer, delay) = shared.answer(unit, &frame[1..len - 2], serving);
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
@@ -863,11 +863,12 @@ mod tests {
             SimulatedMeter::new(points.clone(), Model::steady(10.0, 0.0, 2.5)),
         );
         let shared = Arc::clone(&sim.shared);
+        let serving = sim.serving;
         let ask = |fc: u8, a: u16, n: u16| {
             let mut pdu = vec![fc];
             pdu.extend(a.to_be_bytes());
             pdu.extend(n.to_be_bytes());
-            match shared.answer(1, &pdu, Framing::Tcp).0 {
+            match shared.answer(1, &pdu, serving).0 {
                 Answer::Pdu(p) => p,
                 _ => panic!("no pdu"),
             }
@@ -891,7 +892,7 @@ mod tests {
         );
         let pdu = [3, 0, 10, 0, 5];
         assert!(
-            matches!(strict.shared.answer(1, &pdu, Framing::Tcp).0, Answer::Pdu(p) if p == [0x83, 0x02])
+            matches!(strict.shared.answer(1, &pdu, strict.serving).0, Answer::Pdu(p) if p == [0x83, 0x02])
         );
     }
 }
