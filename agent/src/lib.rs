@@ -5,6 +5,9 @@
 
 pub mod config;
 pub mod metrics;
+pub mod modbus;
 pub mod outbox;
+pub mod probe;
 pub mod register;
+pub mod simulator;
 pub mod uplink;

@@ -1,0 +1,499 @@
+//! The Modbus bus client: one connection per physical bus, shared by every device on it.
+//!
+//! A [`BusClient`] is built from a [`Link`]: Modbus TCP (MBAP framing), RTU framing through a TCP
+//! socket (serial-to-Ethernet converter in transparent mode), or RTU on a local serial port.
+//! It reads registers and bits for any unit on the bus, one request at a time, and turns every
+//! outcome into a [`ModbusError`] a caller can match: the device said no (exception), it did not
+//! answer (timeout), it answered nonsense (bad frame), or the link itself failed (io).
+//!
+//! Resynchronisation: a request that timed out or got a bad frame leaves the transport in an
+//! unknown state: the answer may still arrive and would be taken for the answer to the next
+//! request (RTU frames carry no transaction id). So after a timeout, a bad frame or an I/O error
+//! the transport is dropped, and the next read opens a new one. On Modbus TCP that is enough: a
+//! late answer goes to the closed connection. On RTU links (serial, RTU-over-TCP through a
+//! converter that keeps its serial side) the late answer can still reach the new transport, so
+//! it is drained first: bytes are read and discarded until the line has been quiet for as long
+//! as the failed request's timeout (at least [`DRAIN_QUIET`], at most [`DRAIN_MAX`]). A device
+//! that answers later than that after the deadline would still be taken for the next answer;
+//! RTU has no transaction id to tell. Replies are also checked against the request (unit,
+//! function code and register count).
+
+use crate::config::{Link, Parity};
+use crate::register::{Fc, MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ};
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_modbus::client::{Client, Context};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::{Request, Response, Slave};
+
+/// Shortest silence that tells a drained RTU line holds no late reply any more.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(50);
+
+/// Longest silence a drain waits for, and longest it goes on discarding a chattering line.
+pub const DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// A read that failed, naming the bus, unit, function code and 0-based address.
+#[derive(Debug, thiserror::Error)]
+pub enum ModbusError {
+    /// The link could not be opened: TCP connect refused or timed out, serial port missing.
+    #[error("bus {bus}: cannot open {target}: {source}")]
+    Connect {
+        bus: String,
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The link's settings cannot be used (e.g. 9 data bits).
+    #[error("bus {bus}: invalid link settings: {reason}")]
+    InvalidLink { bus: String, reason: String },
+    /// No answer within the timeout.
+    #[error(
+        "bus {bus}: unit {unit} {fc} address {address} count {count}: no answer within {timeout:?}"
+    )]
+    Timeout {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        count: u16,
+        timeout: Duration,
+    },
+    /// The device answered with a Modbus exception.
+    #[error("bus {bus}: unit {unit} {fc} address {address}: exception {code:#04x} ({})", exception_name(*code))]
+    Exception {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        code: u8,
+    },
+    /// An answer arrived that is not a valid answer to the request.
+    #[error("bus {bus}: unit {unit} {fc} address {address}: bad frame: {reason}")]
+    BadFrame {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        reason: String,
+    },
+    /// The transport failed while reading or writing.
+    #[error("bus {bus}: unit {unit} {fc} address {address}: {source}")]
+    Io {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        #[source]
+        source: io::Error,
+    },
+    /// The peer closed the connection.
+    #[error("bus {bus}: unit {unit} {fc} address {address}: connection closed")]
+    Disconnected {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+    },
+    /// The request cannot be sent as asked (count 0 or above the protocol limit, broadcast unit
+    /// on RTU, address range past 65535). A device would answer exception 03 to most of these.
+    #[error("bus {bus}: unit {unit} {fc} address {address} count {count}: {reason}")]
+    InvalidRequest {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        count: u16,
+        reason: &'static str,
+    },
+}
+
+impl ModbusError {
+    /// The metrics label: `timeout`, `exception`, `bad_frame` or `io`. A request refused before
+    /// it was sent counts as `exception`, the answer a device would have given.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModbusError::Timeout { .. } => "timeout",
+            ModbusError::Exception { .. } | ModbusError::InvalidRequest { .. } => "exception",
+            ModbusError::BadFrame { .. } => "bad_frame",
+            ModbusError::Connect { .. }
+            | ModbusError::InvalidLink { .. }
+            | ModbusError::Io { .. }
+            | ModbusError::Disconnected { .. } => "io",
+        }
+    }
+
+    /// The link itself is down (not one device): the caller should back off the whole bus.
+    /// The client reconnects by itself on the next read.
+    pub fn is_link_down(&self) -> bool {
+        matches!(
+            self,
+            ModbusError::Connect { .. }
+                | ModbusError::InvalidLink { .. }
+                | ModbusError::Io { .. }
+                | ModbusError::Disconnected { .. }
+        )
+    }
+
+    /// The exception code, when the device answered with one.
+    pub fn exception_code(&self) -> Option<u8> {
+        match self {
+            ModbusError::Exception { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// The standard name of a Modbus exception code.
+pub fn exception_name(code: u8) -> &'static str {
+    match code {
+        0x01 => "illegal function",
+        0x02 => "illegal data address",
+        0x03 => "illegal data value",
+        0x04 => "server device failure",
+        0x05 => "acknowledge",
+        0x06 => "server device busy",
+        0x08 => "memory parity error",
+        0x0A => "gateway path unavailable",
+        0x0B => "gateway target device failed to respond",
+        _ => "non-standard",
+    }
+}
+
+/// A human description of a link, for messages: `tcp 10.0.0.5:502`, `rtu /dev/ttyUSB0 19200 8E1`.
+pub fn describe_link(link: &Link) -> String {
+    match link {
+        Link::Tcp { address } => format!("tcp {address}"),
+        Link::RtuOverTcp { address } => format!("rtu-over-tcp {address}"),
+        Link::Rtu {
+            port,
+            baud,
+            parity,
+            data_bits,
+            stop_bits,
+        } => {
+            let p = match parity {
+                Parity::None => 'N',
+                Parity::Even => 'E',
+                Parity::Odd => 'O',
+            };
+            format!("rtu {} {baud} {data_bits}{p}{stop_bits}", port.display())
+        }
+    }
+}
+
+/// One connection to a physical bus. Requests are serialised by `&mut self`: a bus carries one
+/// request at a time.
+pub struct BusClient {
+    bus: String,
+    link: Link,
+    connect_timeout: Duration,
+    /// `None` after a failure: the next read reconnects.
+    ctx: Option<Context>,
+    /// Silence to wait for on the new transport before the next request (RTU links only).
+    drain: Option<Duration>,
+    inter_frame_gap: Duration,
+    last_exchange: Option<Instant>,
+    reconnects: u64,
+}
+
+impl std::fmt::Debug for BusClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusClient")
+            .field("bus", &self.bus)
+            .field("link", &describe_link(&self.link))
+            .field("connected", &self.ctx.is_some())
+            .finish()
+    }
+}
+
+impl BusClient {
+    /// Opens the link; `timeout` bounds the TCP connect (and every later reconnect).
+    pub async fn connect(
+        bus_name: &str,
+        link: &Link,
+        timeout: Duration,
+    ) -> Result<BusClient, ModbusError> {
+        let mut client = BusClient {
+            bus: bus_name.to_string(),
+            link: link.clone(),
+            connect_timeout: timeout,
+            ctx: None,
+            drain: None,
+            inter_frame_gap: Duration::ZERO,
+            last_exchange: None,
+            reconnects: 0,
+        };
+        client.ctx = Some(client.open(None).await?);
+        Ok(client)
+    }
+
+    /// Silence kept between the end of one exchange and the next request (RS-485 turnaround,
+    /// slow converters). Zero by default.
+    pub fn set_inter_frame_gap(&mut self, gap: Duration) {
+        self.inter_frame_gap = gap;
+    }
+
+    /// The bus's name, as given to [`BusClient::connect`].
+    pub fn bus(&self) -> &str {
+        &self.bus
+    }
+
+    /// How many times the transport was reopened after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    fn is_rtu(&self) -> bool {
+        !matches!(self.link, Link::Tcp { .. })
+    }
+
+    async fn open(&self, drain: Option<Duration>) -> Result<Context, ModbusError> {
+        let connect_err = |source: io::Error| ModbusError::Connect {
+            bus: self.bus.clone(),
+            target: describe_link(&self.link),
+            source,
+        };
+        match &self.link {
+            Link::Tcp { address } => {
+                let stream = tcp_connect(address, self.connect_timeout)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(tokio_modbus::client::tcp::attach(stream))
+            }
+            Link::RtuOverTcp { address } => {
+                let mut stream = tcp_connect(address, self.connect_timeout)
+                    .await
+                    .map_err(connect_err)?;
+                if let Some(quiet) = drain {
+                    drain_quiet(&mut stream, quiet).await.map_err(connect_err)?;
+                }
+                Ok(tokio_modbus::client::rtu::attach(stream))
+            }
+            Link::Rtu {
+                port,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            } => {
+                let invalid = |reason: String| ModbusError::InvalidLink {
+                    bus: self.bus.clone(),
+                    reason,
+                };
+                let data_bits = match data_bits {
+                    5 => tokio_serial::DataBits::Five,
+                    6 => tokio_serial::DataBits::Six,
+                    7 => tokio_serial::DataBits::Seven,
+                    8 => tokio_serial::DataBits::Eight,
+                    n => return Err(invalid(format!("data bits {n}; use 5 to 8"))),
+                };
+                let stop_bits = match stop_bits {
+                    1 => tokio_serial::StopBits::One,
+                    2 => tokio_serial::StopBits::Two,
+                    n => return Err(invalid(format!("stop bits {n}; use 1 or 2"))),
+                };
+                let parity = match parity {
+                    Parity::None => tokio_serial::Parity::None,
+                    Parity::Even => tokio_serial::Parity::Even,
+                    Parity::Odd => tokio_serial::Parity::Odd,
+                };
+                let builder = tokio_serial::new(port.to_string_lossy(), *baud)
+                    .data_bits(data_bits)
+                    .stop_bits(stop_bits)
+                    .parity(parity);
+                let mut stream = tokio_serial::SerialStream::open(&builder)
+                    .map_err(|e| connect_err(io::Error::from(e)))?;
+                if let Some(quiet) = drain {
+                    drain_quiet(&mut stream, quiet).await.map_err(connect_err)?;
+                }
+                Ok(tokio_modbus::client::rtu::attach(stream))
+            }
+        }
+    }
+
+    /// Reads `count` registers (fc 03/04) or bits (fc 01/02, returned as 0/1 words) from
+    /// `unit`, starting at the 0-based `address`. `timeout` bounds the exchange. After a failed
+    /// read the transport is reopened first, bounded by the connect timeout, and on RTU links
+    /// drained for about the failed read's timeout (see the module doc).
+    pub async fn read(
+        &mut self,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        count: u16,
+        timeout: Duration,
+    ) -> Result<Vec<u16>, ModbusError> {
+        let invalid = |reason| ModbusError::InvalidRequest {
+            bus: self.bus.clone(),
+            unit,
+            fc,
+            address,
+            count,
+            reason,
+        };
+        let limit = if fc.is_bits() {
+            MAX_BITS_PER_READ
+        } else {
+            MAX_REGISTERS_PER_READ
+        };
+        if count == 0 || count > limit {
+            return Err(invalid(
+                "count outside the protocol's limit for this function",
+            ));
+        }
+        if u32::from(address) + u32::from(count) > 0x1_0000 {
+            return Err(invalid("range runs past address 65535"));
+        }
+        if unit == 0 && self.is_rtu() {
+            return Err(invalid("unit 0 is broadcast on RTU and never answers"));
+        }
+
+        if let Some(last) = self
+            .last_exchange
+            .filter(|_| !self.inter_frame_gap.is_zero())
+        {
+            tokio::time::sleep_until(last + self.inter_frame_gap).await;
+        }
+        let mut ctx = match self.ctx.take() {
+            Some(ctx) => ctx,
+            None => {
+                let ctx = self.open(self.drain).await?;
+                self.drain = None;
+                self.reconnects += 1;
+                ctx
+            }
+        };
+        ctx.set_slave(Slave(unit));
+        let request = match fc {
+            Fc::Coils => Request::ReadCoils(address, count),
+            Fc::DiscreteInputs => Request::ReadDiscreteInputs(address, count),
+            Fc::Holding => Request::ReadHoldingRegisters(address, count),
+            Fc::Input => Request::ReadInputRegisters(address, count),
+        };
+        let outcome = tokio::time::timeout(timeout, ctx.call(request)).await;
+        self.last_exchange = Some(Instant::now());
+
+        let bad_frame = |reason: String| ModbusError::BadFrame {
+            bus: self.bus.clone(),
+            unit,
+            fc,
+            address,
+            reason,
+        };
+        let result = match outcome {
+            Err(_elapsed) => Err(ModbusError::Timeout {
+                bus: self.bus.clone(),
+                unit,
+                fc,
+                address,
+                count,
+                timeout,
+            }),
+            Ok(Ok(Ok(response))) => words_of(response, fc, count).map_err(bad_frame),
+            Ok(Ok(Err(exception))) => Err(ModbusError::Exception {
+                bus: self.bus.clone(),
+                unit,
+                fc,
+                address,
+                code: u8::from(exception),
+            }),
+            Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(bad_frame(e.to_string())),
+            Ok(Err(tokio_modbus::Error::Transport(e))) => Err(match e.kind() {
+                io::ErrorKind::InvalidData
+                | io::ErrorKind::InvalidInput
+                | io::ErrorKind::UnexpectedEof => bad_frame(e.to_string()),
+                io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::NotConnected => ModbusError::Disconnected {
+                    bus: self.bus.clone(),
+                    unit,
+                    fc,
+                    address,
+                },
+                _ => ModbusError::Io {
+                    bus: self.bus.clone(),
+                    unit,
+                    fc,
+                    address,
+                    source: e,
+                },
+            }),
+        };
+        // An exception is a complete, well-formed exchange; anything else but success leaves
+        // the transport in doubt, so it is dropped here and reopened by the next read.
+        match &result {
+            Ok(_) | Err(ModbusError::Exception { .. }) => self.ctx = Some(ctx),
+            Err(e) => {
+                tracing::debug!(bus = %self.bus, unit, %fc, address, error = %e, "dropping transport");
+                if self.is_rtu() {
+                    self.drain = Some(timeout.clamp(DRAIN_QUIET, DRAIN_MAX));
+                }
+            }
+        }
+        result
+    }
+}
+
+/// The words of a response, checked against what was asked.
+fn words_of(response: Response, fc: Fc, count: u16) -> Result<Vec<u16>, String> {
+    let want = usize::from(count);
+    let words: Vec<u16> = match (fc, response) {
+        (Fc::Coils, Response::ReadCoils(bits))
+        | (Fc::DiscreteInputs, Response::ReadDiscreteInputs(bits)) => {
+            if bits.len() < want {
+                return Err(format!("{} bits for {count} asked", bits.len()));
+            }
+            bits.into_iter().take(want).map(u16::from).collect()
+        }
+        (Fc::Holding, Response::ReadHoldingRegisters(words))
+        | (Fc::Input, Response::ReadInputRegisters(words)) => words,
+        (_, other) => return Err(format!("answer of another function: {other:?}")),
+    };
+    if words.len() != want {
+        return Err(format!("{} registers for {count} asked", words.len()));
+    }
+    Ok(words)
+}
+
+async fn tcp_connect(address: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            )
+        })??;
+    // Requests are small and latency-bound.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads and discards whatever arrives until the line has been quiet for `quiet`, or
+/// [`DRAIN_MAX`] past that on a line that never goes quiet.
+async fn drain_quiet<T: AsyncRead + Unpin>(stream: &mut T, quiet: Duration) -> io::Result<usize> {
+    let deadline = Instant::now() + quiet + DRAIN_MAX;
+    let mut buf = [0u8; 256];
+    let mut dropped = 0;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(quiet, stream.read(&mut buf)).await {
+            Err(_quiet) => break,
+            Ok(Ok(0)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed while draining",
+                ));
+            }
+            Ok(Ok(n)) => dropped += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    if dropped > 0 {
+        tracing::debug!(dropped, "discarded late bytes after resync");
+    }
+    Ok(dropped)
+}
