@@ -3,6 +3,7 @@
 //!
 //! See `ARCHITECTURE.md` for the tasks, the channels between them and the durability invariant.
 
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod outbox;
