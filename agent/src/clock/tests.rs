@@ -29,8 +29,12 @@ struct Rig {
 }
 
 impl Rig {
+    /// The next change; fails rather than waits forever (paused time would run on endlessly).
     async fn next(&mut self) -> ClockChange {
-        self.changes.recv().await.expect("the guard runs")
+        tokio::time::timeout(Duration::from_secs(3600), self.changes.recv())
+            .await
+            .expect("a clock change within an hour")
+            .expect("the guard runs")
     }
 
     fn is_trusted(&self) -> bool {
@@ -217,6 +221,16 @@ async fn a_step_while_trusted_is_reported_and_the_new_offset_sent() {
         "trusted again, new offset"
     );
     assert!(r.is_trusted());
+
+    // Just above the threshold is a step too.
+    let just_above = STEP_THRESHOLD_MS as i64 + 1;
+    r.source
+        .set_wall(r.source.wall() - TimeDelta::milliseconds(just_above));
+    let ClockChange::Stepped { from_ms, to_ms, .. } = r.next().await else {
+        panic!("expected a step back");
+    };
+    assert_eq!(from_ms - to_ms, just_above);
+    offset_of(&r.next().await);
 }
 
 #[tokio::test(start_paused = true)]

@@ -461,6 +461,16 @@ fn a_small_unexplained_decrease_is_totalizer_backwards() {
     assert!(close(next.volume_m3, 0.6));
 }
 
+#[test]
+fn a_small_drop_towards_zero_is_backwards_not_a_reset() {
+    let mut val = validator(LimitsConfig::default(), None);
+    val.check(at(0, &ft(10.0, 2.0)));
+    // 0.5 m³ is near zero (≤ 20 L/s × 60 s × 1.5 + slack ≈ 1.9 m³), but so is 2.0: the drop
+    // does not show the counter went back to zero.
+    let v = val.check(at(60, &ft(10.0, 0.5)));
+    assert_eq!(flags(&v), vec![Flag::TotalizerBackwards]);
+}
+
 fn last_reading(ts: DateTime<Utc>, flow: f64, total: f64) -> Reading {
     Reading {
         seq: Seq(7),
