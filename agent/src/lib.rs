@@ -3,6 +3,7 @@
 //!
 //! See `ARCHITECTURE.md` for the tasks, the channels between them and the durability invariant.
 
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod modbus;
@@ -11,3 +12,4 @@ pub mod probe;
 pub mod register;
 pub mod simulator;
 pub mod uplink;
+pub mod validation;
