@@ -6,4 +6,5 @@
 pub mod config;
 pub mod metrics;
 pub mod outbox;
+pub mod profile;
 pub mod register;
