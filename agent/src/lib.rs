@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod modbus;
 pub mod outbox;
 pub mod probe;
+pub mod profile;
 pub mod register;
 pub mod simulator;
 pub mod uplink;

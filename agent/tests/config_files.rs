@@ -1,0 +1,137 @@
+//! Every file under `config/` parses and resolves: the profiles, the example and the demo.
+
+use caudal_agent::config::AgentConfig;
+use caudal_agent::config::SourceText;
+use caudal_agent::profile::{BUILTIN, Profile, ProfileOrigin, ProfileSet};
+use caudal_agent::register::Channel;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_profile_file_parses_resolves_and_is_built_in() {
+    let files = toml_files(&config_dir().join("profiles"));
+    assert!(files.len() >= 12, "{files:?}");
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        let profile = Profile::parse(&SourceText::new(path.clone(), text.clone()))
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        let file_name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(format!("{}.toml", profile.id), file_name);
+        assert!(
+            BUILTIN.iter().any(|(f, t)| *f == file_name && *t == text),
+            "{file_name} is not in profile::BUILTIN"
+        );
+        let points = profile
+            .resolve(&BTreeMap::new())
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        assert!(
+            points
+                .iter()
+                .any(|p| matches!(p.channel, Channel::Flow | Channel::Level)),
+            "{} has neither flow nor level",
+            profile.id
+        );
+        assert!(
+            !profile.sources.is_empty(),
+            "{} names no source",
+            profile.id
+        );
+    }
+    assert_eq!(BUILTIN.len(), files.len(), "a built-in has no file");
+}
+
+/// Each vendor point carries the vendor's own register reference next to it.
+#[test]
+fn every_vendor_point_has_a_doc_reference_comment() {
+    for path in toml_files(&config_dir().join("profiles")) {
+        if path.ends_with("generic.toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.starts_with("[points.") {
+                assert!(
+                    lines.get(i + 1).is_some_and(|l| l.starts_with('#')),
+                    "{}:{}: {line} has no doc-reference comment",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn profile_directory_loads_as_files() {
+    let dir = config_dir().join("profiles");
+    let set = ProfileSet::load(&[dir]).unwrap();
+    assert_eq!(set.len(), BUILTIN.len());
+    assert!(matches!(
+        set.origin("tuf2000"),
+        Some(ProfileOrigin::File(p)) if p.ends_with("tuf2000.toml")
+    ));
+}
+
+#[test]
+fn every_agent_config_file_loads_and_resolves() {
+    let files = toml_files(&config_dir());
+    let names: Vec<_> = files.iter().map(|p| p.file_name().unwrap()).collect();
+    assert!(names.contains(&"agent.example.toml".as_ref()), "{names:?}");
+    assert!(names.contains(&"agent.demo.toml".as_ref()), "{names:?}");
+    for path in &files {
+        let config = AgentConfig::load_with_env(path, []).unwrap_or_else(|e| panic!("{e}"));
+        let profiles = config
+            .load_profiles()
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        let site = config.resolve(&profiles).unwrap_or_else(|errors| {
+            panic!(
+                "{}",
+                errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        assert!(!site.buses.is_empty(), "{}", path.display());
+        for bus in &site.buses {
+            assert!(
+                !bus.devices.is_empty(),
+                "{}: bus {}",
+                path.display(),
+                bus.name
+            );
+        }
+    }
+}
+
+#[test]
+fn check_report_summarises_the_example() {
+    let report = caudal_agent::config::check_with_env(config_dir().join("agent.example.toml"), []);
+    let text = report.to_string();
+    assert!(report.is_ok(), "{text}");
+    assert!(
+        text.contains("OK: site pozo-norte-1, 2 buses, 3 devices"),
+        "{text}"
+    );
+    assert!(text.contains("rtu /dev/ttyUSB0 19200 8E1"), "{text}");
+    assert!(
+        text.contains("device nivel1 unit 2 profile keller-level"),
+        "{text}"
+    );
+}
