@@ -129,7 +129,10 @@ fn eviction_keeps_the_budget_and_reports_gaps_per_device() {
     // The budget's per-row overhead is honest: the file itself stays within it (plus the
     // schema's own pages).
     let file = std::fs::metadata(&path).unwrap().len();
-    assert!(file <= MIB + 64 * 1024, "file is {file} bytes for a 1 MiB budget");
+    assert!(
+        file <= MIB + 64 * 1024,
+        "file is {file} bytes for a 1 MiB budget"
+    );
     let ob = Outbox::open(&path, &config(1), true).unwrap();
     assert_eq!(ob.stats().unwrap().evicted_total, stats.evicted_total);
     assert_eq!(integrity(&path), "ok");

@@ -98,8 +98,10 @@ impl Row {
 }
 
 impl Outbox {
-    /// Opens (or creates) the outbox at `path`. A new database starts a time-based epoch when
-    /// `clock_trusted_now`, a random one otherwise (see [`caudal_common::seq`]).
+    /// Opens (or creates) the outbox at `path` (its directory must exist), bringing the schema
+    /// up to date. A new database starts a time-based epoch when `clock_trusted_now`, a random
+    /// one otherwise (see [`caudal_common::seq`]). Counts into a private [`Metrics`] until
+    /// [`Outbox::with_metrics`].
     pub fn open(
         path: &Path,
         config: &OutboxConfig,
