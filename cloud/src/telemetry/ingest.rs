@@ -132,6 +132,7 @@ pub struct IngestMetrics {
     backpressure: Counter,
     batch_seconds: Histogram,
     connected: Gauge,
+    subscribed: Gauge,
     connections: Family<KindLabels, Counter>,
 }
 
@@ -150,6 +151,7 @@ impl IngestMetrics {
             backpressure: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connected: Gauge::default(),
+            subscribed: Gauge::default(),
             connections: Family::default(),
         };
         r.register(
@@ -202,6 +204,11 @@ impl IngestMetrics {
             "mqtt_connected",
             "1 while the ingest is connected to the broker",
             m.connected.clone(),
+        );
+        r.register(
+            "ingest_subscribed",
+            "1 once the broker accepted the ingest's subscriptions on this connection",
+            m.subscribed.clone(),
         );
         r.register(
             "mqtt_connections",
@@ -325,13 +332,18 @@ impl Ingest {
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    for code in &ack.return_codes {
-                        if !matches!(code, SubscribeReasonCode::Success(_)) {
-                            tracing::error!(
-                                code = ?code,
-                                "the broker refused a subscription; no telemetry will arrive"
-                            );
-                        }
+                    let refused: Vec<_> = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        .collect();
+                    if refused.is_empty() {
+                        m.subscribed.set(1);
+                    } else {
+                        tracing::error!(
+                            codes = ?refused,
+                            "the broker refused a subscription; that telemetry will not arrive"
+                        );
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -356,11 +368,13 @@ impl Ingest {
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
                     m.connected.set(0);
+                    m.subscribed.set(0);
                     tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
                 }
                 Ok(_) => {}
                 Err(e) => {
                     m.connected.set(0);
+                    m.subscribed.set(0);
                     m.connections.get_or_create(&KindLabels::new("error")).inc();
                     tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection failed");
                     tokio::select! {
@@ -398,6 +412,7 @@ impl Ingest {
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
         m.connected.set(0);
+        m.subscribed.set(0);
         tracing::info!("ingest stopped");
     }
 }

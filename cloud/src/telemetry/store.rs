@@ -533,3 +533,152 @@ pub async fn site_status(db: &Db, site: &SiteId) -> Result<Option<SiteStatus>, S
         }
     }
 }
+
+/// How many records of each kind are stored for a site.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RecordCounts {
+    pub readings: i64,
+    pub events: i64,
+    pub gaps: i64,
+}
+
+/// Counts the records stored for `site`.
+pub async fn record_counts(db: &Db, site: &SiteId) -> Result<RecordCounts, sqlx::Error> {
+    let site = site.as_str();
+    let (readings, events, gaps) = match db {
+        Db::Sqlite(p) => {
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM readings WHERE site = ?1), \
+                        (SELECT count(*) FROM events WHERE site = ?1), \
+                        (SELECT count(*) FROM gaps WHERE site = ?1)",
+            )
+            .bind(site)
+            .fetch_one(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM readings WHERE site = $1), \
+                        (SELECT count(*) FROM events WHERE site = $1), \
+                        (SELECT count(*) FROM gaps WHERE site = $1)",
+            )
+            .bind(site)
+            .fetch_one(p)
+            .await?
+        }
+    };
+    Ok(RecordCounts {
+        readings,
+        events,
+        gaps,
+    })
+}
+
+/// A reading row: seq, device, ts (as the backend stores it), quality, flow, total, level, extra.
+type ReadingRow<T> = (
+    i64,
+    String,
+    T,
+    i32,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<String>,
+);
+
+/// The readings of `site`, oldest `seq` first, at most `limit`, as the agent sent them.
+pub async fn readings(db: &Db, site: &SiteId, limit: i64) -> Result<Vec<Reading>, StoreError> {
+    let rows: Vec<ReadingRow<Option<DateTime<Utc>>>> = match db {
+        Db::Sqlite(p) => {
+            let rows: Vec<ReadingRow<i64>> = sqlx::query_as(
+                "SELECT seq, device, ts, quality, flow_lps, total_m3, level_m, extra \
+                 FROM readings WHERE site = ? ORDER BY seq LIMIT ?",
+            )
+            .bind(site.as_str())
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.into_iter()
+                .map(|(s, d, t, q, f, tot, l, e)| (s, d, from_sqlite_time(t), q, f, tot, l, e))
+                .collect()
+        }
+        Db::Postgres(p) => {
+            let rows: Vec<ReadingRow<DateTime<Utc>>> = sqlx::query_as(
+                "SELECT seq, device, ts, quality, flow_lps, total_m3, level_m, extra::text \
+                 FROM readings WHERE site = $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(site.as_str())
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.into_iter()
+                .map(|(s, d, t, q, f, tot, l, e)| (s, d, Some(t), q, f, tot, l, e))
+                .collect()
+        }
+    };
+    rows.into_iter()
+        .map(|(seq, device, ts, q, flow, total, level, extra)| {
+            let bad = |what: String| StoreError::Invalid(format!("reading {site}/{seq}: {what}"));
+            Ok(Reading {
+                seq: Seq(u64::try_from(seq).map_err(|_| bad("negative seq".into()))?),
+                device: device.parse().map_err(|e| bad(format!("device: {e}")))?,
+                ts: ts.ok_or_else(|| bad("ts out of range".into()))?,
+                q: caudal_common::Quality::from_bits(
+                    u16::try_from(q).map_err(|_| bad(format!("quality {q}")))?,
+                ),
+                flow_lps: flow,
+                total_m3: total,
+                level_m: level,
+                extra: match extra {
+                    Some(e) => serde_json::from_str(&e).map_err(|e| bad(format!("extra: {e}")))?,
+                    None => Default::default(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// A refused message, as kept.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub topic: String,
+    pub site: Option<String>,
+    pub payload: Vec<u8>,
+    pub reason: String,
+}
+
+/// The most recent dead letters, newest first.
+pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    type Row = (i64, String, Option<String>, Vec<u8>, String);
+    let rows: Vec<Row> = match db {
+        Db::Sqlite(p) => {
+            sqlx::query_as(
+                "SELECT id, topic, site, payload, reason FROM dead_letters \
+                 ORDER BY id DESC LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_as(
+                "SELECT id, topic, site, payload, reason FROM dead_letters \
+                 ORDER BY id DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(id, topic, site, payload, reason)| DeadLetter {
+            id,
+            topic,
+            site,
+            payload,
+            reason,
+        })
+        .collect())
+}
