@@ -384,3 +384,115 @@ async fn empty_batch_is_acked_with_no_seqs() {
     agent.kill();
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingests_in_one_group_split_the_batches() {
+    let db = TestDb::sqlite();
+    let first = start(&db).await;
+    let mut c = config(&db);
+    c.services = vec!["telemetry".to_string()];
+    c.mqtt.url = Some(format!(
+        "mqtt://{}",
+        first.broker().expect("embedded broker").v5_addr()
+    ));
+    let second = Cloud::start(c).await.expect("second ingest starts");
+    wait_metric(second.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+
+    const SITES: usize = 6;
+    let broker = first.broker().expect("embedded broker").v4_addr();
+    let mut agents = Vec::new();
+    for i in 0..SITES {
+        let name = format!("pozo-{i}");
+        site::add(first.db(), &site_id(&name), "")
+            .await
+            .expect("add");
+        agents.push(Agent::connect(broker, &name, false).await);
+    }
+    for round in 0..2 {
+        for (i, agent) in agents.iter_mut().enumerate() {
+            let payload = edited(|v| {
+                v["site"] = format!("pozo-{i}").into();
+                v["batch"] = format!("b-{round}").into();
+            });
+            agent.publish(None, payload).await;
+            let ack = agent.ack().await;
+            assert_eq!(ack.status, AckStatus::Accepted);
+            assert_eq!(ack.batch, format!("b-{round}"));
+        }
+    }
+    // Each batch went to exactly one member of the group: no second ack.
+    for agent in &mut agents {
+        agent.no_ack(Duration::from_millis(300)).await;
+    }
+    let line = "caudal_cloud_ingest_batches_total{kind=\"accepted\"}";
+    let (a, b) = (
+        metric(first.http_addr(), line).await,
+        metric(second.http_addr(), line).await,
+    );
+    assert_eq!(a + b, (2 * SITES) as f64);
+    assert!(a > 0.0 && b > 0.0, "both ingests took batches: {a} + {b}");
+
+    for agent in agents {
+        agent.kill();
+    }
+    second.stop().await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_sends_no_ack_and_the_ingest_goes_on() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        site::add(cloud.db(), &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        // The readings table disappears: the batch's transaction fails and rolls back.
+        match cloud.db() {
+            caudal_cloud::core::db::Db::Sqlite(p) => sqlx::query("DROP TABLE readings")
+                .execute(p)
+                .await
+                .map(drop),
+            caudal_cloud::core::db::Db::Postgres(p) => sqlx::query("DROP TABLE readings")
+                .execute(p)
+                .await
+                .map(drop),
+        }
+        .expect("drop table");
+        agent.publish(None, BATCH).await;
+        agent.no_ack(Duration::from_millis(1500)).await;
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_store_errors_total").await,
+            1.0,
+            "{}",
+            db.name
+        );
+        let counts = store::record_counts(cloud.db(), &site_id("pozo-norte")).await;
+        assert!(counts.is_err(), "nothing to count without the table");
+        let events: i64 = match cloud.db() {
+            caudal_cloud::core::db::Db::Sqlite(p) => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(p)
+                    .await
+            }
+            caudal_cloud::core::db::Db::Postgres(p) => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(p)
+                    .await
+            }
+        }
+        .expect("count events");
+        assert_eq!(events, 0, "{}: the whole batch rolled back", db.name);
+
+        // The ingest goes on: a refused batch is still answered.
+        let wrong_version = edited(|v| v["v"] = 2.into());
+        agent.publish(None, wrong_version).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Rejected);
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
