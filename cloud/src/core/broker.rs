@@ -17,6 +17,7 @@ use crate::core::config::EmbeddedBrokerConfig;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -143,7 +144,7 @@ impl EmbeddedBroker {
                 stop: Some(stop_tx),
                 thread: Some(thread),
             });
-            broker.wait_ready(addr)?;
+            broker.wait_ready(addr, is_v5)?;
         }
         tracing::info!(v4 = %v4, v5 = %v5, "embedded MQTT broker listening");
         Ok(broker)
@@ -166,10 +167,10 @@ impl EmbeddedBroker {
         }
     }
 
-    fn wait_ready(&mut self, addr: SocketAddr) -> Result<(), BrokerError> {
+    fn wait_ready(&mut self, addr: SocketAddr, is_v5: bool) -> Result<(), BrokerError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if speaks_mqtt(addr, is_v5).is_ok() {
                 return Ok(());
             }
             let finished = self
@@ -205,6 +206,37 @@ impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Connects to `addr` as an MQTT client (CONNECT, CONNACK, DISCONNECT), so readiness is "the
+/// listener answers MQTT", and rumqttd does not log a client that vanished before CONNECT.
+fn speaks_mqtt(addr: SocketAddr, v5: bool) -> std::io::Result<()> {
+    const CONNECT_V4: &[u8] = &[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 1, b'p',
+    ];
+    // v5 adds the (empty) property length after keep-alive.
+    const CONNECT_V5: &[u8] = &[
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 1, b'p',
+    ];
+    const DISCONNECT: &[u8] = &[0xe0, 0];
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(if v5 { CONNECT_V5 } else { CONNECT_V4 })?;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head)?;
+    if head[0] != 0x20 || head[1] > 127 {
+        return Err(std::io::Error::other(format!(
+            "expected CONNACK, got {:#x} {:#x}",
+            head[0], head[1]
+        )));
+    }
+    // Read the whole CONNACK and let the broker close first: unread bytes or an early close
+    // would reset the connection, which rumqttd logs as an error.
+    let mut rest = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut rest)?;
+    s.write_all(DISCONNECT)?;
+    let _ = s.read(&mut [0u8; 16]);
+    Ok(())
 }
 
 /// Checks that `addr` can be bound and returns it, with a port of 0 replaced by a free port.

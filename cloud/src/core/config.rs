@@ -307,7 +307,10 @@ pub struct LogConfig {
 }
 
 fn default_level() -> String {
-    "info".to_string()
+    // rumqttd logs every client connection at info and every disconnection, clean or not, at
+    // error (`rumqttd::server::broker`); the embedded broker's own failures are reported by
+    // `core::broker`.
+    "info,rumqttd=warn,rumqttd::server::broker=off".to_string()
 }
 
 impl Default for LogConfig {
