@@ -1,0 +1,247 @@
+//! The embedded MQTT broker (rumqttd), started when no external broker is configured, so a
+//! single machine needs nothing but `caudal-cloud`.
+//!
+//! rumqttd serves one protocol per listener: agents (MQTT v3.1.1) connect to `listen`, the
+//! ingest (MQTT v5, for shared subscriptions) to `listen_v5`. rumqttd's `Broker::start` blocks
+//! forever and cannot be stopped, so this module drives rumqttd's public pieces itself: one
+//! `Router` thread and one `Server` per listener, each on a thread with its own current-thread
+//! runtime, which [`EmbeddedBroker::stop`] drops (closing the sockets and every connection).
+//! rumqttd's router thread never exits; it idles until the process ends.
+//!
+//! The broker keeps nothing on disk: sessions and retained messages are lost when the process
+//! stops. That is safe for telemetry (agents re-send whatever the cloud did not acknowledge and
+//! re-publish their retained status on connect) and is why production fleets should use an
+//! external broker with persistence and per-site credentials.
+
+use crate::core::config::EmbeddedBrokerConfig;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How long [`EmbeddedBroker::start`] waits for a listener to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("embedded broker: cannot listen on {addr} (mqtt.embedded.{key}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    #[error("embedded broker: listener on {addr} failed: {reason}")]
+    Listener { addr: SocketAddr, reason: String },
+    #[error("embedded broker: cannot spawn a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Listener {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Listener {
+    fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A running embedded broker. Dropping it stops it.
+pub struct EmbeddedBroker {
+    v4: SocketAddr,
+    v5: SocketAddr,
+    listeners: Vec<Listener>,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("v4", &self.v4)
+            .field("v5", &self.v5)
+            .finish()
+    }
+}
+
+impl EmbeddedBroker {
+    /// Starts the broker and waits until both listeners accept connections. A port of 0 is
+    /// replaced by a port that was free a moment before.
+    pub fn start(cfg: &EmbeddedBrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
+        // Binding first gives a clear error when the port is taken (a Mosquitto on 1883) instead
+        // of a listener thread that dies while another broker answers our readiness probe.
+        let v4 = probe(cfg.listen, "listen")?;
+        let v5 = probe(cfg.listen_v5, "listen_v5")?;
+        let router = Router::new(
+            0,
+            RouterConfig {
+                max_connections: cfg.max_connections,
+                max_outgoing_packet_count: 200,
+                max_segment_size: (16 << 20).max(4 * cfg.max_payload_bytes),
+                max_segment_count: 4,
+                ..RouterConfig::default()
+            },
+        );
+        let router_tx = router.spawn();
+        let mut broker = EmbeddedBroker {
+            v4,
+            v5,
+            listeners: Vec::new(),
+        };
+        for (addr, is_v5) in [(v4, false), (v5, true)] {
+            let settings = ServerSettings {
+                name: format!("caudal-{}", if is_v5 { "v5" } else { "v4" }),
+                listen: addr,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: ConnectionSettings {
+                    connection_timeout_ms: 10_000,
+                    max_payload_size: cfg.max_payload_bytes,
+                    max_inflight_count: 100,
+                    auth: None,
+                    external_auth: None,
+                    dynamic_filters: true,
+                },
+            };
+            let router_tx = router_tx.clone();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = thread::Builder::new()
+                .name(format!("mqtt-{}", addr.port()))
+                .spawn(move || -> Result<(), String> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    let r = rt.block_on(async move {
+                        if is_v5 {
+                            let mut s = Server::new(settings, router_tx, V5);
+                            tokio::select! {
+                                r = s.start(LinkType::Remote) => r.map_err(|e| e.to_string()),
+                                _ = stop_rx => Ok(()),
+                            }
+                        } else {
+                            let mut s = Server::new(settings, router_tx, V4);
+                            tokio::select! {
+                                r = s.start(LinkType::Remote) => r.map_err(|e| e.to_string()),
+                                _ = stop_rx => Ok(()),
+                            }
+                        }
+                    });
+                    // Dropping the runtime drops every connection task of this listener.
+                    drop(rt);
+                    r
+                })
+                .map_err(BrokerError::Thread)?;
+            broker.listeners.push(Listener {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            });
+            broker.wait_ready(addr, is_v5)?;
+        }
+        tracing::info!(v4 = %v4, v5 = %v5, "embedded MQTT broker listening");
+        Ok(broker)
+    }
+
+    /// The MQTT v3.1.1 listener (agents).
+    pub fn v4_addr(&self) -> SocketAddr {
+        self.v4
+    }
+
+    /// The MQTT v5 listener (the ingest).
+    pub fn v5_addr(&self) -> SocketAddr {
+        self.v5
+    }
+
+    /// Closes the listeners and every client connection. Idempotent.
+    pub fn stop(&mut self) {
+        for l in self.listeners.drain(..) {
+            l.stop();
+        }
+    }
+
+    fn wait_ready(&mut self, addr: SocketAddr, is_v5: bool) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if speaks_mqtt(addr, is_v5).is_ok() {
+                return Ok(());
+            }
+            let finished = self
+                .listeners
+                .last()
+                .and_then(|l| l.thread.as_ref())
+                .is_some_and(JoinHandle::is_finished);
+            if finished {
+                let reason = match self.listeners.pop().and_then(|mut l| l.thread.take()) {
+                    Some(t) => match t.join() {
+                        Ok(Ok(())) => "stopped".to_string(),
+                        Ok(Err(e)) => e,
+                        Err(_) => "panicked".to_string(),
+                    },
+                    None => "stopped".to_string(),
+                };
+                self.stop();
+                return Err(BrokerError::Listener { addr, reason });
+            }
+            if Instant::now() > deadline {
+                self.stop();
+                return Err(BrokerError::Listener {
+                    addr,
+                    reason: format!("not accepting connections after {READY_TIMEOUT:?}"),
+                });
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Connects to `addr` as an MQTT client (CONNECT, CONNACK, DISCONNECT), so readiness is "the
+/// listener answers MQTT", and rumqttd does not log a client that vanished before CONNECT.
+fn speaks_mqtt(addr: SocketAddr, v5: bool) -> std::io::Result<()> {
+    const CONNECT_V4: &[u8] = &[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 1, b'p',
+    ];
+    // v5 adds the (empty) property length after keep-alive.
+    const CONNECT_V5: &[u8] = &[
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 1, b'p',
+    ];
+    const DISCONNECT: &[u8] = &[0xe0, 0];
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(if v5 { CONNECT_V5 } else { CONNECT_V4 })?;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head)?;
+    if head[0] != 0x20 || head[1] > 127 {
+        return Err(std::io::Error::other(format!(
+            "expected CONNACK, got {:#x} {:#x}",
+            head[0], head[1]
+        )));
+    }
+    // Read the whole CONNACK and let the broker close first: unread bytes or an early close
+    // would reset the connection, which rumqttd logs as an error.
+    let mut rest = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut rest)?;
+    s.write_all(DISCONNECT)?;
+    let _ = s.read(&mut [0u8; 16]);
+    Ok(())
+}
+
+/// Checks that `addr` can be bound and returns it, with a port of 0 replaced by a free port.
+fn probe(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerError> {
+    let l = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, key, source })?;
+    l.local_addr()
+        .map_err(|source| BrokerError::Bind { addr, key, source })
+}

@@ -1,0 +1,548 @@
+//! The cloud's configuration: file format, defaults, `CAUDAL_*` overrides and the selection of
+//! services a process runs.
+//!
+//! The file is TOML (`config/cloud.example.toml` documents every key); unknown keys are errors.
+//! Environment variables override the file: `CAUDAL_` then the key path with `__` between levels
+//! (`CAUDAL_DATABASE__URL`, `CAUDAL_MQTT__PASSWORD`), and `CAUDAL_SERVICES=core,telemetry` for the
+//! list of services. Only variables whose first level is a known key are read, so unrelated
+//! `CAUDAL_*` variables (the test suite's `CAUDAL_TEST_DATABASE_URL`) are not mistaken for typos.
+
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A string that does not print (passwords, database URLs with credentials).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("configuration: {0}")]
+    Invalid(config::ConfigError),
+    #[error("configuration key services: unknown service {0:?}; known: {KNOWN_SERVICES}")]
+    UnknownService(String),
+    #[error("configuration key mqtt.url: {0}")]
+    MqttUrl(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Services this process runs: module names (`users`, `catchment`, `telemetry`,
+    /// `compliance`) or presets (`core` = core + users + catchment, `all`). Core always runs.
+    #[serde(default = "default_services")]
+    pub services: Vec<String>,
+    /// Directory for the default SQLite database.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_services() -> Vec<String> {
+    vec!["all".to_string()]
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            services: default_services(),
+            data_dir: default_data_dir(),
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            mqtt: MqttConfig::default(),
+            ingest: IngestConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP server (`/healthz`, `/metrics`, the API). Port 0 picks a free port.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://path?mode=rwc` or `postgres://user:pass@host/db`. Default: the SQLite file
+    /// `<data_dir>/caudal.db`.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// Connections in the pool.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Apply pending migrations at start. Turn off when migrations are run separately
+    /// (`caudal-cloud migrate`) before processes start.
+    #[serde(default = "yes")]
+    pub migrate: bool,
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            max_connections: default_max_connections(),
+            migrate: true,
+        }
+    }
+}
+
+impl CloudConfig {
+    /// The database URL: the configured one, or the SQLite file in `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.database.url {
+            Some(u) => u.expose().to_string(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("caudal.db").display()
+            ),
+        }
+    }
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// External broker (`mqtt://host:port`, or `mqtts://host:port` with `ca_file`), spoken to
+    /// with MQTT v5. Unset: a process that runs telemetry starts the embedded broker.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Username at the external broker.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password at the external broker.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// PEM CA bundle that signed the external broker's certificate (required with `mqtts://`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// MQTT client id; default `caudal-cloud-<random>`, unique per process.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Keep-alive interval, seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u16,
+    #[serde(default)]
+    pub embedded: EmbeddedBrokerConfig,
+}
+
+fn default_keep_alive() -> u16 {
+    30
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_id: None,
+            keep_alive_s: default_keep_alive(),
+            embedded: EmbeddedBrokerConfig::default(),
+        }
+    }
+}
+
+/// `[mqtt.embedded]`: the broker started in-process when `mqtt.url` is unset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// MQTT v3.1.1 listener, for agents. Port 0 picks a free port.
+    #[serde(default = "default_embedded_v4")]
+    pub listen: SocketAddr,
+    /// MQTT v5 listener (the broker serves one protocol per port); the ingest connects here.
+    /// Port 0 picks a free port.
+    #[serde(default = "default_embedded_v5")]
+    pub listen_v5: SocketAddr,
+    /// Largest accepted MQTT payload, bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Most client connections at once.
+    #[serde(default = "default_max_connections_broker")]
+    pub max_connections: usize,
+}
+
+fn default_embedded_v4() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+
+fn default_embedded_v5() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1884))
+}
+
+fn default_max_payload() -> usize {
+    1 << 20
+}
+
+fn default_max_connections_broker() -> usize {
+    10_000
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        EmbeddedBrokerConfig {
+            listen: default_embedded_v4(),
+            listen_v5: default_embedded_v5(),
+            max_payload_bytes: default_max_payload(),
+            max_connections: default_max_connections_broker(),
+        }
+    }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// MQTT v5 shared-subscription group: ingest processes in the same group split the sites'
+    /// batches between them.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Workers writing batches concurrently. A site always goes to the same worker, so its
+    /// batches and statuses are stored in arrival order.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Messages waiting per worker. When a worker's queue is full the MQTT connection stops
+    /// being read until it has room (back-pressure to the broker).
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_group() -> String {
+    "caudal-ingest".to_string()
+}
+
+fn default_workers() -> usize {
+    4
+}
+
+fn default_queue() -> usize {
+    16
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            group: default_group(),
+            workers: default_workers(),
+            queue: default_queue(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `plain` (journald, terminals) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Filter directives (`info`, `caudal_cloud=debug,sqlx=warn`). `RUST_LOG` wins when set.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    // rumqttd logs every client connection at info and every disconnection, clean or not, at
+    // error (`rumqttd::server::broker`); the embedded broker's own failures are reported by
+    // `core::broker`.
+    "info,rumqttd=warn,rumqttd::server::broker=off".to_string()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+/// A module a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Service {
+    /// Configuration, logs, metrics, `/healthz`; always runs.
+    Core,
+    /// People and their roles (not built yet: selecting it runs nothing).
+    Users,
+    /// Sites, catchment points and devices.
+    Catchment,
+    /// MQTT ingest, storage, queries, alerts.
+    Telemetry,
+    /// Submission to the regulator (not built yet: selecting it runs nothing).
+    Compliance,
+}
+
+const KNOWN_SERVICES: &str = "core, users, catchment, telemetry, compliance, all";
+
+/// The set of services a process runs, presets expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Services(BTreeSet<Service>);
+
+impl Services {
+    /// Expands names and presets; `core` (the preset) is core + users + catchment.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Services, ConfigError> {
+        let mut set = BTreeSet::from([Service::Core]);
+        for name in names {
+            let name = name.as_ref().trim();
+            let add: &[Service] = match name {
+                "core" => &[Service::Core, Service::Users, Service::Catchment],
+                "users" => &[Service::Users],
+                "catchment" => &[Service::Catchment],
+                "telemetry" => &[Service::Telemetry],
+                "compliance" => &[Service::Compliance],
+                "all" => &[
+                    Service::Users,
+                    Service::Catchment,
+                    Service::Telemetry,
+                    Service::Compliance,
+                ],
+                other => return Err(ConfigError::UnknownService(other.to_string())),
+            };
+            set.extend(add.iter().copied());
+        }
+        Ok(Services(set))
+    }
+
+    pub fn contains(&self, s: Service) -> bool {
+        self.0.contains(&s)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Service> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl fmt::Display for Services {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self
+            .iter()
+            .map(|s| format!("{s:?}").to_lowercase())
+            .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// The top-level keys, so that only `CAUDAL_*` variables meant for the configuration are read.
+const TOP_KEYS: &[&str] = &[
+    "services", "data_dir", "http", "database", "mqtt", "ingest", "log",
+];
+
+impl CloudConfig {
+    /// Loads `path` (when given) and the `CAUDAL_*` variables of `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<CloudConfig, ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(p) = path {
+            let file = config::File::from(p)
+                .format(config::FileFormat::Toml)
+                .required(true);
+            // Parse the file on its own first so its errors name it.
+            config::Config::builder()
+                .add_source(file.clone())
+                .build()
+                .map_err(|source| ConfigError::File {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+            b = b.add_source(file);
+        }
+        let vars: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| {
+                k.strip_prefix("CAUDAL_").is_some_and(|rest| {
+                    let first = rest.split("__").next().unwrap_or_default();
+                    TOP_KEYS.iter().any(|t| t.eq_ignore_ascii_case(first))
+                })
+            })
+            .collect();
+        b = b.add_source(
+            config::Environment::with_prefix("CAUDAL")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("services")
+                .try_parsing(true)
+                .source(Some(vars)),
+        );
+        let cfg: CloudConfig = b
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(ConfigError::Invalid)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: service names, the broker URL.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Services::parse(&self.services)?;
+        if let Some(url) = &self.mqtt.url {
+            let tls = url.starts_with("mqtts://");
+            if !tls && !url.starts_with("mqtt://") {
+                return Err(ConfigError::MqttUrl(format!(
+                    "{url:?} must start with mqtt:// or mqtts://"
+                )));
+            }
+            if tls && self.mqtt.ca_file.is_none() {
+                return Err(ConfigError::MqttUrl(format!(
+                    "{url:?} uses TLS: set mqtt.ca_file to the CA that signed the broker's certificate"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The services this process runs.
+    pub fn services(&self) -> Result<Services, ConfigError> {
+        Services::parse(&self.services)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn presets_expand() {
+        let s = Services::parse(&["core"]).expect("valid");
+        assert!(s.contains(Service::Catchment) && s.contains(Service::Users));
+        assert!(!s.contains(Service::Telemetry));
+        let t = Services::parse(&["telemetry"]).expect("valid");
+        assert_eq!(
+            t.iter().collect::<Vec<_>>(),
+            [Service::Core, Service::Telemetry]
+        );
+        assert_eq!(Services::parse(&["all"]).expect("valid").iter().count(), 5);
+        assert!(matches!(
+            Services::parse(&["telemetri"]),
+            Err(ConfigError::UnknownService(s)) if s == "telemetri"
+        ));
+    }
+
+    #[test]
+    fn environment_overrides_and_ignores_foreign_variables() {
+        let c = CloudConfig::load(
+            None,
+            env(&[
+                ("CAUDAL_SERVICES", "core,telemetry"),
+                ("CAUDAL_DATABASE__URL", "postgres://u:p@h/db"),
+                ("CAUDAL_MQTT__PASSWORD", "1234"),
+                ("CAUDAL_INGEST__WORKERS", "2"),
+                ("CAUDAL_TEST_DATABASE_URL", "postgres://elsewhere"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.services, ["core", "telemetry"]);
+        assert_eq!(c.database_url(), "postgres://u:p@h/db");
+        assert_eq!(c.mqtt.password, Some(Secret::new("1234")));
+        assert_eq!(c.ingest.workers, 2);
+        assert!(!format!("{c:?}").contains("u:p@h"), "secrets do not print");
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        let e = CloudConfig::load(None, env(&[("CAUDAL_MQTT__URLL", "mqtt://x:1")]));
+        assert!(matches!(e, Err(ConfigError::Invalid(_))), "{e:?}");
+        let e = CloudConfig::load(None, env(&[("CAUDAL_MQTT__URL", "tcp://x:1")]));
+        assert!(matches!(e, Err(ConfigError::MqttUrl(_))), "{e:?}");
+    }
+
+    #[test]
+    fn default_database_is_sqlite_in_data_dir() {
+        let c =
+            CloudConfig::load(None, env(&[("CAUDAL_DATA_DIR", "/var/lib/caudal")])).expect("valid");
+        assert_eq!(
+            c.database_url(),
+            "sqlite:///var/lib/caudal/caudal.db?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/cloud.example.toml");
+        let c = CloudConfig::load(Some(&path), Vec::new()).expect("example parses");
+        c.services().expect("example services are valid");
+    }
+}

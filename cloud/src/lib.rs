@@ -1,0 +1,206 @@
+//! The Caudal cloud: one binary that runs all modules or a chosen subset, all sharing one
+//! database.
+//!
+//! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
+//! embedded broker), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage). The whole
+//! process is wired in [`Cloud::start`], so the flow reads in one place:
+//!
+//! ```text
+//!  config ─▶ Db::connect ─▶ migrate ─▶ [embedded broker]? ─▶ [ingest: dispatcher + workers]?
+//!                                                           └▶ [HTTP: /healthz /metrics + module routes]
+//! ```
+//!
+//! Every process serves `/healthz` and `/metrics`; the catchment routes are served where the
+//! catchment module runs; the ingest runs where telemetry runs, against the configured broker or,
+//! when none is configured, the embedded one this process starts.
+
+pub mod catchment;
+pub mod core;
+pub mod telemetry;
+
+use crate::core::broker::{BrokerError, EmbeddedBroker};
+use crate::core::config::{CloudConfig, ConfigError, Service};
+use crate::core::db::{Db, DbError};
+use crate::core::metrics::Metrics;
+use crate::core::{Shutdown, ShutdownTrigger};
+use crate::telemetry::ingest::{Ingest, IngestError, IngestMetrics};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// Why the cloud did not start (or stopped on its own).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("data_dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("http.listen {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("a task stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+/// Opens the configured database, creating `data_dir` for the default SQLite file.
+pub async fn open_database(config: &CloudConfig) -> Result<Db, StartError> {
+    if config.database.url.is_none() {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    }
+    Ok(Db::connect(&config.database_url(), config.database.max_connections).await?)
+}
+
+/// A running cloud process.
+#[derive(Debug)]
+pub struct Cloud {
+    http_addr: SocketAddr,
+    broker: Option<EmbeddedBroker>,
+    db: Db,
+    trigger: ShutdownTrigger,
+    tasks: JoinSet<Result<(), String>>,
+}
+
+impl Cloud {
+    /// Opens the database, applies migrations, starts the embedded broker when needed, the
+    /// ingest when telemetry runs, and the HTTP server. Returns once everything listens.
+    pub async fn start(config: CloudConfig) -> Result<Cloud, StartError> {
+        config.validate()?;
+        let services = config.services()?;
+        let db = open_database(&config).await?;
+        if config.database.migrate {
+            db.migrate().await?;
+        }
+        let (trigger, shutdown) = Shutdown::new();
+        let mut registry = core::metrics::registry(&services.to_string());
+        let mut tasks = JoinSet::new();
+
+        let mut broker = None;
+        if services.contains(Service::Telemetry) {
+            let url = match &config.mqtt.url {
+                Some(url) => url.clone(),
+                None => {
+                    let b = EmbeddedBroker::start(&config.mqtt.embedded)?;
+                    let url = format!("mqtt://{}", b.v5_addr());
+                    broker = Some(b);
+                    url
+                }
+            };
+            let options = telemetry::ingest::mqtt_options(&url, &config.mqtt)?;
+            let metrics = IngestMetrics::register(&mut registry);
+            let ingest = Ingest::new(options, config.ingest.clone(), db.clone(), metrics);
+            let sd = shutdown.clone();
+            tasks.spawn(async move {
+                ingest.run(sd).await;
+                Ok(())
+            });
+        }
+
+        let metrics = Arc::new(Metrics::new(registry));
+        let mut app = core::http::core_routes(db.clone(), metrics);
+        if services.contains(Service::Catchment) {
+            app = app.merge(catchment::routes(db.clone()));
+        }
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| StartError::Http {
+                addr: config.http.listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| StartError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            core::http::serve(listener, app, sd)
+                .await
+                .map_err(|e| format!("HTTP server on {http_addr}: {e}"))
+        });
+        tracing::info!(
+            services = %services,
+            http = %http_addr,
+            database = ?db.backend(),
+            "caudal-cloud started"
+        );
+        Ok(Cloud {
+            http_addr,
+            broker,
+            db,
+            trigger,
+            tasks,
+        })
+    }
+
+    /// Where `/healthz`, `/metrics` and the API are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The embedded broker, when this process runs one.
+    pub fn broker(&self) -> Option<&EmbeddedBroker> {
+        self.broker.as_ref()
+    }
+
+    /// The shared database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Resolves when a task ends before shutdown was asked for (its error, if any).
+    pub async fn failed(&mut self) -> StartError {
+        match self.tasks.join_next().await {
+            Some(Ok(Err(e))) => StartError::Task(e),
+            Some(Err(e)) => StartError::Task(e.to_string()),
+            Some(Ok(Ok(()))) | None => StartError::Task("a task ended".to_string()),
+        }
+    }
+
+    /// Stops every task (the ingest finishes what it holds and sends those acks), the embedded
+    /// broker, and closes the database.
+    pub async fn stop(mut self) {
+        self.trigger.trigger();
+        while let Some(r) = self.tasks.join_next().await {
+            match r {
+                Ok(Err(e)) => tracing::warn!(error = %e, "task failed while stopping"),
+                Err(e) => tracing::warn!(error = %e, "task panicked while stopping"),
+                Ok(Ok(())) => {}
+            }
+        }
+        if let Some(mut b) = self.broker.take() {
+            b.stop();
+        }
+        self.db.close().await;
+        tracing::info!("caudal-cloud stopped");
+    }
+}
+
+/// Runs the cloud until `shutdown` resolves or a task fails.
+pub async fn run(
+    config: CloudConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let mut cloud = Cloud::start(config).await?;
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        e = cloud.failed() => Some(e),
+    };
+    cloud.stop().await;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,140 @@
+//! The `caudal-cloud` binary: parses the command line, loads the configuration, starts logging
+//! and hands over to the library.
+
+use anyhow::Context;
+use caudal_cloud::catchment::site;
+use caudal_cloud::core::config::CloudConfig;
+use caudal_common::SiteId;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "caudal-cloud", version, about = "Caudal cloud service")]
+struct Cli {
+    /// Configuration file (TOML); `CAUDAL_*` environment variables override it.
+    #[arg(long, short, env = "CAUDAL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the configured services until SIGINT or SIGTERM.
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage sites.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SiteCommand {
+    /// Register a site so its agent's batches are accepted.
+    Add {
+        /// Site id, as in the agent's `[site] id` and its topics.
+        #[arg(long)]
+        id: SiteId,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List registered sites.
+    List,
+    /// Stop accepting a site's batches (its history stays).
+    Deactivate {
+        #[arg(long)]
+        id: SiteId,
+    },
+    /// Accept a deactivated site's batches again.
+    Activate {
+        #[arg(long)]
+        id: SiteId,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = CloudConfig::load(cli.config.as_deref(), std::env::vars())
+        .context("loading the configuration")?;
+    caudal_cloud::core::log::init(&config.log)
+        .map_err(anyhow::Error::msg)
+        .context("starting logs")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(command(cli.command, config))
+}
+
+async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
+    match command {
+        Command::Run => caudal_cloud::run(config, signal()).await?,
+        Command::Migrate => {
+            let db = caudal_cloud::open_database(&config).await?;
+            db.migrate().await?;
+            db.close().await;
+            println!("migrations applied");
+        }
+        Command::Site { command } => {
+            let db = caudal_cloud::open_database(&config).await?;
+            if config.database.migrate {
+                db.migrate().await?;
+            }
+            match command {
+                SiteCommand::Add { id, name } => {
+                    let s = site::add(&db, &id, &name).await?;
+                    println!("site {} registered", s.id);
+                }
+                SiteCommand::List => {
+                    for s in site::list(&db).await? {
+                        let state = if s.active { "active" } else { "inactive" };
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            s.id,
+                            state,
+                            s.created_at.to_rfc3339(),
+                            s.name
+                        );
+                    }
+                }
+                SiteCommand::Deactivate { id } => {
+                    site::set_active(&db, &id, false).await?;
+                    println!("site {id} deactivated");
+                }
+                SiteCommand::Activate { id } => {
+                    site::set_active(&db, &id, true).await?;
+                    println!("site {id} activated");
+                }
+            }
+            db.close().await;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,803 @@
+//! MQTT ingest: receives agents' batches and statuses, stores them, then acknowledges.
+//!
+//! ```text
+//!  broker ──v5──▶ [dispatcher: event loop] ──mpsc (bounded, one per worker)──▶ [worker × N]
+//!    ▲    $share/{group}/caudal/v1/+/telemetry      site → hash → worker         decode, check,
+//!    │    caudal/v1/+/status                                                      store (1 tx),
+//!    └──────────────────────── ack (QoS 1) after commit ◀─────────────────────────┘ then ack
+//! ```
+//!
+//! - One dispatcher task polls the MQTT event loop and hands each message to a worker chosen by
+//!   its site, so one site's messages are handled in arrival order while different sites are
+//!   stored concurrently.
+//! - When a worker's queue is full the dispatcher waits for room and stops polling the event
+//!   loop: the broker's in-flight window fills and it holds further messages (back-pressure).
+//!   Each wait is counted (`ingest_backpressure_waits_total`). A stall longer than about 1.5 ×
+//!   the keep-alive lets the broker drop the connection; the agents re-send whatever was not
+//!   acknowledged.
+//! - A worker stores a batch in one transaction, and publishes the [`Ack`] only after the commit.
+//!   A refused payload is kept in `dead_letters` with the reason, counted by reason, and answered
+//!   with a `rejected` ack when its site and batch id can be read. A database error stores
+//!   nothing and sends no ack: the agent re-sends after its ack timeout.
+//! - Nothing in a payload can stop the loop: every failure is a value handled per message.
+//! - The MQTT session is clean: after a reconnect the dispatcher subscribes again; batches in
+//!   flight during the outage are re-sent by their agents.
+//!
+//! Deadlock freedom: workers publish acks into the client's request channel, which only the
+//! dispatcher drains (by polling). While the dispatcher waits on a full worker queue, at most
+//! `workers × (queue + 1)` acks can be produced, so the request channel is sized above that and
+//! a worker never waits on it.
+
+use crate::core::Shutdown;
+use crate::core::config::{IngestConfig, MqttConfig};
+use crate::core::db::Db;
+use crate::core::metrics::{KindLabels, ReasonLabels};
+use crate::telemetry::store::{self, StoreError};
+use caudal_common::payload::{self, Payload};
+use caudal_common::topic::{self, Topic, TopicKind};
+use caudal_common::{Ack, AckStatus, Batch, DecodeError, SeqRange, SiteId, Status};
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rumqttc::Transport;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// Largest MQTT packet the ingest accepts; a v5 broker discards larger messages for this client
+/// instead of sending them.
+const MAX_INCOMING_PACKET: u32 = 16 << 20;
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long shutdown waits for workers to finish what they hold.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the ingest could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("mqtt.url {0:?}: expected mqtt://host:port or mqtts://host:port")]
+    Url(String),
+    #[error("mqtt.ca_file {path}: {source}")]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a message was refused. Its [`Rejection::reason`] labels the rejection counter; its text
+/// goes to the dead letter and to the `rejected` ack.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("topic {0:?} is not a Caudal v1 telemetry or status topic")]
+    Topic(String),
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("payload names site {payload} but came on the topic of site {topic}")]
+    SiteMismatch { topic: SiteId, payload: SiteId },
+    #[error("invalid v1 payload: {0}")]
+    Rule(String),
+    #[error("site {0} is not registered")]
+    UnknownSite(SiteId),
+    #[error("site {0} is not active")]
+    InactiveSite(SiteId),
+}
+
+impl Rejection {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Topic(_) => "bad_topic",
+            Rejection::Decode(DecodeError::NoVersion(_)) => "not_json",
+            Rejection::Decode(DecodeError::UnsupportedVersion(_)) => "unsupported_version",
+            Rejection::Decode(DecodeError::Invalid(_)) => "invalid",
+            Rejection::Decode(DecodeError::Rule(_)) | Rejection::Rule(_) => "rule",
+            Rejection::SiteMismatch { .. } => "site_mismatch",
+            Rejection::UnknownSite(_) => "unknown_site",
+            Rejection::InactiveSite(_) => "inactive_site",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecordLabels {
+    kind: &'static str,
+    /// `stored` or `duplicate`.
+    outcome: &'static str,
+}
+
+/// The ingest's counters.
+#[derive(Debug, Clone)]
+pub struct IngestMetrics {
+    /// Batches by outcome: `accepted`, `rejected`, `failed` (database error, no ack).
+    batches: Family<KindLabels, Counter>,
+    records: Family<RecordLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    store_errors: Counter,
+    dead_letter_errors: Counter,
+    statuses: Counter,
+    acks: Family<KindLabels, Counter>,
+    ack_errors: Counter,
+    backpressure: Counter,
+    batch_seconds: Histogram,
+    connected: Gauge,
+    subscribed: Gauge,
+    connections: Family<KindLabels, Counter>,
+}
+
+impl IngestMetrics {
+    /// Creates the counters and registers them.
+    pub fn register(r: &mut Registry) -> IngestMetrics {
+        let m = IngestMetrics {
+            batches: Family::default(),
+            records: Family::default(),
+            rejected: Family::default(),
+            store_errors: Counter::default(),
+            dead_letter_errors: Counter::default(),
+            statuses: Counter::default(),
+            acks: Family::default(),
+            ack_errors: Counter::default(),
+            backpressure: Counter::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            connected: Gauge::default(),
+            subscribed: Gauge::default(),
+            connections: Family::default(),
+        };
+        r.register(
+            "ingest_batches",
+            "Batches by outcome (accepted, rejected, failed)",
+            m.batches.clone(),
+        );
+        r.register(
+            "ingest_records",
+            "Records received in accepted batches, by kind and outcome (stored, duplicate)",
+            m.records.clone(),
+        );
+        r.register(
+            "ingest_rejected",
+            "Messages refused and dead-lettered, by reason",
+            m.rejected.clone(),
+        );
+        r.register(
+            "ingest_store_errors",
+            "Batches or statuses not stored because of a database error",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "ingest_dead_letter_errors",
+            "Refused messages that could not be written to dead_letters",
+            m.dead_letter_errors.clone(),
+        );
+        r.register(
+            "ingest_statuses",
+            "Agent statuses stored",
+            m.statuses.clone(),
+        );
+        r.register("ingest_acks", "Acks published, by status", m.acks.clone());
+        r.register(
+            "ingest_ack_errors",
+            "Acks that could not be handed to the MQTT client",
+            m.ack_errors.clone(),
+        );
+        r.register(
+            "ingest_backpressure_waits",
+            "Times the dispatcher waited for room in a worker's queue",
+            m.backpressure.clone(),
+        );
+        r.register(
+            "ingest_batch_seconds",
+            "Time from receiving a batch to publishing its ack",
+            m.batch_seconds.clone(),
+        );
+        r.register(
+            "mqtt_connected",
+            "1 while the ingest is connected to the broker",
+            m.connected.clone(),
+        );
+        r.register(
+            "ingest_subscribed",
+            "1 once the broker accepted the ingest's subscriptions on this connection",
+            m.subscribed.clone(),
+        );
+        r.register(
+            "mqtt_connections",
+            "Ingest connection attempts by result (ok, error)",
+            m.connections.clone(),
+        );
+        m
+    }
+}
+
+/// Client options for the broker at `url` (`mqtt://host:port`, `mqtts://host:port`).
+pub fn mqtt_options(url: &str, cfg: &MqttConfig) -> Result<MqttOptions, IngestError> {
+    let (tls, rest) = match url.strip_prefix("mqtts://") {
+        Some(rest) => (true, rest),
+        None => (
+            false,
+            url.strip_prefix("mqtt://")
+                .ok_or_else(|| IngestError::Url(url.to_string()))?,
+        ),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| IngestError::Url(url.to_string()))?,
+        ),
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(IngestError::Url(url.to_string()));
+    }
+    let id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("caudal-cloud-{:08x}", fastrand::u32(..)));
+    let mut o = MqttOptions::new(id, host, port);
+    o.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s.max(5))))
+        .set_clean_start(true)
+        .set_max_packet_size(Some(MAX_INCOMING_PACKET));
+    if let Some(user) = &cfg.username {
+        let pass = cfg
+            .password
+            .as_ref()
+            .map(|p| p.expose())
+            .unwrap_or_default();
+        o.set_credentials(user.clone(), pass.to_string());
+    }
+    if tls {
+        let path = cfg
+            .ca_file
+            .clone()
+            .ok_or_else(|| IngestError::Url(url.to_string()))?;
+        let ca = std::fs::read(&path).map_err(|source| IngestError::CaFile { path, source })?;
+        o.set_transport(Transport::tls(ca, None, None));
+    }
+    Ok(o)
+}
+
+/// The ingest: one dispatcher and its workers.
+pub struct Ingest {
+    options: MqttOptions,
+    cfg: IngestConfig,
+    db: Db,
+    metrics: IngestMetrics,
+}
+
+impl Ingest {
+    pub fn new(options: MqttOptions, cfg: IngestConfig, db: Db, metrics: IngestMetrics) -> Self {
+        Ingest {
+            options,
+            cfg,
+            db,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown`, then lets the workers finish what they hold (their acks still go
+    /// out) for at most [`DRAIN_TIMEOUT`].
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let workers = self.cfg.workers.max(1);
+        let queue = self.cfg.queue.max(1);
+        let (client, mut eventloop) = AsyncClient::new(self.options, workers * (queue + 1) + 16);
+        let ids = Arc::new(IngestIds::new());
+        let mut senders = Vec::with_capacity(workers);
+        let mut tasks = JoinSet::new();
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::channel(queue);
+            senders.push(tx);
+            let w = Worker {
+                rx,
+                db: self.db.clone(),
+                client: client.clone(),
+                metrics: self.metrics.clone(),
+                ids: ids.clone(),
+            };
+            tasks.spawn(w.run());
+        }
+        let filters = [
+            topic::shared(&self.cfg.group, TopicKind::Telemetry),
+            topic::all_sites(TopicKind::Status),
+        ];
+        let m = &self.metrics;
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.wait() => break,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    m.connected.set(1);
+                    m.connections.get_or_create(&KindLabels::new("ok")).inc();
+                    backoff = MIN_BACKOFF;
+                    tracing::info!(filters = ?filters, "connected to the MQTT broker; subscribing");
+                    for f in &filters {
+                        if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(filter = %f, error = %e, "cannot subscribe");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused: Vec<_> = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        .collect();
+                    if refused.is_empty() {
+                        m.subscribed.set(1);
+                    } else {
+                        tracing::error!(
+                            codes = ?refused,
+                            "the broker refused a subscription; that telemetry will not arrive"
+                        );
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let msg = Message {
+                        publish: p,
+                        received_at: Utc::now(),
+                        started: Instant::now(),
+                    };
+                    let i = worker_for(&msg.publish.topic, senders.len());
+                    let tx = &senders[i];
+                    let msg = match tx.try_send(msg) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    };
+                    m.backpressure.inc();
+                    tokio::select! {
+                        // The message is dropped unacknowledged; its agent re-sends it.
+                        _ = shutdown.wait() => break,
+                        r = tx.send(msg) => if r.is_err() { break },
+                    }
+                }
+                Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                    m.connected.set(0);
+                    m.subscribed.set(0);
+                    tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    m.connected.set(0);
+                    m.subscribed.set(0);
+                    m.connections.get_or_create(&KindLabels::new("error")).inc();
+                    tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection failed");
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+
+        // Let workers finish what they hold; keep polling so their acks reach the broker.
+        drop(senders);
+        let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
+        tokio::pin!(deadline);
+        let mut polling = true;
+        loop {
+            tokio::select! {
+                r = tasks.join_next() => if r.is_none() { break },
+                _ = &mut deadline => {
+                    tracing::warn!("ingest workers did not finish in time; abandoning their batches");
+                    tasks.abort_all();
+                    break;
+                }
+                ev = eventloop.poll(), if polling => if ev.is_err() { polling = false },
+            }
+        }
+        let _ = client.try_disconnect();
+        let flush = async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+        m.connected.set(0);
+        m.subscribed.set(0);
+        tracing::info!("ingest stopped");
+    }
+}
+
+/// One received MQTT message.
+#[derive(Debug)]
+struct Message {
+    publish: Publish,
+    received_at: DateTime<Utc>,
+    started: Instant,
+}
+
+/// The worker for a topic: by its site (`caudal/v1/{site}/...`), so one site always maps to the
+/// same worker.
+fn worker_for(topic: &[u8], workers: usize) -> usize {
+    let site = topic.split(|b| *b == b'/').nth(2).unwrap_or(topic);
+    let mut h = DefaultHasher::new();
+    site.hash(&mut h);
+    (h.finish() % workers.max(1) as u64) as usize
+}
+
+/// Identifiers that tie a batch's log lines together: a random prefix per process and a counter.
+#[derive(Debug)]
+struct IngestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl IngestIds {
+    fn new() -> Self {
+        IngestIds {
+            prefix: fastrand::u32(..),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{:08x}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// Stores the messages of the sites that hash to it, one at a time.
+struct Worker {
+    rx: mpsc::Receiver<Message>,
+    db: Db,
+    client: AsyncClient,
+    metrics: IngestMetrics,
+    ids: Arc<IngestIds>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        while let Some(msg) = self.rx.recv().await {
+            let id = self.ids.next();
+            let span = tracing::info_span!("ingest", id = %id, site = tracing::field::Empty);
+            self.handle(msg).instrument(span).await;
+        }
+    }
+
+    async fn handle(&self, msg: Message) {
+        let topic = String::from_utf8_lossy(&msg.publish.topic).into_owned();
+        match Topic::parse(&topic) {
+            Ok(Topic {
+                site,
+                kind: TopicKind::Telemetry,
+            }) => self.batch(&topic, site, &msg).await,
+            Ok(Topic {
+                site,
+                kind: TopicKind::Status,
+            }) => self.status(&topic, site, &msg).await,
+            Ok(Topic { site, .. }) => {
+                self.reject(
+                    &topic,
+                    Some(&site),
+                    None,
+                    &msg,
+                    Rejection::Topic(topic.clone()),
+                )
+                .await
+            }
+            Err(_) => {
+                self.reject(&topic, None, None, &msg, Rejection::Topic(topic.clone()))
+                    .await
+            }
+        }
+    }
+
+    async fn batch(&self, topic: &str, site: SiteId, msg: &Message) {
+        let span = tracing::Span::current();
+        span.record("site", site.as_str());
+        let batch = match payload::decode::<Batch>(&msg.publish.payload) {
+            Ok(b) => b,
+            Err(e) => {
+                let id = loose_batch_id(&msg.publish.payload);
+                return self
+                    .reject(topic, Some(&site), id.as_deref(), msg, e.into())
+                    .await;
+            }
+        };
+        if batch.site != site {
+            let r = Rejection::SiteMismatch {
+                topic: site.clone(),
+                payload: batch.site.clone(),
+            };
+            return self
+                .reject(topic, Some(&site), Some(&batch.batch), msg, r)
+                .await;
+        }
+        if let Err(rule) = check_batch(&batch) {
+            return self
+                .reject(
+                    topic,
+                    Some(&site),
+                    Some(&batch.batch),
+                    msg,
+                    Rejection::Rule(rule),
+                )
+                .await;
+        }
+        match store::store_batch(&self.db, &batch, msg.received_at).await {
+            Ok(stored) => {
+                let m = &self.metrics;
+                for (kind, total, new) in [
+                    ("reading", batch.readings.len(), stored.readings),
+                    ("event", batch.events.len(), stored.events),
+                    ("gap", batch.gaps.len(), stored.gaps),
+                ] {
+                    let total = total as u64;
+                    let dup = total.saturating_sub(new);
+                    if new > 0 {
+                        m.records
+                            .get_or_create(&RecordLabels {
+                                kind,
+                                outcome: "stored",
+                            })
+                            .inc_by(new);
+                    }
+                    if dup > 0 {
+                        m.records
+                            .get_or_create(&RecordLabels {
+                                kind,
+                                outcome: "duplicate",
+                            })
+                            .inc_by(dup);
+                    }
+                }
+                m.batches.get_or_create(&KindLabels::new("accepted")).inc();
+                let ack = Ack {
+                    v: caudal_common::SCHEMA_VERSION,
+                    site: site.clone(),
+                    batch: batch.batch.clone(),
+                    status: AckStatus::Accepted,
+                    seqs: SeqRange::compact(batch.seqs()),
+                    reason: None,
+                };
+                self.ack(&ack).await;
+                m.batch_seconds.observe(msg.started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    site = %site,
+                    batch = %batch.batch,
+                    records = batch.len(),
+                    new = stored.readings + stored.events + stored.gaps,
+                    "batch stored and acknowledged"
+                );
+            }
+            Err(StoreError::UnknownSite(s)) => {
+                self.reject(
+                    topic,
+                    Some(&site),
+                    Some(&batch.batch),
+                    msg,
+                    Rejection::UnknownSite(s),
+                )
+                .await
+            }
+            Err(StoreError::InactiveSite(s)) => {
+                self.reject(
+                    topic,
+                    Some(&site),
+                    Some(&batch.batch),
+                    msg,
+                    Rejection::InactiveSite(s),
+                )
+                .await
+            }
+            Err(StoreError::Invalid(rule)) => {
+                self.reject(
+                    topic,
+                    Some(&site),
+                    Some(&batch.batch),
+                    msg,
+                    Rejection::Rule(rule),
+                )
+                .await
+            }
+            Err(StoreError::Database(e)) => {
+                self.metrics.store_errors.inc();
+                self.metrics
+                    .batches
+                    .get_or_create(&KindLabels::new("failed"))
+                    .inc();
+                tracing::error!(
+                    site = %site,
+                    batch = %batch.batch,
+                    error = %e,
+                    "batch not stored; no ack, the agent will re-send it"
+                );
+            }
+        }
+    }
+
+    async fn status(&self, topic: &str, site: SiteId, msg: &Message) {
+        // A retained status is cleared with an empty payload; there is nothing to store.
+        if msg.publish.payload.is_empty() {
+            return;
+        }
+        let status = match payload::decode::<Status>(&msg.publish.payload) {
+            Ok(s) => s,
+            Err(e) => return self.reject(topic, Some(&site), None, msg, e.into()).await,
+        };
+        if status.site != site {
+            let r = Rejection::SiteMismatch {
+                topic: site.clone(),
+                payload: status.site.clone(),
+            };
+            return self.reject(topic, Some(&site), None, msg, r).await;
+        }
+        match store::store_status(&self.db, &status, msg.received_at).await {
+            Ok(()) => {
+                self.metrics.statuses.inc();
+                tracing::debug!(site = %site, online = status.online, "status stored");
+            }
+            Err(StoreError::UnknownSite(s)) => {
+                self.reject(topic, Some(&site), None, msg, Rejection::UnknownSite(s))
+                    .await
+            }
+            Err(StoreError::InactiveSite(s)) => {
+                self.reject(topic, Some(&site), None, msg, Rejection::InactiveSite(s))
+                    .await
+            }
+            Err(StoreError::Invalid(rule)) => {
+                self.reject(topic, Some(&site), None, msg, Rejection::Rule(rule))
+                    .await
+            }
+            Err(StoreError::Database(e)) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(site = %site, error = %e, "status not stored");
+            }
+        }
+    }
+
+    /// Dead-letters a refused message, counts it, and answers a batch with a `rejected` ack when
+    /// its site and batch id are known.
+    async fn reject(
+        &self,
+        topic: &str,
+        site: Option<&SiteId>,
+        batch: Option<&str>,
+        msg: &Message,
+        why: Rejection,
+    ) {
+        let m = &self.metrics;
+        let reason = why.to_string();
+        m.rejected
+            .get_or_create(&ReasonLabels::new(why.reason()))
+            .inc();
+        tracing::warn!(
+            topic,
+            batch,
+            reason = %reason,
+            bytes = msg.publish.payload.len(),
+            "message refused"
+        );
+        if let Err(e) = store::dead_letter(
+            &self.db,
+            topic,
+            site,
+            &msg.publish.payload,
+            &reason,
+            msg.received_at,
+        )
+        .await
+        {
+            m.dead_letter_errors.inc();
+            tracing::error!(topic, error = %e, "refused message not written to dead_letters");
+        }
+        let is_batch = topic.ends_with(TopicKind::Telemetry.suffix());
+        if is_batch {
+            m.batches.get_or_create(&KindLabels::new("rejected")).inc();
+        }
+        if let (true, Some(site), Some(batch)) = (is_batch, site, batch) {
+            let ack = Ack {
+                v: caudal_common::SCHEMA_VERSION,
+                site: site.clone(),
+                batch: batch.to_string(),
+                status: AckStatus::Rejected,
+                seqs: Vec::new(),
+                reason: Some(reason),
+            };
+            self.ack(&ack).await;
+        }
+    }
+
+    async fn ack(&self, ack: &Ack) {
+        let status = match ack.status {
+            AckStatus::Accepted => "accepted",
+            AckStatus::Rejected => "rejected",
+        };
+        let t = topic::topic(&ack.site, TopicKind::Ack);
+        match self
+            .client
+            .publish(t, QoS::AtLeastOnce, false, ack.encode())
+            .await
+        {
+            Ok(()) => {
+                self.metrics
+                    .acks
+                    .get_or_create(&KindLabels::new(status))
+                    .inc();
+            }
+            Err(e) => {
+                self.metrics.ack_errors.inc();
+                tracing::warn!(site = %ack.site, batch = %ack.batch, error = %e, "ack not sent");
+            }
+        }
+    }
+}
+
+/// The `batch` field of a payload that did not decode, when it has one.
+fn loose_batch_id(payload: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get("batch")?.as_str().map(str::to_string)
+}
+
+/// Rules the contract states that `caudal_common`'s decoder does not check: every seq fits the
+/// layout (bit 63 clear) and no seq appears twice in one batch.
+pub fn check_batch(b: &Batch) -> Result<(), String> {
+    let seqs = b.seqs();
+    if let Some(s) = seqs.iter().find(|s| !s.is_valid()) {
+        return Err(format!("seq {} has bit 63 set", s.0));
+    }
+    if let Some(w) = seqs.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("seq {} appears more than once in the batch", w[0]));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_site_always_maps_to_one_worker() {
+        let a = worker_for(b"caudal/v1/pozo-1/telemetry", 4);
+        assert_eq!(a, worker_for(b"caudal/v1/pozo-1/status", 4));
+        assert!(worker_for(b"garbage", 4) < 4);
+        assert_eq!(worker_for(b"", 1), 0);
+    }
+
+    #[test]
+    fn broker_urls() {
+        let cfg = MqttConfig::default();
+        let o = mqtt_options("mqtt://broker.example:1999", &cfg).expect("valid");
+        assert_eq!(o.broker_address(), ("broker.example".to_string(), 1999));
+        let o = mqtt_options("mqtt://10.0.0.1", &cfg).expect("valid");
+        assert_eq!(o.broker_address().1, 1883);
+        let o = mqtt_options("mqtt://[::1]:1884", &cfg).expect("valid");
+        assert_eq!(o.broker_address(), ("::1".to_string(), 1884));
+        assert!(mqtt_options("tcp://x:1", &cfg).is_err());
+        assert!(mqtt_options("mqtt://x:notaport", &cfg).is_err());
+        assert!(mqtt_options("mqtt://", &cfg).is_err());
+    }
+
+    #[test]
+    fn duplicate_seqs_are_refused() {
+        let b: Batch = payload::decode(
+            br#"{"v":1,"site":"s","batch":"b","sent_at":"2026-01-01T00:00:00Z",
+                "readings":[{"seq":5,"device":"d","ts":"2026-01-01T00:00:00Z"}],
+                "events":[{"seq":5,"ts":"2026-01-01T00:00:00Z","kind":"agent_started"}]}"#,
+        )
+        .expect("decodes");
+        assert!(check_batch(&b).is_err());
+    }
+}

@@ -1,0 +1,684 @@
+//! Telemetry storage: batches (readings, events, gaps), agent status and dead letters, written
+//! for each backend.
+//!
+//! Invariant: [`store_batch`] writes every record of a batch, or none, in one transaction that
+//! first checks the site is registered and active, and it returns only after the commit, so an
+//! acknowledgement sent after it never names a record that a crash could lose. Records are
+//! keyed by `(site, seq)` and inserted with `ON CONFLICT DO NOTHING`: a batch that arrives again
+//! (the agent re-sends until it sees the ack) stores nothing new and succeeds. The first copy of
+//! a record wins; a different record under the same key is not detected here.
+//!
+//! Bulk inserts: PostgreSQL receives each column as one array and inserts with `UNNEST`, one
+//! statement per batch whatever its size; SQLite receives multi-row `INSERT`s of
+//! [`SQLITE_ROWS_PER_INSERT`] rows, inside one `BEGIN IMMEDIATE` transaction (taking the write
+//! lock up front, so concurrent writers wait on the busy timeout instead of failing to upgrade).
+
+use crate::core::db::{Db, from_sqlite_time, sqlite_time};
+use caudal_common::{Batch, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{Postgres, QueryBuilder, Row, Sqlite, Transaction};
+
+/// Readings per SQLite `INSERT` statement: 10 columns each, well under SQLite's 32766 bound
+/// parameters.
+pub const SQLITE_ROWS_PER_INSERT: usize = 500;
+
+/// Why a batch or status was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("site {0} is not registered")]
+    UnknownSite(SiteId),
+    #[error("site {0} is not active")]
+    InactiveSite(SiteId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Records newly stored by one batch (duplicates not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub readings: u64,
+    pub events: u64,
+    pub gaps: u64,
+}
+
+fn seq_i64(kind: &str, s: Seq) -> Result<i64, StoreError> {
+    i64::try_from(s.0)
+        .map_err(|_| StoreError::Invalid(format!("{kind} seq {} has bit 63 set", s.0)))
+}
+
+fn extra_json(r: &Reading) -> Option<String> {
+    // A map of strings to finite f64 always serializes.
+    (!r.extra.is_empty()).then(|| serde_json::to_string(&r.extra).unwrap_or_default())
+}
+
+fn event_kind(e: &Event) -> String {
+    serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn gap_cause(c: GapCause) -> &'static str {
+    match c {
+        GapCause::Evicted => "evicted",
+        GapCause::DeviceUnreachable => "device_unreachable",
+    }
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Stores a decoded batch for its site (the caller has checked that the topic names the same
+/// site). Returns after the commit.
+pub async fn store_batch(
+    db: &Db,
+    batch: &Batch,
+    received_at: DateTime<Utc>,
+) -> Result<Stored, StoreError> {
+    match db {
+        Db::Sqlite(p) => {
+            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+            let stored = sqlite_batch(&mut tx, batch, received_at).await?;
+            tx.commit().await?;
+            Ok(stored)
+        }
+        Db::Postgres(p) => {
+            let mut tx = p.begin().await?;
+            let stored = pg_batch(&mut tx, batch, received_at).await?;
+            tx.commit().await?;
+            Ok(stored)
+        }
+    }
+}
+
+fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
+    match active {
+        None => Err(StoreError::UnknownSite(site.clone())),
+        Some(false) => Err(StoreError::InactiveSite(site.clone())),
+        Some(true) => Ok(()),
+    }
+}
+
+async fn sqlite_batch(
+    tx: &mut Transaction<'static, Sqlite>,
+    batch: &Batch,
+    received_at: DateTime<Utc>,
+) -> Result<Stored, StoreError> {
+    let site = batch.site.as_str();
+    let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
+        .bind(site)
+        .fetch_optional(&mut **tx)
+        .await?;
+    check_site(&batch.site, active)?;
+    let now = sqlite_time(received_at);
+    let mut stored = Stored::default();
+
+    for chunk in batch.readings.chunks(SQLITE_ROWS_PER_INSERT) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            rows.push((seq_i64("reading", r.seq)?, r, extra_json(r)));
+        }
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO readings (site, seq, device, ts, quality, flow_lps, total_m3, level_m, \
+             extra, received_at) ",
+        );
+        qb.push_values(rows, |mut b, (seq, r, extra)| {
+            b.push_bind(site)
+                .push_bind(seq)
+                .push_bind(r.device.as_str())
+                .push_bind(sqlite_time(r.ts))
+                .push_bind(i32::from(r.q.bits()))
+                .push_bind(r.flow_lps)
+                .push_bind(r.total_m3)
+                .push_bind(r.level_m)
+                .push_bind(extra)
+                .push_bind(now);
+        });
+        qb.push(" ON CONFLICT (site, seq) DO NOTHING");
+        stored.readings += qb.build().execute(&mut **tx).await?.rows_affected();
+    }
+
+    for e in &batch.events {
+        stored.events += sqlx::query(
+            "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
+             received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
+        )
+        .bind(site)
+        .bind(seq_i64("event", e.seq)?)
+        .bind(sqlite_time(e.ts))
+        .bind(e.device.as_ref().map(|d| d.as_str()))
+        .bind(event_kind(e))
+        .bind(&e.message)
+        .bind(e.previous)
+        .bind(e.current)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+
+    for g in &batch.gaps {
+        stored.gaps += sqlx::query(
+            "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, cause, \
+             received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
+        )
+        .bind(site)
+        .bind(seq_i64("gap", g.seq)?)
+        .bind(g.device.as_ref().map(|d| d.as_str()))
+        .bind(sqlite_time(g.from))
+        .bind(sqlite_time(g.to))
+        .bind(gap_range(g, |r| r.from)?)
+        .bind(gap_range(g, |r| r.to)?)
+        .bind(clamp_i64(g.count))
+        .bind(gap_cause(g.cause))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+
+    sqlx::query(
+        "INSERT INTO site_status (site, online, last_seen, updated_at) VALUES (?, 1, ?, ?) \
+         ON CONFLICT (site) DO UPDATE SET last_seen = excluded.last_seen, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(site)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(stored)
+}
+
+fn gap_range(
+    g: &Gap,
+    end: impl Fn(&caudal_common::SeqRange) -> Seq,
+) -> Result<Option<i64>, StoreError> {
+    g.seqs
+        .as_ref()
+        .map(|r| seq_i64("gap range", end(r)))
+        .transpose()
+}
+
+async fn pg_batch(
+    tx: &mut Transaction<'static, Postgres>,
+    batch: &Batch,
+    received_at: DateTime<Utc>,
+) -> Result<Stored, StoreError> {
+    let site = batch.site.as_str();
+    let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
+        .bind(site)
+        .fetch_optional(&mut **tx)
+        .await?;
+    check_site(&batch.site, active)?;
+    let mut stored = Stored::default();
+
+    if !batch.readings.is_empty() {
+        let n = batch.readings.len();
+        let mut seq = Vec::with_capacity(n);
+        let mut device = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        let mut quality = Vec::with_capacity(n);
+        let mut flow = Vec::with_capacity(n);
+        let mut total = Vec::with_capacity(n);
+        let mut level = Vec::with_capacity(n);
+        let mut extra = Vec::with_capacity(n);
+        for r in &batch.readings {
+            seq.push(seq_i64("reading", r.seq)?);
+            device.push(r.device.as_str());
+            ts.push(r.ts);
+            quality.push(i32::from(r.q.bits()));
+            flow.push(r.flow_lps);
+            total.push(r.total_m3);
+            level.push(r.level_m);
+            extra.push(extra_json(r));
+        }
+        stored.readings = sqlx::query(
+            "INSERT INTO readings (site, seq, device, ts, quality, flow_lps, total_m3, level_m, \
+             extra, received_at) \
+             SELECT $1, t.seq, t.device, t.ts, t.quality, t.flow, t.total, t.level, \
+                    t.extra::jsonb, $10 \
+             FROM UNNEST($2::int8[], $3::text[], $4::timestamptz[], $5::int4[], $6::float8[], \
+                         $7::float8[], $8::float8[], $9::text[]) \
+                  AS t(seq, device, ts, quality, flow, total, level, extra) \
+             ON CONFLICT (site, seq) DO NOTHING",
+        )
+        .bind(site)
+        .bind(seq)
+        .bind(device)
+        .bind(ts)
+        .bind(quality)
+        .bind(flow)
+        .bind(total)
+        .bind(level)
+        .bind(extra)
+        .bind(received_at)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+
+    for e in &batch.events {
+        stored.events += sqlx::query(
+            "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
+             received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (site, seq) DO NOTHING",
+        )
+        .bind(site)
+        .bind(seq_i64("event", e.seq)?)
+        .bind(e.ts)
+        .bind(e.device.as_ref().map(|d| d.as_str()))
+        .bind(event_kind(e))
+        .bind(&e.message)
+        .bind(e.previous)
+        .bind(e.current)
+        .bind(received_at)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+
+    for g in &batch.gaps {
+        stored.gaps += sqlx::query(
+            "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, cause, \
+             received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (site, seq) DO NOTHING",
+        )
+        .bind(site)
+        .bind(seq_i64("gap", g.seq)?)
+        .bind(g.device.as_ref().map(|d| d.as_str()))
+        .bind(g.from)
+        .bind(g.to)
+        .bind(gap_range(g, |r| r.from)?)
+        .bind(gap_range(g, |r| r.to)?)
+        .bind(clamp_i64(g.count))
+        .bind(gap_cause(g.cause))
+        .bind(received_at)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+
+    sqlx::query(
+        "INSERT INTO site_status (site, online, last_seen, updated_at) VALUES ($1, TRUE, $2, $2) \
+         ON CONFLICT (site) DO UPDATE SET last_seen = excluded.last_seen, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(site)
+    .bind(received_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(stored)
+}
+
+/// Records an agent's status (or its last will). Fields the message leaves out keep their last
+/// known value; `last_seen` moves only for messages from the agent itself (`online: true`), not
+/// for the will the broker publishes on its behalf.
+pub async fn store_status(
+    db: &Db,
+    status: &Status,
+    received_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let site = status.site.as_str();
+    let last_seen = status.online.then_some(received_at);
+    // An empty device map from a will means "unknown", not "no devices".
+    let devices = (status.online || !status.devices.is_empty())
+        .then(|| serde_json::to_string(&status.devices).unwrap_or_default());
+    let backlog = status.backlog.map(clamp_i64);
+    let age = status.oldest_unsent_age_s.map(clamp_i64);
+    let evicted = status.evicted.map(clamp_i64);
+    match db {
+        Db::Sqlite(p) => {
+            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+            let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
+                .bind(site)
+                .fetch_optional(&mut *tx)
+                .await?;
+            check_site(&status.site, active)?;
+            sqlx::query(
+                "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
+                 oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, \
+                 devices, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
+                 last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
+                 status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
+                 backlog = COALESCE(excluded.backlog, site_status.backlog), \
+                 oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
+                                                site_status.oldest_unsent_age_s), \
+                 clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
+                 evicted = COALESCE(excluded.evicted, site_status.evicted), \
+                 agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
+                 config_version = COALESCE(excluded.config_version, site_status.config_version), \
+                 devices = COALESCE(excluded.devices, site_status.devices), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(site)
+            .bind(status.online)
+            .bind(last_seen.map(sqlite_time))
+            .bind(status.ts.map(sqlite_time))
+            .bind(backlog)
+            .bind(age)
+            .bind(status.clock_synced)
+            .bind(evicted)
+            .bind(&status.agent_version)
+            .bind(&status.config_version)
+            .bind(devices)
+            .bind(sqlite_time(received_at))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        Db::Postgres(p) => {
+            let mut tx = p.begin().await?;
+            let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
+                .bind(site)
+                .fetch_optional(&mut *tx)
+                .await?;
+            check_site(&status.site, active)?;
+            sqlx::query(
+                "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
+                 oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, \
+                 devices, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12) \
+                 ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
+                 last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
+                 status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
+                 backlog = COALESCE(excluded.backlog, site_status.backlog), \
+                 oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
+                                                site_status.oldest_unsent_age_s), \
+                 clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
+                 evicted = COALESCE(excluded.evicted, site_status.evicted), \
+                 agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
+                 config_version = COALESCE(excluded.config_version, site_status.config_version), \
+                 devices = COALESCE(excluded.devices, site_status.devices), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(site)
+            .bind(status.online)
+            .bind(last_seen)
+            .bind(status.ts)
+            .bind(backlog)
+            .bind(age)
+            .bind(status.clock_synced)
+            .bind(evicted)
+            .bind(&status.agent_version)
+            .bind(&status.config_version)
+            .bind(devices)
+            .bind(received_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps a refused payload as received, with the reason.
+pub async fn dead_letter(
+    db: &Db,
+    topic: &str,
+    site: Option<&SiteId>,
+    payload: &[u8],
+    reason: &str,
+    received_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let site = site.map(SiteId::as_str);
+    match db {
+        Db::Sqlite(p) => {
+            sqlx::query(
+                "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(topic)
+            .bind(site)
+            .bind(payload)
+            .bind(reason)
+            .bind(sqlite_time(received_at))
+            .execute(p)
+            .await?;
+        }
+        Db::Postgres(p) => {
+            sqlx::query(
+                "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(topic)
+            .bind(site)
+            .bind(payload)
+            .bind(reason)
+            .bind(received_at)
+            .execute(p)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// What the cloud last knew of a site's agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteStatus {
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub backlog: Option<i64>,
+    pub oldest_unsent_age_s: Option<i64>,
+    pub agent_version: Option<String>,
+    pub config_version: Option<String>,
+    /// Device id → last poll state, as the agent reported it.
+    pub devices: Option<serde_json::Value>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The stored status of `site`, if any message was stored for it.
+pub async fn site_status(db: &Db, site: &SiteId) -> Result<Option<SiteStatus>, StoreError> {
+    let parse_devices = |s: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
+        s.map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Invalid(format!("site_status.devices of {site}: {e}")))
+    };
+    let time = |micros: i64, column: &str| {
+        from_sqlite_time(micros).ok_or_else(|| {
+            StoreError::Invalid(format!("site_status.{column} of {site} is out of range"))
+        })
+    };
+    match db {
+        Db::Sqlite(p) => {
+            let Some(r) = sqlx::query(
+                "SELECT online, last_seen, backlog, oldest_unsent_age_s, agent_version, \
+                 config_version, devices, updated_at FROM site_status WHERE site = ?",
+            )
+            .bind(site.as_str())
+            .fetch_optional(p)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let last_seen: Option<i64> = r.try_get("last_seen")?;
+            Ok(Some(SiteStatus {
+                online: r.try_get("online")?,
+                last_seen: last_seen.map(|t| time(t, "last_seen")).transpose()?,
+                backlog: r.try_get("backlog")?,
+                oldest_unsent_age_s: r.try_get("oldest_unsent_age_s")?,
+                agent_version: r.try_get("agent_version")?,
+                config_version: r.try_get("config_version")?,
+                devices: parse_devices(r.try_get("devices")?)?,
+                updated_at: time(r.try_get("updated_at")?, "updated_at")?,
+            }))
+        }
+        Db::Postgres(p) => {
+            let Some(r) = sqlx::query(
+                "SELECT online, last_seen, backlog, oldest_unsent_age_s, agent_version, \
+                 config_version, devices::text AS devices, updated_at \
+                 FROM site_status WHERE site = $1",
+            )
+            .bind(site.as_str())
+            .fetch_optional(p)
+            .await?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(SiteStatus {
+                online: r.try_get("online")?,
+                last_seen: r.try_get("last_seen")?,
+                backlog: r.try_get("backlog")?,
+                oldest_unsent_age_s: r.try_get("oldest_unsent_age_s")?,
+                agent_version: r.try_get("agent_version")?,
+                config_version: r.try_get("config_version")?,
+                devices: parse_devices(r.try_get("devices")?)?,
+                updated_at: r.try_get("updated_at")?,
+            }))
+        }
+    }
+}
+
+/// How many records of each kind are stored for a site.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RecordCounts {
+    pub readings: i64,
+    pub events: i64,
+    pub gaps: i64,
+}
+
+/// Counts the records stored for `site`.
+pub async fn record_counts(db: &Db, site: &SiteId) -> Result<RecordCounts, sqlx::Error> {
+    let site = site.as_str();
+    let (readings, events, gaps) = match db {
+        Db::Sqlite(p) => {
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM readings WHERE site = ?1), \
+                        (SELECT count(*) FROM events WHERE site = ?1), \
+                        (SELECT count(*) FROM gaps WHERE site = ?1)",
+            )
+            .bind(site)
+            .fetch_one(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM readings WHERE site = $1), \
+                        (SELECT count(*) FROM events WHERE site = $1), \
+                        (SELECT count(*) FROM gaps WHERE site = $1)",
+            )
+            .bind(site)
+            .fetch_one(p)
+            .await?
+        }
+    };
+    Ok(RecordCounts {
+        readings,
+        events,
+        gaps,
+    })
+}
+
+/// A reading row: seq, device, ts (as the backend stores it), quality, flow, total, level, extra.
+type ReadingRow<T> = (
+    i64,
+    String,
+    T,
+    i32,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<String>,
+);
+
+/// The readings of `site`, oldest `seq` first, at most `limit`, as the agent sent them.
+pub async fn readings(db: &Db, site: &SiteId, limit: i64) -> Result<Vec<Reading>, StoreError> {
+    let rows: Vec<ReadingRow<Option<DateTime<Utc>>>> = match db {
+        Db::Sqlite(p) => {
+            let rows: Vec<ReadingRow<i64>> = sqlx::query_as(
+                "SELECT seq, device, ts, quality, flow_lps, total_m3, level_m, extra \
+                 FROM readings WHERE site = ? ORDER BY seq LIMIT ?",
+            )
+            .bind(site.as_str())
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.into_iter()
+                .map(|(s, d, t, q, f, tot, l, e)| (s, d, from_sqlite_time(t), q, f, tot, l, e))
+                .collect()
+        }
+        Db::Postgres(p) => {
+            let rows: Vec<ReadingRow<DateTime<Utc>>> = sqlx::query_as(
+                "SELECT seq, device, ts, quality, flow_lps, total_m3, level_m, extra::text \
+                 FROM readings WHERE site = $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(site.as_str())
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.into_iter()
+                .map(|(s, d, t, q, f, tot, l, e)| (s, d, Some(t), q, f, tot, l, e))
+                .collect()
+        }
+    };
+    rows.into_iter()
+        .map(|(seq, device, ts, q, flow, total, level, extra)| {
+            let bad = |what: String| StoreError::Invalid(format!("reading {site}/{seq}: {what}"));
+            Ok(Reading {
+                seq: Seq(u64::try_from(seq).map_err(|_| bad("negative seq".into()))?),
+                device: device.parse().map_err(|e| bad(format!("device: {e}")))?,
+                ts: ts.ok_or_else(|| bad("ts out of range".into()))?,
+                q: caudal_common::Quality::from_bits(
+                    u16::try_from(q).map_err(|_| bad(format!("quality {q}")))?,
+                ),
+                flow_lps: flow,
+                total_m3: total,
+                level_m: level,
+                extra: match extra {
+                    Some(e) => serde_json::from_str(&e).map_err(|e| bad(format!("extra: {e}")))?,
+                    None => Default::default(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// A refused message, as kept.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub topic: String,
+    pub site: Option<String>,
+    pub payload: Vec<u8>,
+    pub reason: String,
+}
+
+/// The most recent dead letters, newest first.
+pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    type Row = (i64, String, Option<String>, Vec<u8>, String);
+    let rows: Vec<Row> = match db {
+        Db::Sqlite(p) => {
+            sqlx::query_as(
+                "SELECT id, topic, site, payload, reason FROM dead_letters \
+                 ORDER BY id DESC LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_as(
+                "SELECT id, topic, site, payload, reason FROM dead_letters \
+                 ORDER BY id DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(id, topic, site, payload, reason)| DeadLetter {
+            id,
+            topic,
+            site,
+            payload,
+            reason,
+        })
+        .collect())
+}

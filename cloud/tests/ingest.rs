@@ -1,0 +1,498 @@
+//! Ingest over real parts: the cloud with its embedded rumqttd on free loopback ports, an agent
+//! stand-in publishing over MQTT v3.1.1, and the database (a SQLite file, and PostgreSQL when
+//! `CAUDAL_TEST_DATABASE_URL` is set).
+
+mod support;
+
+use caudal_cloud::Cloud;
+use caudal_cloud::catchment::site;
+use caudal_cloud::telemetry::store;
+use caudal_common::payload::{self, Payload};
+use caudal_common::{AckStatus, Batch, SeqRange, SiteId, Status};
+use std::time::Duration;
+use support::{Agent, TestDb, config, http_get, metric, wait_metric};
+
+const BATCH: &str = include_str!("../../docs/examples/batch.json");
+const STATUS: &str = include_str!("../../docs/examples/status.json");
+
+fn example_batch() -> Batch {
+    payload::decode(BATCH.as_bytes()).expect("the example batch decodes")
+}
+
+async fn start(db: &TestDb) -> Cloud {
+    let cloud = Cloud::start(config(db)).await.expect("cloud starts");
+    wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+    cloud
+}
+
+fn site_id(s: &str) -> SiteId {
+    SiteId::new(s).expect("site id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_is_stored_and_acked_after_commit() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "Pozo Norte")
+            .await
+            .expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        let batch = example_batch();
+        agent.publish(None, BATCH).await;
+        let ack = agent.ack().await;
+        assert_eq!(ack.status, AckStatus::Accepted, "{}", db.name);
+        assert_eq!(ack.batch, batch.batch);
+        assert_eq!(ack.seqs, SeqRange::compact(batch.seqs()));
+        assert_eq!(ack.reason, None);
+
+        // The ack came after the commit: everything it names is already readable.
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!(
+            (counts.readings, counts.events, counts.gaps),
+            (2, 1, 1),
+            "{}",
+            db.name
+        );
+        let stored = store::readings(cloud.db(), &site, 10).await.expect("read");
+        assert_eq!(stored, batch.readings, "{}: readings round-trip", db.name);
+        assert_eq!(
+            stored[0].total_m3.map(f64::to_bits),
+            Some(123456.789012f64.to_bits()),
+            "the totalizer survives bit for bit"
+        );
+        let status = store::site_status(cloud.db(), &site)
+            .await
+            .expect("status")
+            .expect("a batch marks the site as seen");
+        assert!(status.last_seen.is_some());
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_batch_is_stored_once_and_acked_each_time() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        agent.publish(None, BATCH).await;
+        let first = agent.ack().await;
+        agent.publish(None, BATCH).await;
+        let second = agent.ack().await;
+        assert_eq!(
+            first, second,
+            "{}: a re-sent batch gets the same ack",
+            db.name
+        );
+        assert_eq!(second.status, AckStatus::Accepted);
+
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!((counts.readings, counts.events, counts.gaps), (2, 1, 1));
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(
+                http,
+                "caudal_cloud_ingest_records_total{kind=\"reading\",outcome=\"stored\"}"
+            )
+            .await,
+            2.0
+        );
+        assert_eq!(
+            metric(
+                http,
+                "caudal_cloud_ingest_records_total{kind=\"reading\",outcome=\"duplicate\"}"
+            )
+            .await,
+            2.0
+        );
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
+/// The example batch with one field changed through JSON, so the payload stays realistic.
+fn edited(f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_str(BATCH).expect("json");
+    f(&mut v);
+    serde_json::to_vec(&v).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_payloads_are_dead_lettered_and_acked_rejected() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        site::add(cloud.db(), &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        site::add(cloud.db(), &site_id("pozo-viejo"), "")
+            .await
+            .expect("add");
+        site::set_active(cloud.db(), &site_id("pozo-viejo"), false)
+            .await
+            .expect("deactivate");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        // (payload, topic site, expected reason fragment, acked?)
+        let cases: Vec<(Vec<u8>, &str, &str, bool)> = vec![
+            (
+                b"\xff\x00 not json".to_vec(),
+                "pozo-norte",
+                "not a JSON object",
+                false,
+            ),
+            (
+                edited(|v| v["v"] = 2.into()),
+                "pozo-norte",
+                "unsupported schema version 2",
+                true,
+            ),
+            (
+                edited(|v| v["readings"][0]["flow_lps"] = "fast".into()),
+                "pozo-norte",
+                "invalid v1 payload",
+                true,
+            ),
+            (
+                edited(|v| v["site"] = "pozo-sur".into()),
+                "pozo-norte",
+                "payload names site pozo-sur but came on the topic of site pozo-norte",
+                true,
+            ),
+            (
+                edited(|v| v["events"][0]["seq"] = v["readings"][0]["seq"].clone()),
+                "pozo-norte",
+                "appears more than once",
+                true,
+            ),
+            (
+                edited(|v| v["gaps"][0]["from"] = "2027-01-01T00:00:00Z".into()),
+                "pozo-norte",
+                "from is after to",
+                true,
+            ),
+            (
+                edited(|v| v["site"] = "pozo-nuevo".into()),
+                "pozo-nuevo",
+                "site pozo-nuevo is not registered",
+                true,
+            ),
+            (
+                edited(|v| v["site"] = "pozo-viejo".into()),
+                "pozo-viejo",
+                "site pozo-viejo is not active",
+                true,
+            ),
+        ];
+        for (payload, site, reason, acked) in &cases {
+            let mut other;
+            let listener = if *site == "pozo-norte" {
+                &mut agent
+            } else {
+                other = Agent::connect(broker, site, false).await;
+                &mut other
+            };
+            listener.publish(None, payload.clone()).await;
+            if *acked {
+                let ack = listener.ack().await;
+                assert_eq!(ack.status, AckStatus::Rejected, "{}: {reason}", db.name);
+                assert_eq!(ack.batch, "7f3a9c-42");
+                assert!(ack.seqs.is_empty());
+                let got = ack.reason.unwrap_or_default();
+                assert!(
+                    got.contains(reason),
+                    "{}: {got:?} lacks {reason:?}",
+                    db.name
+                );
+            } else {
+                listener.no_ack(Duration::from_millis(500)).await;
+            }
+        }
+
+        // The loop survived all of that: a good batch is still stored.
+        agent.publish(None, BATCH).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Accepted);
+
+        let letters = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(
+            letters.len(),
+            cases.len(),
+            "{}: one dead letter each",
+            db.name
+        );
+        for ((payload, site, reason, _), letter) in cases.iter().zip(letters.iter().rev()) {
+            assert_eq!(&letter.payload, payload, "kept as received");
+            assert_eq!(letter.site.as_deref(), Some(*site));
+            assert_eq!(letter.topic, format!("caudal/v1/{site}/telemetry"));
+            assert!(letter.reason.contains(reason), "{:?}", letter.reason);
+        }
+        let http = cloud.http_addr();
+        for (reason, n) in [
+            ("not_json", 1.0),
+            ("unsupported_version", 1.0),
+            ("invalid", 1.0),
+            ("site_mismatch", 1.0),
+            ("rule", 2.0),
+            ("unknown_site", 1.0),
+            ("inactive_site", 1.0),
+        ] {
+            let line = format!("caudal_cloud_ingest_rejected_total{{reason=\"{reason}\"}}");
+            assert_eq!(metric(http, &line).await, n, "{}: {line}", db.name);
+        }
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_last_will_update_site_status() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let agent = Agent::connect(broker, "pozo-norte", true).await;
+
+        let status: Status = payload::decode(STATUS.as_bytes()).expect("example status");
+        agent.status(&status).await;
+        let online = wait_status(&cloud, &site, true).await;
+        assert_eq!(
+            online.agent_version.as_deref(),
+            Some("0.1.0"),
+            "{}",
+            db.name
+        );
+        assert_eq!(online.config_version.as_deref(), Some("sha256:1c9e0f"));
+        assert_eq!(online.backlog, Some(12));
+        assert_eq!(online.oldest_unsent_age_s, Some(60));
+        let devices = online.devices.clone().expect("devices");
+        assert_eq!(devices["level-1"]["result"], "timeout");
+        let seen = online.last_seen.expect("last seen");
+
+        // Power cut: the broker publishes the agent's last will.
+        agent.kill();
+        let offline = wait_status(&cloud, &site, false).await;
+        assert_eq!(
+            offline.last_seen,
+            Some(seen),
+            "the will is not the agent speaking"
+        );
+        assert_eq!(
+            offline.agent_version.as_deref(),
+            Some("0.1.0"),
+            "last known kept"
+        );
+        assert_eq!(offline.devices, online.devices);
+
+        // A status from an unregistered site is refused like a batch.
+        let stranger = Agent::connect(broker, "pozo-nuevo", false).await;
+        let mut s = status.clone();
+        s.site = site_id("pozo-nuevo");
+        stranger.status(&s).await;
+        wait_metric(
+            cloud.http_addr(),
+            "caudal_cloud_ingest_rejected_total{reason=\"unknown_site\"} 1",
+        )
+        .await;
+        stranger.kill();
+        cloud.stop().await;
+    }
+}
+
+async fn wait_status(cloud: &Cloud, site: &SiteId, online: bool) -> store::SiteStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = store::site_status(cloud.db(), site).await.expect("status")
+            && s.online == online
+            && s.agent_version.is_some()
+        {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site status never became online={online}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_metrics_and_sites_answer() {
+    let db = TestDb::sqlite();
+    let cloud = start(&db).await;
+    site::add(cloud.db(), &site_id("pozo-norte"), "Pozo Norte")
+        .await
+        .expect("add");
+    let http = cloud.http_addr();
+    assert_ne!(http.port(), 0);
+    assert_eq!(http_get(http, "/healthz").await, (200, "ok\n".to_string()));
+    let (code, body) = http_get(http, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("caudal_cloud_info{"), "{body}");
+    assert!(body.contains("caudal_cloud_mqtt_connected 1"), "{body}");
+    let (code, body) = http_get(http, "/api/v1/sites").await;
+    assert_eq!(code, 200);
+    let sites: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(sites[0]["id"], "pozo-norte");
+    assert_eq!(sites[0]["name"], "Pozo Norte");
+    assert_eq!(sites[0]["active"], true);
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_broker_port_is_a_clear_error() {
+    let db = TestDb::sqlite();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut c = config(&db);
+    c.mqtt.embedded.listen = taken.local_addr().expect("addr");
+    let err = Cloud::start(c).await.expect_err("port is taken");
+    let text = err.to_string();
+    assert!(text.contains("mqtt.embedded.listen"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_batch_is_acked_with_no_seqs() {
+    let db = TestDb::sqlite();
+    let cloud = start(&db).await;
+    site::add(cloud.db(), &site_id("pozo-norte"), "")
+        .await
+        .expect("add");
+    let broker = cloud.broker().expect("embedded broker").v4_addr();
+    let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+    let mut b = example_batch();
+    b.readings.clear();
+    b.events.clear();
+    b.gaps.clear();
+    agent.publish(None, b.encode()).await;
+    let ack = agent.ack().await;
+    assert_eq!(ack.status, AckStatus::Accepted);
+    assert!(ack.seqs.is_empty());
+    agent.kill();
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingests_in_one_group_split_the_batches() {
+    let db = TestDb::sqlite();
+    let first = start(&db).await;
+    let mut c = config(&db);
+    c.services = vec!["telemetry".to_string()];
+    c.mqtt.url = Some(format!(
+        "mqtt://{}",
+        first.broker().expect("embedded broker").v5_addr()
+    ));
+    let second = Cloud::start(c).await.expect("second ingest starts");
+    wait_metric(second.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+
+    const SITES: usize = 6;
+    let broker = first.broker().expect("embedded broker").v4_addr();
+    let mut agents = Vec::new();
+    for i in 0..SITES {
+        let name = format!("pozo-{i}");
+        site::add(first.db(), &site_id(&name), "")
+            .await
+            .expect("add");
+        agents.push(Agent::connect(broker, &name, false).await);
+    }
+    for round in 0..2 {
+        for (i, agent) in agents.iter_mut().enumerate() {
+            let payload = edited(|v| {
+                v["site"] = format!("pozo-{i}").into();
+                v["batch"] = format!("b-{round}").into();
+            });
+            agent.publish(None, payload).await;
+            let ack = agent.ack().await;
+            assert_eq!(ack.status, AckStatus::Accepted);
+            assert_eq!(ack.batch, format!("b-{round}"));
+        }
+    }
+    // Each batch went to exactly one member of the group: no second ack.
+    for agent in &mut agents {
+        agent.no_ack(Duration::from_millis(300)).await;
+    }
+    let line = "caudal_cloud_ingest_batches_total{kind=\"accepted\"}";
+    let (a, b) = (
+        metric(first.http_addr(), line).await,
+        metric(second.http_addr(), line).await,
+    );
+    assert_eq!(a + b, (2 * SITES) as f64);
+    assert!(a > 0.0 && b > 0.0, "both ingests took batches: {a} + {b}");
+
+    for agent in agents {
+        agent.kill();
+    }
+    second.stop().await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_sends_no_ack_and_the_ingest_goes_on() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        site::add(cloud.db(), &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        // The readings table disappears: the batch's transaction fails and rolls back.
+        match cloud.db() {
+            caudal_cloud::core::db::Db::Sqlite(p) => sqlx::query("DROP TABLE readings")
+                .execute(p)
+                .await
+                .map(drop),
+            caudal_cloud::core::db::Db::Postgres(p) => sqlx::query("DROP TABLE readings")
+                .execute(p)
+                .await
+                .map(drop),
+        }
+        .expect("drop table");
+        agent.publish(None, BATCH).await;
+        agent.no_ack(Duration::from_millis(1500)).await;
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_store_errors_total").await,
+            1.0,
+            "{}",
+            db.name
+        );
+        let counts = store::record_counts(cloud.db(), &site_id("pozo-norte")).await;
+        assert!(counts.is_err(), "nothing to count without the table");
+        let events: i64 = match cloud.db() {
+            caudal_cloud::core::db::Db::Sqlite(p) => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(p)
+                    .await
+            }
+            caudal_cloud::core::db::Db::Postgres(p) => {
+                sqlx::query_scalar("SELECT count(*) FROM events")
+                    .fetch_one(p)
+                    .await
+            }
+        }
+        .expect("count events");
+        assert_eq!(events, 0, "{}: the whole batch rolled back", db.name);
+
+        // The ingest goes on: a refused batch is still answered.
+        let wrong_version = edited(|v| v["v"] = 2.into());
+        agent.publish(None, wrong_version).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Rejected);
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
