@@ -3,11 +3,14 @@
 //!
 //! See `ARCHITECTURE.md` for the tasks, the channels between them and the durability invariant.
 
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod metrics;
 pub mod modbus;
 pub mod outbox;
+pub mod poller;
 pub mod probe;
 pub mod profile;
 pub mod register;

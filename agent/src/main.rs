@@ -1,5 +1,5 @@
-//! The `caudal-agent` binary: parses the command line and hands over to the library.
+//! The `caudal-agent` binary: everything lives in the library's `cli` module.
 
-fn main() {
-    println!("caudal-agent {}", env!("CARGO_PKG_VERSION"));
+fn main() -> std::process::ExitCode {
+    caudal_agent::cli::main()
 }

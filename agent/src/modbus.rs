@@ -226,7 +226,7 @@ impl BusClient {
             last_exchange: None,
             reconnects: 0,
         };
-        client.ctx = Some(client.open(None).await?);
+        client.ctx = Some(Self::open(bus_name, link, timeout, None).await?);
         Ok(client)
     }
 
@@ -250,21 +250,29 @@ impl BusClient {
         !matches!(self.link, Link::Tcp { .. })
     }
 
-    async fn open(&self, drain: Option<Duration>) -> Result<Context, ModbusError> {
+    // Takes the parts it needs rather than `&self`: the client holds a transport that is
+    // `Send` but not `Sync`, and a borrow of it held across an await would make every poller
+    // future non-`Send`.
+    async fn open(
+        bus: &str,
+        link: &Link,
+        connect_timeout: Duration,
+        drain: Option<Duration>,
+    ) -> Result<Context, ModbusError> {
         let connect_err = |source: io::Error| ModbusError::Connect {
-            bus: self.bus.clone(),
-            target: describe_link(&self.link),
+            bus: bus.to_string(),
+            target: describe_link(link),
             source,
         };
-        match &self.link {
+        match link {
             Link::Tcp { address } => {
-                let stream = tcp_connect(address, self.connect_timeout)
+                let stream = tcp_connect(address, connect_timeout)
                     .await
                     .map_err(connect_err)?;
                 Ok(tokio_modbus::client::tcp::attach(stream))
             }
             Link::RtuOverTcp { address } => {
-                let mut stream = tcp_connect(address, self.connect_timeout)
+                let mut stream = tcp_connect(address, connect_timeout)
                     .await
                     .map_err(connect_err)?;
                 if let Some(quiet) = drain {
@@ -280,7 +288,7 @@ impl BusClient {
                 stop_bits,
             } => {
                 let invalid = |reason: String| ModbusError::InvalidLink {
-                    bus: self.bus.clone(),
+                    bus: bus.to_string(),
                     reason,
                 };
                 let data_bits = match data_bits {
@@ -360,7 +368,8 @@ impl BusClient {
         let mut ctx = match self.ctx.take() {
             Some(ctx) => ctx,
             None => {
-                let ctx = self.open(self.drain).await?;
+                let ctx =
+                    Self::open(&self.bus, &self.link, self.connect_timeout, self.drain).await?;
                 self.drain = None;
                 self.reconnects += 1;
                 ctx

@@ -1,0 +1,342 @@
+//! The running agent: creates every channel and spawns every task, so the whole flow reads in
+//! one place.
+//!
+//! ```text
+//! [bus pollers] --PollOutput (bounded)--> [store] --append--> [outbox thread]
+//! [clock guard] --ClockChange-----------> [clock] --restamp-->      |  watch(committed)
+//! [uplink] <--pending/ack------------------------------------------+
+//! [uplink] --CommandRequest--> [commands] --PollNow--> [bus poller]
+//! ```
+//!
+//! Shutdown order: pollers stop first, the store task commits what they produced, the uplink
+//! publishes its offline status and disconnects, then the outbox closes. Nothing committed is
+//! ever lost by stopping: what is not acknowledged stays in the outbox for the next start.
+
+use crate::clock::{Clock, ClockChange, ClockGuard, SystemTimeSource, TimeSource};
+use crate::config::{AgentConfig, Site};
+use crate::metrics::{self, Metrics};
+use crate::outbox::{Outbox, OutboxError, OutboxHandle, Stamped};
+use crate::poller::{BusPoller, PollNow, PollOutput};
+use crate::uplink::{CommandRequest, Uplink, UplinkError};
+use caudal_common::{CommandKind, CommandResult, DeviceId, Event, EventKind, Reading, Seq};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Most poll outputs waiting for the store task; a full queue makes pollers wait.
+const STORE_QUEUE: usize = 64;
+/// A failed outbox write is retried after this long (the records stay in memory meanwhile and
+/// the pollers wait behind them).
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How long a `poll_now` command may take.
+const POLL_NOW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("system clock: {0}")]
+    Clock(#[from] crate::clock::ClockError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
+    #[error("metrics address {addr:?}: {reason}")]
+    Metrics { addr: String, reason: String },
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    site: Site,
+    config_version: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let metrics = Metrics::new();
+    if let Some(dir) = site.outbox_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+
+    // Clock first: the outbox picks its epoch from whether the clock can be trusted.
+    let source: Arc<dyn TimeSource> = Arc::new(SystemTimeSource::new()?);
+    let (trusted_tx, trusted_rx) = watch::channel(false);
+    let (changes_tx, changes_rx) = mpsc::channel(16);
+    let guard = ClockGuard::new(
+        &config.clock,
+        source.clone(),
+        metrics.clone(),
+        trusted_tx,
+        changes_tx,
+    );
+    let clock = Clock::new(source, trusted_rx.clone());
+
+    let outbox = Outbox::open(&site.outbox_path, &config.outbox, *trusted_rx.borrow())?
+        .with_metrics(metrics.clone());
+    let outbox = OutboxHandle::spawn(outbox)?;
+    let last_readings = last_readings(&outbox).await?;
+    let (started_at, stamp) = clock.stamp();
+    outbox
+        .append(
+            vec![Stamped::new(
+                Event {
+                    seq: Seq(0),
+                    ts: started_at,
+                    device: None,
+                    kind: EventKind::AgentStarted,
+                    message: format!("caudal-agent {} started", env!("CARGO_PKG_VERSION")),
+                    previous: None,
+                    current: None,
+                },
+                stamp,
+            )],
+            vec![],
+        )
+        .await?;
+
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(guard.run(stop.clone().cancelled_owned()));
+
+    // Pollers → store.
+    let (store_tx, store_rx) = mpsc::channel::<PollOutput>(STORE_QUEUE);
+    let (states_tx, states_rx) = watch::channel(BTreeMap::new());
+    let states = Arc::new(states_tx);
+    let poll_stop = CancellationToken::new();
+    let mut pollers = tokio::task::JoinSet::new();
+    let mut routes: BTreeMap<DeviceId, mpsc::Sender<PollNow>> = BTreeMap::new();
+    for bus in site.buses.iter().cloned() {
+        let (req_tx, req_rx) = mpsc::channel(4);
+        for d in &bus.devices {
+            routes.insert(d.id.clone(), req_tx.clone());
+        }
+        let poller = BusPoller::new(
+            bus,
+            store_tx.clone(),
+            states.clone(),
+            clock.clone(),
+            metrics.clone(),
+            req_rx,
+            &last_readings,
+        );
+        pollers.spawn(poller.run(poll_stop.clone().cancelled_owned()));
+    }
+    drop(store_tx);
+    let store = tokio::spawn(store(outbox.clone(), store_rx, metrics.clone()));
+    tasks.spawn(clock_changes(
+        changes_rx,
+        outbox.clone(),
+        clock.clone(),
+        metrics.clone(),
+    ));
+
+    // Commands from the cloud that need a device.
+    let (cmd_tx, cmd_rx) = mpsc::channel::<CommandRequest>(8);
+    tasks.spawn(commands(cmd_rx, routes, site.id.clone()));
+
+    let uplink = Uplink::new(
+        config.uplink.clone(),
+        site.id.clone(),
+        outbox.clone(),
+        states_rx,
+        trusted_rx,
+        cmd_tx,
+        metrics.clone(),
+        (env!("CARGO_PKG_VERSION").to_string(), config_version),
+    )?;
+    let uplink_stop = CancellationToken::new();
+    let uplink = tokio::spawn(uplink.run(uplink_stop.clone().cancelled_owned()));
+
+    let addr = config.metrics.addr().map_err(|e| DaemonError::Metrics {
+        addr: config.metrics.listen.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Some(addr) = addr {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|e| DaemonError::Metrics {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
+        let m = metrics.clone();
+        let s = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = metrics::serve(listener, m, s.cancelled_owned()).await {
+                tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+
+    tracing::info!(
+        site = %site.id,
+        buses = site.buses.len(),
+        devices = site.buses.iter().map(|b| b.devices.len()).sum::<usize>(),
+        outbox = %site.outbox_path.display(),
+        "agent running"
+    );
+    shutdown.await;
+    tracing::info!("shutting down");
+
+    poll_stop.cancel();
+    while pollers.join_next().await.is_some() {}
+    // The pollers' senders are gone: the store task commits what is queued and ends.
+    let _ = store.await;
+    uplink_stop.cancel();
+    match uplink.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "uplink stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "uplink task failed"),
+        Ok(Ok(())) => {}
+    }
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    outbox.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The last reading of each device, kept by the outbox, to seed validation.
+async fn last_readings(outbox: &OutboxHandle) -> Result<BTreeMap<DeviceId, Reading>, OutboxError> {
+    let mut out = BTreeMap::new();
+    for row in outbox.device_status().await? {
+        if let Some(json) = row.last_reading {
+            match serde_json::from_str::<Reading>(&json) {
+                Ok(r) => {
+                    out.insert(row.device, r);
+                }
+                Err(e) => {
+                    tracing::warn!(device = %row.device, error = %e, "stored last reading unreadable; validation starts fresh")
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Commits poll outputs, grouping whatever is queued into one append. A failed write is retried
+/// (the pollers wait behind it) rather than dropped: these readings exist nowhere else.
+async fn store(outbox: OutboxHandle, mut rx: mpsc::Receiver<PollOutput>, metrics: Arc<Metrics>) {
+    let mut buf = Vec::new();
+    while rx.recv_many(&mut buf, STORE_QUEUE).await > 0 {
+        let mut records = Vec::new();
+        let mut statuses = Vec::new();
+        for out in buf.drain(..) {
+            records.extend(out.records);
+            statuses.push(out.status);
+        }
+        loop {
+            match outbox.append(records.clone(), statuses.clone()).await {
+                Ok(_) => break,
+                Err(OutboxError::Stopped) => {
+                    tracing::error!(
+                        records = records.len(),
+                        "outbox stopped; readings not stored"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    metrics
+                        .store_errors
+                        .get_or_create(&Metrics::kind("append"))
+                        .inc();
+                    tracing::error!(error = %e, records = records.len(), "storing readings failed; retrying");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        }
+    }
+}
+
+/// Re-stamps held readings when the clock becomes trustworthy and records clock events.
+async fn clock_changes(
+    mut rx: mpsc::Receiver<ClockChange>,
+    outbox: OutboxHandle,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(change) = rx.recv().await {
+        let mut event = change.event();
+        if let ClockChange::Trusted {
+            boot_id,
+            wall_minus_boottime_ms,
+            ..
+        } = &change
+        {
+            match outbox.restamp(boot_id, *wall_minus_boottime_ms).await {
+                Ok(r) => {
+                    metrics.restamped.inc_by(r.restamped);
+                    tracing::info!(
+                        restamped = r.restamped,
+                        time_unknown = r.time_unknown,
+                        "clock trusted; held records released"
+                    );
+                    event.current = Some(r.restamped as f64);
+                }
+                Err(e) => tracing::error!(error = %e, "re-stamping held records failed"),
+            }
+        }
+        let (_, stamp) = clock.stamp();
+        if let Err(e) = outbox
+            .append(vec![Stamped::new(event, stamp)], vec![])
+            .await
+        {
+            tracing::warn!(error = %e, "clock event not stored");
+        }
+    }
+}
+
+/// Serves commands that need a device (`poll_now`) by routing them to the device's bus.
+async fn commands(
+    mut rx: mpsc::Receiver<CommandRequest>,
+    routes: BTreeMap<DeviceId, mpsc::Sender<PollNow>>,
+    site: caudal_common::SiteId,
+) {
+    while let Some(req) = rx.recv().await {
+        let id = req.command.id.clone();
+        let result = match &req.command.kind {
+            CommandKind::PollNow { device } => match routes.get(device) {
+                None => Err(format!("no device {device} on this site")),
+                Some(bus) => {
+                    let (reply, answer) = oneshot::channel();
+                    let asked = bus
+                        .send(PollNow {
+                            device: device.clone(),
+                            reply,
+                        })
+                        .await;
+                    match asked {
+                        Err(_) => Err(format!("the bus of device {device} is not running")),
+                        Ok(()) => match tokio::time::timeout(POLL_NOW_TIMEOUT, answer).await {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(_)) => Err("the bus poller dropped the request".into()),
+                            Err(_) => {
+                                Err(format!("no answer within {} s", POLL_NOW_TIMEOUT.as_secs()))
+                            }
+                        },
+                    }
+                }
+            },
+            other => Err(format!("command {other:?} is not handled here")),
+        };
+        let (ok, output, error) = match result {
+            Ok(v) => (true, v, None),
+            Err(e) => (false, serde_json::Value::Null, Some(e)),
+        };
+        let _ = req.reply.send(CommandResult {
+            v: caudal_common::SCHEMA_VERSION,
+            site: site.clone(),
+            id,
+            ok,
+            output,
+            error,
+        });
+    }
+}

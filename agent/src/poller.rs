@@ -1,0 +1,514 @@
+//! The bus scheduler: one task per physical bus polls its devices, one at a time.
+//!
+//! Devices on one RS-485 line share the wire, so a bus task sends one request, waits for the
+//! answer (or the device's timeout), keeps the configured inter-frame gap, and only then talks
+//! to the next device. Separate buses have separate tasks and run in parallel.
+//!
+//! Polls align to the wall clock: a device with a 60 s period is read at :00 of every minute,
+//! so readings of different devices and sites line up. A device that stops answering is backed
+//! off (its period doubles up to a cap) and, while failing, gets a single attempt per slot: it
+//! never delays the devices behind it by more than its own timeout. The link itself (TCP
+//! connection, serial port) is re-opened on the next poll after it fails.
+//!
+//! Each poll produces a [`PollOutput`] for the store task: the reading (with the validator's
+//! flags), any events, and the device's status row. The output channel is bounded: when the
+//! outbox cannot keep up the bus task waits, so polls slip rather than readings being dropped.
+
+use crate::clock::Clock;
+use crate::config::{Bus, Device};
+use crate::metrics::{Metrics, PollLabels};
+use crate::modbus::{BusClient, ModbusError};
+use crate::outbox::{ClockStamp, DeviceStatusRow, Stamped};
+use crate::register::{Channel, ReadBlock, assemble, plan_reads};
+use crate::validation::{Sample, Validator};
+use caudal_common::{DeviceId, DeviceState, Event, EventKind, Flag, Gap, GapCause, Reading, Seq};
+use chrono::{DateTime, TimeDelta, Utc};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Consecutive failed polls after which a device is reported unreachable (event) and, when it
+/// answers again, a `device_unreachable` gap covers the time it was silent.
+pub const UNREACHABLE_AFTER: u32 = 3;
+/// Longest back-off for a device that does not answer, unless its period is longer.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What one poll of one device produced, for the store task.
+#[derive(Debug)]
+pub struct PollOutput {
+    pub records: Vec<Stamped>,
+    pub status: DeviceStatusRow,
+}
+
+/// A request to poll one device now (the `poll_now` command).
+#[derive(Debug)]
+pub struct PollNow {
+    pub device: DeviceId,
+    /// The decoded reading as JSON, or the error.
+    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
+}
+
+/// Device states shared with the uplink's status.
+pub type DeviceStates = watch::Sender<BTreeMap<String, DeviceState>>;
+
+struct DeviceRun {
+    device: Device,
+    blocks: Vec<ReadBlock>,
+    validator: Validator,
+    next_due: DateTime<Utc>,
+    failures: u32,
+    /// Timestamp of the first failed poll of the current failure streak.
+    failing_since: Option<DateTime<Utc>>,
+    last_failed: Option<DateTime<Utc>>,
+}
+
+/// The scheduler of one bus.
+pub struct BusPoller {
+    bus: Bus,
+    client: Option<BusClient>,
+    devices: Vec<DeviceRun>,
+    out: mpsc::Sender<PollOutput>,
+    states: Arc<DeviceStates>,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    requests: mpsc::Receiver<PollNow>,
+}
+
+/// How one device poll ended.
+enum Outcome {
+    /// At least one channel was read.
+    Read {
+        reading: Reading,
+        events: Vec<Event>,
+    },
+    /// Nothing could be read: the failure kind (`timeout`, `exception`, ...) and its message.
+    Failed { kind: &'static str, message: String },
+}
+
+impl BusPoller {
+    /// `last_readings` seeds each device's validator with the last reading the outbox kept, so a
+    /// totalizer reset across an agent restart is still noticed.
+    pub fn new(
+        bus: Bus,
+        out: mpsc::Sender<PollOutput>,
+        states: Arc<DeviceStates>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        requests: mpsc::Receiver<PollNow>,
+        last_readings: &BTreeMap<DeviceId, Reading>,
+    ) -> BusPoller {
+        let now = Utc::now();
+        let devices = bus
+            .devices
+            .iter()
+            .map(|d| {
+                let mut validator = Validator::new(d.id.clone(), d.limits.clone(), rollover_m3(d));
+                if let Some(r) = last_readings.get(&d.id) {
+                    if let Err(e) = validator.seed(r) {
+                        tracing::warn!(device = %d.id, error = %e, "last reading not used to seed validation");
+                    }
+                }
+                DeviceRun {
+                    blocks: plan_reads(&d.points, d.max_regs_per_read),
+                    validator,
+                    next_due: next_aligned(now, d.period),
+                    failures: 0,
+                    failing_since: None,
+                    last_failed: None,
+                    device: d.clone(),
+                }
+            })
+            .collect();
+        BusPoller {
+            bus,
+            client: None,
+            devices,
+            out,
+            states,
+            clock,
+            metrics,
+            requests,
+        }
+    }
+
+    /// Polls until `shutdown` resolves. Returns early only if the store task is gone.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        tracing::info!(bus = %self.bus.name, devices = self.devices.len(), "bus poller started");
+        loop {
+            let now = Utc::now();
+            self.repair_schedule(now);
+            let Some(due) = self.devices.iter().map(|d| d.next_due).min() else {
+                // A bus without devices: nothing to do but wait for shutdown.
+                (&mut shutdown).await;
+                return;
+            };
+            if due > now {
+                let wait = (due - now).to_std().unwrap_or_default();
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                    Some(req) = self.requests.recv() => {
+                        if !self.poll_now(req).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let mut order: Vec<usize> = (0..self.devices.len())
+                .filter(|&i| self.devices[i].next_due <= now)
+                .collect();
+            order.sort_by_key(|&i| self.devices[i].next_due);
+            for i in order {
+                let output = self.poll_device(i).await;
+                let run = &mut self.devices[i];
+                let after = Utc::now();
+                run.next_due = if run.failures == 0 {
+                    next_aligned(after, run.device.period)
+                } else {
+                    next_aligned(
+                        after + backoff(run.device.period, run.failures),
+                        run.device.period,
+                    )
+                };
+                if self.out.send(output).await.is_err() {
+                    tracing::warn!(bus = %self.bus.name, "store task stopped; bus poller exits");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles a `poll_now` request; `false` when the store task is gone.
+    async fn poll_now(&mut self, req: PollNow) -> bool {
+        let Some(i) = self.devices.iter().position(|d| d.device.id == req.device) else {
+            let _ = req.reply.send(Err(format!(
+                "device {} is not on bus {}",
+                req.device, self.bus.name
+            )));
+            return true;
+        };
+        let output = self.poll_device(i).await;
+        let answer = match &output.status.last_reading {
+            Some(json) => serde_json::from_str(json).map_err(|e| e.to_string()),
+            None => Err(output
+                .status
+                .last_error
+                .clone()
+                .unwrap_or_else(|| output.status.result.clone())),
+        };
+        let _ = req.reply.send(answer);
+        self.out.send(output).await.is_ok()
+    }
+
+    /// A clock step (NTP correcting a 1970 boot, or a step backwards) leaves due times far from
+    /// now; put them back on the grid.
+    fn repair_schedule(&mut self, now: DateTime<Utc>) {
+        for d in &mut self.devices {
+            let period = TimeDelta::from_std(d.device.period).unwrap_or(TimeDelta::MAX);
+            let horizon = TimeDelta::from_std(backoff(d.device.period, d.failures.max(1)))
+                .unwrap_or(TimeDelta::MAX)
+                + period;
+            if d.next_due - now > horizon {
+                d.next_due = next_aligned(now, d.device.period);
+            }
+        }
+    }
+
+    async fn poll_device(&mut self, i: usize) -> PollOutput {
+        let started = Instant::now();
+        let (ts, stamp) = self.clock.stamp();
+        let outcome = self.read_device(i, ts, &stamp).await;
+        let elapsed = started.elapsed();
+        self.metrics.poll_duration.observe(elapsed.as_secs_f64());
+
+        let bus = self.bus.name.clone();
+        let run = &mut self.devices[i];
+        let device = run.device.id.clone();
+        let mut records = Vec::new();
+        let (result, last_error, last_reading) = match outcome {
+            Outcome::Read { reading, events } => {
+                if run.failures >= UNREACHABLE_AFTER {
+                    let from = run.failing_since.unwrap_or(ts);
+                    let to = run.last_failed.unwrap_or(ts);
+                    tracing::info!(%bus, %device, failures = run.failures, "device answers again");
+                    records.push(Stamped::new(
+                        event(
+                            &device,
+                            ts,
+                            EventKind::DeviceRecovered,
+                            format!(
+                                "device {device} on bus {bus} answers again after {} failed polls",
+                                run.failures
+                            ),
+                        ),
+                        stamp.clone(),
+                    ));
+                    records.push(Stamped::new(
+                        Gap {
+                            seq: Seq(0),
+                            device: Some(device.clone()),
+                            from,
+                            to,
+                            seqs: None,
+                            count: u64::from(run.failures),
+                            cause: GapCause::DeviceUnreachable,
+                        },
+                        stamp.clone(),
+                    ));
+                }
+                run.failures = 0;
+                run.failing_since = None;
+                run.last_failed = None;
+                let json = serde_json::to_string(&reading).ok();
+                records.push(Stamped::new(reading, stamp.clone()));
+                for e in events {
+                    records.push(Stamped::new(e, stamp.clone()));
+                }
+                ("ok".to_string(), None, json)
+            }
+            Outcome::Failed { kind, message } => {
+                run.failures = run.failures.saturating_add(1);
+                run.failing_since.get_or_insert(ts);
+                run.last_failed = Some(ts);
+                if run.failures == UNREACHABLE_AFTER {
+                    tracing::warn!(%bus, %device, error = %message, "device unreachable; backing off");
+                    records.push(Stamped::new(
+                        event(&device, ts, EventKind::DeviceUnreachable, message.clone()),
+                        stamp.clone(),
+                    ));
+                } else {
+                    tracing::debug!(%bus, %device, error = %message, failures = run.failures, "poll failed");
+                }
+                (kind.to_string(), Some(message), None)
+            }
+        };
+        self.metrics
+            .polls
+            .get_or_create(&PollLabels {
+                bus: bus.clone(),
+                device: device.to_string(),
+                result: result.clone(),
+            })
+            .inc();
+        let failures = run.failures;
+        self.states.send_modify(|m| {
+            m.insert(
+                device.to_string(),
+                DeviceState {
+                    last_poll: Some(ts),
+                    result: result.clone(),
+                    last_error: last_error.clone(),
+                    consecutive_failures: failures,
+                },
+            );
+        });
+        PollOutput {
+            records,
+            status: DeviceStatusRow {
+                device,
+                bus,
+                last_poll: ts,
+                result,
+                last_error,
+                consecutive_failures: failures,
+                last_reading,
+            },
+        }
+    }
+
+    /// Reads every block of a device. A healthy device gets its configured retries per block; a
+    /// failing one gets a single attempt, and the first block that times out ends the poll, so
+    /// a dead device costs the bus at most one timeout.
+    async fn read_device(&mut self, i: usize, ts: DateTime<Utc>, stamp: &ClockStamp) -> Outcome {
+        let run = &self.devices[i];
+        let device = run.device.clone();
+        let blocks = run.blocks.clone();
+        let attempts = if run.failures == 0 {
+            device.retries + 1
+        } else {
+            1
+        };
+        let mut replies: Vec<Option<Vec<u16>>> = Vec::with_capacity(blocks.len());
+        let mut first_error: Option<ModbusError> = None;
+        for block in &blocks {
+            let mut reply = None;
+            for _ in 0..attempts {
+                match self.read_block(&device, block).await {
+                    Ok(regs) => {
+                        reply = Some(regs);
+                        break;
+                    }
+                    Err(e) => {
+                        let give_up = e.is_link_down();
+                        first_error.get_or_insert(e);
+                        if give_up {
+                            break;
+                        }
+                    }
+                }
+            }
+            let silent = reply.is_none()
+                && first_error
+                    .as_ref()
+                    .is_some_and(|e| e.kind() == "timeout" || e.is_link_down());
+            replies.push(reply);
+            if silent {
+                // Not answering at all: the remaining blocks would time out too.
+                break;
+            }
+        }
+        let words = assemble(device.points.len(), &blocks, &replies);
+        let mut values: Vec<(Channel, f64)> = Vec::new();
+        let mut missing: Vec<Channel> = Vec::new();
+        for (point, w) in device.points.iter().zip(words) {
+            match w.map(|w| point.decode(&w)) {
+                Some(Ok(v)) => values.push((point.channel.clone(), v)),
+                Some(Err(e)) => {
+                    tracing::warn!(bus = %self.bus.name, device = %device.id, error = %e, "register decode failed");
+                    missing.push(point.channel.clone());
+                }
+                None => missing.push(point.channel.clone()),
+            }
+        }
+        if values.is_empty() {
+            return match first_error {
+                Some(e) => Outcome::Failed {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                },
+                None => Outcome::Failed {
+                    kind: "bad_frame",
+                    message: format!(
+                        "bus {} device {} (unit {}): no register decoded",
+                        self.bus.name, device.id, device.unit
+                    ),
+                },
+            };
+        }
+        let run = &mut self.devices[i];
+        let verdict = run.validator.check(Sample {
+            ts,
+            boottime_ms: Some(stamp.boottime_ms),
+            values,
+            missing,
+        });
+        verdict.count(&device.id, &self.metrics);
+        let (mut reading, events) = verdict.into_records(&device.id, ts);
+        if !stamp.trusted {
+            reading.q.set(Flag::ClockUnsynced);
+        }
+        Outcome::Read { reading, events }
+    }
+
+    /// Reads one block. The client is opened on first use and then kept: it re-opens its own
+    /// transport after a failure and keeps the bus's inter-frame gap between exchanges.
+    async fn read_block(
+        &mut self,
+        device: &Device,
+        block: &ReadBlock,
+    ) -> Result<Vec<u16>, ModbusError> {
+        let client = match &mut self.client {
+            Some(c) => c,
+            None => {
+                let mut c =
+                    BusClient::connect(&self.bus.name, &self.bus.link, device.timeout).await?;
+                c.set_inter_frame_gap(self.bus.inter_frame_gap);
+                self.client.insert(c)
+            }
+        };
+        client
+            .read(
+                device.unit,
+                block.fc,
+                block.address,
+                block.count,
+                device.timeout,
+            )
+            .await
+    }
+}
+
+fn event(device: &DeviceId, ts: DateTime<Utc>, kind: EventKind, message: String) -> Event {
+    Event {
+        seq: Seq(0),
+        ts,
+        device: Some(device.clone()),
+        kind,
+        message,
+        previous: None,
+        current: None,
+    }
+}
+
+/// The totalizer's wrap value in m³, when its profile says where the register wraps.
+fn rollover_m3(d: &Device) -> Option<f64> {
+    d.points
+        .iter()
+        .find(|p| p.channel == Channel::Total)
+        .and_then(|p| p.rollover_at.map(|r| p.unit.to_canonical(r)))
+}
+
+/// The first multiple of `period` (since the Unix epoch) strictly after `now`.
+pub fn next_aligned(now: DateTime<Utc>, period: Duration) -> DateTime<Utc> {
+    let p = i64::try_from(period.as_millis()).unwrap_or(i64::MAX).max(1);
+    let ms = now.timestamp_millis();
+    let next = (ms.div_euclid(p) + 1).saturating_mul(p);
+    DateTime::from_timestamp_millis(next).unwrap_or(now)
+}
+
+/// How long a device that failed `failures` polls in a row waits: its period doubled per
+/// failure, capped at [`MAX_BACKOFF`] (or the period itself when that is longer).
+pub fn backoff(period: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let doubled = period.saturating_mul(1u32 << (failures - 1).min(16));
+    doubled.min(MAX_BACKOFF.max(period))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32, s: u32, ms: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, h, m, s)
+            .single()
+            .expect("valid")
+            + TimeDelta::milliseconds(i64::from(ms))
+    }
+
+    #[test]
+    fn polls_align_to_wall_clock_boundaries() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(next_aligned(at(19, 0, 17, 250), minute), at(19, 1, 0, 0));
+        assert_eq!(
+            next_aligned(at(19, 0, 0, 0), minute),
+            at(19, 1, 0, 0),
+            "strictly after"
+        );
+        assert_eq!(
+            next_aligned(at(19, 0, 0, 999), Duration::from_secs(1)),
+            at(19, 0, 1, 0)
+        );
+        assert_eq!(
+            next_aligned(at(19, 7, 3, 0), Duration::from_secs(900)),
+            at(19, 15, 0, 0)
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let p = Duration::from_secs(60);
+        assert_eq!(backoff(p, 0), Duration::ZERO);
+        assert_eq!(backoff(p, 1), p);
+        assert_eq!(backoff(p, 2), 2 * p);
+        assert_eq!(backoff(p, 3), 4 * p);
+        assert_eq!(backoff(p, 30), MAX_BACKOFF);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(backoff(hour, 9), hour, "a long period is its own cap");
+    }
+}
