@@ -356,8 +356,20 @@ impl Outbox {
                 }
                 stored[r.kind as usize] += 1;
             }
+            // A status row's last reading was encoded before its seq existed; keep the stored
+            // JSON of that device's newest reading in this append instead, seq included.
+            let stored_reading: std::collections::HashMap<&str, &str> = rows
+                .iter()
+                .filter(|r| r.kind == RecordKind::Reading)
+                .filter_map(|r| Some((r.device.as_deref()?, r.json.as_str())))
+                .collect();
             let mut upsert = tx.prepare_cached(UPSERT_DEVICE)?;
             for d in groups.iter().flat_map(|g| &g.1) {
+                let last_reading = d.last_reading.as_ref().map(|given| {
+                    stored_reading
+                        .get(d.device.as_str())
+                        .map_or(given.as_str(), |j| *j)
+                });
                 upsert.execute(params![
                     d.device.as_str(),
                     d.bus,
@@ -365,7 +377,7 @@ impl Outbox {
                     d.result,
                     d.last_error,
                     i64::from(d.consecutive_failures),
-                    d.last_reading,
+                    last_reading,
                 ])?;
             }
         }
