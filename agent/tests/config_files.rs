@@ -92,12 +92,18 @@ fn every_agent_config_file_loads_and_resolves() {
     // `config/` also holds the cloud's example (`cloud*.toml`), parsed by the cloud's tests.
     let files: Vec<PathBuf> = toml_files(&config_dir())
         .into_iter()
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("agent")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("agent"))
+        })
         .collect();
     let others: Vec<_> = toml_files(&config_dir())
         .into_iter()
         .filter(|p| !files.contains(p))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cloud")))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cloud"))
+        })
         .collect();
     assert!(others.is_empty(), "config files nobody parses: {others:?}");
     let names: Vec<_> = files.iter().map(|p| p.file_name().unwrap()).collect();
