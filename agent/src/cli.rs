@@ -436,17 +436,28 @@ fn config_version(path: &Path) -> String {
 }
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+///
+/// The handlers are installed when this is called (inside the runtime, before the agent starts
+/// opening its outbox), not when the future is first polled: a signal that arrives while the
+/// agent is still starting then stops it cleanly once it runs, instead of killing it with the
+/// signal's default action. A handler that cannot be installed leaves its signal's default
+/// action in place.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn received(s: Option<Signal>) {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
             }
+            None => std::future::pending().await,
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            _ = received(term) => {}
+            _ = received(int) => {}
         }
     }
 }

@@ -3,114 +3,128 @@
 //! broker outages, misbehaving acks, refused credentials, mutual TLS, commands, retained status
 //! and last will.
 //!
-//! The outbox here is `MemorySpool`, an in-memory stand-in for the `Spool` seam used only until
-//! the SQLite outbox is merged; the end-to-end scenarios in `tests/` use the real one.
+//! The outbox is the agent's real SQLite outbox in a tempdir: the test appends records through
+//! the same `OutboxHandle` the uplink reads and acknowledges through, and reads the file to see
+//! what is left.
 
-use caudal_agent::config::{Secret, UplinkConfig};
+use caudal_agent::config::{OutboxConfig, Secret, Synchronous, UplinkConfig};
 use caudal_agent::metrics::Metrics;
-use caudal_agent::outbox::{OutboxError, Pending, Spool, SpoolState, Stats};
+use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
 use caudal_agent::uplink::{CommandRequest, Uplink, UplinkError};
-use caudal_common::payload::{Payload, RecordKind, decode};
+use caudal_common::payload::{Payload, decode};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{
     Command, CommandKind, CommandResult, DesiredConfig, DeviceId, DeviceState, Reading,
-    SCHEMA_VERSION, Seq, SeqRange, SiteId, Status,
+    SCHEMA_VERSION, Seq, SiteId, Status,
 };
 use caudal_tests::broker::{Broker, BrokerOptions, BrokerTls};
 use caudal_tests::receiver::{AckMode, Receiver};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rusqlite::{Connection, OpenFlags};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-// ---- MemorySpool: test double of the Spool seam (until the SQLite outbox is merged) ----
+// ---- TestOutbox: the real SQLite outbox in a tempdir, driven from the test ----
 
-#[derive(Debug, Default)]
-struct Inner {
-    records: BTreeMap<Seq, Pending>,
-    /// Committed but not sendable yet (the outbox holds records back until the clock is trusted).
-    held: BTreeSet<Seq>,
-    counter: u32,
-}
+/// Boot id of the records a test commits as taken under an untrusted clock.
+const HELD_BOOT: &str = "boot-held";
 
-/// An outbox in memory: commit assigns seqs, `ack` deletes exactly the listed ranges.
+/// The agent's real outbox on a file of its own: the test appends records through the
+/// [`OutboxHandle`] the uplink reads from, and reads the file to see what is left.
 #[derive(Clone, Debug)]
-struct MemorySpool {
-    inner: Arc<Mutex<Inner>>,
-    state: Arc<watch::Sender<SpoolState>>,
+struct TestOutbox {
+    handle: OutboxHandle,
+    path: PathBuf,
+    /// Readings appended so far, to give each a different totalizer.
+    appended: Arc<AtomicU64>,
+    _dir: Arc<tempfile::TempDir>,
 }
 
-const EPOCH: u32 = 77;
-
-impl MemorySpool {
-    fn new() -> MemorySpool {
-        MemorySpool {
-            inner: Arc::default(),
-            state: Arc::new(watch::channel(SpoolState::default()).0),
+impl TestOutbox {
+    fn new() -> TestOutbox {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let config = OutboxConfig {
+            path: None,
+            disk_budget_mb: 64,
+            synchronous: Synchronous::Normal,
+            commit_interval_ms: 0,
+        };
+        let outbox = Outbox::open(&path, &config, true).unwrap();
+        TestOutbox {
+            handle: OutboxHandle::spawn(outbox).unwrap(),
+            path,
+            appended: Arc::default(),
+            _dir: Arc::new(dir),
         }
+    }
+
+    /// Commits `n` readings taken under `clock` in one append and returns their seqs.
+    async fn append(&self, n: usize, clock: ClockStamp) -> Vec<Seq> {
+        let first = self.appended.fetch_add(n as u64, Ordering::Relaxed);
+        let records = (0..n as u64)
+            .map(|i| {
+                let reading = Reading {
+                    seq: Seq(0),
+                    device: DeviceId::new("fm1").unwrap(),
+                    ts: chrono::Utc::now(),
+                    q: Default::default(),
+                    flow_lps: Some(12.5),
+                    total_m3: Some((first + i + 1) as f64 * 0.1),
+                    level_m: None,
+                    extra: BTreeMap::new(),
+                };
+                Stamped::new(reading, clock.clone())
+            })
+            .collect();
+        self.handle.append(records, vec![]).await.unwrap()
     }
 
     /// Commits `n` readings and returns their seqs.
-    fn commit(&self, n: usize) -> Vec<Seq> {
-        let mut inner = self.inner.lock().unwrap();
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            inner.counter += 1;
-            let seq = Seq::new(EPOCH, inner.counter);
-            let reading = Reading {
-                seq,
-                device: DeviceId::new("fm1").unwrap(),
-                ts: chrono::Utc::now(),
-                q: Default::default(),
-                flow_lps: Some(12.5),
-                total_m3: Some(f64::from(inner.counter) * 0.1),
-                level_m: None,
-                extra: BTreeMap::new(),
-            };
-            inner.records.insert(
-                seq,
-                Pending {
-                    seq,
-                    kind: RecordKind::Reading,
-                    json: serde_json::to_string(&reading).unwrap(),
-                    ts: reading.ts,
-                },
-            );
-            out.push(seq);
-        }
-        drop(inner);
-        if let Some(last) = out.last() {
-            let last = *last;
-            self.state.send_modify(|s| s.committed = last);
-        }
-        out
+    async fn commit(&self, n: usize) -> Vec<Seq> {
+        let clock = ClockStamp {
+            trusted: true,
+            boot_id: "boot-now".into(),
+            boottime_ms: 1_000,
+        };
+        self.append(n, clock).await
     }
 
-    /// Commits `n` readings that are held back until [`MemorySpool::release`].
-    fn commit_held(&self, n: usize) -> Vec<Seq> {
-        let seqs = self.commit(n);
-        self.inner.lock().unwrap().held.extend(seqs.iter().copied());
-        seqs
+    /// Commits `n` readings taken under an untrusted clock: the outbox holds them back until
+    /// [`TestOutbox::release`].
+    async fn commit_held(&self, n: usize) -> Vec<Seq> {
+        let clock = ClockStamp {
+            trusted: false,
+            boot_id: HELD_BOOT.into(),
+            boottime_ms: 1_000,
+        };
+        self.append(n, clock).await
     }
 
-    /// Makes the held records sendable and asks the uplink to rescan, as the outbox does when
-    /// the clock becomes trusted.
-    fn release(&self) {
-        self.inner.lock().unwrap().held.clear();
-        self.state.send_modify(|s| s.generation += 1);
+    /// The clock became trusted: the outbox re-stamps the held records, makes them sendable and
+    /// tells the uplink to rescan.
+    async fn release(&self) {
+        let offset = chrono::Utc::now().timestamp_millis() - 2_000;
+        let r = self.handle.restamp(HELD_BOOT, offset).await.unwrap();
+        assert!(r.released() > 0, "records were held: {r:?}");
     }
 
+    /// The seqs still in the outbox file, sendable or held.
     fn remaining(&self) -> BTreeSet<u64> {
-        self.inner
-            .lock()
+        let conn =
+            Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let mut st = conn
+            .prepare("SELECT seq FROM records UNION ALL SELECT seq FROM held")
+            .unwrap();
+        st.query_map([], |r| r.get::<_, i64>(0))
             .unwrap()
-            .records
-            .keys()
-            .map(|s| s.0)
+            .map(|s| s.unwrap() as u64)
             .collect()
     }
 
@@ -124,57 +138,6 @@ impl MemorySpool {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-impl Spool for MemorySpool {
-    async fn pending(
-        &self,
-        after: Seq,
-        upto: Option<Seq>,
-        limit: usize,
-    ) -> Result<Vec<Pending>, OutboxError> {
-        let inner = self.inner.lock().unwrap();
-        Ok(inner
-            .records
-            .range(Seq(after.0 + 1)..)
-            .take_while(|(s, _)| upto.is_none_or(|u| **s <= u))
-            .filter(|(s, _)| !inner.held.contains(s))
-            .take(limit)
-            .map(|(_, p)| p.clone())
-            .collect())
-    }
-
-    async fn ack(&self, ranges: Vec<SeqRange>) -> Result<u64, OutboxError> {
-        let mut inner = self.inner.lock().unwrap();
-        let mut n = 0;
-        for r in ranges {
-            let doomed: Vec<Seq> = inner
-                .records
-                .range(r.from..=r.to)
-                .map(|(s, _)| *s)
-                .collect();
-            for s in doomed {
-                inner.records.remove(&s);
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    async fn stats(&self) -> Result<Stats, OutboxError> {
-        let inner = self.inner.lock().unwrap();
-        Ok(Stats {
-            backlog: inner.records.len() as u64,
-            oldest: inner.records.values().next().map(|p| p.ts),
-            bytes: inner.records.values().map(|p| p.json.len() as u64).sum(),
-            evicted_total: 0,
-            held: 0,
-        })
-    }
-
-    fn watch(&self) -> watch::Receiver<SpoolState> {
-        self.state.subscribe()
     }
 }
 
@@ -216,7 +179,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(cfg: UplinkConfig, spool: MemorySpool) -> Agent {
+    fn start(cfg: UplinkConfig, spool: TestOutbox) -> Agent {
         let metrics = Metrics::new();
         let devices = BTreeMap::from([(
             "fm1".to_string(),
@@ -233,7 +196,7 @@ impl Agent {
         let uplink = Uplink::new(
             cfg,
             site(),
-            spool.clone(),
+            spool.handle.clone(),
             devices_rx,
             clock_rx,
             cmd_tx,
@@ -391,11 +354,11 @@ async fn next_publish(rx: &mut mpsc::Receiver<rumqttc::Publish>) -> rumqttc::Pub
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_arrives_is_acknowledged_and_only_then_deleted() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
-    let mut all = spool.commit(1000);
+    let spool = TestOutbox::new();
+    let mut all = spool.commit(1000).await;
     let agent = Agent::start(config(&c.broker.url()), spool.clone());
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
-    all.extend(spool.commit(150));
+    all.extend(spool.commit(150).await);
 
     spool.wait_empty(Duration::from_secs(20)).await;
     assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), u64s(&all));
@@ -427,8 +390,8 @@ async fn every_record_arrives_is_acknowledged_and_only_then_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_records_overtake_the_backlog_which_drains_at_its_rate() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
-    let backlog = spool.commit(2000);
+    let spool = TestOutbox::new();
+    let backlog = spool.commit(2000).await;
     let rate = 1000.0;
     let mut cfg = config(&c.broker.url());
     cfg.backlog_rate = 1000;
@@ -437,7 +400,7 @@ async fn live_records_overtake_the_backlog_which_drains_at_its_rate() {
         .wait_stored(1, Duration::from_secs(10))
         .await
         .unwrap();
-    let live = spool.commit(5);
+    let live = spool.commit(5).await;
     spool.wait_empty(Duration::from_secs(20)).await;
 
     let arrivals = c.receiver.arrivals();
@@ -476,8 +439,8 @@ async fn live_records_overtake_the_backlog_which_drains_at_its_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_mid_stream_loses_nothing() {
     let mut c = cloud().await;
-    let spool = MemorySpool::new();
-    let all = Arc::new(Mutex::new(spool.commit(500)));
+    let spool = TestOutbox::new();
+    let all = Arc::new(Mutex::new(spool.commit(500).await));
     let mut cfg = config(&c.broker.url());
     cfg.backlog_rate = 300;
     let agent = Agent::start(cfg, spool.clone());
@@ -488,7 +451,7 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
         let all = all.clone();
         tokio::spawn(async move {
             for _ in 0..60 {
-                let s = spool.commit(10);
+                let s = spool.commit(10).await;
                 all.lock().unwrap().extend(s);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -521,9 +484,9 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_released_by_the_outbox_are_sent_after_a_rescan() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
-    let held = spool.commit_held(5);
-    let free = spool.commit(5);
+    let spool = TestOutbox::new();
+    let held = spool.commit_held(5).await;
+    let free = spool.commit(5).await;
     let agent = Agent::start(config(&c.broker.url()), spool.clone());
     c.receiver
         .wait_stored(5, Duration::from_secs(10))
@@ -533,7 +496,7 @@ async fn records_released_by_the_outbox_are_sent_after_a_rescan() {
     assert_eq!(spool.remaining(), u64s(&held), "held records are not sent");
 
     // Below every cursor of the running flow: only the rescan finds them.
-    spool.release();
+    spool.release().await;
     spool.wait_empty(Duration::from_secs(10)).await;
     let mut all = u64s(&held);
     all.extend(u64s(&free));
@@ -546,10 +509,10 @@ async fn records_released_by_the_outbox_are_sent_after_a_rescan() {
 async fn records_stay_in_the_outbox_until_the_cloud_acknowledges_them() {
     let c = cloud().await;
     c.receiver.set_mode(AckMode::Paused);
-    let spool = MemorySpool::new();
+    let spool = TestOutbox::new();
     let agent = Agent::start(config(&c.broker.url()), spool.clone());
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
-    let seqs = spool.commit(50);
+    let seqs = spool.commit(50).await;
     while c.receiver.batches_received() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -568,12 +531,12 @@ async fn records_stay_in_the_outbox_until_the_cloud_acknowledges_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_and_doubled_acks_are_harmless() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
+    let spool = TestOutbox::new();
     let agent = Agent::start(config(&c.broker.url()), spool.clone());
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
 
     c.receiver.set_mode(AckMode::Twice);
-    let first = spool.commit(120);
+    let first = spool.commit(120).await;
     spool.wait_empty(Duration::from_secs(10)).await;
     assert_eq!(
         agent.metrics.acked.get(),
@@ -582,7 +545,7 @@ async fn dropped_and_doubled_acks_are_harmless() {
     );
 
     c.receiver.set_mode(AckMode::DropAcks);
-    let second = spool.commit(30);
+    let second = spool.commit(30).await;
     c.receiver
         .wait_stored(150, Duration::from_secs(10))
         .await
@@ -606,18 +569,18 @@ async fn dropped_and_doubled_acks_are_harmless() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_batch_keeps_its_records_without_blocking_the_rest() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
+    let spool = TestOutbox::new();
     let agent = Agent::start(config(&c.broker.url()), spool.clone());
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
 
     c.receiver
         .set_mode(AckMode::Reject("unknown device fm1".into()));
-    let rejected = spool.commit(10);
+    let rejected = spool.commit(10).await;
     while agent.metrics.rejected_batches.get() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     c.receiver.set_mode(AckMode::Normal);
-    let later = spool.commit(25);
+    let later = spool.commit(25).await;
     c.receiver
         .wait_stored(25, Duration::from_secs(10))
         .await
@@ -646,8 +609,8 @@ async fn wrong_credentials_are_refused_counted_and_retried() {
         ..Default::default()
     })
     .unwrap();
-    let spool = MemorySpool::new();
-    spool.commit(5);
+    let spool = TestOutbox::new();
+    spool.commit(5).await;
     let mut cfg = config(&broker.url());
     cfg.username = Some("agent".into());
     cfg.password = Some(Secret::new("wrong"));
@@ -675,7 +638,7 @@ async fn wrong_credentials_are_refused_counted_and_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_answered_on_the_result_topic() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
+    let spool = TestOutbox::new();
     let mut agent = Agent::start(config(&c.broker.url()), spool);
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
     let site = site();
@@ -822,8 +785,8 @@ async fn commands_are_answered_on_the_result_topic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_retained_and_the_last_will_marks_the_agent_offline() {
     let c = cloud().await;
-    let spool = MemorySpool::new();
-    spool.commit(3);
+    let spool = TestOutbox::new();
+    spool.commit(3).await;
     c.receiver.set_mode(AckMode::Paused);
     let agent = Agent::start(config(&c.broker.url()), spool);
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
@@ -890,8 +853,8 @@ async fn tls_cloud() -> Cloud {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_travel_over_mutual_tls() {
     let c = tls_cloud().await;
-    let spool = MemorySpool::new();
-    let seqs = spool.commit(40);
+    let spool = TestOutbox::new();
+    let seqs = spool.commit(40).await;
     let mut cfg = config(&c.broker.tls_url().expect("TLS listener"));
     cfg.ca_file = Some(fixture("ca.pem"));
     cfg.client_cert = Some(fixture("client.pem"));
@@ -906,8 +869,8 @@ async fn records_travel_over_mutual_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_certificate_from_another_ca_is_refused() {
     let c = tls_cloud().await;
-    let spool = MemorySpool::new();
-    spool.commit(3);
+    let spool = TestOutbox::new();
+    spool.commit(3).await;
     let mut cfg = config(&c.broker.tls_url().expect("TLS listener"));
     cfg.ca_file = Some(fixture("other-ca.pem"));
     cfg.client_cert = Some(fixture("client.pem"));

@@ -5,12 +5,14 @@
 //! [`caudal_common::payload::decode`], inserts every `(site, seq)` once (a record sent twice is
 //! stored once), commits, then publishes an [`Ack`] listing the stored sequence ranges on
 //! `caudal/v1/{site}/ack`. An [`AckMode`] makes it misbehave on purpose: stop acknowledging,
-//! acknowledge twice, store without acknowledging, or reject.
+//! acknowledge twice, store without acknowledging, or reject. What it stored can be read back
+//! decoded ([`Receiver::readings`], [`Receiver::events`], [`Receiver::gaps`]), so a scenario can
+//! check values, events and gap records as the cloud would see them.
 
 use anyhow::Context;
 use caudal_common::payload::decode;
 use caudal_common::topic::{self, Topic, TopicKind};
-use caudal_common::{Ack, AckStatus, Batch, SeqRange};
+use caudal_common::{Ack, AckStatus, Batch, Event as RecordEvent, Gap, Reading, SeqRange};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use rusqlite::{Connection, params};
 use std::collections::BTreeSet;
@@ -145,6 +147,39 @@ impl Receiver {
             out.insert(r? as u64);
         }
         Ok(out)
+    }
+
+    /// The readings stored for `site`, ascending by seq.
+    pub fn readings(&self, site: &str) -> anyhow::Result<Vec<Reading>> {
+        self.stored_json(site, "reading")?
+            .iter()
+            .map(|j| serde_json::from_str(j).with_context(|| format!("stored reading {j}")))
+            .collect()
+    }
+
+    /// The events stored for `site`, ascending by seq.
+    pub fn events(&self, site: &str) -> anyhow::Result<Vec<RecordEvent>> {
+        self.stored_json(site, "event")?
+            .iter()
+            .map(|j| serde_json::from_str(j).with_context(|| format!("stored event {j}")))
+            .collect()
+    }
+
+    /// The gap records stored for `site`, ascending by seq.
+    pub fn gaps(&self, site: &str) -> anyhow::Result<Vec<Gap>> {
+        self.stored_json(site, "gap")?
+            .iter()
+            .map(|j| serde_json::from_str(j).with_context(|| format!("stored gap {j}")))
+            .collect()
+    }
+
+    /// The wire JSON of every record of `kind` stored for `site`, ascending by seq.
+    fn stored_json(&self, site: &str, kind: &str) -> anyhow::Result<Vec<String>> {
+        let conn = Connection::open(&self.db)?;
+        let mut st =
+            conn.prepare("SELECT json FROM records WHERE site = ?1 AND kind = ?2 ORDER BY seq")?;
+        let rows = st.query_map(params![site, kind], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Waits until at least `n` distinct records are stored.
