@@ -431,6 +431,28 @@ pub enum Link {
     },
 }
 
+/// For messages: `tcp 10.0.0.5:502`, `rtu_over_tcp 10.0.0.9:4001` (the `kind` spelling of the configuration), `rtu /dev/ttyUSB0 19200 8E1`.
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Link::Tcp { address } => write!(f, "tcp {address}"),
+            Link::RtuOverTcp { address } => write!(f, "rtu_over_tcp {address}"),
+            Link::Rtu {
+                port,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            } => write!(
+                f,
+                "rtu {} {baud} {data_bits}{}{stop_bits}",
+                port.display(),
+                parity.letter()
+            ),
+        }
+    }
+}
+
 /// One device, with its profile merged and overrides applied.
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -1581,21 +1603,7 @@ impl fmt::Display for CheckReport {
             site.outbox_path.display()
         )?;
         for bus in &site.buses {
-            let link = match &bus.link {
-                Link::Tcp { address } => format!("tcp {address}"),
-                Link::RtuOverTcp { address } => format!("rtu_over_tcp {address}"),
-                Link::Rtu {
-                    port,
-                    baud,
-                    parity,
-                    data_bits,
-                    stop_bits,
-                } => format!(
-                    "rtu {} {baud} {data_bits}{}{stop_bits}",
-                    port.display(),
-                    parity.letter()
-                ),
-            };
+            let link = &bus.link;
             writeln!(
                 f,
                 "  bus {}: {link}, gap {} ms",

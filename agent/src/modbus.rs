@@ -164,24 +164,7 @@ pub fn exception_name(code: u8) -> &'static str {
 
 /// A human description of a link, for messages: `tcp 10.0.0.5:502`, `rtu /dev/ttyUSB0 19200 8E1`.
 pub fn describe_link(link: &Link) -> String {
-    match link {
-        Link::Tcp { address } => format!("tcp {address}"),
-        Link::RtuOverTcp { address } => format!("rtu-over-tcp {address}"),
-        Link::Rtu {
-            port,
-            baud,
-            parity,
-            data_bits,
-            stop_bits,
-        } => {
-            let p = match parity {
-                Parity::None => 'N',
-                Parity::Even => 'E',
-                Parity::Odd => 'O',
-            };
-            format!("rtu {} {baud} {data_bits}{p}{stop_bits}", port.display())
-        }
-    }
+    link.to_string()
 }
 
 /// One connection to a physical bus. Requests are serialised by `&mut self`: a bus carries one
