@@ -1,6 +1,7 @@
 //! Catchment: the places water is taken from and what measures it. For now, sites (one agent
 //! each); catchment points (the regulator's "obras"), devices and MQTT credentials come next.
 
+pub mod obra;
 pub mod site;
 
 use crate::core::api::{ApiError, ApiState};
