@@ -2,7 +2,8 @@
 //! database.
 //!
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
-//! embedded broker), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage). The whole
+//! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
+//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage). The whole
 //! process is wired in [`Cloud::start`], so the flow reads in one place:
 //!
 //! ```text
@@ -10,14 +11,17 @@
 //!                                                           └▶ [HTTP: /healthz /metrics + module routes]
 //! ```
 //!
-//! Every process serves `/healthz` and `/metrics`; the catchment routes are served where the
-//! catchment module runs; the ingest runs where telemetry runs, against the configured broker or,
+//! Every process serves `/healthz` and `/metrics`; the `/api/v1` routes of each module are served
+//! where that module runs, every one behind a bearer token checked the same way in every process; the ingest runs where telemetry runs, against the configured broker or,
 //! when none is configured, the embedded one this process starts.
 
 pub mod catchment;
 pub mod core;
 pub mod telemetry;
+pub mod users;
 
+use crate::core::api::ApiState;
+use crate::core::auth::{AuthMetrics, TokenKeys};
 use crate::core::broker::{BrokerError, EmbeddedBroker};
 use crate::core::config::{CloudConfig, ConfigError, Service};
 use crate::core::db::{Db, DbError};
@@ -109,11 +113,20 @@ impl Cloud {
             });
         }
 
+        let api_state = ApiState {
+            db: db.clone(),
+            keys: Arc::new(TokenKeys::from_config(&config.auth)),
+            auth_metrics: AuthMetrics::register(&mut registry),
+        };
         let metrics = Arc::new(Metrics::new(registry));
-        let mut app = core::http::core_routes(db.clone(), metrics);
-        if services.contains(Service::Catchment) {
-            app = app.merge(catchment::routes(db.clone()));
+        let mut api = axum::Router::new();
+        if services.contains(Service::Users) {
+            api = api.merge(users::routes());
         }
+        if services.contains(Service::Catchment) {
+            api = api.merge(catchment::routes());
+        }
+        let app = core::http::core_routes(db.clone(), metrics).merge(api.with_state(api_state));
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| StartError::Http {

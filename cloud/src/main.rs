@@ -3,7 +3,9 @@
 
 use anyhow::Context;
 use caudal_cloud::catchment::site;
-use caudal_cloud::core::config::CloudConfig;
+use caudal_cloud::core::auth::{self, Role};
+use caudal_cloud::core::config::{CloudConfig, Secret};
+use caudal_cloud::users::account;
 use caudal_common::SiteId;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -29,6 +31,33 @@ enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Manage API accounts (the first admin is created here).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create an account. The password is read from the first line of standard input, or from
+    /// the environment variable named by `--password-env`; never from the command line, where
+    /// other users of the machine could read it.
+    Add {
+        #[arg(long)]
+        email: String,
+        /// admin, operator, technician or viewer.
+        #[arg(long)]
+        role: Role,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Name of an environment variable holding the password.
+        #[arg(long)]
+        password_env: Option<String>,
+    },
+    /// List accounts: id, email, role, active/inactive, name.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,8 +141,58 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
             }
             db.close().await;
         }
+        Command::User { command } => {
+            let db = caudal_cloud::open_database(&config).await?;
+            if config.database.migrate {
+                db.migrate().await?;
+            }
+            match command {
+                UserCommand::Add {
+                    email,
+                    role,
+                    name,
+                    password_env,
+                } => {
+                    let password = read_password(password_env.as_deref())?;
+                    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+                        .await
+                        .context("hashing the password")??;
+                    let u = account::create(&db, &email, &name, role, &hash).await?;
+                    println!(
+                        "account {} ({}) created with role {}",
+                        u.id, u.email, u.role
+                    );
+                }
+                UserCommand::List => {
+                    for u in account::list(&db).await? {
+                        let state = if u.active { "active" } else { "inactive" };
+                        println!("{}\t{}\t{}\t{}\t{}", u.id, u.email, u.role, state, u.name);
+                    }
+                }
+            }
+            db.close().await;
+        }
     }
     Ok(())
+}
+
+/// The new account's password: from the variable `env` when given, else the first line of
+/// standard input (a terminal echoes it: pipe it in, `read -rs P; echo "$P" | caudal-cloud …`).
+fn read_password(env: Option<&str>) -> anyhow::Result<Secret> {
+    let raw = match env {
+        Some(var) => std::env::var(var)
+            .with_context(|| format!("--password-env {var}: the variable is not set"))?,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    let pw = Secret::new(raw);
+    auth::check_password(pw.expose())?;
+    Ok(pw)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -344,7 +344,18 @@ async fn healthz_metrics_and_sites_answer() {
     assert_eq!(code, 200);
     assert!(body.contains("caudal_cloud_info{"), "{body}");
     assert!(body.contains("caudal_cloud_mqtt_connected 1"), "{body}");
-    let (code, body) = http_get(http, "/api/v1/sites").await;
+    assert_eq!(
+        http_get(http, "/api/v1/sites").await.0,
+        401,
+        "the API needs a token"
+    );
+    let token = support::account_token(
+        &cloud,
+        "viewer@x.cl",
+        caudal_cloud::core::auth::Role::Viewer,
+    )
+    .await;
+    let (code, body) = support::http(http, "GET", "/api/v1/sites", Some(&token), None).await;
     assert_eq!(code, 200);
     let sites: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(sites[0]["id"], "pozo-norte");

@@ -26,6 +26,8 @@ fn command(db: &TestDb, dir: &Path, services: &str) -> Command {
     c.env("CAUDAL_DATABASE__URL", &db.url)
         .env("CAUDAL_DATA_DIR", dir)
         .env("CAUDAL_SERVICES", services)
+        .env("CAUDAL_AUTH__JWT_SECRET", support::JWT_SECRET)
+        .env("CAUDAL_TEST_ADMIN_PASSWORD", "the first admin's password")
         .env("CAUDAL_LOG__LEVEL", "info,sqlx=warn,rumqttd=warn")
         .env_remove("RUST_LOG");
     c
@@ -147,7 +149,27 @@ async fn core_and_telemetry_processes_share_one_database() {
         assert!(out.contains("site pozo-norte registered"), "{out}");
         let listed = cli(&db, dir, &["site", "list"]);
         assert!(listed.starts_with("pozo-norte\tactive\t"), "{listed}");
-        let (code, body) = http_get(core_http, "/api/v1/sites").await;
+        assert_eq!(http_get(core_http, "/api/v1/sites").await.0, 401);
+        let out = cli(
+            &db,
+            dir,
+            &[
+                "user",
+                "add",
+                "--email",
+                "admin@x.cl",
+                "--role",
+                "admin",
+                "--password-env",
+                "CAUDAL_TEST_ADMIN_PASSWORD",
+            ],
+        );
+        assert!(out.contains("created with role admin"), "{out}");
+        let token = support::login(core_http, "admin@x.cl", "the first admin's password")
+            .await
+            .expect("the first admin logs in");
+        let (code, body) =
+            support::http(core_http, "GET", "/api/v1/sites", Some(&token), None).await;
         assert_eq!(code, 200);
         assert!(body.contains("\"pozo-norte\""), "{}: {body}", db.name);
 

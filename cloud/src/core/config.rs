@@ -47,6 +47,8 @@ pub enum ConfigError {
     UnknownService(String),
     #[error("configuration key mqtt.url: {0}")]
     MqttUrl(String),
+    #[error("configuration key auth.{key}: {reason}")]
+    Auth { key: &'static str, reason: String },
 }
 
 /// The whole configuration.
@@ -70,6 +72,8 @@ pub struct CloudConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 fn default_services() -> Vec<String> {
@@ -90,6 +94,7 @@ impl Default for CloudConfig {
             mqtt: MqttConfig::default(),
             ingest: IngestConfig::default(),
             log: LogConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -294,6 +299,36 @@ impl Default for IngestConfig {
     }
 }
 
+/// `[auth]`: how API callers prove who they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Key that signs and checks API tokens (HS256), at least 32 bytes. Every process of a
+    /// deployment must share it, so a token issued by one is accepted by all. Unset: the process
+    /// draws a random key at start, and its tokens die with it (one machine, one process only).
+    #[serde(default)]
+    pub jwt_secret: Option<Secret>,
+    /// How long a token issued at login is valid, seconds.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_s: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    8 * 3600
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            token_ttl_s: default_token_ttl(),
+        }
+    }
+}
+
+/// Shortest accepted `auth.jwt_secret`, bytes: HS256's key should be at least its hash size.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -336,7 +371,7 @@ pub enum LogFormat {
 pub enum Service {
     /// Configuration, logs, metrics, `/healthz`; always runs.
     Core,
-    /// People and their roles (not built yet: selecting it runs nothing).
+    /// Accounts, roles, sessions: login and `/api/v1/users`.
     Users,
     /// Sites, catchment points and devices.
     Catchment,
@@ -398,7 +433,7 @@ impl fmt::Display for Services {
 
 /// The top-level keys, so that only `CAUDAL_*` variables meant for the configuration are read.
 const TOP_KEYS: &[&str] = &[
-    "services", "data_dir", "http", "database", "mqtt", "ingest", "log",
+    "services", "data_dir", "http", "database", "mqtt", "ingest", "log", "auth",
 ];
 
 impl CloudConfig {
@@ -451,6 +486,23 @@ impl CloudConfig {
     /// Checks what serde cannot: service names, the broker URL.
     pub fn validate(&self) -> Result<(), ConfigError> {
         Services::parse(&self.services)?;
+        if let Some(s) = &self.auth.jwt_secret
+            && s.expose().len() < MIN_JWT_SECRET_BYTES
+        {
+            return Err(ConfigError::Auth {
+                key: "jwt_secret",
+                reason: format!(
+                    "is {} bytes long; at least {MIN_JWT_SECRET_BYTES} are required",
+                    s.expose().len()
+                ),
+            });
+        }
+        if self.auth.token_ttl_s == 0 {
+            return Err(ConfigError::Auth {
+                key: "token_ttl_s",
+                reason: "must be at least 1".to_string(),
+            });
+        }
         if let Some(url) = &self.mqtt.url {
             let tls = url.starts_with("mqtts://");
             if !tls && !url.starts_with("mqtt://") {
@@ -519,6 +571,26 @@ mod tests {
         assert_eq!(c.mqtt.password, Some(Secret::new("1234")));
         assert_eq!(c.ingest.workers, 2);
         assert!(!format!("{c:?}").contains("u:p@h"), "secrets do not print");
+    }
+
+    #[test]
+    fn short_jwt_secret_is_refused_and_never_printed() {
+        let e = CloudConfig::load(None, env(&[("CAUDAL_AUTH__JWT_SECRET", "short")]));
+        assert!(
+            matches!(
+                e,
+                Err(ConfigError::Auth {
+                    key: "jwt_secret",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let secret = "0123456789abcdef0123456789abcdef";
+        let c =
+            CloudConfig::load(None, env(&[("CAUDAL_AUTH__JWT_SECRET", secret)])).expect("valid");
+        assert_eq!(c.auth.jwt_secret, Some(Secret::new(secret)));
+        assert!(!format!("{c:?}").contains(secret));
     }
 
     #[test]

@@ -136,3 +136,56 @@ pub fn sqlite_time(t: DateTime<Utc>) -> i64 {
 pub fn from_sqlite_time(micros: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
 }
+
+/// Reads a SQLite time column (microseconds since the epoch) as a UTC time.
+pub fn sqlite_row_time(
+    row: &sqlx::sqlite::SqliteRow,
+    column: &str,
+) -> Result<DateTime<Utc>, sqlx::Error> {
+    use sqlx::Row;
+    let micros: i64 = row.try_get(column)?;
+    from_sqlite_time(micros).ok_or_else(|| {
+        sqlx::Error::Decode(format!("column {column}: time {micros} is out of range").into())
+    })
+}
+
+/// Reads a PostgreSQL `timestamptz` column.
+pub fn pg_row_time(
+    row: &sqlx::postgres::PgRow,
+    column: &str,
+) -> Result<DateTime<Utc>, sqlx::Error> {
+    use sqlx::Row;
+    row.try_get(column)
+}
+
+/// A time as PostgreSQL stores it (itself), the counterpart of [`sqlite_time`].
+pub fn pg_time(t: DateTime<Utc>) -> DateTime<Utc> {
+    t
+}
+
+/// Runs one body against whichever pool a [`Db`] holds, for statements whose text is the same on
+/// both backends (`$1`-style parameters, which SQLite also accepts). In the body, `$pool` is the
+/// pool, `$to_db` converts a `DateTime<Utc>` to the backend's time column value and `$from_row`
+/// reads a time column from a row (`$from_row(&row, "created_at")?`); the body is compiled once
+/// per backend.
+macro_rules! each_db {
+    ($db:expr, |$pool:ident, $to_db:ident, $from_row:ident| $body:expr) => {
+        match $db {
+            $crate::core::db::Db::Sqlite($pool) => {
+                #[allow(unused_variables)]
+                let $to_db = $crate::core::db::sqlite_time;
+                #[allow(unused_variables)]
+                let $from_row = $crate::core::db::sqlite_row_time;
+                $body
+            }
+            $crate::core::db::Db::Postgres($pool) => {
+                #[allow(unused_variables)]
+                let $to_db = $crate::core::db::pg_time;
+                #[allow(unused_variables)]
+                let $from_row = $crate::core::db::pg_row_time;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use each_db;

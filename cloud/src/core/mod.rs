@@ -1,6 +1,9 @@
 //! Core: what every process has whatever services it runs: configuration, logs, metrics, the
-//! database connection, the HTTP server with `/healthz` and `/metrics`, and the embedded broker.
+//! database connection, the HTTP server with `/healthz` and `/metrics`, the embedded broker, and
+//! what every API route shares (errors, auth primitives).
 
+pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod db;

@@ -264,3 +264,99 @@ impl Agent {
         self.task.abort();
     }
 }
+
+/// `method path` with an optional bearer token and JSON body, over a fresh connection:
+/// (status code, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // axum answers small bodies with Content-Length; decode chunked ones too.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (code, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n.min(rest.len())]);
+        s = rest.get(n + 2..).unwrap_or("");
+    }
+    out
+}
+
+/// A JWT secret for tests (32 bytes).
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-sec";
+
+/// [`config`] with a shared JWT secret and no MQTT ingest (API tests).
+pub fn api_config(db: &TestDb, services: &str) -> CloudConfig {
+    let mut c = config(db);
+    c.services = services.split(',').map(str::to_string).collect();
+    c.auth.jwt_secret = Some(Secret::new(JWT_SECRET));
+    c
+}
+
+/// Creates an account directly in the database and logs it in over HTTP: its token.
+pub async fn account_token(
+    cloud: &caudal_cloud::Cloud,
+    email: &str,
+    role: caudal_cloud::core::auth::Role,
+) -> String {
+    let pw = Secret::new("a long enough password");
+    let hash = caudal_cloud::core::auth::hash_password(&pw).expect("hash");
+    caudal_cloud::users::account::create(cloud.db(), email, "", role, &hash)
+        .await
+        .expect("create account");
+    login(cloud.http_addr(), email, "a long enough password")
+        .await
+        .expect("login")
+}
+
+/// Logs in: the token, or the status and body of the refusal.
+pub async fn login(addr: SocketAddr, email: &str, password: &str) -> Result<String, (u16, String)> {
+    let body = serde_json::json!({ "email": email, "password": password }).to_string();
+    let (code, text) = http(addr, "POST", "/api/v1/auth/login", None, Some(&body)).await;
+    if code != 200 {
+        return Err((code, text));
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).expect("login answers JSON");
+    Ok(v["token"].as_str().expect("token").to_string())
+}

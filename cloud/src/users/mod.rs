@@ -1,0 +1,334 @@
+//! Users: accounts, their roles and sessions, and the access check every API route makes.
+//!
+//! A session is a token from `POST /api/v1/auth/login` (see `core::auth`). [`Caller`] is the
+//! extractor every other `/api/v1` route takes: it checks the bearer token, then loads the
+//! account, so a deactivated account, a changed role or a new password take effect at the next
+//! request. Routes:
+//!
+//! | route | who |
+//! |---|---|
+//! | `POST /api/v1/auth/login` | anyone with an account |
+//! | `GET /api/v1/auth/me` | any role |
+//! | `GET, POST /api/v1/users`, `GET, PATCH, DELETE /api/v1/users/{id}` | admin |
+//!
+//! `DELETE` deactivates (accounts are never removed). The last active admin cannot be demoted
+//! or deactivated, so the deployment never locks itself out.
+
+pub mod account;
+
+use crate::core::api::{ApiError, ApiJson, ApiState};
+use crate::core::auth::{self, Permission, Role};
+use crate::core::config::Secret;
+use crate::core::metrics::{KindLabels, ReasonLabels};
+use account::{AccountError, Change, User};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The account making a request, authenticated by its bearer token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+}
+
+impl Caller {
+    /// Refuses (403) when the caller's role does not allow `p`.
+    pub fn require(&self, p: Permission) -> Result<(), ApiError> {
+        if self.user.role.allows(p) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden {
+                role: self.user.role,
+                needed: p,
+            })
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let refuse = |reason: &str, message: &str| {
+            state
+                .auth_metrics
+                .refused
+                .get_or_create(&ReasonLabels::new(reason))
+                .inc();
+            ApiError::Unauthorized(message.to_string())
+        };
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                refuse(
+                    "missing",
+                    "an Authorization: Bearer <token> header is required",
+                )
+            })?;
+        let claims = state.keys.verify(token).map_err(|e| match e {
+            auth::TokenError::Expired => refuse("expired", "token has expired; sign in again"),
+            auth::TokenError::Invalid(_) => refuse("invalid", "token is not valid"),
+        })?;
+        let user = account::get(&state.db, claims.sub)
+            .await
+            .map_err(|e| ApiError::database("loading the caller's account", &e))?;
+        match user {
+            Some(u) if u.active && u.session_version == claims.sv => Ok(Caller { user: u }),
+            Some(u) if !u.active => Err(refuse("revoked", "account is deactivated")),
+            _ => Err(refuse("revoked", "session has ended; sign in again")),
+        }
+    }
+}
+
+/// The users module's routes.
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/auth/login", post(login))
+        .route("/api/v1/auth/me", get(me))
+        .route("/api/v1/users", get(list_users).post(create_user))
+        .route(
+            "/api/v1/users/{id}",
+            get(get_user).patch(update_user).delete(deactivate_user),
+        )
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> ApiError {
+        match e {
+            AccountError::Email(m) => ApiError::bad("email", m),
+            AccountError::Name => ApiError::bad("name", e.to_string()),
+            AccountError::Exists(_) => ApiError::conflict("email", e.to_string()),
+            AccountError::NotFound(id) => ApiError::NotFound(format!("account {id}")),
+            AccountError::Corrupt { .. } => ApiError::corrupt("accounts", &e),
+            AccountError::Database(_) => ApiError::database("accounts", &e),
+        }
+    }
+}
+
+fn password_error(e: auth::PasswordError) -> ApiError {
+    match e {
+        auth::PasswordError::Hash(_) => ApiError::corrupt("hashing a password", &e),
+        other => ApiError::bad("password", other.to_string()),
+    }
+}
+
+/// Hashes on a blocking thread: Argon2 takes tens of milliseconds of CPU by design.
+async fn hash(password: Secret) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| ApiError::corrupt("hashing a password", &e))?
+        .map_err(password_error)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    email: String,
+    password: Secret,
+}
+
+#[derive(Debug, Serialize)]
+struct LoginResponse {
+    token: String,
+    token_type: &'static str,
+    expires_at: DateTime<Utc>,
+    user: User,
+}
+
+/// A hash of a random password, checked when the email is unknown so that an unknown email and
+/// a wrong password take the same time.
+fn dummy_hash() -> String {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY
+        .get_or_init(|| {
+            let mut pw = [0u8; 24];
+            argon2::password_hash::rand_core::RngCore::fill_bytes(
+                &mut argon2::password_hash::rand_core::OsRng,
+                &mut pw,
+            );
+            let pw: String = pw.iter().map(|b| format!("{b:02x}")).collect();
+            auth::hash_password(&Secret::new(pw)).unwrap_or_default()
+        })
+        .clone()
+}
+
+async fn login(
+    State(state): State<ApiState>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let found = account::by_email(&state.db, &req.email).await?;
+    let stored = found.as_ref().map(|(_, h)| h.clone());
+    let password = req.password;
+    let matches = tokio::task::spawn_blocking(move || {
+        let hash = stored.unwrap_or_else(dummy_hash);
+        auth::verify_password(&password, &hash)
+    })
+    .await
+    .map_err(|e| ApiError::corrupt("checking a password", &e))?;
+    let count = |kind: &str| {
+        state
+            .auth_metrics
+            .logins
+            .get_or_create(&KindLabels::new(kind))
+            .inc();
+    };
+    let user = match found {
+        Some((u, _)) if matches && u.active => u,
+        Some((u, _)) if matches && !u.active => {
+            count("inactive");
+            return Err(ApiError::Unauthorized("account is deactivated".into()));
+        }
+        _ => {
+            count("wrong_credentials");
+            return Err(ApiError::Unauthorized("email or password is wrong".into()));
+        }
+    };
+    let (token, expires_at) = state
+        .keys
+        .issue(user.id, user.session_version, user.role, Utc::now())
+        .map_err(|e| ApiError::corrupt("signing a token", &e))?;
+    count("ok");
+    tracing::info!(user = user.id, role = %user.role, "signed in");
+    Ok(Json(LoginResponse {
+        token,
+        token_type: "Bearer",
+        expires_at,
+        user,
+    })
+    .into_response())
+}
+
+async fn me(caller: Caller) -> Json<User> {
+    Json(caller.user)
+}
+
+fn user_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad("id", format!("{raw:?} is not an account id")))
+}
+
+async fn list_users(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<User>>, ApiError> {
+    caller.require(Permission::ManageUsers)?;
+    Ok(Json(account::list(&state.db).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    email: String,
+    #[serde(default)]
+    name: String,
+    role: Role,
+    password: Secret,
+}
+
+async fn create_user(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewUser>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::ManageUsers)?;
+    account::normalize_email(&req.email)?;
+    let hash = hash(req.password).await?;
+    let u = account::create(&state.db, &req.email, &req.name, req.role, &hash).await?;
+    tracing::info!(by = caller.user.id, user = u.id, role = %u.role, "account created");
+    Ok((StatusCode::CREATED, Json(u)).into_response())
+}
+
+async fn get_user(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<User>, ApiError> {
+    caller.require(Permission::ManageUsers)?;
+    let id = user_id(&id)?;
+    account::get(&state.db, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("account {id}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserPatch {
+    name: Option<String>,
+    role: Option<Role>,
+    active: Option<bool>,
+    password: Option<Secret>,
+}
+
+/// Refuses a change that would leave no active admin.
+async fn keep_an_admin(state: &ApiState, id: i64, change: &Change) -> Result<(), ApiError> {
+    let Some(before) = account::get(&state.db, id).await? else {
+        return Err(ApiError::NotFound(format!("account {id}")));
+    };
+    let loses_admin = before.role == Role::Admin
+        && before.active
+        && (change.role.is_some_and(|r| r != Role::Admin) || change.active == Some(false));
+    if loses_admin && account::active_admins(&state.db).await? <= 1 {
+        let field = if change.active == Some(false) {
+            "active"
+        } else {
+            "role"
+        };
+        return Err(ApiError::conflict(
+            field,
+            format!("account {id} is the last active admin"),
+        ));
+    }
+    Ok(())
+}
+
+async fn update_user(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UserPatch>,
+) -> Result<Json<User>, ApiError> {
+    caller.require(Permission::ManageUsers)?;
+    let id = user_id(&id)?;
+    let password_hash = match req.password {
+        Some(p) => Some(hash(p).await?),
+        None => None,
+    };
+    let change = Change {
+        name: req.name,
+        role: req.role,
+        active: req.active,
+        password_hash,
+    };
+    keep_an_admin(&state, id, &change).await?;
+    let u = account::update(&state.db, id, &change).await?;
+    tracing::info!(by = caller.user.id, user = id, role = %u.role, active = u.active, "account changed");
+    Ok(Json(u))
+}
+
+async fn deactivate_user(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Permission::ManageUsers)?;
+    let id = user_id(&id)?;
+    let change = Change {
+        active: Some(false),
+        ..Change::default()
+    };
+    keep_an_admin(&state, id, &change).await?;
+    account::update(&state.db, id, &change).await?;
+    tracing::info!(by = caller.user.id, user = id, "account deactivated");
+    Ok(StatusCode::NO_CONTENT)
+}
