@@ -141,6 +141,16 @@ impl TestOutbox {
     }
 }
 
+/// The uplink counts an ack after the outbox has deleted its records, so a test that saw the
+/// outbox empty waits (bounded) for the counter to catch up.
+async fn wait_acked(metrics: &Metrics, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics.acked.get() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    metrics.acked.get()
+}
+
 // ---- Rig ----
 
 fn site() -> SiteId {
@@ -362,7 +372,11 @@ async fn every_record_arrives_is_acknowledged_and_only_then_deleted() {
 
     spool.wait_empty(Duration::from_secs(20)).await;
     assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), u64s(&all));
-    assert_eq!(agent.metrics.acked.get(), 1150, "each record acked once");
+    assert_eq!(
+        wait_acked(&agent.metrics, 1150).await,
+        1150,
+        "each record acked once"
+    );
     assert!(agent.metrics.sent.get() >= 1150);
     let latencies: u64 = agent
         .metrics
@@ -539,7 +553,7 @@ async fn dropped_and_doubled_acks_are_harmless() {
     let first = spool.commit(120).await;
     spool.wait_empty(Duration::from_secs(10)).await;
     assert_eq!(
-        agent.metrics.acked.get(),
+        wait_acked(&agent.metrics, 120).await,
         120,
         "a repeated ack deletes nothing more"
     );
@@ -562,7 +576,7 @@ async fn dropped_and_doubled_acks_are_harmless() {
     let mut all = u64s(&first);
     all.extend(u64s(&second));
     assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), all);
-    assert_eq!(agent.metrics.acked.get(), 150);
+    assert_eq!(wait_acked(&agent.metrics, 150).await, 150);
     agent.stop().await.unwrap();
 }
 
