@@ -27,6 +27,7 @@ use crate::core::config::{CloudConfig, ConfigError, Service};
 use crate::core::db::{Db, DbError};
 use crate::core::metrics::Metrics;
 use crate::core::{Shutdown, ShutdownTrigger};
+use crate::telemetry::alert::{AlertMetrics, Evaluator};
 use crate::telemetry::ingest::{Ingest, IngestError, IngestMetrics};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,6 +112,15 @@ impl Cloud {
                 ingest.run(sd).await;
                 Ok(())
             });
+            if config.alerts.enabled {
+                let metrics = AlertMetrics::register(&mut registry);
+                let evaluator = Evaluator::new(config.alerts.clone(), db.clone(), metrics);
+                let sd = shutdown.clone();
+                tasks.spawn(async move {
+                    evaluator.run(sd).await;
+                    Ok(())
+                });
+            }
         }
 
         let api_state = ApiState {
@@ -125,6 +135,9 @@ impl Cloud {
         }
         if services.contains(Service::Catchment) {
             api = api.merge(catchment::routes());
+        }
+        if services.contains(Service::Telemetry) {
+            api = api.merge(telemetry::alert::routes());
         }
         let app = core::http::core_routes(db.clone(), metrics).merge(api.with_state(api_state));
         let listener = tokio::net::TcpListener::bind(config.http.listen)

@@ -74,6 +74,8 @@ pub struct CloudConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
 }
 
 fn default_services() -> Vec<String> {
@@ -95,6 +97,7 @@ impl Default for CloudConfig {
             ingest: IngestConfig::default(),
             log: LogConfig::default(),
             auth: AuthConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -295,6 +298,52 @@ impl Default for IngestConfig {
             group: default_group(),
             workers: default_workers(),
             queue: default_queue(),
+        }
+    }
+}
+
+/// `[alerts]`: the thresholds every site and point gets unless it has its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Evaluate alerts in processes that run telemetry.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Seconds between evaluations.
+    #[serde(default = "default_interval")]
+    pub interval_s: u64,
+    /// A site not heard from for this long is offline, seconds.
+    #[serde(default = "default_offline_after")]
+    pub offline_after_s: u64,
+    /// A device that reported before and has sent nothing for this long has no data, seconds.
+    #[serde(default = "default_no_data_after")]
+    pub no_data_after_s: u64,
+    /// How far back the no-data rule looks for devices that did report, days.
+    #[serde(default = "default_lookback_days")]
+    pub lookback_days: u32,
+}
+
+fn default_interval() -> u64 {
+    60
+}
+fn default_offline_after() -> u64 {
+    900
+}
+fn default_no_data_after() -> u64 {
+    3600
+}
+fn default_lookback_days() -> u32 {
+    30
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            enabled: true,
+            interval_s: default_interval(),
+            offline_after_s: default_offline_after(),
+            no_data_after_s: default_no_data_after(),
+            lookback_days: default_lookback_days(),
         }
     }
 }

@@ -1,0 +1,1235 @@
+//! Alerts: conditions an operator must hear about, found in stored telemetry, kept as rows
+//! with an open/closed state, and served under `/api/v1/alerts`.
+//!
+//! An [`Evaluator`] runs where telemetry runs. Every `alerts.interval_s` it asks each rule for
+//! what fires *now* ([`Firing`]) and reconciles that with the open alerts of the rule's kind:
+//!
+//! - **condition** alerts (site offline, no data, flow above the authorized flow, annual volume
+//!   heading past the allowance) open when their condition is first seen, are refreshed (value,
+//!   message) while it holds, and close themselves (`closed_by = "cleared"`) when it ends;
+//! - **event** alerts (a totalizer going backwards: reset, replacement, reverse flow) open for
+//!   the latest such event of a device and stay open until a person closes them
+//!   (`POST /api/v1/alerts/{id}/close`); a later event re-opens, an event already alerted on
+//!   never does (the alert remembers the event's time in `since`).
+//!
+//! Invariant: at most one open alert per `(kind, subject)`, held by a unique partial index, so
+//! several telemetry processes evaluating at once cannot double an alert; their reconciliations
+//! are serialised (PostgreSQL advisory lock, SQLite's write lock) and each sees what the other
+//! wrote. A rule that fails (database error) is counted and logged, and leaves its alerts as
+//! they were: an alert is never closed because its rule could not be evaluated.
+
+use crate::core::Shutdown;
+use crate::core::api::{ApiError, ApiJson, ApiQuery, ApiState};
+use crate::core::auth::Permission;
+use crate::core::config::AlertsConfig;
+use crate::core::db::{Db, from_sqlite_time, sqlite_time};
+use crate::core::metrics::KindLabels;
+use crate::users::Caller;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Duration, Utc};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use std::collections::HashMap;
+
+/// Key of the PostgreSQL advisory lock that serialises reconciliations ("caudal-alerts").
+const PG_LOCK_KEY: i64 = 0x6361_7564_616c_6172;
+
+/// Most alerts one list request returns.
+pub const MAX_LIST: i64 = 1000;
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The agent has not been heard from for longer than the site's threshold.
+    SiteOffline,
+    /// A device that reported before has sent no reading for longer than the threshold.
+    NoData,
+    /// Flow at a catchment point above its authorized flow.
+    FlowAboveAuthorized,
+    /// The year's extracted volume, at its current pace, ends past the annual allowance.
+    AnnualVolume,
+    /// A totalizer went backwards (reset, meter replaced, reverse flow).
+    TotalizerBackwards,
+}
+
+impl AlertKind {
+    pub const ALL: [AlertKind; 5] = [
+        AlertKind::SiteOffline,
+        AlertKind::NoData,
+        AlertKind::FlowAboveAuthorized,
+        AlertKind::AnnualVolume,
+        AlertKind::TotalizerBackwards,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::SiteOffline => "site_offline",
+            AlertKind::NoData => "no_data",
+            AlertKind::FlowAboveAuthorized => "flow_above_authorized",
+            AlertKind::AnnualVolume => "annual_volume",
+            AlertKind::TotalizerBackwards => "totalizer_backwards",
+        }
+    }
+
+    fn parse(s: &str) -> Option<AlertKind> {
+        AlertKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Event alerts stay open until a person closes them; condition alerts close themselves.
+    pub fn closes_itself(self) -> bool {
+        !matches!(self, AlertKind::TotalizerBackwards)
+    }
+}
+
+/// Open or closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    Open,
+    Closed,
+}
+
+/// An alert as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alert {
+    pub id: i64,
+    pub kind: AlertKind,
+    pub subject: String,
+    pub site: Option<String>,
+    pub device: Option<String>,
+    pub point_id: Option<i64>,
+    pub state: AlertState,
+    pub since: DateTime<Utc>,
+    pub opened_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub closed_at: Option<DateTime<Utc>>,
+    pub closed_by: Option<String>,
+    pub close_note: String,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    pub message: String,
+}
+
+/// A condition a rule sees now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Firing {
+    pub subject: String,
+    pub site: Option<String>,
+    pub device: Option<String>,
+    pub point_id: Option<i64>,
+    pub since: DateTime<Utc>,
+    pub value: Option<f64>,
+    pub threshold: Option<f64>,
+    pub message: String,
+}
+
+/// Why alerts could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("alert {0} not found")]
+    NotFound(i64),
+    #[error("alert {0} is already closed")]
+    Closed(i64),
+    #[error("stored alert {id}: {reason}")]
+    Corrupt { id: i64, reason: String },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Counters of the evaluator.
+#[derive(Debug, Clone, Default)]
+pub struct AlertMetrics {
+    evaluations: Counter,
+    rule_errors: Family<KindLabels, Counter>,
+    opened: Family<KindLabels, Counter>,
+    closed: Family<KindLabels, Counter>,
+    open: Family<KindLabels, Gauge>,
+}
+
+impl AlertMetrics {
+    pub fn register(r: &mut Registry) -> AlertMetrics {
+        let m = AlertMetrics::default();
+        r.register(
+            "alert_evaluations",
+            "Alert evaluation rounds run",
+            m.evaluations.clone(),
+        );
+        r.register(
+            "alert_rule_errors",
+            "Alert rules that could not be evaluated, by alert kind",
+            m.rule_errors.clone(),
+        );
+        r.register("alerts_opened", "Alerts opened, by kind", m.opened.clone());
+        r.register(
+            "alerts_closed",
+            "Alerts closed (cleared or by a person), by kind",
+            m.closed.clone(),
+        );
+        r.register(
+            "alerts_open",
+            "Alerts open after the last evaluation, by kind",
+            m.open.clone(),
+        );
+        m
+    }
+}
+
+/// What one reconciliation changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub opened: u64,
+    pub refreshed: u64,
+    pub closed: u64,
+}
+
+/// Runs the rules on a timer and keeps the alerts table in step with them.
+#[derive(Debug)]
+pub struct Evaluator {
+    config: AlertsConfig,
+    db: Db,
+    metrics: AlertMetrics,
+}
+
+impl Evaluator {
+    pub fn new(config: AlertsConfig, db: Db, metrics: AlertMetrics) -> Evaluator {
+        Evaluator {
+            config,
+            db,
+            metrics,
+        }
+    }
+
+    /// Evaluates every `interval_s` until shutdown.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let period = std::time::Duration::from_secs(self.config.interval_s.max(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tick.tick() => {
+                    self.evaluate(Utc::now()).await;
+                }
+            }
+        }
+    }
+
+    /// One round: every rule, each reconciled on its own so one failing rule leaves the others
+    /// working.
+    pub async fn evaluate(&self, now: DateTime<Utc>) {
+        self.metrics.evaluations.inc();
+        for kind in AlertKind::ALL {
+            let firing = match self.rule(kind, now).await {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.fail(kind, &e);
+                    continue;
+                }
+            };
+            match reconcile(&self.db, kind, &firing, now).await {
+                Ok(r) => {
+                    let labels = KindLabels::new(kind.as_str());
+                    self.metrics.opened.get_or_create(&labels).inc_by(r.opened);
+                    self.metrics.closed.get_or_create(&labels).inc_by(r.closed);
+                    if r.opened + r.closed > 0 {
+                        tracing::info!(
+                            kind = kind.as_str(),
+                            opened = r.opened,
+                            closed = r.closed,
+                            "alerts changed"
+                        );
+                    }
+                }
+                Err(e) => self.fail(kind, &e),
+            }
+        }
+        match open_counts(&self.db).await {
+            Ok(counts) => {
+                for kind in AlertKind::ALL {
+                    let n = counts.get(&kind).copied().unwrap_or(0);
+                    self.metrics
+                        .open
+                        .get_or_create(&KindLabels::new(kind.as_str()))
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting open alerts failed"),
+        }
+    }
+
+    fn fail(&self, kind: AlertKind, e: &dyn std::fmt::Display) {
+        self.metrics
+            .rule_errors
+            .get_or_create(&KindLabels::new(kind.as_str()))
+            .inc();
+        tracing::warn!(kind = kind.as_str(), error = %e, "alert rule failed");
+    }
+
+    /// What fires now for `kind`; `None` when the rule has nothing to judge by in this
+    /// deployment (its alerts are then left as they are).
+    async fn rule(
+        &self,
+        kind: AlertKind,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<Firing>>, sqlx::Error> {
+        let c = &self.config;
+        Ok(Some(match kind {
+            AlertKind::SiteOffline => {
+                site_offline(&self.db, now, Duration::seconds(secs(c.offline_after_s))).await?
+            }
+            AlertKind::NoData => {
+                no_data(
+                    &self.db,
+                    now,
+                    Duration::seconds(secs(c.no_data_after_s)),
+                    Duration::days(i64::from(c.lookback_days)),
+                )
+                .await?
+            }
+            AlertKind::TotalizerBackwards => {
+                totalizer_backwards(&self.db, now - Duration::days(i64::from(c.lookback_days)))
+                    .await?
+            }
+            AlertKind::FlowAboveAuthorized | AlertKind::AnnualVolume => return Ok(None),
+        }))
+    }
+}
+
+fn secs(s: u64) -> i64 {
+    i64::try_from(s).unwrap_or(i64::MAX / 1_000_000)
+}
+
+fn ago(d: Duration) -> String {
+    let s = d.num_seconds();
+    if s >= 2 * 86_400 {
+        format!("{} d", s / 86_400)
+    } else if s >= 2 * 3600 {
+        format!("{} h", s / 3600)
+    } else if s >= 120 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules
+
+/// Active sites whose agent was last heard (status or batch) longer ago than `after`, or never
+/// heard and registered longer ago than `after`.
+pub async fn site_offline(
+    db: &Db,
+    now: DateTime<Utc>,
+    after: Duration,
+) -> Result<Vec<Firing>, sqlx::Error> {
+    let rows: Vec<(String, DateTime<Utc>, bool)> = match db {
+        Db::Sqlite(p) => {
+            let rows = sqlx::query(
+                "SELECT s.id, s.created_at, st.last_seen FROM sites s \
+                 LEFT JOIN site_status st ON st.site = s.id WHERE s.active",
+            )
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let created: i64 = r.try_get("created_at")?;
+                let seen: Option<i64> = r.try_get("last_seen")?;
+                let t = seen.unwrap_or(created);
+                out.push((
+                    r.try_get("id")?,
+                    from_sqlite_time(t).unwrap_or_default(),
+                    seen.is_some(),
+                ));
+            }
+            out
+        }
+        Db::Postgres(p) => {
+            let rows = sqlx::query(
+                "SELECT s.id, s.created_at, st.last_seen FROM sites s \
+                 LEFT JOIN site_status st ON st.site = s.id WHERE s.active",
+            )
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let created: DateTime<Utc> = r.try_get("created_at")?;
+                let seen: Option<DateTime<Utc>> = r.try_get("last_seen")?;
+                out.push((r.try_get("id")?, seen.unwrap_or(created), seen.is_some()));
+            }
+            out
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .filter(|(_, t, _)| now - *t > after)
+        .map(|(site, t, heard)| Firing {
+            subject: format!("site/{site}"),
+            message: if heard {
+                format!("site {site}: agent not heard from for {}", ago(now - t))
+            } else {
+                format!(
+                    "site {site}: agent never heard from since the site was registered {} ago",
+                    ago(now - t)
+                )
+            },
+            site: Some(site),
+            device: None,
+            point_id: None,
+            since: t,
+            value: Some((now - t).num_seconds() as f64),
+            threshold: Some(after.num_seconds() as f64),
+        })
+        .collect())
+}
+
+/// Devices of active sites that sent readings within the lookback and none for longer than
+/// `after`. A site already offline still gets these: they say which devices are missing.
+pub async fn no_data(
+    db: &Db,
+    now: DateTime<Utc>,
+    after: Duration,
+    lookback: Duration,
+) -> Result<Vec<Firing>, sqlx::Error> {
+    let from = now - lookback;
+    let last: Vec<(String, String, DateTime<Utc>)> = match db {
+        Db::Sqlite(p) => {
+            let rows = sqlx::query(
+                "SELECT r.site, r.device, MAX(r.ts) AS last FROM readings r \
+                 JOIN sites s ON s.id = r.site AND s.active \
+                 WHERE r.ts >= ? GROUP BY r.site, r.device",
+            )
+            .bind(sqlite_time(from))
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let t: i64 = r.try_get("last")?;
+                out.push((
+                    r.try_get("site")?,
+                    r.try_get("device")?,
+                    from_sqlite_time(t).unwrap_or_default(),
+                ));
+            }
+            out
+        }
+        Db::Postgres(p) => {
+            let rows = sqlx::query(
+                "SELECT r.site, r.device, MAX(r.ts) AS last FROM readings r \
+                 JOIN sites s ON s.id = r.site AND s.active \
+                 WHERE r.ts >= $1 GROUP BY r.site, r.device",
+            )
+            .bind(from)
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push((r.try_get("site")?, r.try_get("device")?, r.try_get("last")?));
+            }
+            out
+        }
+    };
+    Ok(last
+        .into_iter()
+        .filter(|(_, _, t)| now - *t > after)
+        .map(|(site, device, t)| Firing {
+            subject: format!("device/{site}/{device}"),
+            message: format!(
+                "site {site}, device {device}: no reading for {} (last at {})",
+                ago(now - t),
+                t.format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            site: Some(site),
+            device: Some(device),
+            point_id: None,
+            since: t,
+            value: Some((now - t).num_seconds() as f64),
+            threshold: Some(after.num_seconds() as f64),
+        })
+        .collect())
+}
+
+/// Event kinds that mean a totalizer went backwards. A rollover (the counter wrapping at its
+/// maximum) is normal and not among them.
+pub const BACKWARDS_EVENTS: [&str; 4] = [
+    "totalizer_backwards",
+    "totalizer_reset",
+    "meter_replaced",
+    "reverse_flow",
+];
+
+/// The latest backwards event of each device since `from`.
+pub async fn totalizer_backwards(db: &Db, from: DateTime<Utc>) -> Result<Vec<Firing>, sqlx::Error> {
+    type Row = (
+        String,
+        Option<String>,
+        String,
+        DateTime<Utc>,
+        Option<f64>,
+        Option<f64>,
+        String,
+    );
+    let kinds = BACKWARDS_EVENTS.map(str::to_string).to_vec();
+    let rows: Vec<Row> = match db {
+        Db::Sqlite(p) => {
+            let rows = sqlx::query(
+                "SELECT site, device, kind, ts, previous, current, message FROM events \
+                 WHERE ts >= ? AND kind IN (?, ?, ?, ?) ORDER BY ts",
+            )
+            .bind(sqlite_time(from))
+            .bind(&kinds[0])
+            .bind(&kinds[1])
+            .bind(&kinds[2])
+            .bind(&kinds[3])
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let t: i64 = r.try_get("ts")?;
+                out.push((
+                    r.try_get("site")?,
+                    r.try_get("device")?,
+                    r.try_get("kind")?,
+                    from_sqlite_time(t).unwrap_or_default(),
+                    r.try_get("previous")?,
+                    r.try_get("current")?,
+                    r.try_get("message")?,
+                ));
+            }
+            out
+        }
+        Db::Postgres(p) => {
+            let rows = sqlx::query(
+                "SELECT site, device, kind, ts, previous, current, message FROM events \
+                 WHERE ts >= $1 AND kind = ANY($2) ORDER BY ts",
+            )
+            .bind(from)
+            .bind(&kinds)
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push((
+                    r.try_get("site")?,
+                    r.try_get("device")?,
+                    r.try_get("kind")?,
+                    r.try_get("ts")?,
+                    r.try_get("previous")?,
+                    r.try_get("current")?,
+                    r.try_get("message")?,
+                ));
+            }
+            out
+        }
+    };
+    // Ordered by time: the last row of each device wins.
+    let mut latest: HashMap<String, Firing> = HashMap::new();
+    for (site, device, kind, ts, previous, current, message) in rows {
+        let dev = device.unwrap_or_default();
+        let subject = format!("device/{site}/{dev}");
+        let what = kind.replace('_', " ");
+        let values = match (previous, current) {
+            (Some(p), Some(c)) => format!(" ({p} → {c} m³)"),
+            _ => String::new(),
+        };
+        let detail = if message.is_empty() {
+            String::new()
+        } else {
+            format!(": {message}")
+        };
+        latest.insert(
+            subject.clone(),
+            Firing {
+                subject,
+                message: format!(
+                    "site {site}, device {dev}: {what} at {}{values}{detail}",
+                    ts.format("%Y-%m-%dT%H:%M:%SZ")
+                ),
+                site: Some(site),
+                device: (!dev.is_empty()).then_some(dev),
+                point_id: None,
+                since: ts,
+                value: current,
+                threshold: previous,
+            },
+        );
+    }
+    let mut v: Vec<Firing> = latest.into_values().collect();
+    v.sort_by(|a, b| a.subject.cmp(&b.subject));
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage
+
+/// Brings the alerts of `kind` in step with what fires now. See the module doc for condition
+/// and event alerts.
+pub async fn reconcile(
+    db: &Db,
+    kind: AlertKind,
+    firing: &[Firing],
+    now: DateTime<Utc>,
+) -> Result<Reconciled, sqlx::Error> {
+    match db {
+        Db::Sqlite(p) => {
+            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+            let r = reconcile_sqlite(&mut tx, kind, firing, now).await?;
+            tx.commit().await?;
+            Ok(r)
+        }
+        Db::Postgres(p) => {
+            let mut tx = p.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PG_LOCK_KEY)
+                .execute(&mut *tx)
+                .await?;
+            let r = reconcile_pg(&mut tx, kind, firing, now).await?;
+            tx.commit().await?;
+            Ok(r)
+        }
+    }
+}
+
+/// For each subject of a kind: the open alert (id) if any, and the latest `since` of any alert.
+struct Known {
+    open: HashMap<String, i64>,
+    latest_since: HashMap<String, DateTime<Utc>>,
+}
+
+/// What to do with one firing, given what is known.
+enum Step {
+    Insert,
+    Refresh(i64),
+    Skip,
+}
+
+fn step(kind: AlertKind, f: &Firing, known: &Known) -> Step {
+    if !kind.closes_itself()
+        && known
+            .latest_since
+            .get(&f.subject)
+            .is_some_and(|s| *s >= f.since)
+    {
+        // This event (or a later one) was alerted on already, open or closed.
+        return Step::Skip;
+    }
+    match known.open.get(&f.subject) {
+        Some(id) => Step::Refresh(*id),
+        None => Step::Insert,
+    }
+}
+
+async fn reconcile_sqlite(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    kind: AlertKind,
+    firing: &[Firing],
+    now: DateTime<Utc>,
+) -> Result<Reconciled, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, subject, state, since FROM alerts WHERE kind = ? \
+         AND (state = 'open' OR since = (SELECT MAX(a.since) FROM alerts a \
+              WHERE a.kind = alerts.kind AND a.subject = alerts.subject))",
+    )
+    .bind(kind.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut known = Known {
+        open: HashMap::new(),
+        latest_since: HashMap::new(),
+    };
+    for r in rows {
+        let subject: String = r.try_get("subject")?;
+        let since = from_sqlite_time(r.try_get("since")?).unwrap_or_default();
+        if r.try_get::<String, _>("state")? == "open" {
+            known.open.insert(subject.clone(), r.try_get("id")?);
+        }
+        let e = known.latest_since.entry(subject).or_insert(since);
+        *e = (*e).max(since);
+    }
+    let now_t = sqlite_time(now);
+    let mut out = Reconciled::default();
+    let mut seen = std::collections::HashSet::new();
+    for f in firing {
+        seen.insert(f.subject.as_str());
+        match step(kind, f, &known) {
+            Step::Skip => {}
+            Step::Refresh(id) => {
+                sqlx::query(
+                    "UPDATE alerts SET updated_at = ?, since = ?, value = ?, threshold = ?, \
+                     message = ? WHERE id = ?",
+                )
+                .bind(now_t)
+                .bind(sqlite_time(f.since))
+                .bind(f.value)
+                .bind(f.threshold)
+                .bind(&f.message)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                out.refreshed += 1;
+            }
+            Step::Insert => {
+                let n = sqlx::query(
+                    "INSERT INTO alerts (kind, subject, site, device, point_id, state, since, \
+                     opened_at, updated_at, value, threshold, message) \
+                     VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING",
+                )
+                .bind(kind.as_str())
+                .bind(&f.subject)
+                .bind(&f.site)
+                .bind(&f.device)
+                .bind(f.point_id)
+                .bind(sqlite_time(f.since))
+                .bind(now_t)
+                .bind(now_t)
+                .bind(f.value)
+                .bind(f.threshold)
+                .bind(&f.message)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+                out.opened += n;
+            }
+        }
+    }
+    if kind.closes_itself() {
+        for (subject, id) in &known.open {
+            if !seen.contains(subject.as_str()) {
+                sqlx::query(
+                    "UPDATE alerts SET state = 'closed', closed_at = ?, closed_by = 'cleared', \
+                     updated_at = ? WHERE id = ? AND state = 'open'",
+                )
+                .bind(now_t)
+                .bind(now_t)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                out.closed += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn reconcile_pg(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    kind: AlertKind,
+    firing: &[Firing],
+    now: DateTime<Utc>,
+) -> Result<Reconciled, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, subject, state, since FROM alerts WHERE kind = $1 \
+         AND (state = 'open' OR since = (SELECT MAX(a.since) FROM alerts a \
+              WHERE a.kind = alerts.kind AND a.subject = alerts.subject))",
+    )
+    .bind(kind.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut known = Known {
+        open: HashMap::new(),
+        latest_since: HashMap::new(),
+    };
+    for r in rows {
+        let subject: String = r.try_get("subject")?;
+        let since: DateTime<Utc> = r.try_get("since")?;
+        if r.try_get::<String, _>("state")? == "open" {
+            known.open.insert(subject.clone(), r.try_get("id")?);
+        }
+        let e = known.latest_since.entry(subject).or_insert(since);
+        *e = (*e).max(since);
+    }
+    let mut out = Reconciled::default();
+    let mut seen = std::collections::HashSet::new();
+    for f in firing {
+        seen.insert(f.subject.as_str());
+        match step(kind, f, &known) {
+            Step::Skip => {}
+            Step::Refresh(id) => {
+                sqlx::query(
+                    "UPDATE alerts SET updated_at = $1, since = $2, value = $3, threshold = $4, \
+                     message = $5 WHERE id = $6",
+                )
+                .bind(now)
+                .bind(f.since)
+                .bind(f.value)
+                .bind(f.threshold)
+                .bind(&f.message)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                out.refreshed += 1;
+            }
+            Step::Insert => {
+                let n = sqlx::query(
+                    "INSERT INTO alerts (kind, subject, site, device, point_id, state, since, \
+                     opened_at, updated_at, value, threshold, message) \
+                     VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7, $8, $9, $10) \
+                     ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING",
+                )
+                .bind(kind.as_str())
+                .bind(&f.subject)
+                .bind(&f.site)
+                .bind(&f.device)
+                .bind(f.point_id)
+                .bind(f.since)
+                .bind(now)
+                .bind(f.value)
+                .bind(f.threshold)
+                .bind(&f.message)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+                out.opened += n;
+            }
+        }
+    }
+    if kind.closes_itself() {
+        for (subject, id) in &known.open {
+            if !seen.contains(subject.as_str()) {
+                sqlx::query(
+                    "UPDATE alerts SET state = 'closed', closed_at = $1, closed_by = 'cleared', \
+                     updated_at = $1 WHERE id = $2 AND state = 'open'",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+                out.closed += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn open_counts(db: &Db) -> Result<HashMap<AlertKind, i64>, sqlx::Error> {
+    let sql = "SELECT kind, COUNT(*) AS n FROM alerts WHERE state = 'open' GROUP BY kind";
+    let rows: Vec<(String, i64)> = match db {
+        Db::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+        Db::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
+    };
+    Ok(rows
+        .into_iter()
+        .filter_map(|(k, n)| AlertKind::parse(&k).map(|k| (k, n)))
+        .collect())
+}
+
+/// Which alerts a list shows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub state: Option<AlertState>,
+    pub kind: Option<AlertKind>,
+    pub site: Option<String>,
+    /// Only alerts with an id below this (the next page of a newest-first list).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+const COLUMNS: &str = "id, kind, subject, site, device, point_id, state, since, opened_at, \
+                       updated_at, closed_at, closed_by, close_note, value, threshold, message";
+
+/// Alerts matching `f`, newest first.
+pub async fn list(db: &Db, f: &Filter) -> Result<Vec<Alert>, AlertError> {
+    let state = f.state.map(|s| match s {
+        AlertState::Open => "open",
+        AlertState::Closed => "closed",
+    });
+    let kind = f.kind.map(AlertKind::as_str);
+    let limit = f.limit.clamp(1, MAX_LIST);
+    match db {
+        Db::Sqlite(p) => {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM alerts WHERE (?1 IS NULL OR state = ?1) \
+                 AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR site = ?3) \
+                 AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5"
+            )))
+            .bind(state)
+            .bind(kind)
+            .bind(&f.site)
+            .bind(f.before)
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.iter().map(sqlite_alert).collect()
+        }
+        Db::Postgres(p) => {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM alerts WHERE ($1::text IS NULL OR state = $1) \
+                 AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR site = $3) \
+                 AND ($4::bigint IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
+            )))
+            .bind(state)
+            .bind(kind)
+            .bind(&f.site)
+            .bind(f.before)
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.iter().map(pg_alert).collect()
+        }
+    }
+}
+
+/// One alert.
+pub async fn find(db: &Db, id: i64) -> Result<Alert, AlertError> {
+    let alert = match db {
+        Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM alerts WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(p)
+        .await?
+        .as_ref()
+        .map(sqlite_alert)
+        .transpose()?,
+        Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM alerts WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(p)
+        .await?
+        .as_ref()
+        .map(pg_alert)
+        .transpose()?,
+    };
+    alert.ok_or(AlertError::NotFound(id))
+}
+
+/// Closes an open alert on a person's word.
+pub async fn close(
+    db: &Db,
+    id: i64,
+    by: &str,
+    note: &str,
+    now: DateTime<Utc>,
+) -> Result<Alert, AlertError> {
+    let n = match db {
+        Db::Sqlite(p) => sqlx::query(
+            "UPDATE alerts SET state = 'closed', closed_at = ?1, updated_at = ?1, \
+                 closed_by = ?2, close_note = ?3 WHERE id = ?4 AND state = 'open'",
+        )
+        .bind(sqlite_time(now))
+        .bind(by)
+        .bind(note)
+        .bind(id)
+        .execute(p)
+        .await?
+        .rows_affected(),
+        Db::Postgres(p) => sqlx::query(
+            "UPDATE alerts SET state = 'closed', closed_at = $1, updated_at = $1, \
+                 closed_by = $2, close_note = $3 WHERE id = $4 AND state = 'open'",
+        )
+        .bind(now)
+        .bind(by)
+        .bind(note)
+        .bind(id)
+        .execute(p)
+        .await?
+        .rows_affected(),
+    };
+    let alert = find(db, id).await?;
+    if n == 0 {
+        return Err(AlertError::Closed(id));
+    }
+    Ok(alert)
+}
+
+fn parse_row(id: i64, kind: String, state: String) -> Result<(AlertKind, AlertState), AlertError> {
+    let kind = AlertKind::parse(&kind).ok_or_else(|| AlertError::Corrupt {
+        id,
+        reason: format!("unknown kind {kind:?}"),
+    })?;
+    let state = match state.as_str() {
+        "open" => AlertState::Open,
+        "closed" => AlertState::Closed,
+        other => {
+            return Err(AlertError::Corrupt {
+                id,
+                reason: format!("unknown state {other:?}"),
+            });
+        }
+    };
+    Ok((kind, state))
+}
+
+fn sqlite_alert(r: &sqlx::sqlite::SqliteRow) -> Result<Alert, AlertError> {
+    let id: i64 = r.try_get("id")?;
+    let time = |col: &str| -> Result<DateTime<Utc>, AlertError> {
+        let t: i64 = r.try_get(col)?;
+        from_sqlite_time(t).ok_or_else(|| AlertError::Corrupt {
+            id,
+            reason: format!("{col} {t} is out of range"),
+        })
+    };
+    let (kind, state) = parse_row(id, r.try_get("kind")?, r.try_get("state")?)?;
+    let closed_at = match r.try_get::<Option<i64>, _>("closed_at")? {
+        Some(_) => Some(time("closed_at")?),
+        None => None,
+    };
+    Ok(Alert {
+        id,
+        kind,
+        subject: r.try_get("subject")?,
+        site: r.try_get("site")?,
+        device: r.try_get("device")?,
+        point_id: r.try_get("point_id")?,
+        state,
+        since: time("since")?,
+        opened_at: time("opened_at")?,
+        updated_at: time("updated_at")?,
+        closed_at,
+        closed_by: r.try_get("closed_by")?,
+        close_note: r.try_get("close_note")?,
+        value: r.try_get("value")?,
+        threshold: r.try_get("threshold")?,
+        message: r.try_get("message")?,
+    })
+}
+
+fn pg_alert(r: &sqlx::postgres::PgRow) -> Result<Alert, AlertError> {
+    let id: i64 = r.try_get("id")?;
+    let (kind, state) = parse_row(id, r.try_get("kind")?, r.try_get("state")?)?;
+    Ok(Alert {
+        id,
+        kind,
+        subject: r.try_get("subject")?,
+        site: r.try_get("site")?,
+        device: r.try_get("device")?,
+        point_id: r.try_get("point_id")?,
+        state,
+        since: r.try_get("since")?,
+        opened_at: r.try_get("opened_at")?,
+        updated_at: r.try_get("updated_at")?,
+        closed_at: r.try_get("closed_at")?,
+        closed_by: r.try_get("closed_by")?,
+        close_note: r.try_get("close_note")?,
+        value: r.try_get("value")?,
+        threshold: r.try_get("threshold")?,
+        message: r.try_get("message")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// API
+
+/// `GET /api/v1/alerts`, `GET /api/v1/alerts/{id}` (any role), `POST /api/v1/alerts/{id}/close`
+/// (operators, technicians, admins).
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/alerts/{id}", get(get_alert))
+        .route("/api/v1/alerts/{id}/close", post(close_alert))
+}
+
+impl From<AlertError> for ApiError {
+    fn from(e: AlertError) -> ApiError {
+        match e {
+            AlertError::NotFound(id) => ApiError::NotFound(format!("alert {id}")),
+            AlertError::Closed(_) => ApiError::conflict("state", e.to_string()),
+            AlertError::Corrupt { .. } => ApiError::corrupt("alerts", &e),
+            AlertError::Database(_) => ApiError::database("alerts", &e),
+        }
+    }
+}
+
+/// Query of `GET /api/v1/alerts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `open` (default), `closed` or `all`.
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+    /// Alerts with an id below this: the next page.
+    #[serde(default)]
+    pub before: Option<i64>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+fn filter(q: ListQuery) -> Result<Filter, ApiError> {
+    let state = match q.state.as_deref().unwrap_or("open") {
+        "open" => Some(AlertState::Open),
+        "closed" => Some(AlertState::Closed),
+        "all" => None,
+        other => {
+            return Err(ApiError::bad(
+                "state",
+                format!("{other:?} is not one of open, closed, all"),
+            ));
+        }
+    };
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some(k) => Some(AlertKind::parse(k).ok_or_else(|| {
+            let known: Vec<&str> = AlertKind::ALL.iter().map(|k| k.as_str()).collect();
+            ApiError::bad(
+                "kind",
+                format!("{k:?} is not an alert kind; known: {}", known.join(", ")),
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_LIST).contains(&limit) {
+        return Err(ApiError::bad(
+            "limit",
+            format!("must be between 1 and {MAX_LIST}"),
+        ));
+    }
+    Ok(Filter {
+        state,
+        kind,
+        site: q.site,
+        before: q.before,
+        limit,
+    })
+}
+
+async fn list_alerts(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Vec<Alert>>, ApiError> {
+    caller.require(Permission::Read)?;
+    Ok(Json(list(&state.db, &filter(q)?).await?))
+}
+
+fn alert_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad("id", format!("{raw:?} is not an alert id")))
+}
+
+async fn get_alert(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Alert>, ApiError> {
+    caller.require(Permission::Read)?;
+    Ok(Json(find(&state.db, alert_id(&id)?).await?))
+}
+
+/// Body of `POST /api/v1/alerts/{id}/close`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseRequest {
+    /// Why it is closed (what was found on site).
+    #[serde(default)]
+    pub note: String,
+}
+
+async fn close_alert(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CloseRequest>,
+) -> Result<Json<Alert>, ApiError> {
+    caller.require(Permission::ManageCatchment)?;
+    let id = alert_id(&id)?;
+    if body.note.chars().count() > 2000 {
+        return Err(ApiError::bad("note", "at most 2000 characters"));
+    }
+    let alert = close(
+        &state.db,
+        id,
+        &caller.user.email,
+        body.note.trim(),
+        Utc::now(),
+    )
+    .await?;
+    tracing::info!(alert = id, by = %caller.user.email, "alert closed");
+    Ok(Json(alert))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn firing(subject: &str, since: i64) -> Firing {
+        Firing {
+            subject: subject.to_string(),
+            site: None,
+            device: None,
+            point_id: None,
+            since: DateTime::from_timestamp(since, 0).unwrap_or_default(),
+            value: None,
+            threshold: None,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_event_already_alerted_on_is_not_raised_again() {
+        let mut known = Known {
+            open: HashMap::new(),
+            latest_since: HashMap::new(),
+        };
+        let f = firing("device/s/d", 100);
+        assert!(matches!(
+            step(AlertKind::TotalizerBackwards, &f, &known),
+            Step::Insert
+        ));
+        known.latest_since.insert("device/s/d".into(), f.since);
+        assert!(matches!(
+            step(AlertKind::TotalizerBackwards, &f, &known),
+            Step::Skip
+        ));
+        // A later event re-opens (closed) or refreshes (open).
+        let later = firing("device/s/d", 200);
+        assert!(matches!(
+            step(AlertKind::TotalizerBackwards, &later, &known),
+            Step::Insert
+        ));
+        known.open.insert("device/s/d".into(), 7);
+        assert!(matches!(
+            step(AlertKind::TotalizerBackwards, &later, &known),
+            Step::Refresh(7)
+        ));
+        // Condition alerts ignore `since` history: an open one is refreshed.
+        assert!(matches!(
+            step(AlertKind::NoData, &f, &known),
+            Step::Refresh(7)
+        ));
+    }
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for k in AlertKind::ALL {
+            assert_eq!(AlertKind::parse(k.as_str()), Some(k));
+            assert_eq!(
+                serde_json::to_value(k)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from)),
+                Some(k.as_str().to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn list_query_errors_name_the_parameter() {
+        let q = |state: Option<&str>, kind: Option<&str>, limit: Option<i64>| ListQuery {
+            state: state.map(String::from),
+            kind: kind.map(String::from),
+            site: None,
+            before: None,
+            limit,
+        };
+        let field = |r: Result<Filter, ApiError>| match r {
+            Err(ApiError::BadRequest { field, .. }) => field,
+            other => format!("{other:?}"),
+        };
+        assert_eq!(field(filter(q(Some("shut"), None, None))), "state");
+        assert_eq!(field(filter(q(None, Some("flood"), None))), "kind");
+        assert_eq!(field(filter(q(None, None, Some(0)))), "limit");
+        assert!(filter(q(Some("all"), Some("no_data"), Some(5))).is_ok());
+    }
+}
