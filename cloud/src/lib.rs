@@ -3,7 +3,7 @@
 //!
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
-//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage). The whole
+//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest, storage and the telemetry API). The whole
 //! process is wired in [`Cloud::start`], so the flow reads in one place:
 //!
 //! ```text
@@ -128,6 +128,9 @@ impl Cloud {
         }
         if services.contains(Service::Catchment) {
             api = api.merge(catchment::routes());
+        }
+        if services.contains(Service::Telemetry) {
+            api = api.merge(telemetry::routes());
         }
         let (router, paths) = core::http::core_routes(db.clone(), metrics)
             .merge(api.with_state(api_state))
