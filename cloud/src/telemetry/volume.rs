@@ -12,7 +12,7 @@
 //! | rollover (`totalizer_rollover` flag) with the wrap value known from the agent's event | `(wrap − prev) + cur` | this total |
 //! | rollover whose wrap is not known | nothing (as a reset) | this total |
 //! | reset (`totalizer_reset`) or replacement (`meter_replaced`), whichever way it moved | nothing | this total |
-//! | reverse flow (`reverse_flow`: a net counter running back) | nothing | the previous high: water that went back and comes forward again is not counted twice |
+//! | reverse flow (`reverse_flow`: a net counter running back) | nothing | the previous high: water that went back and comes forward again is not counted twice (a rise that stays below the high counts nothing) |
 //! | any other decrease (`totalizer_backwards` or none) | nothing | this total |
 //!
 //! A step is never negative, and a step that is not finite counts nothing and starts again. The
@@ -64,8 +64,11 @@ impl Step {
 /// The running state of one device's totalizer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Totalizer {
-    /// The total the next step is measured from.
+    /// The total counting resumes above: the last total, or the earlier high while a net
+    /// counter is below it after running back.
     base: Option<f64>,
+    /// The last total seen, which tells the direction of the next step.
+    last: Option<f64>,
 }
 
 impl Totalizer {
@@ -75,9 +78,14 @@ impl Totalizer {
 
     /// Starts from a known total (the last reading before the queried range).
     pub fn from_total(total: f64) -> Self {
-        Totalizer {
-            base: total.is_finite().then_some(total),
-        }
+        let t = total.is_finite().then_some(total);
+        Totalizer { base: t, last: t }
+    }
+
+    fn restart(&mut self, cur: f64, b: Break) -> Step {
+        self.base = Some(cur);
+        self.last = Some(cur);
+        Step::Break(b)
     }
 
     /// Takes the next total of the device (`quality` is that reading's flags; `wrap` the
@@ -86,43 +94,43 @@ impl Totalizer {
         if !cur.is_finite() {
             return Step::Break(Break::NotFinite);
         }
-        let Some(prev) = self.base else {
+        let (Some(base), Some(last)) = (self.base, self.last) else {
             self.base = Some(cur);
+            self.last = Some(cur);
             return Step::First;
         };
-        let restart = |t: &mut Totalizer, b| {
-            t.base = Some(cur);
-            Step::Break(b)
-        };
         if quality.has(Flag::MeterReplaced) {
-            return restart(self, Break::Replaced);
+            return self.restart(cur, Break::Replaced);
         }
         if quality.has(Flag::TotalizerReset) {
-            return restart(self, Break::Reset);
+            return self.restart(cur, Break::Reset);
         }
         if quality.has(Flag::TotalizerRollover) {
-            return match wrap.map(|w| (w - prev) + cur) {
+            return match wrap.map(|w| (w - base) + cur) {
                 Some(v) if v.is_finite() && v >= 0.0 && cur >= 0.0 => {
                     self.base = Some(cur);
+                    self.last = Some(cur);
                     Step::Rollover(v)
                 }
-                _ => restart(self, Break::RolloverUnknownWrap),
+                _ => self.restart(cur, Break::RolloverUnknownWrap),
             };
         }
-        if cur >= prev {
-            let v = cur - prev;
-            self.base = Some(cur);
-            return if v.is_finite() {
-                Step::Volume(v)
-            } else {
-                Step::Break(Break::NotFinite)
-            };
+        if cur >= last {
+            // Below the high mark after running back, nothing is new yet.
+            let v = (cur - base).max(0.0);
+            if !v.is_finite() {
+                return self.restart(cur, Break::NotFinite);
+            }
+            self.base = Some(base.max(cur));
+            self.last = Some(cur);
+            return Step::Volume(v);
         }
         if quality.has(Flag::ReverseFlow) {
             // Keep the high mark: counting resumes once the counter passes it again.
+            self.last = Some(cur);
             return Step::Reverse;
         }
-        restart(self, Break::Decrease)
+        self.restart(cur, Break::Decrease)
     }
 }
 
@@ -200,11 +208,18 @@ mod tests {
             &mut t,
             &[
                 (98.0, r, None),
+                (97.0, r, None),
                 (99.0, Quality::GOOD, None),
                 (103.0, Quality::GOOD, None),
             ],
         );
         assert_eq!(v, 3.0);
+        // A decrease without reverse flow after running back starts again.
+        assert_eq!(
+            t.step(50.0, Quality::GOOD, None),
+            Step::Break(Break::Decrease)
+        );
+        assert_eq!(t.step(51.0, Quality::GOOD, None), Step::Volume(1.0));
     }
 
     #[test]
@@ -239,6 +254,25 @@ mod tests {
                 let v = t.step(c, q, w).volume();
                 prop_assert!(v >= 0.0 && v.is_finite(), "{v}");
             }
+        }
+
+        #[test]
+        fn a_net_counter_counts_its_high_mark_once(
+            start in 0.0f64..1e6,
+            moves in proptest::collection::vec(-100.0f64..100.0, 1..60),
+        ) {
+            let mut t = Totalizer::new();
+            let mut cur = start;
+            let mut high = start;
+            let mut v = t.step(start, Quality::GOOD, None).volume();
+            for m in moves {
+                let next = cur + m;
+                let q = if next < cur { q(&[Flag::ReverseFlow]) } else { Quality::GOOD };
+                v += t.step(next, q, None).volume();
+                cur = next;
+                high = high.max(cur);
+            }
+            prop_assert!((v - (high - start)).abs() <= 1e-6, "{v} vs {}", high - start);
         }
 
         #[test]
