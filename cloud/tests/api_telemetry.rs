@@ -527,6 +527,8 @@ async fn bad_parameters_are_400s_naming_the_parameter() {
             (format!("{r}?cursor=xyz"), "cursor"),
             (format!("{r}?quality=shiny"), "quality"),
             (format!("{r}?colour=blue"), "colour"),
+            (format!("{r}?device=fm%201"), "device"),
+            (format!("/api/v1/sites/{SITE}/events?device=a/b"), "device"),
             (
                 format!("/api/v1/sites/{SITE}/completeness?gap_after=-5"),
                 "gap_after",

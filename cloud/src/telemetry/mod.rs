@@ -25,7 +25,7 @@ use crate::core::auth::Permission;
 use crate::users::Caller;
 use axum::Json;
 use axum::extract::{Path, State};
-use caudal_common::{EventKind, SiteId};
+use caudal_common::{DeviceId, EventKind, SiteId};
 use chrono::{DateTime, Duration, Utc};
 use query::{
     Bucket, BucketView, Completeness, Cursor, DeviceLatest, EventView, MAX_LIMIT, QueryError,
@@ -100,6 +100,16 @@ fn range(from: Option<&str>, to: Option<&str>) -> Result<(DateTime<Utc>, DateTim
         ));
     }
     Ok((from, to))
+}
+
+/// A `device` parameter: 400 when it cannot be a device id.
+fn device(raw: Option<&str>) -> Result<Option<&str>, ApiError> {
+    match raw {
+        Some(d) => DeviceId::new(d)
+            .map(|_| Some(d))
+            .map_err(|e| ApiError::bad("device", e.to_string())),
+        None => Ok(None),
+    }
 }
 
 fn limit(raw: Option<i64>) -> Result<i64, ApiError> {
@@ -207,7 +217,7 @@ async fn readings(
             ));
         }
     };
-    let device = p.device.as_deref();
+    let device = device(p.device.as_deref())?;
     let mut answer = ReadingsAnswer {
         site: site.clone(),
         from,
@@ -461,7 +471,7 @@ async fn events(
     let page = query::events(
         &state.db,
         &site,
-        p.device.as_deref(),
+        device(p.device.as_deref())?,
         &kinds,
         from,
         to,
