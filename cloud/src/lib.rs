@@ -3,7 +3,7 @@
 //!
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
-//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage). The whole
+//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest, storage and the telemetry API). The whole
 //! process is wired in [`Cloud::start`], so the flow reads in one place:
 //!
 //! ```text
@@ -11,7 +11,8 @@
 //!                                                           └▶ [HTTP: /healthz /metrics + module routes]
 //! ```
 //!
-//! Every process serves `/healthz` and `/metrics`; the `/api/v1` routes of each module are served
+//! Every process serves `/healthz`, `/metrics` and its OpenAPI document
+//! (`/api/v1/openapi.json`); the `/api/v1` routes of each module are served
 //! where that module runs, every one behind a bearer token checked the same way in every process; the ingest runs where telemetry runs, against the configured broker or,
 //! when none is configured, the embedded one this process starts.
 
@@ -129,7 +130,9 @@ impl Cloud {
             auth_metrics: AuthMetrics::register(&mut registry),
         };
         let metrics = Arc::new(Metrics::new(registry));
-        let mut api = axum::Router::new();
+        // Each module's routes come with their OpenAPI paths; the document describes exactly
+        // the routes this process serves.
+        let mut api = utoipa_axum::router::OpenApiRouter::new();
         if services.contains(Service::Users) {
             api = api.merge(users::routes());
         }
@@ -137,9 +140,14 @@ impl Cloud {
             api = api.merge(catchment::routes());
         }
         if services.contains(Service::Telemetry) {
-            api = api.merge(telemetry::alert::routes());
+            api = api
+                .merge(telemetry::routes())
+                .merge(telemetry::alert::routes());
         }
-        let app = core::http::core_routes(db.clone(), metrics).merge(api.with_state(api_state));
+        let (router, paths) = core::http::core_routes(db.clone(), metrics)
+            .merge(api.with_state(api_state))
+            .split_for_parts();
+        let app = router.merge(core::openapi::routes(&core::openapi::document(paths)));
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| StartError::Http {

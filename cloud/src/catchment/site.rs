@@ -8,8 +8,9 @@ use serde::Serialize;
 use sqlx::Row;
 
 /// A registered site.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Site {
+    #[schema(value_type = String, example = "pozo-norte")]
     pub id: SiteId,
     /// A name for people ("Pozo Norte, Fundo El Olivo").
     pub name: String,

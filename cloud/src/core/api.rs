@@ -54,11 +54,17 @@ pub enum ApiError {
     Internal,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    field: Option<&'a str>,
-    message: String,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `unavailable` or
+    /// `internal`.
+    #[schema(example = "bad_request")]
+    pub error: String,
+    /// The field, parameter or path segment at fault, when one is.
+    #[schema(example = "from")]
+    pub field: Option<String>,
+    pub message: String,
 }
 
 impl ApiError {
@@ -118,8 +124,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let field = match &self {
-            ApiError::BadRequest { field, .. } => Some(field.as_str()),
-            ApiError::Conflict { field, .. } => field.as_deref(),
+            ApiError::BadRequest { field, .. } => Some(field.clone()),
+            ApiError::Conflict { field, .. } => field.clone(),
             _ => None,
         };
         let message = match &self {
@@ -127,7 +133,7 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let body = ErrorBody {
-            error: self.code(),
+            error: self.code().to_string(),
             field,
             message,
         };

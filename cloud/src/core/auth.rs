@@ -27,7 +27,7 @@ use std::str::FromStr;
 use crate::core::metrics::{KindLabels, ReasonLabels};
 
 /// What a person may do through the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Everything, including managing accounts.

@@ -10,6 +10,7 @@ pub mod db;
 pub mod http;
 pub mod log;
 pub mod metrics;
+pub mod openapi;
 
 use tokio::sync::watch;
 

@@ -19,15 +19,15 @@
 //! they were: an alert is never closed because its rule could not be evaluated.
 
 use crate::core::Shutdown;
+use crate::core::api::ErrorBody;
 use crate::core::api::{ApiError, ApiJson, ApiQuery, ApiState};
 use crate::core::auth::Permission;
 use crate::core::config::AlertsConfig;
 use crate::core::db::{Db, from_sqlite_time, sqlite_time};
 use crate::core::metrics::KindLabels;
 use crate::users::Caller;
+use axum::Json;
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,6 +36,9 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::collections::HashMap;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Key of the PostgreSQL advisory lock that serialises reconciliations ("caudal-alerts").
 const PG_LOCK_KEY: i64 = 0x6361_7564_616c_6172;
@@ -44,7 +47,7 @@ const PG_LOCK_KEY: i64 = 0x6361_7564_616c_6172;
 pub const MAX_LIST: i64 = 1000;
 
 /// What an alert is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     /// The agent has not been heard from for longer than the site's threshold.
@@ -89,7 +92,7 @@ impl AlertKind {
 }
 
 /// Open or closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertState {
     Open,
@@ -97,7 +100,7 @@ pub enum AlertState {
 }
 
 /// An alert as stored and served.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Alert {
     pub id: i64,
     pub kind: AlertKind,
@@ -1021,11 +1024,11 @@ fn pg_alert(r: &sqlx::postgres::PgRow) -> Result<Alert, AlertError> {
 
 /// `GET /api/v1/alerts`, `GET /api/v1/alerts/{id}` (any role), `POST /api/v1/alerts/{id}/close`
 /// (operators, technicians, admins).
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/alerts", get(list_alerts))
-        .route("/api/v1/alerts/{id}", get(get_alert))
-        .route("/api/v1/alerts/{id}/close", post(close_alert))
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_alerts))
+        .routes(routes!(get_alert))
+        .routes(routes!(close_alert))
 }
 
 impl From<AlertError> for ApiError {
@@ -1040,7 +1043,8 @@ impl From<AlertError> for ApiError {
 }
 
 /// Query of `GET /api/v1/alerts`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// `open` (default), `closed` or `all`.
@@ -1095,6 +1099,19 @@ fn filter(q: ListQuery) -> Result<Filter, ApiError> {
     })
 }
 
+/// Alerts, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts",
+    tag = "alerts",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, body = Vec<Alert>),
+        (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+    ),
+)]
 async fn list_alerts(
     State(state): State<ApiState>,
     caller: Caller,
@@ -1109,6 +1126,20 @@ fn alert_id(raw: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::bad("id", format!("{raw:?} is not an alert id")))
 }
 
+/// One alert.
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts/{id}",
+    tag = "alerts",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Alert id")),
+    responses(
+        (status = 200, body = Alert),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+)]
 async fn get_alert(
     State(state): State<ApiState>,
     caller: Caller,
@@ -1119,7 +1150,7 @@ async fn get_alert(
 }
 
 /// Body of `POST /api/v1/alerts/{id}/close`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloseRequest {
     /// Why it is closed (what was found on site).
@@ -1127,6 +1158,23 @@ pub struct CloseRequest {
     pub note: String,
 }
 
+/// Closes an open alert (operator, technician, admin).
+#[utoipa::path(
+    post,
+    path = "/api/v1/alerts/{id}/close",
+    tag = "alerts",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Alert id")),
+    request_body = CloseRequest,
+    responses(
+        (status = 200, body = Alert),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Already closed", body = ErrorBody),
+    ),
+)]
 async fn close_alert(
     State(state): State<ApiState>,
     caller: Caller,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 /// An account as the API shows it (never with its hash).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: i64,
     pub email: String,

@@ -16,19 +16,21 @@
 
 pub mod account;
 
-use crate::core::api::{ApiError, ApiJson, ApiState};
+use crate::core::api::{ApiError, ApiJson, ApiState, ErrorBody};
 use crate::core::auth::{self, Permission, Role};
 use crate::core::config::Secret;
 use crate::core::metrics::{KindLabels, ReasonLabels};
 use account::{AccountError, Change, User};
+use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The account making a request, authenticated by its bearer token.
 #[derive(Debug, Clone)]
@@ -90,16 +92,13 @@ impl FromRequestParts<ApiState> for Caller {
     }
 }
 
-/// The users module's routes.
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/auth/login", post(login))
-        .route("/api/v1/auth/me", get(me))
-        .route("/api/v1/users", get(list_users).post(create_user))
-        .route(
-            "/api/v1/users/{id}",
-            get(get_user).patch(update_user).delete(deactivate_user),
-        )
+/// The users module's routes, with their OpenAPI paths.
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(me))
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(get_user, update_user, deactivate_user))
 }
 
 impl From<AccountError> for ApiError {
@@ -130,14 +129,15 @@ async fn hash(password: Secret) -> Result<String, ApiError> {
         .map_err(password_error)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     email: String,
+    #[schema(value_type = String, format = Password)]
     password: Secret,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct LoginResponse {
     token: String,
     token_type: &'static str,
@@ -162,6 +162,18 @@ fn dummy_hash() -> String {
         .clone()
 }
 
+/// Signs in: a bearer token for the other routes.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    tag = "users",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, body = LoginResponse),
+        (status = 400, description = "A field is missing or malformed", body = ErrorBody),
+        (status = 401, description = "Wrong email or password, or a deactivated account", body = ErrorBody),
+    ),
+)]
 async fn login(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<LoginRequest>,
@@ -208,6 +220,14 @@ async fn login(
     .into_response())
 }
 
+/// The caller's account.
+#[utoipa::path(
+    get,
+    path = "/api/v1/auth/me",
+    tag = "users",
+    security(("bearer" = [])),
+    responses((status = 200, body = User), (status = 401, body = ErrorBody)),
+)]
 async fn me(caller: Caller) -> Json<User> {
     Json(caller.user)
 }
@@ -217,6 +237,18 @@ fn user_id(raw: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::bad("id", format!("{raw:?} is not an account id")))
 }
 
+/// Every account (admin).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Vec<User>),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+    ),
+)]
 async fn list_users(
     State(state): State<ApiState>,
     caller: Caller,
@@ -225,16 +257,33 @@ async fn list_users(
     Ok(Json(account::list(&state.db).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
     email: String,
     #[serde(default)]
     name: String,
     role: Role,
+    /// At least 10 characters.
+    #[schema(value_type = String, format = Password)]
     password: Secret,
 }
 
+/// Creates an account (admin).
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "users",
+    security(("bearer" = [])),
+    request_body = NewUser,
+    responses(
+        (status = 201, body = User),
+        (status = 400, description = "A field is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 409, description = "The email is taken", body = ErrorBody),
+    ),
+)]
 async fn create_user(
     State(state): State<ApiState>,
     caller: Caller,
@@ -248,6 +297,21 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(u)).into_response())
 }
 
+/// One account (admin).
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Account id")),
+    responses(
+        (status = 200, body = User),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+)]
 async fn get_user(
     State(state): State<ApiState>,
     caller: Caller,
@@ -261,12 +325,13 @@ async fn get_user(
         .ok_or_else(|| ApiError::NotFound(format!("account {id}")))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserPatch {
     name: Option<String>,
     role: Option<Role>,
     active: Option<bool>,
+    #[schema(value_type = Option<String>, format = Password)]
     password: Option<Secret>,
 }
 
@@ -292,6 +357,23 @@ async fn keep_an_admin(state: &ApiState, id: i64, change: &Change) -> Result<(),
     Ok(())
 }
 
+/// Changes an account (admin); a change of role, activity or password ends its sessions.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Account id")),
+    request_body = UserPatch,
+    responses(
+        (status = 200, body = User),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "It would leave no active admin", body = ErrorBody),
+    ),
+)]
 async fn update_user(
     State(state): State<ApiState>,
     caller: Caller,
@@ -316,6 +398,22 @@ async fn update_user(
     Ok(Json(u))
 }
 
+/// Deactivates an account (admin); accounts are never removed.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Account id")),
+    responses(
+        (status = 204, description = "Deactivated"),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "It is the last active admin", body = ErrorBody),
+    ),
+)]
 async fn deactivate_user(
     State(state): State<ApiState>,
     caller: Caller,
