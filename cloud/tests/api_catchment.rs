@@ -180,6 +180,10 @@ async fn every_catchment_route_needs_a_token_and_the_right_role() {
                 } else {
                     assert_eq!(code, 403, "{}: {method} {path} as {role}: {text}", db.name);
                     assert_eq!(json(&text)["error"], "forbidden");
+                    if body.is_some() {
+                        let (code, text) = http(addr, method, path, Some(token), Some("{}")).await;
+                        assert_eq!(code, 403, "the role is checked before the body: {text}");
+                    }
                 }
             }
         }

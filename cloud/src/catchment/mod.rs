@@ -15,6 +15,8 @@
 //! | `POST /api/v1/points`, `PATCH, DELETE /api/v1/points/{id}` | operator, technician, admin |
 //!
 //! `DELETE` deactivates: sites, points and devices are never removed, so their history stays.
+//! Handlers take their JSON body as a `Result` and check the role first, so a role that may not
+//! change anything gets 403 whatever body it sends.
 //! Creating a site and rotating its credential answer the MQTT password, once; only its hash is
 //! stored.
 
@@ -189,9 +191,10 @@ async fn list_sites(
 async fn create_site(
     State(state): State<ApiState>,
     caller: Caller,
-    ApiJson(req): ApiJson<NewSite>,
+    body: Result<ApiJson<NewSite>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::ManageCatchment)?;
+    let ApiJson(req) = body?;
     let issued = credentials::issue();
     let s = site::create(
         &state.db,
@@ -232,9 +235,10 @@ async fn update_site(
     State(state): State<ApiState>,
     caller: Caller,
     Path(raw): Path<String>,
-    ApiJson(req): ApiJson<SitePatch>,
+    body: Result<ApiJson<SitePatch>, ApiError>,
 ) -> Result<Json<Site>, ApiError> {
     caller.require(Permission::ManageCatchment)?;
+    let ApiJson(req) = body?;
     let id = site_id(&raw)?;
     let change = site::Change {
         name: req.name,
@@ -291,9 +295,10 @@ async fn create_device(
     State(state): State<ApiState>,
     caller: Caller,
     Path(raw): Path<String>,
-    ApiJson(req): ApiJson<NewDevice>,
+    body: Result<ApiJson<NewDevice>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::ManageCatchment)?;
+    let ApiJson(req) = body?;
     let site = site_id(&raw)?;
     let d = device::create(&state.db, &site, &req).await?;
     tracing::info!(by = caller.user.id, site = %site, device = %d.id, "device registered");
@@ -318,9 +323,10 @@ async fn update_device(
     State(state): State<ApiState>,
     caller: Caller,
     Path((raw_site, raw_device)): Path<(String, String)>,
-    ApiJson(req): ApiJson<DevicePatch>,
+    body: Result<ApiJson<DevicePatch>, ApiError>,
 ) -> Result<Json<Device>, ApiError> {
     caller.require(Permission::ManageCatchment)?;
+    let ApiJson(req) = body?;
     let site = site_id(&raw_site)?;
     let id = device_id(&raw_device)?;
     let d = device::update(&state.db, &site, &id, &req).await?;
@@ -356,9 +362,10 @@ async fn list_points(
 async fn create_point(
     State(state): State<ApiState>,
     caller: Caller,
-    ApiJson(req): ApiJson<NewPoint>,
+    body: Result<ApiJson<NewPoint>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::ManageCatchment)?;
+    let ApiJson(req) = body?;
     let p = point::create(&state.db, &req).await?;
     tracing::info!(by = caller.user.id, point = p.id, obra = ?p.obra_code, "catchment point created");
     Ok((StatusCode::CREATED, Json(p)).into_response())
@@ -381,9 +388,10 @@ async fn update_point(
     State(state): State<ApiState>,
     caller: Caller,
     Path(raw): Path<String>,
-    ApiJson(req): ApiJson<PointPatch>,
+    body: Result<ApiJson<PointPatch>, ApiError>,
 ) -> Result<Json<Point>, ApiError> {
     caller.require(Permission::ManageCatchment)?;
+    let ApiJson(req) = body?;
     let id = point_id(&raw)?;
     let p = point::update(&state.db, id, req).await?;
     tracing::info!(
