@@ -99,7 +99,7 @@ impl Cloud {
                 Some(url) => url.clone(),
                 None => {
                     let login = broker_login(&config, &db, &mut registry, &shutdown, &mut tasks);
-                    let b = EmbeddedBroker::start(&config.mqtt.embedded, login)?;
+                    let b = EmbeddedBroker::start_with_login(&config.mqtt.embedded, login)?;
                     let url = format!("mqtt://{}", b.v5_addr());
                     broker = Some(b);
                     url

@@ -127,8 +127,13 @@ impl std::fmt::Debug for EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts the broker and waits until both listeners accept connections. A port of 0 is
-    /// replaced by a port that was free a moment before. With `login`, clients must log in.
-    pub fn start(
+    /// replaced by a port that was free a moment before. Any client may connect.
+    pub fn start(cfg: &EmbeddedBrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
+        EmbeddedBroker::start_with_login(cfg, None)
+    }
+
+    /// [`EmbeddedBroker::start`], and with `login` every client must log in.
+    pub fn start_with_login(
         cfg: &EmbeddedBrokerConfig,
         login: Option<BrokerLogin>,
     ) -> Result<EmbeddedBroker, BrokerError> {
