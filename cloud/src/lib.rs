@@ -3,7 +3,8 @@
 //!
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
-//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest, storage and the telemetry API). The whole
+//! access check), [`catchment`] (catchment points, sites and their MQTT credentials, devices),
+//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts). The whole
 //! process is wired in [`Cloud::start`], so the flow reads in one place:
 //!
 //! ```text
@@ -23,7 +24,7 @@ pub mod users;
 
 use crate::core::api::ApiState;
 use crate::core::auth::{AuthMetrics, TokenKeys};
-use crate::core::broker::{BrokerError, EmbeddedBroker};
+use crate::core::broker::{BrokerError, BrokerLogin, EmbeddedBroker};
 use crate::core::config::{CloudConfig, ConfigError, Service};
 use crate::core::db::{Db, DbError};
 use crate::core::metrics::Metrics;
@@ -99,7 +100,8 @@ impl Cloud {
             let url = match &config.mqtt.url {
                 Some(url) => url.clone(),
                 None => {
-                    let b = EmbeddedBroker::start(&config.mqtt.embedded)?;
+                    let login = broker_login(&config, &db, &mut registry, &shutdown, &mut tasks);
+                    let b = EmbeddedBroker::start_with_login(&config.mqtt.embedded, login)?;
                     let url = format!("mqtt://{}", b.v5_addr());
                     broker = Some(b);
                     url
@@ -220,6 +222,39 @@ impl Cloud {
         self.db.close().await;
         tracing::info!("caudal-cloud stopped");
     }
+}
+
+/// The embedded broker's login check when `mqtt.embedded.authenticate` is on: agents against
+/// their sites' credentials (a task answering from the database), the ingest with its own login.
+fn broker_login(
+    config: &CloudConfig,
+    db: &Db,
+    registry: &mut prometheus_client::registry::Registry,
+    shutdown: &Shutdown,
+    tasks: &mut JoinSet<Result<(), String>>,
+) -> Option<BrokerLogin> {
+    if !config.mqtt.embedded.authenticate {
+        return None;
+    }
+    // `CloudConfig::validate` requires both when authentication is on.
+    let (Some(user), Some(password)) = (&config.mqtt.username, &config.mqtt.password) else {
+        return None;
+    };
+    let metrics = catchment::credentials::LoginMetrics::register(registry);
+    let (check, logins) = catchment::credentials::LoginCheck::new(db.clone(), metrics);
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        check.run(sd).await;
+        Ok(())
+    });
+    Some(BrokerLogin {
+        cloud_username: user.clone(),
+        cloud_password: password.clone(),
+        agents: Arc::new(move |site, password| {
+            let logins = logins.clone();
+            Box::pin(async move { logins.check(site, password).await })
+        }),
+    })
 }
 
 /// Runs the cloud until `shutdown` resolves or a task fails.

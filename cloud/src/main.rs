@@ -2,7 +2,7 @@
 //! and hands over to the library.
 
 use anyhow::Context;
-use caudal_cloud::catchment::site;
+use caudal_cloud::catchment::{credentials, site};
 use caudal_cloud::core::auth::{self, Role};
 use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_cloud::users::account;
@@ -62,15 +62,25 @@ enum UserCommand {
 
 #[derive(Subcommand, Debug)]
 enum SiteCommand {
-    /// Register a site so its agent's batches are accepted.
+    /// Register a site so its agent's batches are accepted; prints its MQTT password, once.
     Add {
-        /// Site id, as in the agent's `[site] id` and its topics.
+        /// Site id, as in the agent's `[site] id` and its topics; also its MQTT username.
         #[arg(long)]
         id: SiteId,
         /// A name for people.
         #[arg(long, default_value = "")]
         name: String,
+        /// Seconds without news from the agent after which the site counts as offline.
+        #[arg(long, default_value_t = site::DEFAULT_OFFLINE_AFTER_S)]
+        offline_after_s: u32,
     },
+    /// Issue a new MQTT password for a site (the old one stops working); prints it, once.
+    Credentials {
+        #[arg(long)]
+        id: SiteId,
+    },
+    /// Print a Mosquitto password file (`password_file`) with every active site's credential.
+    MosquittoPasswd,
     /// List registered sites.
     List,
     /// Stop accepting a site's batches (its history stays).
@@ -114,9 +124,30 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
                 db.migrate().await?;
             }
             match command {
-                SiteCommand::Add { id, name } => {
-                    let s = site::add(&db, &id, &name).await?;
+                SiteCommand::Add {
+                    id,
+                    name,
+                    offline_after_s,
+                } => {
+                    let issued = credentials::issue();
+                    let s =
+                        site::create(&db, &id, &name, offline_after_s, Some(&issued.hash)).await?;
                     println!("site {} registered", s.id);
+                    print_credentials(&s.id, &issued.password);
+                }
+                SiteCommand::Credentials { id } => {
+                    let issued = credentials::issue();
+                    site::set_password_hash(&db, &id, &issued.hash).await?;
+                    print_credentials(&id, &issued.password);
+                }
+                SiteCommand::MosquittoPasswd => {
+                    let hashes = site::login_hashes(&db).await?;
+                    print!(
+                        "{}",
+                        credentials::mosquitto_password_file(
+                            hashes.iter().map(|(s, h)| (s.as_str(), h.as_str()))
+                        )
+                    );
                 }
                 SiteCommand::List => {
                     for s in site::list(&db).await? {
@@ -174,6 +205,13 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shows a site's new MQTT login: the only time the password is ever shown.
+fn print_credentials(site: &SiteId, password: &Secret) {
+    println!("mqtt username: {site}");
+    println!("mqtt password: {}", password.expose());
+    println!("(shown once: set it as the agent's uplink.password; only its hash is stored)");
 }
 
 /// The new account's password: from the variable `env` when given, else the first line of

@@ -102,8 +102,8 @@ async fn database(t: &TestDb) -> Db {
 
 fn evaluator(db: &Db) -> Evaluator {
     let cfg = AlertsConfig {
-        offline_after_s: 900,
         no_data_after_s: 3600,
+        volume_interval_s: 0,
         ..AlertsConfig::default()
     };
     Evaluator::new(cfg, db.clone(), AlertMetrics::default())
@@ -455,5 +455,180 @@ async fn the_alerts_api_checks_roles_and_parameters() {
         assert_eq!(code, 200);
         assert_eq!(json(&body).as_array().map(Vec::len), Some(1));
         cloud.stop().await;
+    }
+}
+
+async fn point(db: &Db, json: &str) -> i64 {
+    let new: caudal_cloud::catchment::point::NewPoint =
+        serde_json::from_str(json).expect("point json");
+    caudal_cloud::catchment::point::create(db, &new)
+        .await
+        .expect("create point")
+        .id
+}
+
+async fn meter(db: &Db, site: &str, id: &str, point: i64) {
+    let new: caudal_cloud::catchment::device::NewDevice = serde_json::from_value(
+        serde_json::json!({"id": id, "quantities": ["flow", "totalizer"], "point_id": point}),
+    )
+    .expect("device json");
+    caudal_cloud::catchment::device::create(db, &site_id(site), &new)
+        .await
+        .expect("create device");
+}
+
+fn flow_reading(seq: u32, dev: &str, ts: DateTime<Utc>, flow: f64) -> Reading {
+    Reading {
+        flow_lps: Some(flow),
+        total_m3: None,
+        ..reading(seq, dev, ts, 0.0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_above_the_authorized_flow_sums_the_points_meters() {
+    for t in TestDb::all().await {
+        let db = database(&t).await;
+        let ev = evaluator(&db);
+        site::add(&db, &site_id("pozo-4"), "").await.expect("add");
+        let p = point(
+            &db,
+            r#"{"name":"Pozo 4","kind":"groundwater","authorized_flow_lps":10.0}"#,
+        )
+        .await;
+        meter(&db, "pozo-4", "fm1", p).await;
+        meter(&db, "pozo-4", "fm2", p).await;
+        let t0 = Utc::now();
+        // 6 + 3 = 9 L/s: within the right.
+        store(
+            &db,
+            "pozo-4",
+            vec![
+                flow_reading(1, "fm1", t0, 6.0),
+                flow_reading(2, "fm2", t0, 3.0),
+            ],
+            vec![],
+            t0,
+        )
+        .await;
+        ev.evaluate(t0).await;
+        assert!(
+            open_alerts(&db, AlertKind::FlowAboveAuthorized)
+                .await
+                .is_empty()
+        );
+
+        // fm2 rises to 5: 11 L/s over 10.
+        let t1 = t0 + Duration::seconds(60);
+        store(
+            &db,
+            "pozo-4",
+            vec![flow_reading(3, "fm2", t1, 5.0)],
+            vec![],
+            t1,
+        )
+        .await;
+        ev.evaluate(t1).await;
+        let open = open_alerts(&db, AlertKind::FlowAboveAuthorized).await;
+        assert_eq!(open.len(), 1, "{}: {open:?}", t.name);
+        assert_eq!(open[0].subject, format!("point/{p}"));
+        assert_eq!(open[0].point_id, Some(p));
+        assert_eq!((open[0].value, open[0].threshold), (Some(11.0), Some(10.0)));
+        assert!(open[0].message.contains("11.00 L/s"), "{}", open[0].message);
+
+        // Still above a minute later: the same alert, its start kept.
+        let t2 = t1 + Duration::seconds(60);
+        store(
+            &db,
+            "pozo-4",
+            vec![flow_reading(4, "fm1", t2, 7.0)],
+            vec![],
+            t2,
+        )
+        .await;
+        ev.evaluate(t2).await;
+        let again = open_alerts(&db, AlertKind::FlowAboveAuthorized).await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, open[0].id);
+        assert_eq!(again[0].since, open[0].since, "{}: since stays", t.name);
+        assert_eq!(again[0].value, Some(12.0));
+
+        // Back under: cleared.
+        let t3 = t2 + Duration::seconds(60);
+        store(
+            &db,
+            "pozo-4",
+            vec![flow_reading(5, "fm1", t3, 4.0)],
+            vec![],
+            t3,
+        )
+        .await;
+        ev.evaluate(t3).await;
+        assert!(
+            open_alerts(&db, AlertKind::FlowAboveAuthorized)
+                .await
+                .is_empty()
+        );
+        let all = all_alerts(&db, AlertKind::FlowAboveAuthorized).await;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].closed_by.as_deref(), Some("cleared"));
+        db.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annual_volume_heading_past_the_allowance() {
+    for t in TestDb::all().await {
+        let db = database(&t).await;
+        let ev = evaluator(&db);
+        site::add(&db, &site_id("pozo-5"), "").await.expect("add");
+        let p = point(
+            &db,
+            r#"{"name":"Pozo 5","kind":"groundwater","annual_volume_m3":1000.0}"#,
+        )
+        .await;
+        meter(&db, "pozo-5", "fm1", p).await;
+        // A fixed "now", so the year's arithmetic does not depend on the day the test runs.
+        let now = DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let totals = [
+            (now - Duration::days(40), 0.0),
+            (now - Duration::days(30) + Duration::hours(1), 100.0),
+            (now - Duration::hours(1), 700.0),
+        ];
+        let readings = totals
+            .iter()
+            .enumerate()
+            .map(|(i, (ts, v))| reading(i as u32 + 1, "fm1", *ts, *v))
+            .collect();
+        store(&db, "pozo-5", readings, vec![], now).await;
+
+        ev.evaluate(now).await;
+        let open = open_alerts(&db, AlertKind::AnnualVolume).await;
+        assert_eq!(open.len(), 1, "{}: {open:?}", t.name);
+        // 700 m³ so far; 600 m³ in the last 30 days; ~33.7 days left in the DGA year.
+        let year_end = open[0].value.expect("value");
+        assert!(
+            (1350.0..1380.0).contains(&year_end),
+            "{}: forecast {year_end}",
+            t.name
+        );
+        assert_eq!(open[0].threshold, Some(1000.0));
+        assert!(open[0].message.contains("700 m³"), "{}", open[0].message);
+
+        // A larger allowance clears it at the next evaluation.
+        let patch: caudal_cloud::catchment::point::PointPatch =
+            serde_json::from_str(r#"{"annual_volume_m3": 5000.0}"#).expect("patch");
+        caudal_cloud::catchment::point::update(&db, p, patch)
+            .await
+            .expect("update");
+        ev.evaluate(now + Duration::minutes(1)).await;
+        assert!(
+            open_alerts(&db, AlertKind::AnnualVolume).await.is_empty(),
+            "{}",
+            t.name
+        );
+        db.close().await;
     }
 }

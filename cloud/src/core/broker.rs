@@ -11,14 +11,23 @@
 //! The broker keeps nothing on disk: sessions and retained messages are lost when the process
 //! stops. That is safe for telemetry (agents re-send whatever the cloud did not acknowledge and
 //! re-publish their retained status on connect) and is why production fleets should use an
-//! external broker with persistence and per-site credentials.
+//! external broker with persistence.
+//!
+//! With a [`BrokerLogin`] (`mqtt.embedded.authenticate`), every CONNECT must carry a username and
+//! password: the v5 listener accepts only the cloud's own login (the ingest's), the v3.1.1
+//! listener the cloud's login or an agent's, checked by the given function (the catchment
+//! module's site credentials). A refused client is disconnected before CONNACK. rumqttd 0.20 has
+//! no topic ACLs: a logged-in client may publish to any topic.
 
-use crate::core::config::EmbeddedBrokerConfig;
+use crate::core::config::{EmbeddedBrokerConfig, Secret};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -38,6 +47,50 @@ pub enum BrokerError {
     Listener { addr: SocketAddr, reason: String },
     #[error("embedded broker: cannot spawn a thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// Checks an agent's MQTT username and password; resolves to whether it may connect.
+pub type AgentCheck =
+    Arc<dyn Fn(String, String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// How the embedded broker checks logins.
+#[derive(Clone)]
+pub struct BrokerLogin {
+    /// The cloud's own login (`mqtt.username`, `mqtt.password`): the ingest's, and the readiness
+    /// probe's. The only one the v5 listener accepts.
+    pub cloud_username: String,
+    pub cloud_password: Secret,
+    /// Every other login on the v3.1.1 listener.
+    pub agents: AgentCheck,
+}
+
+impl std::fmt::Debug for BrokerLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLogin")
+            .field("cloud_username", &self.cloud_username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerLogin {
+    /// Installs the check for one listener: agents are accepted only on the v3.1.1 one.
+    fn install(&self, settings: &mut ConnectionSettings, agents_too: bool) {
+        let login = self.clone();
+        settings.set_auth_handler(move |_client_id, username: String, password: String| {
+            let login = login.clone();
+            async move {
+                use subtle::ConstantTimeEq;
+                if username == login.cloud_username {
+                    return bool::from(
+                        password
+                            .as_bytes()
+                            .ct_eq(login.cloud_password.expose().as_bytes()),
+                    );
+                }
+                agents_too && (login.agents)(username, password).await
+            }
+        });
+    }
 }
 
 struct Listener {
@@ -74,8 +127,16 @@ impl std::fmt::Debug for EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts the broker and waits until both listeners accept connections. A port of 0 is
-    /// replaced by a port that was free a moment before.
+    /// replaced by a port that was free a moment before. Any client may connect.
     pub fn start(cfg: &EmbeddedBrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
+        EmbeddedBroker::start_with_login(cfg, None)
+    }
+
+    /// [`EmbeddedBroker::start`], and with `login` every client must log in.
+    pub fn start_with_login(
+        cfg: &EmbeddedBrokerConfig,
+        login: Option<BrokerLogin>,
+    ) -> Result<EmbeddedBroker, BrokerError> {
         // Binding first gives a clear error when the port is taken (a Mosquitto on 1883) instead
         // of a listener thread that dies while another broker answers our readiness probe.
         let v4 = probe(cfg.listen, "listen")?;
@@ -97,7 +158,7 @@ impl EmbeddedBroker {
             listeners: Vec::new(),
         };
         for (addr, is_v5) in [(v4, false), (v5, true)] {
-            let settings = ServerSettings {
+            let mut settings = ServerSettings {
                 name: format!("caudal-{}", if is_v5 { "v5" } else { "v4" }),
                 listen: addr,
                 tls: None,
@@ -111,6 +172,9 @@ impl EmbeddedBroker {
                     dynamic_filters: true,
                 },
             };
+            if let Some(l) = &login {
+                l.install(&mut settings.connections, !is_v5);
+            }
             let router_tx = router_tx.clone();
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let thread = thread::Builder::new()
@@ -144,7 +208,10 @@ impl EmbeddedBroker {
                 stop: Some(stop_tx),
                 thread: Some(thread),
             });
-            broker.wait_ready(addr, is_v5)?;
+            let probe_login = login
+                .as_ref()
+                .map(|l| (l.cloud_username.as_str(), l.cloud_password.expose()));
+            broker.wait_ready(addr, is_v5, probe_login)?;
         }
         tracing::info!(v4 = %v4, v5 = %v5, "embedded MQTT broker listening");
         Ok(broker)
@@ -167,10 +234,15 @@ impl EmbeddedBroker {
         }
     }
 
-    fn wait_ready(&mut self, addr: SocketAddr, is_v5: bool) -> Result<(), BrokerError> {
+    fn wait_ready(
+        &mut self,
+        addr: SocketAddr,
+        is_v5: bool,
+        login: Option<(&str, &str)>,
+    ) -> Result<(), BrokerError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if speaks_mqtt(addr, is_v5).is_ok() {
+            if speaks_mqtt(addr, is_v5, login).is_ok() {
                 return Ok(());
             }
             let finished = self
@@ -210,18 +282,11 @@ impl Drop for EmbeddedBroker {
 
 /// Connects to `addr` as an MQTT client (CONNECT, CONNACK, DISCONNECT), so readiness is "the
 /// listener answers MQTT", and rumqttd does not log a client that vanished before CONNECT.
-fn speaks_mqtt(addr: SocketAddr, v5: bool) -> std::io::Result<()> {
-    const CONNECT_V4: &[u8] = &[
-        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 1, b'p',
-    ];
-    // v5 adds the (empty) property length after keep-alive.
-    const CONNECT_V5: &[u8] = &[
-        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 1, b'p',
-    ];
+fn speaks_mqtt(addr: SocketAddr, v5: bool, login: Option<(&str, &str)>) -> std::io::Result<()> {
     const DISCONNECT: &[u8] = &[0xe0, 0];
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
-    s.write_all(if v5 { CONNECT_V5 } else { CONNECT_V4 })?;
+    s.write_all(&connect_packet(v5, login))?;
     let mut head = [0u8; 2];
     s.read_exact(&mut head)?;
     if head[0] != 0x20 || head[1] > 127 {
@@ -239,9 +304,77 @@ fn speaks_mqtt(addr: SocketAddr, v5: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A CONNECT packet: client id `p`, clean session, keep-alive 10 s, with the login when given
+/// (MQTT 3.1.1 §3.1, MQTT 5 §3.1; v5 adds an empty property length after the keep-alive).
+fn connect_packet(v5: bool, login: Option<(&str, &str)>) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&s[..usize::from(len)]);
+    }
+    let mut body = Vec::new();
+    string(&mut body, b"MQTT");
+    body.push(if v5 { 5 } else { 4 });
+    body.push(if login.is_some() {
+        0x02 | 0x80 | 0x40
+    } else {
+        0x02
+    });
+    body.extend_from_slice(&10u16.to_be_bytes());
+    if v5 {
+        body.push(0);
+    }
+    string(&mut body, b"p");
+    if let Some((user, password)) = login {
+        string(&mut body, user.as_bytes());
+        string(&mut body, password.as_bytes());
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
+}
+
 /// Checks that `addr` can be bound and returns it, with a port of 0 replaced by a free port.
 fn probe(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerError> {
     let l = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, key, source })?;
     l.local_addr()
         .map_err(|source| BrokerError::Bind { addr, key, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_packets_match_the_specification() {
+        assert_eq!(
+            connect_packet(false, None),
+            [
+                0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, 1, b'p'
+            ]
+        );
+        assert_eq!(
+            connect_packet(true, None),
+            [
+                0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 1, b'p'
+            ]
+        );
+        let p = connect_packet(false, Some(("u", &"x".repeat(200))));
+        // 13 + (2 + 1) + (2 + 200) = 218 bytes: a two-byte remaining length.
+        assert_eq!(&p[..4], &[0x10, 0xda, 0x01, 0]);
+        assert_eq!(p[10], 0xc2);
+        assert_eq!(p.len(), 3 + 218);
+    }
 }

@@ -47,6 +47,8 @@ pub enum ConfigError {
     UnknownService(String),
     #[error("configuration key mqtt.url: {0}")]
     MqttUrl(String),
+    #[error("configuration key mqtt.{key}: {reason}")]
+    Mqtt { key: &'static str, reason: String },
     #[error("configuration key auth.{key}: {reason}")]
     Auth { key: &'static str, reason: String },
 }
@@ -179,10 +181,11 @@ pub struct MqttConfig {
     /// with MQTT v5. Unset: a process that runs telemetry starts the embedded broker.
     #[serde(default)]
     pub url: Option<String>,
-    /// Username at the external broker.
+    /// Username at the external broker; with `mqtt.embedded.authenticate`, the cloud's own login
+    /// at the embedded broker.
     #[serde(default)]
     pub username: Option<String>,
-    /// Password at the external broker.
+    /// Password at the external broker, or at the embedded one (see `username`).
     #[serde(default)]
     pub password: Option<Secret>,
     /// PEM CA bundle that signed the external broker's certificate (required with `mqtts://`).
@@ -233,6 +236,10 @@ pub struct EmbeddedBrokerConfig {
     /// Most client connections at once.
     #[serde(default = "default_max_connections_broker")]
     pub max_connections: usize,
+    /// Require a login: agents with their site's credential (username = site id), the cloud's
+    /// ingest with `mqtt.username` and `mqtt.password` (then required).
+    #[serde(default)]
+    pub authenticate: bool,
 }
 
 fn default_embedded_v4() -> SocketAddr {
@@ -258,6 +265,7 @@ impl Default for EmbeddedBrokerConfig {
             listen_v5: default_embedded_v5(),
             max_payload_bytes: default_max_payload(),
             max_connections: default_max_connections_broker(),
+            authenticate: false,
         }
     }
 }
@@ -312,12 +320,12 @@ pub struct AlertsConfig {
     /// Seconds between evaluations.
     #[serde(default = "default_interval")]
     pub interval_s: u64,
-    /// A site not heard from for this long is offline, seconds.
-    #[serde(default = "default_offline_after")]
-    pub offline_after_s: u64,
     /// A device that reported before and has sent nothing for this long has no data, seconds.
     #[serde(default = "default_no_data_after")]
     pub no_data_after_s: u64,
+    /// Seconds between evaluations of the annual-volume rule, which reads the year's readings.
+    #[serde(default = "default_volume_interval")]
+    pub volume_interval_s: u64,
     /// How far back the no-data rule looks for devices that did report, days.
     #[serde(default = "default_lookback_days")]
     pub lookback_days: u32,
@@ -326,8 +334,8 @@ pub struct AlertsConfig {
 fn default_interval() -> u64 {
     60
 }
-fn default_offline_after() -> u64 {
-    900
+fn default_volume_interval() -> u64 {
+    3600
 }
 fn default_no_data_after() -> u64 {
     3600
@@ -341,8 +349,8 @@ impl Default for AlertsConfig {
         AlertsConfig {
             enabled: true,
             interval_s: default_interval(),
-            offline_after_s: default_offline_after(),
             no_data_after_s: default_no_data_after(),
+            volume_interval_s: default_volume_interval(),
             lookback_days: default_lookback_days(),
         }
     }
@@ -552,6 +560,25 @@ impl CloudConfig {
                 reason: "must be at least 1".to_string(),
             });
         }
+        if self.mqtt.url.is_none() && self.mqtt.embedded.authenticate {
+            let required = |key: &'static str| ConfigError::Mqtt {
+                key,
+                reason: "is required with mqtt.embedded.authenticate: it is the cloud's own login \
+                         at the embedded broker"
+                    .to_string(),
+            };
+            if self.mqtt.username.as_deref().is_none_or(str::is_empty) {
+                return Err(required("username"));
+            }
+            if self
+                .mqtt
+                .password
+                .as_ref()
+                .is_none_or(|p| p.expose().is_empty())
+            {
+                return Err(required("password"));
+            }
+        }
         if let Some(url) = &self.mqtt.url {
             let tls = url.starts_with("mqtts://");
             if !tls && !url.starts_with("mqtt://") {
@@ -640,6 +667,43 @@ mod tests {
             CloudConfig::load(None, env(&[("CAUDAL_AUTH__JWT_SECRET", secret)])).expect("valid");
         assert_eq!(c.auth.jwt_secret, Some(Secret::new(secret)));
         assert!(!format!("{c:?}").contains(secret));
+    }
+
+    #[test]
+    fn embedded_authentication_needs_the_clouds_own_login() {
+        let on = ("CAUDAL_MQTT__EMBEDDED__AUTHENTICATE", "true");
+        let e = CloudConfig::load(None, env(&[on]));
+        assert!(
+            matches!(
+                e,
+                Err(ConfigError::Mqtt {
+                    key: "username",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let e = CloudConfig::load(None, env(&[on, ("CAUDAL_MQTT__USERNAME", "caudal-cloud")]));
+        assert!(
+            matches!(
+                e,
+                Err(ConfigError::Mqtt {
+                    key: "password",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let c = CloudConfig::load(
+            None,
+            env(&[
+                on,
+                ("CAUDAL_MQTT__USERNAME", "caudal-cloud"),
+                ("CAUDAL_MQTT__PASSWORD", "a long secret"),
+            ]),
+        )
+        .expect("valid");
+        assert!(c.mqtt.embedded.authenticate);
     }
 
     #[test]

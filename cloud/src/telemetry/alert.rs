@@ -25,9 +25,11 @@ use crate::core::auth::Permission;
 use crate::core::config::AlertsConfig;
 use crate::core::db::{Db, from_sqlite_time, sqlite_time};
 use crate::core::metrics::KindLabels;
+use crate::telemetry::query::{self, Bucket, QueryError};
 use crate::users::Caller;
 use axum::Json;
 use axum::extract::{Path, State};
+use caudal_common::SiteId;
 use chrono::{DateTime, Duration, Utc};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -184,6 +186,15 @@ impl AlertMetrics {
     }
 }
 
+/// Why a rule could not say what fires.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
 /// What one reconciliation changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reconciled {
@@ -198,6 +209,9 @@ pub struct Evaluator {
     config: AlertsConfig,
     db: Db,
     metrics: AlertMetrics,
+    /// When the annual-volume rule last ran: it reads the year's readings, so it runs every
+    /// `volume_interval_s`, not every round.
+    volume_ran: std::sync::Mutex<Option<DateTime<Utc>>>,
 }
 
 impl Evaluator {
@@ -206,6 +220,7 @@ impl Evaluator {
             config,
             db,
             metrics,
+            volume_ran: std::sync::Mutex::new(None),
         }
     }
 
@@ -282,12 +297,10 @@ impl Evaluator {
         &self,
         kind: AlertKind,
         now: DateTime<Utc>,
-    ) -> Result<Option<Vec<Firing>>, sqlx::Error> {
+    ) -> Result<Option<Vec<Firing>>, RuleError> {
         let c = &self.config;
         Ok(Some(match kind {
-            AlertKind::SiteOffline => {
-                site_offline(&self.db, now, Duration::seconds(secs(c.offline_after_s))).await?
-            }
+            AlertKind::SiteOffline => site_offline(&self.db, now).await?,
             AlertKind::NoData => {
                 no_data(
                     &self.db,
@@ -301,7 +314,28 @@ impl Evaluator {
                 totalizer_backwards(&self.db, now - Duration::days(i64::from(c.lookback_days)))
                     .await?
             }
-            AlertKind::FlowAboveAuthorized | AlertKind::AnnualVolume => return Ok(None),
+            AlertKind::FlowAboveAuthorized => {
+                flow_above_authorized(&self.db, now - Duration::seconds(secs(c.no_data_after_s)))
+                    .await?
+            }
+            AlertKind::AnnualVolume => {
+                let due = {
+                    let last = self
+                        .volume_ran
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    last.is_none_or(|t| now - t >= Duration::seconds(secs(c.volume_interval_s)))
+                };
+                if !due {
+                    return Ok(None);
+                }
+                let firing = annual_volume(&self.db, now).await?;
+                *self
+                    .volume_ran
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+                firing
+            }
         }))
     }
 }
@@ -326,54 +360,48 @@ fn ago(d: Duration) -> String {
 // ---------------------------------------------------------------------------------------------
 // Rules
 
-/// Active sites whose agent was last heard (status or batch) longer ago than `after`, or never
-/// heard and registered longer ago than `after`.
-pub async fn site_offline(
-    db: &Db,
-    now: DateTime<Utc>,
-    after: Duration,
-) -> Result<Vec<Firing>, sqlx::Error> {
-    let rows: Vec<(String, DateTime<Utc>, bool)> = match db {
+/// Active sites whose agent was last heard (status or batch) longer ago than the site's
+/// `offline_after_s`, or never heard and registered longer ago than that.
+pub async fn site_offline(db: &Db, now: DateTime<Utc>) -> Result<Vec<Firing>, sqlx::Error> {
+    let sql = "SELECT s.id, s.created_at, s.offline_after_s, st.last_seen FROM sites s \
+               LEFT JOIN site_status st ON st.site = s.id WHERE s.active";
+    // (site, last heard or registered, heard at all, threshold)
+    let rows: Vec<(String, DateTime<Utc>, bool, Duration)> = match db {
         Db::Sqlite(p) => {
-            let rows = sqlx::query(
-                "SELECT s.id, s.created_at, st.last_seen FROM sites s \
-                 LEFT JOIN site_status st ON st.site = s.id WHERE s.active",
-            )
-            .fetch_all(p)
-            .await?;
+            let rows = sqlx::query(sql).fetch_all(p).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let created: i64 = r.try_get("created_at")?;
                 let seen: Option<i64> = r.try_get("last_seen")?;
-                let t = seen.unwrap_or(created);
                 out.push((
                     r.try_get("id")?,
-                    from_sqlite_time(t).unwrap_or_default(),
+                    from_sqlite_time(seen.unwrap_or(created)).unwrap_or_default(),
                     seen.is_some(),
+                    Duration::seconds(r.try_get("offline_after_s")?),
                 ));
             }
             out
         }
         Db::Postgres(p) => {
-            let rows = sqlx::query(
-                "SELECT s.id, s.created_at, st.last_seen FROM sites s \
-                 LEFT JOIN site_status st ON st.site = s.id WHERE s.active",
-            )
-            .fetch_all(p)
-            .await?;
+            let rows = sqlx::query(sql).fetch_all(p).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let created: DateTime<Utc> = r.try_get("created_at")?;
                 let seen: Option<DateTime<Utc>> = r.try_get("last_seen")?;
-                out.push((r.try_get("id")?, seen.unwrap_or(created), seen.is_some()));
+                out.push((
+                    r.try_get("id")?,
+                    seen.unwrap_or(created),
+                    seen.is_some(),
+                    Duration::seconds(r.try_get("offline_after_s")?),
+                ));
             }
             out
         }
     };
     Ok(rows
         .into_iter()
-        .filter(|(_, t, _)| now - *t > after)
-        .map(|(site, t, heard)| Firing {
+        .filter(|(_, t, _, after)| now - *t > *after)
+        .map(|(site, t, heard, after)| Firing {
             subject: format!("site/{site}"),
             message: if heard {
                 format!("site {site}: agent not heard from for {}", ago(now - t))
@@ -569,6 +597,227 @@ pub async fn totalizer_backwards(db: &Db, from: DateTime<Utc>) -> Result<Vec<Fir
     Ok(v)
 }
 
+/// A catchment point's right, with the devices that measure it.
+#[derive(Debug, Clone)]
+struct PointRight {
+    id: i64,
+    label: String,
+    limit: f64,
+    devices: Vec<(SiteId, String)>,
+}
+
+/// Active points with a right of `column` (`authorized_flow_lps` or `annual_volume_m3`) and
+/// their active devices on active sites.
+async fn point_rights(db: &Db, column: &str) -> Result<Vec<PointRight>, sqlx::Error> {
+    let sql = format!(
+        "SELECT p.id, p.name, p.obra_code, p.{column} AS limit_value, d.site, d.id AS device \
+         FROM catchment_points p \
+         JOIN devices d ON d.point_id = p.id AND d.active \
+         JOIN sites s ON s.id = d.site AND s.active \
+         WHERE p.active AND p.{column} IS NOT NULL ORDER BY p.id, d.site, d.id"
+    );
+    let rows: Vec<(i64, String, Option<String>, f64, String, String)> = match db {
+        Db::Sqlite(p) => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(p)
+                .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(p)
+                .await?
+        }
+    };
+    let mut out: Vec<PointRight> = Vec::new();
+    for (id, name, obra, limit, site, device) in rows {
+        let Ok(site) = SiteId::new(&site) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(p) if p.id == id => p.devices.push((site, device)),
+            _ => out.push(PointRight {
+                id,
+                label: match obra {
+                    Some(code) => format!("point {id} ({name}, {code})"),
+                    None => format!("point {id} ({name})"),
+                },
+                limit,
+                devices: vec![(site, device)],
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Points whose flow now — the sum of each of their devices' latest flow reading since
+/// `fresh_from` — is above the authorized flow.
+pub async fn flow_above_authorized(
+    db: &Db,
+    fresh_from: DateTime<Utc>,
+) -> Result<Vec<Firing>, sqlx::Error> {
+    let mut out = Vec::new();
+    for point in point_rights(db, "authorized_flow_lps").await? {
+        let mut total = 0.0;
+        let mut latest: Option<DateTime<Utc>> = None;
+        for (site, device) in &point.devices {
+            let row: Option<(f64, DateTime<Utc>)> = match db {
+                Db::Sqlite(p) => sqlx::query_as::<_, (f64, i64)>(
+                    "SELECT flow_lps, ts FROM readings WHERE site = ? AND device = ? \
+                     AND ts >= ? AND flow_lps IS NOT NULL ORDER BY ts DESC LIMIT 1",
+                )
+                .bind(site.as_str())
+                .bind(device)
+                .bind(sqlite_time(fresh_from))
+                .fetch_optional(p)
+                .await?
+                .map(|(f, t)| (f, from_sqlite_time(t).unwrap_or_default())),
+                Db::Postgres(p) => {
+                    sqlx::query_as(
+                        "SELECT flow_lps, ts FROM readings WHERE site = $1 AND device = $2 \
+                         AND ts >= $3 AND flow_lps IS NOT NULL ORDER BY ts DESC LIMIT 1",
+                    )
+                    .bind(site.as_str())
+                    .bind(device)
+                    .bind(fresh_from)
+                    .fetch_optional(p)
+                    .await?
+                }
+            };
+            if let Some((flow, ts)) = row.filter(|(f, _)| f.is_finite()) {
+                total += flow;
+                latest = latest.max(Some(ts));
+            }
+        }
+        let Some(at) = latest else { continue };
+        if total > point.limit {
+            out.push(Firing {
+                subject: format!("point/{}", point.id),
+                site: point.devices.first().map(|(s, _)| s.to_string()),
+                device: None,
+                point_id: Some(point.id),
+                since: at,
+                value: Some(total),
+                threshold: Some(point.limit),
+                message: format!(
+                    "{}: flow {total:.2} L/s at {}, above the authorized {:.2} L/s",
+                    point.label,
+                    at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    point.limit
+                ),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Offset of the time the DGA counts in (Chile, fixed UTC-4 all year): water years and the
+/// annual allowance run on calendar years in that time.
+const DGA_OFFSET_HOURS: i32 = -4;
+
+/// Start of the calendar year (DGA time) that `now` falls in, and of the next one, in UTC.
+pub fn dga_year(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    use chrono::{Datelike, FixedOffset, TimeZone};
+    let tz = FixedOffset::east_opt(DGA_OFFSET_HOURS * 3600).expect("a constant offset under 24 h");
+    let year = now.with_timezone(&tz).year();
+    let start = |y: i32| {
+        tz.with_ymd_and_hms(y, 1, 1, 0, 0, 0)
+            .single()
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or(now)
+    };
+    (start(year), start(year + 1))
+}
+
+/// Days the pace of extraction is taken over.
+const PACE_DAYS: i64 = 30;
+
+/// What a point is on course to extract in the year: so far, and at the pace of the last
+/// [`PACE_DAYS`] days until the year ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Forecast {
+    pub so_far_m3: f64,
+    pub year_end_m3: f64,
+}
+
+/// The forecast from the daily volumes of the year so far (`(day start, m³)`).
+pub fn forecast(
+    days: &[(DateTime<Utc>, f64)],
+    year: (DateTime<Utc>, DateTime<Utc>),
+    now: DateTime<Utc>,
+) -> Forecast {
+    let so_far: f64 = days.iter().map(|(_, v)| v).sum();
+    let pace_from = (now - Duration::days(PACE_DAYS)).max(year.0);
+    let recent: f64 = days
+        .iter()
+        .filter(|(t, _)| *t >= pace_from)
+        .map(|(_, v)| v)
+        .sum();
+    let window = (now - pace_from).num_seconds().max(3600) as f64;
+    let remaining = (year.1 - now).num_seconds().max(0) as f64;
+    Forecast {
+        so_far_m3: so_far,
+        year_end_m3: so_far + recent / window * remaining,
+    }
+}
+
+/// Points whose extracted volume this year, at the pace of the last 30 days, ends the year past
+/// their annual allowance (or already is past it).
+pub async fn annual_volume(db: &Db, now: DateTime<Utc>) -> Result<Vec<Firing>, RuleError> {
+    let year = dga_year(now);
+    let mut out = Vec::new();
+    for point in point_rights(db, "annual_volume_m3").await? {
+        let mut days: Vec<(DateTime<Utc>, f64)> = Vec::new();
+        for (site, device) in &point.devices {
+            let buckets =
+                query::aggregate(db, site, Some(device), year.0, now, Bucket::Day).await?;
+            days.extend(
+                buckets
+                    .into_iter()
+                    .filter_map(|b| b.volume_m3.map(|v| (b.start, v))),
+            );
+        }
+        if days.is_empty() {
+            continue;
+        }
+        let f = forecast(&days, year, now);
+        if f.year_end_m3 <= point.limit {
+            continue;
+        }
+        let pct = |v: f64| v / point.limit * 100.0;
+        let message = if f.so_far_m3 > point.limit {
+            format!(
+                "{}: {:.0} m³ extracted this year, past the annual allowance of {:.0} m³ ({:.0} %)",
+                point.label,
+                f.so_far_m3,
+                point.limit,
+                pct(f.so_far_m3)
+            )
+        } else {
+            format!(
+                "{}: {:.0} m³ extracted this year ({:.0} % of {:.0} m³); at the last {PACE_DAYS} \
+                 days' pace the year ends at {:.0} m³ ({:.0} %)",
+                point.label,
+                f.so_far_m3,
+                pct(f.so_far_m3),
+                point.limit,
+                f.year_end_m3,
+                pct(f.year_end_m3)
+            )
+        };
+        out.push(Firing {
+            subject: format!("point/{}", point.id),
+            site: point.devices.first().map(|(s, _)| s.to_string()),
+            device: None,
+            point_id: Some(point.id),
+            since: now,
+            value: Some(f.year_end_m3),
+            threshold: Some(point.limit),
+            message,
+        });
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Storage
 
@@ -665,11 +914,11 @@ async fn reconcile_sqlite(
             Step::Skip => {}
             Step::Refresh(id) => {
                 sqlx::query(
-                    "UPDATE alerts SET updated_at = ?, since = ?, value = ?, threshold = ?, \
+                    "UPDATE alerts SET updated_at = ?, since = COALESCE(?, since), value = ?, threshold = ?, \
                      message = ? WHERE id = ?",
                 )
                 .bind(now_t)
-                .bind(sqlite_time(f.since))
+                .bind((!kind.closes_itself()).then(|| sqlite_time(f.since)))
                 .bind(f.value)
                 .bind(f.threshold)
                 .bind(&f.message)
@@ -757,11 +1006,11 @@ async fn reconcile_pg(
             Step::Skip => {}
             Step::Refresh(id) => {
                 sqlx::query(
-                    "UPDATE alerts SET updated_at = $1, since = $2, value = $3, threshold = $4, \
+                    "UPDATE alerts SET updated_at = $1, since = COALESCE($2, since), value = $3, threshold = $4, \
                      message = $5 WHERE id = $6",
                 )
                 .bind(now)
-                .bind(f.since)
+                .bind((!kind.closes_itself()).then_some(f.since))
                 .bind(f.value)
                 .bind(f.threshold)
                 .bind(&f.message)
@@ -1247,6 +1496,47 @@ mod tests {
             step(AlertKind::NoData, &f, &known),
             Step::Refresh(7)
         ));
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_dga_year_runs_on_utc_minus_4() {
+        // 2027-01-01T02:00Z is still 2026-12-31 22:00 in Chile's DGA time.
+        let (start, end) = dga_year(at("2027-01-01T02:00:00Z"));
+        assert_eq!(start, at("2026-01-01T04:00:00Z"));
+        assert_eq!(end, at("2027-01-01T04:00:00Z"));
+        assert_eq!(
+            dga_year(at("2027-01-01T04:00:00Z")).0,
+            at("2027-01-01T04:00:00Z")
+        );
+    }
+
+    #[test]
+    fn the_forecast_adds_the_recent_pace_for_the_rest_of_the_year() {
+        let year = (at("2026-01-01T04:00:00Z"), at("2027-01-01T04:00:00Z"));
+        let now = at("2026-07-02T16:00:00Z"); // half the year gone
+        // 100 m³ long ago, then 3 m³ a day for the last 30 days.
+        let mut days = vec![(at("2026-02-01T00:00:00Z"), 100.0)];
+        for d in 1..=30 {
+            days.push((now - Duration::days(d), 3.0));
+        }
+        let f = forecast(&days, year, now);
+        assert!((f.so_far_m3 - 190.0).abs() < 1e-9);
+        let expected = 190.0 + 3.0 * (year.1 - now).num_seconds() as f64 / 86_400.0;
+        assert!(
+            (f.year_end_m3 - expected).abs() < 1e-6,
+            "{f:?} vs {expected}"
+        );
+        // Nothing recent: the year ends where it stands.
+        let quiet = forecast(&days[..1], year, now);
+        assert_eq!(quiet.year_end_m3, 100.0);
+        // At the year's end nothing is left to add.
+        assert_eq!(forecast(&days, year, year.1).year_end_m3, 190.0);
     }
 
     #[test]
