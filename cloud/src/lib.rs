@@ -16,6 +16,7 @@
 //! when none is configured, the embedded one this process starts.
 
 pub mod catchment;
+pub mod cli;
 pub mod core;
 pub mod telemetry;
 pub mod users;
