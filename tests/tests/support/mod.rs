@@ -112,9 +112,15 @@ impl Proc {
 
     /// Sends `sig` and waits for the exit; `Err` names what went wrong.
     fn signal_and_reap(&mut self, sig: libc::c_int) -> Result<ExitStatus, String> {
-        let mut child = self.child.take().ok_or(format!("{} is not running", self.name))?;
+        let mut child = self
+            .child
+            .take()
+            .ok_or(format!("{} is not running", self.name))?;
         if let Some(status) = child.try_wait().expect("try_wait") {
-            return Err(format!("{} exited on its own before the signal: {status}", self.name));
+            return Err(format!(
+                "{} exited on its own before the signal: {status}",
+                self.name
+            ));
         }
         send_signal(child.id(), sig);
         let deadline = Instant::now() + EXIT_TIMEOUT;
@@ -160,7 +166,12 @@ fn send_signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) takes plain integers; `pid` is our child, not yet reaped, so it cannot
     // name another process.
     let r = unsafe { libc::kill(pid, sig) };
-    assert_eq!(r, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A loopback address whose port was free a moment ago.
@@ -257,7 +268,11 @@ impl CloudDb {
 
     async fn db(&mut self) -> &Db {
         if self.db.is_none() {
-            self.db = Some(Db::connect(&self.url, 2).await.expect("cloud database opens"));
+            self.db = Some(
+                Db::connect(&self.url, 2)
+                    .await
+                    .expect("cloud database opens"),
+            );
         }
         self.db.as_ref().expect("just opened")
     }
@@ -273,8 +288,10 @@ impl CloudDb {
                 _ => "SELECT site, seq FROM gaps",
             };
             let rows = fetch!(db, (String, i64), sql).expect("telemetry rows read");
-            s.rows
-                .extend(rows.into_iter().map(|(site, seq)| (site, seq as u64, table)));
+            s.rows.extend(
+                rows.into_iter()
+                    .map(|(site, seq)| (site, seq as u64, table)),
+            );
         }
         let gaps = fetch!(
             db,
@@ -291,12 +308,8 @@ impl CloudDb {
                 to: Seq(to as u64),
             });
         }
-        let dead = fetch!(
-            db,
-            (Option<String>,),
-            "SELECT site FROM dead_letters"
-        )
-        .expect("dead letters read");
+        let dead = fetch!(db, (Option<String>,), "SELECT site FROM dead_letters")
+            .expect("dead letters read");
         for (site,) in dead {
             *s.dead_letters.entry(site.unwrap_or_default()).or_default() += 1;
         }
@@ -342,10 +355,16 @@ pub enum BrokerChoice {
 }
 
 enum Mqtt {
-    Embedded { v4: SocketAddr, v5: SocketAddr },
+    Embedded {
+        v4: SocketAddr,
+        v5: SocketAddr,
+    },
     Standalone(Broker),
     /// An external broker (`CAUDAL_TEST_MQTT_URL`), reached directly or through a relay.
-    External { url: String, relay: Option<Relay> },
+    External {
+        url: String,
+        relay: Option<Relay>,
+    },
 }
 
 impl Mqtt {
@@ -378,7 +397,9 @@ impl Mqtt {
             Mqtt::External { relay: Some(r), .. } => r.addr,
             Mqtt::External { url, .. } => {
                 let hostport = url.trim_start_matches("mqtt://").trim_end_matches('/');
-                hostport.parse().expect("CAUDAL_TEST_MQTT_URL is mqtt://<ip>:<port>")
+                hostport
+                    .parse()
+                    .expect("CAUDAL_TEST_MQTT_URL is mqtt://<ip>:<port>")
             }
         }
     }
@@ -468,6 +489,10 @@ pub struct SiteSpec {
     pub meters: Vec<Meter>,
     /// `[outbox] disk_budget_mb`.
     pub disk_budget_mb: u64,
+    /// Extra lines of `[uplink]`.
+    pub uplink: &'static str,
+    /// Extra lines of the bus table.
+    pub bus: &'static str,
 }
 
 impl SiteSpec {
@@ -475,6 +500,8 @@ impl SiteSpec {
         SiteSpec {
             meters: meters(n_meters),
             disk_budget_mb: 64,
+            uplink: "",
+            bus: "",
         }
     }
 }
@@ -511,11 +538,13 @@ impl Site {
         writeln!(
             toml,
             "[site]\nid = \"{id}\"\ndata_dir = \"{}\"\n\n[outbox]\ndisk_budget_mb = {}\n\n\
-             [uplink]\nbroker = \"{broker_url}\"\n{UPLINK}\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+             [uplink]\nbroker = \"{broker_url}\"\n{UPLINK}\n{}\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
              [clock]\nrequire_ntp_sync = false\n\n[[bus]]\nname = \"sim\"\nkind = \"tcp\"\n\
-             address = \"{sim_addr}\"",
+             address = \"{sim_addr}\"\n{}",
             sdir.join("data").display(),
             spec.disk_budget_mb,
+            spec.uplink,
+            spec.bus,
         )
         .expect("write");
         for m in &spec.meters {
@@ -540,7 +569,10 @@ impl Site {
                 .iter()
                 .find(|m| m.id == d.id.as_str())
                 .expect("meter of device");
-            sim = sim.with_unit(d.unit, SimulatedMeter::new(d.points.clone(), m.model.clone()));
+            sim = sim.with_unit(
+                d.unit,
+                SimulatedMeter::new(d.points.clone(), m.model.clone()),
+            );
         }
         let handle = sim.handle();
         let sim_task = tokio::spawn(async move {
@@ -548,7 +580,12 @@ impl Site {
         });
         let cfg = config_path.display().to_string();
         Site {
-            agent: Proc::new(&format!("agent-{id}"), dir, AGENT_BIN, &["--config", &cfg, "run"]),
+            agent: Proc::new(
+                &format!("agent-{id}"),
+                dir,
+                AGENT_BIN,
+                &["--config", &cfg, "run"],
+            ),
             id,
             outbox_path: resolved.outbox_path.clone(),
             config_path,
@@ -696,7 +733,10 @@ impl Scene {
 
     /// Runs a one-shot cloud command (`site add`, ...) to completion.
     pub fn cloud_cli(&self, args: &[&str]) -> String {
-        let mut all = vec!["--config".to_string(), self.cloud_config.display().to_string()];
+        let mut all = vec![
+            "--config".to_string(),
+            self.cloud_config.display().to_string(),
+        ];
         all.extend(args.iter().map(|a| a.to_string()));
         let out = Proc::command(Path::new(CLOUD_BIN), &all)
             .stdin(Stdio::null())
@@ -717,17 +757,24 @@ impl Scene {
     pub async fn start_cloud(&mut self) {
         self.cloud.spawn();
         let http = self.http;
-        self.wait("the cloud's ingest to subscribe", Duration::from_secs(30), |_| {
-            http_get(http, "/metrics")
-                .filter(|m| m.contains("caudal_cloud_ingest_subscribed 1"))
-                .map(|_| ())
-        })
+        self.wait(
+            "the cloud's ingest to subscribe",
+            Duration::from_secs(30),
+            |_| {
+                http_get(http, "/metrics")
+                    .filter(|m| m.contains("caudal_cloud_ingest_subscribed 1"))
+                    .map(|_| ())
+            },
+        )
         .await;
     }
 
     /// SIGKILLs the cloud (as a crash or the OOM killer would).
     pub fn kill_cloud(&mut self) {
-        let status = self.cloud.signal_and_reap(libc::SIGKILL).unwrap_or_else(|e| self.fail(&e));
+        let status = self
+            .cloud
+            .signal_and_reap(libc::SIGKILL)
+            .unwrap_or_else(|e| self.fail(&e));
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(libc::SIGKILL),
@@ -737,7 +784,10 @@ impl Scene {
 
     /// SIGTERMs the cloud and expects a clean exit.
     pub fn stop_cloud(&mut self) {
-        let status = self.cloud.signal_and_reap(libc::SIGTERM).unwrap_or_else(|e| self.fail(&e));
+        let status = self
+            .cloud
+            .signal_and_reap(libc::SIGTERM)
+            .unwrap_or_else(|e| self.fail(&e));
         if !status.success() {
             self.fail(&format!("the cloud stopped with {status}"));
         }
@@ -858,11 +908,15 @@ impl Scene {
 
     fn check_alive(&mut self, what: &str) {
         if let Some(status) = self.cloud.exited() {
-            self.fail(&format!("waiting for {what}: the cloud exited with {status}"));
+            self.fail(&format!(
+                "waiting for {what}: the cloud exited with {status}"
+            ));
         }
         for i in 0..self.sites.len() {
             if let Some(status) = self.sites[i].agent.exited() {
-                self.fail(&format!("waiting for {what}: agent {i} exited with {status}"));
+                self.fail(&format!(
+                    "waiting for {what}: agent {i} exited with {status}"
+                ));
             }
         }
     }
@@ -911,7 +965,11 @@ impl Scene {
     /// site, and no dead letter of these sites.
     pub async fn prove(&mut self) -> Proof {
         for s in &self.sites {
-            assert!(!s.agent.is_running(), "stop agent {} before the proof", s.id);
+            assert!(
+                !s.agent.is_running(),
+                "stop agent {} before the proof",
+                s.id
+            );
         }
         let stored = self.db.stored().await;
         let mut proof = Proof::default();
@@ -923,7 +981,9 @@ impl Scene {
             .filter(|s| !ids.contains(s))
             .collect();
         if !foreign.is_empty() {
-            self.fail(&format!("the cloud stored rows of other sites: {foreign:?}"));
+            self.fail(&format!(
+                "the cloud stored rows of other sites: {foreign:?}"
+            ));
         }
         let mut problems = Vec::new();
         for i in 0..self.sites.len() {
@@ -931,7 +991,10 @@ impl Scene {
             let ins = site.inspect().expect("outbox readable");
             let last = ins.last_seq.expect("the agent committed records");
             if site.epochs != BTreeSet::from([ins.epoch]) {
-                problems.push(format!("{}: epochs {:?}, expected one", site.id, site.epochs));
+                problems.push(format!(
+                    "{}: epochs {:?}, expected one",
+                    site.id, site.epochs
+                ));
             }
             let committed: BTreeSet<u64> = (1..=last.counter())
                 .map(|c| Seq::new(ins.epoch, c).0)
@@ -992,7 +1055,11 @@ impl Scene {
             proof.eviction_gaps += evicted.len() as u64;
         }
         if !problems.is_empty() {
-            self.fail(&format!("{}: the proof failed:\n{}", self.name, problems.join("\n")));
+            self.fail(&format!(
+                "{}: the proof failed:\n{}",
+                self.name,
+                problems.join("\n")
+            ));
         }
         proof.sites = self.sites.len();
         proof
