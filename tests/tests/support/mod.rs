@@ -491,8 +491,13 @@ pub struct SiteSpec {
     pub disk_budget_mb: u64,
     /// Extra lines of `[uplink]`.
     pub uplink: &'static str,
-    /// Extra lines of the bus table.
+    /// Extra lines of every bus table.
     pub bus: &'static str,
+    /// `[uplink] batch_max_records`.
+    pub batch_max_records: u32,
+    /// Buses (TCP connections to the site's simulator) the meters are spread over, polled in
+    /// parallel.
+    pub buses: usize,
 }
 
 impl SiteSpec {
@@ -502,13 +507,15 @@ impl SiteSpec {
             disk_budget_mb: 64,
             uplink: "",
             bus: "",
+            batch_max_records: 50,
+            buses: 1,
         }
     }
 }
 
 /// Uplink settings: small batches sent fast, a short ack timeout and quick reconnects, so
 /// outages and lost acks resolve within seconds.
-const UPLINK: &str = "keep_alive_s = 5\nbatch_max_records = 50\nbatch_max_age_ms = 100\n\
+const UPLINK: &str = "keep_alive_s = 5\nbatch_max_age_ms = 100\n\
                       ack_timeout_s = 2\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
                       status_interval_s = 2";
 
@@ -538,22 +545,29 @@ impl Site {
         writeln!(
             toml,
             "[site]\nid = \"{id}\"\ndata_dir = \"{}\"\n\n[outbox]\ndisk_budget_mb = {}\n\n\
-             [uplink]\nbroker = \"{broker_url}\"\n{UPLINK}\n{}\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
-             [clock]\nrequire_ntp_sync = false\n\n[[bus]]\nname = \"sim\"\nkind = \"tcp\"\n\
-             address = \"{sim_addr}\"\n{}",
+             [uplink]\nbroker = \"{broker_url}\"\nbatch_max_records = {}\n{UPLINK}\n{}\n\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[clock]\nrequire_ntp_sync = false",
             sdir.join("data").display(),
             spec.disk_budget_mb,
+            spec.batch_max_records,
             spec.uplink,
-            spec.bus,
         )
         .expect("write");
-        for m in &spec.meters {
+        for b in 0..spec.buses {
             writeln!(
                 toml,
-                "\n[[bus.device]]\nid = \"{}\"\nunit = {}\nprofile = \"{}\"\nperiod_s = 1",
-                m.id, m.unit, m.profile
+                "\n[[bus]]\nname = \"sim{b}\"\nkind = \"tcp\"\naddress = \"{sim_addr}\"\n{}",
+                spec.bus
             )
             .expect("write");
+            for m in spec.meters.iter().skip(b).step_by(spec.buses) {
+                writeln!(
+                    toml,
+                    "\n[[bus.device]]\nid = \"{}\"\nunit = {}\nprofile = \"{}\"\nperiod_s = 1",
+                    m.id, m.unit, m.profile
+                )
+                .expect("write");
+            }
         }
         let config_path = sdir.join("agent.toml");
         std::fs::write(&config_path, &toml).expect("agent config written");
@@ -563,7 +577,7 @@ impl Site {
         let profiles = config.load_profiles().expect("profiles load");
         let resolved = config.resolve(&profiles).expect("agent config resolves");
         let mut sim = Simulator::new();
-        for d in &resolved.buses[0].devices {
+        for d in resolved.buses.iter().flat_map(|b| &b.devices) {
             let m = spec
                 .meters
                 .iter()
