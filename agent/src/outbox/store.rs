@@ -309,7 +309,7 @@ impl Outbox {
             loop {
                 let gap_cost = gaps
                     .iter()
-                    .map(|g| gap_cost_bound(g))
+                    .map(gap_cost_bound)
                     .sum::<Result<u64, OutboxError>>()?;
                 let used = meta.record_bytes + meta.record_count * ROW_OVERHEAD_BYTES;
                 let over = (used + incoming + gap_cost).saturating_sub(budget);
