@@ -3,8 +3,9 @@
 //!
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
-//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage). The whole
-//! process is wired in [`Cloud::start`], so the flow reads in one place:
+//! access check), [`catchment`] (sites), [`telemetry`] (MQTT ingest and storage), [`cli`] (the
+//! command line `main.rs` calls). The whole process is wired in [`Cloud::start`], so the flow
+//! reads in one place:
 //!
 //! ```text
 //!  config ─▶ Db::connect ─▶ migrate ─▶ [embedded broker]? ─▶ [ingest: dispatcher + workers]?
