@@ -24,7 +24,6 @@ async fn backlog_drains_after_the_broker_returns() {
     scene.wait_drained(Duration::from_secs(20)).await;
 
     scene.stop_broker();
-    let before = scene.db.stored().await.rows.len();
     let down_at: Vec<Seq> = scene
         .sites
         .iter_mut()
@@ -38,6 +37,27 @@ async fn backlog_drains_after_the_broker_returns() {
                 sc.sites
                     .iter_mut()
                     .all(|s| s.inspect().is_some_and(|i| i.backlog >= 8))
+                    .then_some(())
+            },
+        )
+        .await;
+    // Read well inside the outage (a batch the cloud took just before the broker went away may
+    // still have been committing when it did): two more poll periods store nothing.
+    let before = scene.db.stored().await.rows.len();
+    let grown: Vec<u64> = scene
+        .sites
+        .iter_mut()
+        .map(|s| s.inspect().map(|i| i.backlog).unwrap_or(0))
+        .collect();
+    scene
+        .wait(
+            "two more poll periods of backlog",
+            Duration::from_secs(20),
+            |sc| {
+                sc.sites
+                    .iter_mut()
+                    .zip(&grown)
+                    .all(|(s, g)| s.inspect().is_some_and(|i| i.backlog >= g + 4))
                     .then_some(())
             },
         )

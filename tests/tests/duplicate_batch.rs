@@ -90,7 +90,6 @@ async fn a_batch_delivered_twice_is_stored_once_and_acknowledged_again() {
         .chain(batch.gaps.iter().map(|g| g.seq.0))
         .collect();
     let first = next_ack(&mut rx, &acks, &batch.batch).await;
-    assert_eq!(first.status, AckStatus::Accepted, "{first:?}");
     let id = scene.sites[0].id.clone();
     let stored_once = scene.db.stored().await;
     let have = stored_once.seqs(&id);
@@ -105,7 +104,6 @@ async fn a_batch_delivered_twice_is_stored_once_and_acknowledged_again() {
         .await
         .expect("publish");
     let again = next_ack(&mut rx, &acks, &batch.batch).await;
-    assert_eq!(again.status, AckStatus::Accepted, "{again:?}");
     assert_eq!(
         again.seqs, first.seqs,
         "the repeat is acknowledged for the same seqs"
@@ -142,14 +140,20 @@ async fn next(rx: &mut mpsc::Receiver<(String, Vec<u8>)>) -> (String, Vec<u8>) {
         .expect("listener running")
 }
 
-/// The next ack of `batch` on `acks`, skipping other messages.
+/// The next accepting ack of `batch` on `acks`, skipping other messages. Rejections are
+/// skipped too: on a shared broker another cloud, where this site is unknown, may answer as well
+/// (this scene's cloud has the site registered; if it refused, no accepting ack comes and the
+/// wait fails).
 async fn next_ack(rx: &mut mpsc::Receiver<(String, Vec<u8>)>, acks: &str, batch: &str) -> Ack {
     loop {
         let (t, p) = next(rx).await;
         if t == acks {
             let a: Ack = decode(&p).expect("the cloud's ack decodes");
             if a.batch == batch {
-                return a;
+                if a.status == AckStatus::Accepted {
+                    return a;
+                }
+                eprintln!("duplicate: skipping {a:?}");
             }
         }
     }
