@@ -4,8 +4,9 @@
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
 //! access check), [`catchment`] (catchment points, sites and their MQTT credentials, devices),
-//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts). The whole
-//! process is wired in [`Cloud::start`], so the flow reads in one place:
+//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts), [`cli`] (the command line
+//! `main.rs` calls). The whole process is wired in [`Cloud::start`], so the flow reads in one
+//! place:
 //!
 //! ```text
 //!  config ─▶ Db::connect ─▶ migrate ─▶ [embedded broker]? ─▶ [ingest: dispatcher + workers]?
@@ -18,6 +19,7 @@
 //! when none is configured, the embedded one this process starts.
 
 pub mod catchment;
+pub mod cli;
 pub mod core;
 pub mod telemetry;
 pub mod users;

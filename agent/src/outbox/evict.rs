@@ -64,6 +64,29 @@ fn next_victim(rows: &mut rusqlite::Rows<'_>, held: bool) -> rusqlite::Result<Op
     }))
 }
 
+/// Folds the gaps of a further eviction round into those of the earlier rounds of the same
+/// append: still one gap per device, spanning both rounds' seqs and times, counting both.
+pub(super) fn merge_gaps(mut into: Vec<Gap>, more: Vec<Gap>) -> Vec<Gap> {
+    for g in more {
+        match into.iter_mut().find(|e| e.device == g.device) {
+            Some(e) => {
+                e.from = e.from.min(g.from);
+                e.to = e.to.max(g.to);
+                e.seqs = match (e.seqs, g.seqs) {
+                    (Some(a), Some(b)) => Some(SeqRange {
+                        from: a.from.min(b.from),
+                        to: a.to.max(b.to),
+                    }),
+                    (a, b) => a.or(b),
+                };
+                e.count += g.count;
+            }
+            None => into.push(g),
+        }
+    }
+    into
+}
+
 /// Deletes the oldest records (lowest seqs across `records` and `held`) until at least `need`
 /// budget bytes are freed, and returns one evicted-gap per device. An evicted gap record is
 /// folded into the new gap of its device (its range, time span and count carry over), so no

@@ -1,7 +1,7 @@
 //! The synchronous outbox: one SQLite connection and the transactions on it (append with its
 //! eviction, pending, ack, re-stamping), the sequence state and the disk budget.
 
-use super::evict::evict;
+use super::evict::{evict, merge_gaps};
 use super::schema::{self, Meta, from_ms};
 use super::{DeviceStatusRow, Draft, OutboxError, Pending, SpoolState, Stamped, Stats};
 use crate::config::OutboxConfig;
@@ -301,7 +301,28 @@ impl Outbox {
         let used = meta.record_bytes + meta.record_count * ROW_OVERHEAD_BYTES;
         if used + incoming > budget {
             let need = used + incoming - budget + slack;
-            let (gaps, n) = evict(&tx, &mut meta, need)?;
+            let (mut gaps, mut n) = evict(&tx, &mut meta, need)?;
+            // The gap records take budget too, one per device that lost records: with many
+            // devices they can cost more than the slack, and without evicting for them the
+            // append would fail every time it is retried. Evict again until the append and its
+            // gaps fit, or nothing is left (the check below then refuses the append).
+            loop {
+                let gap_cost = gaps
+                    .iter()
+                    .map(gap_cost_bound)
+                    .sum::<Result<u64, OutboxError>>()?;
+                let used = meta.record_bytes + meta.record_count * ROW_OVERHEAD_BYTES;
+                let over = (used + incoming + gap_cost).saturating_sub(budget);
+                if over == 0 {
+                    break;
+                }
+                let (more, m) = evict(&tx, &mut meta, over + slack)?;
+                if m == 0 {
+                    break;
+                }
+                n += m;
+                gaps = merge_gaps(gaps, more);
+            }
             evicted = n;
             // Gap rows carry the stamp of the append that caused the eviction.
             let stamp = rows
@@ -808,6 +829,12 @@ fn boot_row(tx: &Transaction<'_>, boot_id: &str) -> rusqlite::Result<i64> {
         .execute(params![boot_id])?;
     tx.prepare_cached("SELECT id FROM boots WHERE boot_id = ?1")?
         .query_row(params![boot_id], |r| r.get(0))
+}
+
+/// What the gap record `g` will cost once stored, at most: encoded with the longest seq.
+fn gap_cost_bound(g: &Gap) -> Result<u64, OutboxError> {
+    let json = encode(&Draft::Gap(g.clone()), Seq::new(u32::MAX, u32::MAX), true)?;
+    Ok(json.len() as u64 + ROW_OVERHEAD_BYTES)
 }
 
 /// The record's wire JSON with its seq; an untrusted reading carries `clock_unsynced`.
