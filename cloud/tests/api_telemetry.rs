@@ -594,6 +594,21 @@ const ROUTES: &[(&str, &str)] = &[
     ("patch", "/api/v1/users/{id}"),
     ("delete", "/api/v1/users/{id}"),
     ("get", "/api/v1/sites"),
+    ("post", "/api/v1/sites"),
+    ("get", "/api/v1/sites/{site}"),
+    ("patch", "/api/v1/sites/{site}"),
+    ("delete", "/api/v1/sites/{site}"),
+    ("post", "/api/v1/sites/{site}/credentials"),
+    ("get", "/api/v1/sites/{site}/devices"),
+    ("post", "/api/v1/sites/{site}/devices"),
+    ("get", "/api/v1/sites/{site}/devices/{device}"),
+    ("patch", "/api/v1/sites/{site}/devices/{device}"),
+    ("delete", "/api/v1/sites/{site}/devices/{device}"),
+    ("get", "/api/v1/points"),
+    ("post", "/api/v1/points"),
+    ("get", "/api/v1/points/{id}"),
+    ("patch", "/api/v1/points/{id}"),
+    ("delete", "/api/v1/points/{id}"),
     ("get", "/api/v1/sites/{site}/readings"),
     ("get", "/api/v1/sites/{site}/latest"),
     ("get", "/api/v1/sites/{site}/completeness"),
@@ -629,7 +644,10 @@ async fn the_openapi_document_describes_every_route_served() {
     }
     // Everything documented is served: no 404 (unknown path) or 405 (unknown method).
     for (method, path) in &documented {
-        let concrete = path.replace("{site}", SITE).replace("{id}", "1");
+        let concrete = path
+            .replace("{site}", SITE)
+            .replace("{device}", "flow-1")
+            .replace("{id}", "1");
         let body = matches!(method.as_str(), "post" | "patch").then_some("{}");
         let (code, text) = http(addr, &method.to_uppercase(), &concrete, None, body).await;
         assert!(
@@ -646,6 +664,25 @@ async fn the_openapi_document_describes_every_route_served() {
             );
         }
     }
+    // Every schema a route refers to is in the document.
+    for name in body.split("\"#/components/schemas/").skip(1) {
+        let name = name.split('"').next().unwrap_or_default();
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "{name} is referred to but not described"
+        );
+    }
+    // A PATCH field where `null` clears (differs from absent) is documented as nullable.
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["DevicePatch"]["properties"]["point_id"]["type"],
+        serde_json::json!(["integer", "null"])
+    );
+    assert_eq!(
+        schemas["PointPatch"]["properties"]["obra_code"]["oneOf"],
+        serde_json::json!([{"$ref": "#/components/schemas/ObraCode"}, {"type": "null"}])
+    );
+    assert_eq!(schemas["ObraCode"]["example"], "OB-0602-7");
     let readings = &doc["paths"]["/api/v1/sites/{site}/readings"]["get"];
     let params: Vec<&str> = readings["parameters"]
         .as_array()

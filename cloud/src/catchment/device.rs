@@ -9,6 +9,7 @@ use caudal_common::{DeviceId, SiteId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
+use utoipa::ToSchema;
 
 /// Longest device name, characters.
 pub const MAX_NAME: usize = 200;
@@ -16,7 +17,7 @@ pub const MAX_NAME: usize = 200;
 pub const MAX_LABEL: usize = 64;
 
 /// A quantity of the reading contract (`caudal_common::payload::Reading`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Quantity {
     /// `flow_lps`, L/s.
@@ -28,10 +29,12 @@ pub enum Quantity {
 }
 
 /// A stored device.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Device {
+    #[schema(value_type = String, example = "pozo-norte")]
     pub site: SiteId,
     /// As the agent reports it in readings' `device`.
+    #[schema(value_type = String, example = "flow-1")]
     pub id: DeviceId,
     pub name: String,
     /// Meter profile (`config/profiles/<profile>.toml`), empty when unknown.
@@ -48,9 +51,11 @@ pub struct Device {
 }
 
 /// A device to create (the body of `POST /api/v1/sites/{site}/devices`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
+    /// As the agent reports it in readings' `device`.
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "flow-1")]
     pub id: DeviceId,
     #[serde(default)]
     pub name: String,
@@ -65,14 +70,16 @@ pub struct NewDevice {
 }
 
 /// A change to a device: an absent field stays as it is; `"point_id": null` unlinks it.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevicePatch {
     pub name: Option<String>,
     pub profile: Option<String>,
     pub quantities: Option<Vec<Quantity>>,
     pub extras: Option<Vec<String>>,
+    /// `null` unlinks the device from its point.
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<i64>)]
     pub point_id: Option<Option<i64>>,
     pub active: Option<bool>,
 }

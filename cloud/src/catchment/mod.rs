@@ -30,43 +30,29 @@ pub mod site;
 use crate::core::api::{ApiError, ApiJson, ApiState, ErrorBody};
 use crate::core::auth::Permission;
 use crate::users::Caller;
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use caudal_common::{DeviceId, SiteId};
 use device::{Device, DeviceError, DevicePatch, NewDevice};
 use point::{NewPoint, Point, PointError, PointPatch};
 use serde::{Deserialize, Deserializer, Serialize};
 use site::{Site, SiteError};
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-/// The catchment module's routes.
+/// The catchment module's routes, with their OpenAPI paths.
 pub fn routes() -> OpenApiRouter<ApiState> {
-    let router: Router<ApiState> = Router::new()
-        .route("/api/v1/sites", get(list_sites).post(create_site))
-        .route(
-            "/api/v1/sites/{site}",
-            get(get_site).patch(update_site).delete(deactivate_site),
-        )
-        .route("/api/v1/sites/{site}/credentials", post(rotate_credentials))
-        .route(
-            "/api/v1/sites/{site}/devices",
-            get(list_devices).post(create_device),
-        )
-        .route(
-            "/api/v1/sites/{site}/devices/{device}",
-            get(get_device)
-                .patch(update_device)
-                .delete(deactivate_device),
-        )
-        .route("/api/v1/points", get(list_points).post(create_point))
-        .route(
-            "/api/v1/points/{id}",
-            get(get_point).patch(update_point).delete(deactivate_point),
-        );
-    router.into()
+    OpenApiRouter::new()
+        .routes(routes!(list_sites, create_site))
+        .routes(routes!(get_site, update_site, deactivate_site))
+        .routes(routes!(rotate_credentials))
+        .routes(routes!(list_devices, create_device))
+        .routes(routes!(get_device, update_device, deactivate_device))
+        .routes(routes!(list_points, create_point))
+        .routes(routes!(get_point, update_point, deactivate_point))
 }
 
 /// For `Option<Option<T>>` fields with `#[serde(default)]`: a present field is `Some`, so an
@@ -133,13 +119,18 @@ fn point_id(raw: &str) -> Result<i64, ApiError> {
 }
 
 /// A site to register (the body of `POST /api/v1/sites`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSite {
+    /// The agent's site id, which is also its MQTT username.
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "pozo-norte")]
     pub id: SiteId,
+    /// At most 200 characters.
     #[serde(default)]
     pub name: String,
+    /// Seconds without news after which the site counts as offline; at least 1.
     #[serde(default = "default_offline_after_s")]
+    #[schema(default = 900, minimum = 1)]
     pub offline_after_s: u32,
 }
 
@@ -147,17 +138,19 @@ fn default_offline_after_s() -> u32 {
     site::DEFAULT_OFFLINE_AFTER_S
 }
 
-/// A change to a site (the body of `PATCH /api/v1/sites/{site}`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// A change to a site (the body of `PATCH /api/v1/sites/{site}`): an absent or `null` field stays
+/// as it is.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SitePatch {
     pub name: Option<String>,
     pub active: Option<bool>,
+    #[schema(minimum = 1)]
     pub offline_after_s: Option<u32>,
 }
 
 /// An agent's MQTT login, answered once when it is issued.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct MqttCredentials {
     /// The site id.
     pub mqtt_username: String,
@@ -166,7 +159,7 @@ pub struct MqttCredentials {
 }
 
 /// The answer to `POST /api/v1/sites`: the site and its MQTT login.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CreatedSite {
     #[serde(flatten)]
     pub site: Site,
@@ -191,7 +184,6 @@ fn secret_response(status: StatusCode, body: impl Serialize) -> Response {
     responses(
         (status = 200, body = Vec<site::Site>),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
     ),
 )]
 async fn list_sites(
@@ -202,6 +194,22 @@ async fn list_sites(
     Ok(Json(site::list(&state.db).await?))
 }
 
+/// Registers a site and issues its agent's MQTT login; the password is in this answer
+/// only (operator, technician, admin).
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites",
+    tag = "catchment",
+    security(("bearer" = [])),
+    request_body = NewSite,
+    responses(
+        (status = 201, body = CreatedSite, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
+        (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 409, description = "The site id is taken", body = ErrorBody),
+    ),
+)]
 async fn create_site(
     State(state): State<ApiState>,
     caller: Caller,
@@ -232,6 +240,20 @@ async fn create_site(
     ))
 }
 
+/// One site.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{site}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 200, body = Site),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such site", body = ErrorBody),
+    ),
+)]
 async fn get_site(
     State(state): State<ApiState>,
     caller: Caller,
@@ -245,6 +267,22 @@ async fn get_site(
         .ok_or_else(|| ApiError::NotFound(format!("site {id}")))
 }
 
+/// Changes a site; an absent field stays as it is (operator, technician, admin).
+#[utoipa::path(
+    patch,
+    path = "/api/v1/sites/{site}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id")),
+    request_body = SitePatch,
+    responses(
+        (status = 200, body = Site),
+        (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such site", body = ErrorBody),
+    ),
+)]
 async fn update_site(
     State(state): State<ApiState>,
     caller: Caller,
@@ -264,6 +302,22 @@ async fn update_site(
     Ok(Json(s))
 }
 
+/// Deactivates a site: its batches are refused and its agent can no longer log in; sites are
+/// never removed (operator, technician, admin).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/sites/{site}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 204, description = "Deactivated"),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such site", body = ErrorBody),
+    ),
+)]
 async fn deactivate_site(
     State(state): State<ApiState>,
     caller: Caller,
@@ -276,6 +330,22 @@ async fn deactivate_site(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Issues a new MQTT password for the site's agent, replacing the old one; the password is in
+/// this answer only (operator, technician, admin).
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites/{site}/credentials",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 200, body = MqttCredentials, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such site", body = ErrorBody),
+    ),
+)]
 async fn rotate_credentials(
     State(state): State<ApiState>,
     caller: Caller,
@@ -295,6 +365,20 @@ async fn rotate_credentials(
     ))
 }
 
+/// The devices of a site.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{site}/devices",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 200, body = Vec<Device>),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such site", body = ErrorBody),
+    ),
+)]
 async fn list_devices(
     State(state): State<ApiState>,
     caller: Caller,
@@ -305,6 +389,23 @@ async fn list_devices(
     Ok(Json(device::list(&state.db, &site).await?))
 }
 
+/// Registers a device of a site (operator, technician, admin).
+#[utoipa::path(
+    post,
+    path = "/api/v1/sites/{site}/devices",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id")),
+    request_body = NewDevice,
+    responses(
+        (status = 201, body = Device),
+        (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such site", body = ErrorBody),
+        (status = 409, description = "The device id is taken on this site, or the point is inactive", body = ErrorBody),
+    ),
+)]
 async fn create_device(
     State(state): State<ApiState>,
     caller: Caller,
@@ -319,6 +420,20 @@ async fn create_device(
     Ok((StatusCode::CREATED, Json(d)).into_response())
 }
 
+/// One device of a site.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{site}/devices/{device}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, body = Device),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such device on this site", body = ErrorBody),
+    ),
+)]
 async fn get_device(
     State(state): State<ApiState>,
     caller: Caller,
@@ -333,6 +448,24 @@ async fn get_device(
         .ok_or_else(|| ApiError::NotFound(format!("device {id} of site {site}")))
 }
 
+/// Changes a device; an absent field stays as it is, `"point_id": null` unlinks it from its
+/// point (operator, technician, admin).
+#[utoipa::path(
+    patch,
+    path = "/api/v1/sites/{site}/devices/{device}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
+    request_body = DevicePatch,
+    responses(
+        (status = 200, body = Device),
+        (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such device on this site", body = ErrorBody),
+        (status = 409, description = "The point is inactive", body = ErrorBody),
+    ),
+)]
 async fn update_device(
     State(state): State<ApiState>,
     caller: Caller,
@@ -348,6 +481,21 @@ async fn update_device(
     Ok(Json(d))
 }
 
+/// Deactivates a device; devices are never removed (operator, technician, admin).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/sites/{site}/devices/{device}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
+    responses(
+        (status = 204, description = "Deactivated"),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such device on this site", body = ErrorBody),
+    ),
+)]
 async fn deactivate_device(
     State(state): State<ApiState>,
     caller: Caller,
@@ -365,6 +513,17 @@ async fn deactivate_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Every catchment point.
+#[utoipa::path(
+    get,
+    path = "/api/v1/points",
+    tag = "catchment",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Vec<Point>),
+        (status = 401, body = ErrorBody),
+    ),
+)]
 async fn list_points(
     State(state): State<ApiState>,
     caller: Caller,
@@ -373,6 +532,21 @@ async fn list_points(
     Ok(Json(point::list(&state.db).await?))
 }
 
+/// Creates a catchment point (operator, technician, admin).
+#[utoipa::path(
+    post,
+    path = "/api/v1/points",
+    tag = "catchment",
+    security(("bearer" = [])),
+    request_body = NewPoint,
+    responses(
+        (status = 201, body = Point),
+        (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
+    ),
+)]
 async fn create_point(
     State(state): State<ApiState>,
     caller: Caller,
@@ -385,6 +559,20 @@ async fn create_point(
     Ok((StatusCode::CREATED, Json(p)).into_response())
 }
 
+/// One catchment point.
+#[utoipa::path(
+    get,
+    path = "/api/v1/points/{id}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Catchment point id")),
+    responses(
+        (status = 200, body = Point),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such catchment point", body = ErrorBody),
+    ),
+)]
 async fn get_point(
     State(state): State<ApiState>,
     caller: Caller,
@@ -398,6 +586,24 @@ async fn get_point(
         .ok_or_else(|| ApiError::NotFound(format!("catchment point {id}")))
 }
 
+/// Changes a catchment point; an absent field stays as it is, `null` clears an optional one
+/// (operator, technician, admin).
+#[utoipa::path(
+    patch,
+    path = "/api/v1/points/{id}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Catchment point id")),
+    request_body = PointPatch,
+    responses(
+        (status = 200, body = Point),
+        (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such catchment point", body = ErrorBody),
+        (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
+    ),
+)]
 async fn update_point(
     State(state): State<ApiState>,
     caller: Caller,
@@ -417,6 +623,22 @@ async fn update_point(
     Ok(Json(p))
 }
 
+/// Deactivates a catchment point; points are never removed, so measurements declared against
+/// it stay attributable (operator, technician, admin).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/points/{id}",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Catchment point id")),
+    responses(
+        (status = 204, description = "Deactivated"),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such catchment point", body = ErrorBody),
+    ),
+)]
 async fn deactivate_point(
     State(state): State<ApiState>,
     caller: Caller,

@@ -17,13 +17,16 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use utoipa::ToSchema;
 
 /// Highest DGA region code (XVI, Ñuble).
 pub const MAX_REGION: u8 = 16;
 
-/// A valid código de obra.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// A valid código de obra: `OB` or `OR`, the region (01–16) and province codes, a correlative
+/// from 1 (the schema's pattern accepts exactly what the parser does).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^O[BR]-(0[1-9]|1[0-6])(0[1-9]|[1-9][0-9])-[1-9][0-9]{0,8}$", example = "OB-0602-7")]
 pub struct ObraCode(String);
 
 /// What a código de obra is for.

@@ -22,13 +22,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use std::str::FromStr;
+use utoipa::ToSchema;
 
 /// Longest point name, characters.
 pub const MAX_NAME: usize = 200;
 
 /// What a point takes water from and how it is measured; it decides which DGA endpoint its
 /// measurements go to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PointKind {
     /// A well: flow, totalizer and depth to water (`mediciones/subterraneas`).
@@ -42,7 +43,7 @@ pub enum PointKind {
 
 /// The DGA monitoring standard (Res. DGA 1.238/2019) the point is assigned; it sets how often
 /// measurements are reported and through which channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DgaStandard {
     Mayor,
@@ -83,7 +84,7 @@ str_enum!(DgaStandard {
 });
 
 /// A stored catchment point.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Point {
     pub id: i64,
     pub name: String,
@@ -108,7 +109,7 @@ pub struct Point {
 }
 
 /// A point to create (the body of `POST /api/v1/points`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPoint {
     pub name: String,
@@ -133,26 +134,34 @@ pub struct NewPoint {
 
 /// A change to a point (the body of `PATCH /api/v1/points/{id}`): an absent field stays as it is,
 /// `null` clears an optional one.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PointPatch {
     pub name: Option<String>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<ObraCode>)]
     pub obra_code: Option<Option<ObraCode>>,
     pub kind: Option<PointKind>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<f64>)]
     pub latitude: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<f64>)]
     pub longitude: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<f64>)]
     pub authorized_flow_lps: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<f64>)]
     pub annual_volume_m3: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<DgaStandard>)]
     pub dga_standard: Option<Option<DgaStandard>>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<Rut>)]
     pub informant_rut: Option<Option<Rut>>,
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<f64>)]
     pub level_sensor_depth_m: Option<Option<f64>>,
     pub active: Option<bool>,
 }

@@ -11,10 +11,12 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use utoipa::ToSchema;
 
 /// A RUT with a valid check digit, in the form `NNNNNNNN-D`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^[1-9][0-9]{0,7}-[0-9Kk]$", example = "76086428-5")]
 pub struct Rut(String);
 
 /// Why a RUT was refused; the message quotes the expected form.
