@@ -1,0 +1,191 @@
+//! Backlog drain figures (prints, asserts nothing): how fast the real uplink empties a real
+//! SQLite outbox through an embedded MQTT broker to an acknowledging receiver, every record
+//! deleted only after the receiver committed it and published its ack.
+//!
+//! `cargo bench -p caudal-agent --bench drain`; the figure is the median of `RUNS` runs, each
+//! on a fresh outbox of `BACKLOG` readings. The uplink settings are the shipped defaults except
+//! `backlog_rate`, which is raised so the rate limit is not what is measured; the bench prints
+//! every setting it used.
+
+use caudal_agent::config::{OutboxConfig, Synchronous, UplinkConfig};
+use caudal_agent::metrics::Metrics;
+use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
+use caudal_agent::uplink::Uplink;
+use caudal_common::{DeviceId, DeviceState, Quality, Reading, Seq, SiteId};
+use caudal_tests::broker::Broker;
+use caudal_tests::receiver::Receiver;
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const RUNS: usize = 3;
+/// Readings queued before each run.
+const BACKLOG: usize = 200_000;
+/// A run that has not drained by then is reported as such (the bench stays bounded).
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// Effectively unlimited: far above anything the link can carry.
+const BACKLOG_RATE: u32 = 10_000_000;
+
+fn outbox_config() -> OutboxConfig {
+    // The shipped defaults: every ack's delete is fsynced.
+    OutboxConfig {
+        path: None,
+        disk_budget_mb: 1024,
+        synchronous: Synchronous::Full,
+        commit_interval_ms: 200,
+    }
+}
+
+/// `[uplink]` as shipped (`config/agent.example.toml`), with the backlog rate lifted.
+fn uplink_config(broker: &str) -> UplinkConfig {
+    UplinkConfig {
+        broker: broker.to_string(),
+        client_id: None,
+        username: None,
+        password: None,
+        ca_file: None,
+        client_cert: None,
+        client_key: None,
+        keep_alive_s: 30,
+        batch_max_records: 500,
+        batch_max_age_ms: 1000,
+        backlog_rate: BACKLOG_RATE,
+        max_inflight_batches: 8,
+        ack_timeout_s: 30,
+        reconnect_min_ms: 500,
+        reconnect_max_ms: 60_000,
+        status_interval_s: 60,
+    }
+}
+
+fn stamp() -> ClockStamp {
+    ClockStamp {
+        trusted: true,
+        boot_id: "2f1a9c1e-93a4-4c36-9d55-6f0d3c1b2a77".into(),
+        boottime_ms: 123_456_789,
+    }
+}
+
+/// A reading like a flow meter's: ~150 bytes of JSON with its seq.
+fn reading(i: usize) -> Stamped {
+    let devices = ["pozo-norte-fm1", "pozo-norte-fm2", "pozo-sur-lvl1"];
+    let ts: DateTime<Utc> =
+        DateTime::from_timestamp_millis(1_750_000_000_000 + i as i64 * 1_003).unwrap_or_default();
+    let r = Reading {
+        seq: Seq(0),
+        device: DeviceId::new(devices[i % 3]).expect("valid id"),
+        ts,
+        q: Quality::GOOD,
+        flow_lps: Some(12.0 + (i % 1000) as f64 * 0.013),
+        total_m3: Some(1_234_567.0 + i as f64 * 0.037),
+        level_m: Some(23.0 + (i % 97) as f64 * 0.011),
+        extra: BTreeMap::new(),
+    };
+    Stamped::new(r, stamp())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One run's outcome.
+struct Run {
+    /// Readings per second from the uplink's start to the outbox being empty.
+    rate: f64,
+    secs: f64,
+    batches: u64,
+    stored: u64,
+}
+
+/// Fills a fresh outbox, drains it through broker and receiver, returns the figures.
+async fn run_once() -> anyhow::Result<Run> {
+    let dir = tempfile::tempdir()?;
+    let mut outbox = Outbox::open(&dir.path().join("outbox.db"), &outbox_config(), true)?;
+    for start in (0..BACKLOG).step_by(1000) {
+        outbox.append((start..start + 1000).map(reading).collect(), vec![])?;
+    }
+    let handle = OutboxHandle::spawn(outbox)?;
+
+    let broker = Broker::start()?;
+    let receiver = Receiver::start(broker.v4_addr(), &dir.path().join("cloud.db")).await?;
+    let metrics = Metrics::new();
+    let (_devices_tx, devices) = watch::channel(BTreeMap::<String, DeviceState>::new());
+    let (_clock_tx, clock) = watch::channel(true);
+    let (commands, _commands_rx) = mpsc::channel(4);
+    let uplink = Uplink::new(
+        uplink_config(&broker.url()),
+        SiteId::new("bench-site")?,
+        handle.clone(),
+        devices,
+        clock,
+        commands,
+        metrics.clone(),
+        ("bench".into(), "bench".into()),
+    )?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let start = Instant::now();
+    let task = tokio::spawn(uplink.run(async {
+        let _ = stopped.await;
+    }));
+    // The uplink counts an ack after the outbox deleted its records.
+    while metrics.acked.get() < BACKLOG as u64 && start.elapsed() < RUN_LIMIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let backlog = handle.stats().await?.backlog;
+    let _ = stop.send(());
+    task.await??;
+    handle.shutdown().await?;
+    if backlog != 0 {
+        anyhow::bail!(
+            "{backlog} readings still queued after {RUN_LIMIT:?} ({} acknowledged)",
+            metrics.acked.get()
+        );
+    }
+    Ok(Run {
+        rate: BACKLOG as f64 / secs,
+        secs,
+        batches: receiver.batches_received(),
+        stored: receiver.stored_count(),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let u = uplink_config("mqtt://127.0.0.1:0");
+    let o = outbox_config();
+    println!(
+        "drain bench: {BACKLOG} readings queued, median of {RUNS} runs, broker and receiver in \
+         this process"
+    );
+    println!(
+        "uplink: batch_max_records = {}, max_inflight_batches = {}, backlog_rate = {} (unlimited), \
+         ack_timeout_s = {}",
+        u.batch_max_records, u.max_inflight_batches, u.backlog_rate, u.ack_timeout_s
+    );
+    println!(
+        "outbox: synchronous = {:?}, commit_interval_ms = {}",
+        o.synchronous, o.commit_interval_ms
+    );
+    println!();
+    let mut rates = Vec::new();
+    for i in 1..=RUNS {
+        let r = rt.block_on(run_once())?;
+        println!(
+            "run {i}: {:.2} s, {} batches, {} stored by the receiver: {:.0} readings/s",
+            r.secs, r.batches, r.stored, r.rate
+        );
+        rates.push(r.rate);
+    }
+    println!();
+    println!(
+        "backlog drain, acknowledged end to end: {:.0} readings/s (median of {RUNS})",
+        median(rates)
+    );
+    Ok(())
+}
