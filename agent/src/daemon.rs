@@ -6,7 +6,11 @@
 //! [clock guard] --ClockChange-----------> [clock] --restamp-->      |  watch(committed)
 //! [uplink] <--pending/ack------------------------------------------+
 //! [uplink] --CommandRequest--> [commands] --PollNow--> [bus poller]
+//! [watchdog] reads the heartbeats of the pollers, the store task and the uplink
 //! ```
+//!
+//! Under systemd (`Type=notify`): `READY=1` once the outbox is open and every task runs,
+//! `WATCHDOG=1` while every live loop beats (see [`crate::watchdog`]), `STOPPING=1` at shutdown.
 //!
 //! Shutdown order: pollers stop first, the store task commits what they produced, the uplink
 //! publishes its offline status and disconnects, then the outbox closes. Nothing committed is
@@ -18,6 +22,7 @@ use crate::metrics::{self, Metrics};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle, Stamped};
 use crate::poller::{BusPoller, PollNow, PollOutput};
 use crate::uplink::{CommandRequest, Uplink, UplinkError};
+use crate::watchdog::{self, Heartbeat, Liveness, Watchdog};
 use caudal_common::{CommandKind, CommandResult, DeviceId, Event, EventKind, Reading, Seq};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,6 +64,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let metrics = Metrics::new();
+    let watchdog_period = watchdog::configured();
+    let liveness = Liveness::new(watchdog_period);
     if let Some(dir) = site.outbox_path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| DaemonError::DataDir {
             path: dir.display().to_string(),
@@ -114,6 +121,7 @@ pub async fn run(
     let mut pollers = tokio::task::JoinSet::new();
     let mut routes: BTreeMap<DeviceId, mpsc::Sender<PollNow>> = BTreeMap::new();
     for bus in site.buses.iter().cloned() {
+        let bus_name = bus.name.clone();
         let (req_tx, req_rx) = mpsc::channel(4);
         for d in &bus.devices {
             routes.insert(d.id.clone(), req_tx.clone());
@@ -126,11 +134,17 @@ pub async fn run(
             metrics.clone(),
             req_rx,
             &last_readings,
-        );
+        )
+        .with_heartbeat(liveness.register(format!("poller:{bus_name}")));
         pollers.spawn(poller.run(poll_stop.clone().cancelled_owned()));
     }
     drop(store_tx);
-    let store = tokio::spawn(store(outbox.clone(), store_rx, metrics.clone()));
+    let store = tokio::spawn(store(
+        outbox.clone(),
+        store_rx,
+        metrics.clone(),
+        liveness.register("store"),
+    ));
     tasks.spawn(clock_changes(
         changes_rx,
         outbox.clone(),
@@ -151,7 +165,8 @@ pub async fn run(
         cmd_tx,
         metrics.clone(),
         (env!("CARGO_PKG_VERSION").to_string(), config_version),
-    )?;
+    )?
+    .with_heartbeat(liveness.register("uplink"));
     let uplink_stop = CancellationToken::new();
     let uplink = tokio::spawn(uplink.run(uplink_stop.clone().cancelled_owned()));
 
@@ -181,10 +196,16 @@ pub async fn run(
         buses = site.buses.len(),
         devices = site.buses.iter().map(|b| b.devices.len()).sum::<usize>(),
         outbox = %site.outbox_path.display(),
+        watchdog_s = watchdog_period.map(|d| d.as_secs_f64()),
         "agent running"
     );
+    if let Some(period) = watchdog_period {
+        tasks.spawn(Watchdog::new(liveness, period).run(stop.clone().cancelled_owned()));
+    }
+    watchdog::ready();
     shutdown.await;
     tracing::info!("shutting down");
+    watchdog::stopping();
 
     poll_stop.cancel();
     while pollers.join_next().await.is_some() {}
@@ -222,10 +243,24 @@ async fn last_readings(outbox: &OutboxHandle) -> Result<BTreeMap<DeviceId, Readi
 }
 
 /// Commits poll outputs, grouping whatever is queued into one append. A failed write is retried
-/// (the pollers wait behind it) rather than dropped: these readings exist nowhere else.
-async fn store(outbox: OutboxHandle, mut rx: mpsc::Receiver<PollOutput>, metrics: Arc<Metrics>) {
+/// (the pollers wait behind it) rather than dropped: these readings exist nowhere else. Beats
+/// `heartbeat` while idle and between attempts; an append that never returns (a wedged outbox
+/// thread) stops the beats.
+async fn store(
+    outbox: OutboxHandle,
+    mut rx: mpsc::Receiver<PollOutput>,
+    metrics: Arc<Metrics>,
+    heartbeat: Heartbeat,
+) {
     let mut buf = Vec::new();
-    while rx.recv_many(&mut buf, STORE_QUEUE).await > 0 {
+    loop {
+        heartbeat.beat();
+        // `recv_many` is cancel-safe: a timeout loses nothing.
+        match tokio::time::timeout(heartbeat.every(), rx.recv_many(&mut buf, STORE_QUEUE)).await {
+            Err(_) => continue,
+            Ok(0) => return,
+            Ok(_) => {}
+        }
         let mut records = Vec::new();
         let mut statuses = Vec::new();
         for out in buf.drain(..) {
@@ -249,6 +284,7 @@ async fn store(outbox: OutboxHandle, mut rx: mpsc::Receiver<PollOutput>, metrics
                         .inc();
                     tracing::error!(error = %e, records = records.len(), "storing readings failed; retrying");
                     tokio::time::sleep(STORE_RETRY).await;
+                    heartbeat.beat();
                 }
             }
         }

@@ -17,3 +17,4 @@ pub mod register;
 pub mod simulator;
 pub mod uplink;
 pub mod validation;
+pub mod watchdog;

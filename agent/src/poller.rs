@@ -21,6 +21,7 @@ use crate::modbus::{BusClient, ModbusError};
 use crate::outbox::{ClockStamp, DeviceStatusRow, Stamped};
 use crate::register::{Channel, ReadBlock, assemble, plan_reads};
 use crate::validation::{Sample, Validator};
+use crate::watchdog::Heartbeat;
 use caudal_common::{DeviceId, DeviceState, Event, EventKind, Flag, Gap, GapCause, Reading, Seq};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::BTreeMap;
@@ -73,6 +74,8 @@ pub struct BusPoller {
     clock: Clock,
     metrics: Arc<Metrics>,
     requests: mpsc::Receiver<PollNow>,
+    /// Beaten every time round the loop and after every request, answered or timed out.
+    heartbeat: Heartbeat,
 }
 
 /// How one device poll ended.
@@ -129,7 +132,14 @@ impl BusPoller {
             clock,
             metrics,
             requests,
+            heartbeat: Heartbeat::unwatched(),
         }
+    }
+
+    /// Beats `heartbeat` for the watchdog while the poller makes progress.
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> BusPoller {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// Polls until `shutdown` resolves. Returns early only if the store task is gone.
@@ -137,6 +147,7 @@ impl BusPoller {
         tokio::pin!(shutdown);
         tracing::info!(bus = %self.bus.name, devices = self.devices.len(), "bus poller started");
         loop {
+            self.heartbeat.beat();
             let now = Utc::now();
             self.repair_schedule(now);
             let Some(due) = self.devices.iter().map(|d| d.next_due).min() else {
@@ -145,7 +156,11 @@ impl BusPoller {
                 return;
             };
             if due > now {
-                let wait = (due - now).to_std().unwrap_or_default();
+                // Wake at least once per beat interval: an idle bus is alive too.
+                let wait = (due - now)
+                    .to_std()
+                    .unwrap_or_default()
+                    .min(self.heartbeat.every());
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = tokio::time::sleep(wait) => continue,
@@ -173,10 +188,27 @@ impl BusPoller {
                         run.device.period,
                     )
                 };
-                if self.out.send(output).await.is_err() {
+                if !self.send(output).await {
                     tracing::warn!(bus = %self.bus.name, "store task stopped; bus poller exits");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Hands a poll output to the store task, waiting while its queue is full (and beating
+    /// meanwhile: a poller held back by a slow disk is not hung). `false` when the store task
+    /// is gone.
+    async fn send(&mut self, output: PollOutput) -> bool {
+        loop {
+            self.heartbeat.beat();
+            match tokio::time::timeout(self.heartbeat.every(), self.out.reserve()).await {
+                Ok(Ok(permit)) => {
+                    permit.send(output);
+                    return true;
+                }
+                Ok(Err(_)) => return false,
+                Err(_) => {}
             }
         }
     }
@@ -200,7 +232,7 @@ impl BusPoller {
                 .unwrap_or_else(|| output.status.result.clone())),
         };
         let _ = req.reply.send(answer);
-        self.out.send(output).await.is_ok()
+        self.send(output).await
     }
 
     /// A clock step (NTP correcting a 1970 boot, or a step backwards) leaves due times far from
@@ -336,7 +368,10 @@ impl BusPoller {
         for block in &blocks {
             let mut reply = None;
             for _ in 0..attempts {
-                match self.read_block(&device, block).await {
+                let result = self.read_block(&device, block).await;
+                // A timeout is progress too: the loop is alive, the device is not.
+                self.heartbeat.beat();
+                match result {
                     Ok(regs) => {
                         reply = Some(regs);
                         break;

@@ -265,10 +265,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let mut cloud = Cloud::start(config).await?;
+    let notifier = crate::core::service_manager::started();
     let failed = tokio::select! {
         _ = shutdown => None,
         e = cloud.failed() => Some(e),
     };
+    notifier.stopping();
     cloud.stop().await;
     match failed {
         Some(e) => Err(e),

@@ -37,6 +37,7 @@ pub use options::{BrokerUrl, default_client_id, mqtt_options, tls_config};
 use crate::config::UplinkConfig;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, Spool, SpoolState};
+use crate::watchdog::Heartbeat;
 use caudal_common::payload::{Payload, RawBatch, decode};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{
@@ -147,6 +148,8 @@ pub struct Uplink<S: Spool> {
     agent_version: String,
     config_version: String,
     desired: watch::Sender<Option<DesiredConfig>>,
+    /// Beaten every time round each state's loop; every state wakes at least this often.
+    heartbeat: Heartbeat,
 }
 
 impl<S: Spool> std::fmt::Debug for Uplink<S> {
@@ -188,7 +191,14 @@ impl<S: Spool> Uplink<S> {
             agent_version: versions.0,
             config_version: versions.1,
             desired,
+            heartbeat: Heartbeat::unwatched(),
         })
+    }
+
+    /// Beats `heartbeat` for the watchdog while the uplink makes progress (connected or not).
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Uplink<S> {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// The latest desired configuration the cloud published (retained on
@@ -329,9 +339,11 @@ impl<S: Spool> Driver<S> {
         mut shutdown: Shutdown<'_, F>,
     ) -> Result<State, UplinkError> {
         loop {
+            self.up.heartbeat.beat();
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return Ok(State::Stopped),
+                _ = tokio::time::sleep(self.up.heartbeat.every()) => {}
                 ev = self.events.recv() => match ev {
                     None => return Err(UplinkError::TransportStopped),
                     Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
@@ -357,9 +369,11 @@ impl<S: Spool> Driver<S> {
     ) -> Result<State, UplinkError> {
         let until = Instant::now() + delay;
         loop {
+            self.up.heartbeat.beat();
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return Ok(State::Stopped),
+                _ = tokio::time::sleep(self.up.heartbeat.every()) => {}
                 _ = sleep_until(until) => {
                     return match self.resume.send(()).await {
                         Ok(()) => Ok(State::Connecting),
@@ -393,12 +407,20 @@ impl<S: Spool> Driver<S> {
         let mut status_tick = tokio::time::interval_at(since + period, period);
         status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let next = loop {
+            self.up.heartbeat.beat();
             self.pump(&mut flow).await?;
-            let wake = [flow.next_deadline(&self.holds), self.retry_at]
-                .into_iter()
-                .flatten()
-                .min();
-            let sleep = sleep_until(wake.unwrap_or_else(|| Instant::now() + period));
+            // Wake at least once per beat interval: a quiet connection is alive too.
+            let beat_due = Instant::now() + self.up.heartbeat.every();
+            let wake = [
+                flow.next_deadline(&self.holds),
+                self.retry_at,
+                Some(beat_due),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(beat_due);
+            let sleep = sleep_until(wake);
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {

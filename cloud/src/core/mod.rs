@@ -1,6 +1,7 @@
 //! Core: what every process has whatever services it runs: configuration, logs, metrics, the
 //! database connection, the HTTP server with `/healthz` and `/metrics`, the embedded broker, and
-//! what every API route shares (errors, auth primitives).
+//! what every API route shares (errors, auth primitives), and readiness and watchdog towards the
+//! service manager.
 
 pub mod api;
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod openapi;
+pub mod service_manager;
 
 use tokio::sync::watch;
 
