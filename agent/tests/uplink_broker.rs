@@ -434,13 +434,16 @@ async fn live_records_overtake_the_backlog_which_drains_at_its_rate() {
         );
     }
     // Upper bound on the backlog's pace: never more than the bucket's burst (one batch) plus
-    // the rate times the time since the first backlog batch (with 10 % slack for timers).
+    // the rate times the time since the first backlog batch (with 10 % slack for timers), plus
+    // one batch of arrival jitter: the receiver stamps arrivals, and on a loaded machine the
+    // first batch can reach it late and the next ones bunched up behind it. Without the rate,
+    // the 2000 records would all arrive within a fraction of a second.
     let live_set = u64s(&live);
     let first = arrivals[0].at;
     let mut sent = 0usize;
     for a in &arrivals {
         sent += a.seqs.iter().filter(|s| !live_set.contains(s)).count();
-        let allowed = 100.0 + rate * 1.1 * a.at.duration_since(first).as_secs_f64();
+        let allowed = 200.0 + rate * 1.1 * a.at.duration_since(first).as_secs_f64();
         assert!(
             sent as f64 <= allowed,
             "{sent} backlog records after {:?}; the rate allows {allowed}",
