@@ -596,6 +596,13 @@ async fn synchronous_commit(url: &str) -> String {
 
 fn main() {
     let args = Args::parse();
+    // The cloud's own logs, when asked for (`RUST_LOG=warn`): a stalled run says why.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -33,11 +33,16 @@
 //! - The MQTT session is clean: after a reconnect the dispatcher subscribes again; batches in
 //!   flight during the outage are re-sent by their agents.
 //!
-//! Deadlock freedom: workers publish acks into the client's request channel, which only the
-//! dispatcher drains (by polling). While the dispatcher waits on a full worker queue, each worker
-//! holds at most a group (`queue + 1` messages) and a full queue, so at most
-//! `workers × (2 × queue + 1)` acks can be produced; the request channel is sized above that and
-//! a worker never waits on it.
+//! Acks and back-pressure: workers publish acks into the client's request channel, which only
+//! the dispatcher drains (by polling). While the dispatcher waits on a full worker queue, each
+//! worker holds at most a group (`queue + 1` messages) and a full queue, so at most
+//! `workers × (2 × queue + 1)` acks can be produced; the request channel is sized above that.
+//! That bound does not cover the client's own window: acks leave only as the broker
+//! acknowledges earlier ones, and those acknowledgements are read only while the dispatcher
+//! polls. Under heavy load with few workers (the ingest bench with 2 workers) the channel stays
+//! full, so a worker gives an ack up after [`ACK_WAIT`] (counted in `ingest_ack_errors_total`;
+//! the agent re-sends and the batch is stored once) rather than wait for ever. Known limit: the
+//! dispatcher should keep polling while it waits for room.
 
 use crate::core::Shutdown;
 use crate::core::config::{IngestConfig, MqttConfig};
@@ -72,6 +77,8 @@ use tracing::Instrument;
 const MAX_INCOMING_PACKET: u32 = 16 << 20;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest a worker waits to hand an ack to the MQTT client before giving it up.
+const ACK_WAIT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for workers to finish what they hold.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -831,11 +838,17 @@ impl Worker {
             AckStatus::Rejected => "rejected",
         };
         let t = topic::topic(&ack.site, TopicKind::Ack);
-        match self
+        let publish = self
             .client
-            .publish(t, QoS::AtLeastOnce, false, ack.encode())
-            .await
-        {
+            .publish(t, QoS::AtLeastOnce, false, ack.encode());
+        // A worker must not wait on the request channel for ever: the dispatcher that drains it
+        // may itself be waiting for room in this worker's queue. An ack given up here is a lost
+        // ack, which the protocol already survives (the agent re-sends; the batch is stored once).
+        let sent = match tokio::time::timeout(ACK_WAIT, publish).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("request channel full for {ACK_WAIT:?}")),
+        };
+        match sent {
             Ok(()) => {
                 self.metrics
                     .acks
