@@ -507,3 +507,207 @@ async fn a_database_error_sends_no_ack_and_the_ingest_goes_on() {
         cloud.stop().await;
     }
 }
+
+/// Holds the database's write lock for readings until dropped or released, so the ingest's
+/// worker blocks mid-batch and the next messages pile up in its queue as one group.
+enum WriteLock {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl WriteLock {
+    async fn take(db: &caudal_cloud::core::db::Db) -> WriteLock {
+        match db {
+            caudal_cloud::core::db::Db::Sqlite(p) => {
+                WriteLock::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.expect("lock"))
+            }
+            caudal_cloud::core::db::Db::Postgres(p) => {
+                let mut tx = p.begin().await.expect("begin");
+                sqlx::query("LOCK TABLE readings IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("lock");
+                WriteLock::Postgres(tx)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            WriteLock::Sqlite(tx) => tx.rollback().await.expect("unlock"),
+            WriteLock::Postgres(tx) => tx.rollback().await.expect("unlock"),
+        }
+    }
+}
+
+/// A trigger that makes the database refuse any reading of device `poison`: a batch the checks
+/// pass but the database cannot take.
+async fn poison_device(db: &caudal_cloud::core::db::Db) {
+    match db {
+        caudal_cloud::core::db::Db::Sqlite(p) => {
+            sqlx::query(
+                "CREATE TRIGGER poison BEFORE INSERT ON readings WHEN NEW.device = 'poison' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END",
+            )
+            .execute(p)
+            .await
+            .expect("trigger");
+        }
+        caudal_cloud::core::db::Db::Postgres(p) => {
+            sqlx::query(
+                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN IF NEW.device = 'poison' THEN RAISE EXCEPTION 'poisoned reading'; END IF; \
+                 RETURN NEW; END $$",
+            )
+            .execute(p)
+            .await
+            .expect("function");
+            sqlx::query(
+                "CREATE TRIGGER poison BEFORE INSERT ON readings FOR EACH ROW \
+                 EXECUTE FUNCTION poison()",
+            )
+            .execute(p)
+            .await
+            .expect("trigger");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_the_database_refuses_does_not_hold_back_its_group() {
+    for db in TestDb::all().await {
+        let mut c = config(&db);
+        // One worker: every site's batches queue behind each other and are grouped.
+        c.ingest.workers = 1;
+        let cloud = Cloud::start(c).await.expect("cloud starts");
+        wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agents = Vec::new();
+        for i in 0..4 {
+            let name = format!("pozo-{i}");
+            site::add(cloud.db(), &site_id(&name), "")
+                .await
+                .expect("add");
+            agents.push(Agent::connect(broker, &name, false).await);
+        }
+        poison_device(cloud.db()).await;
+        let payload = |i: usize, device: &str| {
+            edited(|v| {
+                v["site"] = format!("pozo-{i}").into();
+                v["batch"] = format!("b-{i}").into();
+                v["readings"][0]["device"] = device.into();
+            })
+        };
+
+        // The worker takes pozo-0's batch and blocks on the lock; the other three wait in its
+        // queue and are taken together once the lock goes.
+        let lock = WriteLock::take(cloud.db()).await;
+        agents[0].publish(None, payload(0, "fm1")).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        agents[1].publish(None, payload(1, "poison")).await;
+        agents[2].publish(None, payload(2, "fm1")).await;
+        agents[3].publish(None, payload(3, "fm1")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        lock.release().await;
+
+        for i in [0, 2, 3] {
+            let ack = agents[i].ack().await;
+            assert_eq!(ack.status, AckStatus::Accepted, "{}: pozo-{i}", db.name);
+            assert_eq!(ack.batch, format!("b-{i}"));
+            let counts = store::record_counts(cloud.db(), &site_id(&format!("pozo-{i}")))
+                .await
+                .expect("counts");
+            assert_eq!((counts.readings, counts.events, counts.gaps), (2, 1, 1));
+        }
+        agents[1].no_ack(Duration::from_millis(500)).await;
+        let counts = store::record_counts(cloud.db(), &site_id("pozo-1"))
+            .await
+            .expect("counts");
+        assert_eq!(
+            (counts.readings, counts.events, counts.gaps),
+            (0, 0, 0),
+            "{}: the refused batch left nothing behind",
+            db.name
+        );
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_group_splits_total").await,
+            1.0,
+            "{}: the group of three failed once and was split",
+            db.name
+        );
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_store_errors_total").await,
+            1.0,
+            "{}: only the poisoned batch failed",
+            db.name
+        );
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_group_batches_count").await,
+            3.0,
+            "{}: pozo-0 alone, then pozo-2 and pozo-3 each alone after the split",
+            db.name
+        );
+
+        for a in agents {
+            a.kill();
+        }
+        cloud.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_stores_each_record_once_and_refuses_batches_one_by_one() {
+    for db in TestDb::all().await {
+        let pool = caudal_cloud::core::db::Db::connect(&db.url, 2)
+            .await
+            .expect("connect");
+        pool.migrate().await.expect("migrate");
+        site::add(&pool, &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let good = example_batch();
+        let mut stranger = example_batch();
+        stranger.site = site_id("pozo-nuevo");
+        let at = chrono::Utc::now();
+
+        // The same batch twice in one group (a re-send that arrived before the first was
+        // stored), between them a batch of an unregistered site.
+        let group = [(&good, at), (&stranger, at), (&good, at)];
+        let stored = store::store_batches(&pool, &group).await.expect("stored");
+        assert_eq!(
+            (
+                stored.stored.readings,
+                stored.stored.events,
+                stored.stored.gaps
+            ),
+            (2, 1, 1),
+            "{}: each record once",
+            db.name
+        );
+        assert!(stored.outcomes[0].is_ok());
+        assert!(
+            matches!(&stored.outcomes[1], Err(store::StoreError::UnknownSite(s)) if s.as_str() == "pozo-nuevo"),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[1]
+        );
+        assert!(stored.outcomes[2].is_ok());
+        let counts = store::record_counts(&pool, &site_id("pozo-norte"))
+            .await
+            .expect("counts");
+        assert_eq!((counts.readings, counts.events, counts.gaps), (2, 1, 1));
+        let counts = store::record_counts(&pool, &site_id("pozo-nuevo"))
+            .await
+            .expect("counts");
+        assert_eq!((counts.readings, counts.events, counts.gaps), (0, 0, 0));
+
+        // Sent again as a group of its own: nothing new, still accepted.
+        let again = store::store_batches(&pool, &[(&good, at)])
+            .await
+            .expect("stored");
+        assert_eq!(again.stored, store::Stored::default());
+        assert!(again.outcomes[0].is_ok());
+        pool.close().await;
+    }
+}

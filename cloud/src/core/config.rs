@@ -286,6 +286,12 @@ pub struct IngestConfig {
     /// being read until it has room (back-pressure to the broker).
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Most payload bytes a worker stores in one transaction. A worker takes the batches waiting
+    /// in its queue, in order, until their payloads reach this size (never more than `queue`
+    /// more), stores them together, and acknowledges each after the commit: one commit per group
+    /// instead of one per batch. 0 stores each batch in its own transaction.
+    #[serde(default = "default_group_bytes")]
+    pub group_bytes: usize,
 }
 
 fn default_group() -> String {
@@ -300,12 +306,17 @@ fn default_queue() -> usize {
     16
 }
 
+fn default_group_bytes() -> usize {
+    4 << 20
+}
+
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             group: default_group(),
             workers: default_workers(),
             queue: default_queue(),
+            group_bytes: default_group_bytes(),
         }
     }
 }

@@ -3,8 +3,8 @@
 //! ```text
 //!  broker ──v5──▶ [dispatcher: event loop] ──mpsc (bounded, one per worker)──▶ [worker × N]
 //!    ▲    $share/{group}/caudal/v1/+/telemetry      site → hash → worker         decode, check,
-//!    │    caudal/v1/+/status                                                      store (1 tx),
-//!    └──────────────────────── ack (QoS 1) after commit ◀─────────────────────────┘ then ack
+//!    │    caudal/v1/+/status                                                      store group
+//!    └──────────────────────── ack (QoS 1) after commit ◀─────────────────────────┘ (1 tx), ack
 //! ```
 //!
 //! - One dispatcher task polls the MQTT event loop and hands each message to a worker chosen by
@@ -15,18 +15,34 @@
 //!   Each wait is counted (`ingest_backpressure_waits_total`). A stall longer than about 1.5 ×
 //!   the keep-alive lets the broker drop the connection; the agents re-send whatever was not
 //!   acknowledged.
-//! - A worker stores a batch in one transaction, and publishes the [`Ack`] only after the commit.
-//!   A refused payload is kept in `dead_letters` with the reason, counted by reason, and answered
-//!   with a `rejected` ack when its site and batch id can be read. A database error stores
-//!   nothing and sends no ack: the agent re-sends after its ack timeout.
+//! - A worker takes the message at the head of its queue and whatever else is already waiting
+//!   there (up to `ingest.group_bytes` of payload, at most `ingest.queue` more messages): a
+//!   group. Each batch of the group is decoded and checked on its own; a refused payload is kept
+//!   in `dead_letters` with the reason, counted by reason, and answered with a `rejected` ack
+//!   when its site and batch id can be read. The batches that pass are stored in one
+//!   transaction, and each gets its [`Ack`] only after that commit. Under load a worker's queue
+//!   fills while it commits, so groups grow and the commit (the WAL flush) is paid once for many
+//!   batches; an idle ingest stores each batch alone, as it arrives.
+//! - A database error stores nothing and sends no ack: the agents re-send after their ack
+//!   timeout. When a group of several batches fails, each batch is stored again in its own
+//!   transaction (`ingest_group_splits_total`), so one batch the database cannot take never
+//!   holds back the acks of the others.
+//! - A status message ends the group before it, so a site's batches and statuses are stored in
+//!   arrival order.
 //! - Nothing in a payload can stop the loop: every failure is a value handled per message.
 //! - The MQTT session is clean: after a reconnect the dispatcher subscribes again; batches in
 //!   flight during the outage are re-sent by their agents.
 //!
-//! Deadlock freedom: workers publish acks into the client's request channel, which only the
-//! dispatcher drains (by polling). While the dispatcher waits on a full worker queue, at most
-//! `workers × (queue + 1)` acks can be produced, so the request channel is sized above that and
-//! a worker never waits on it.
+//! Acks and back-pressure: workers publish acks into the client's request channel, which only
+//! the dispatcher drains (by polling). While the dispatcher waits on a full worker queue, each
+//! worker holds at most a group (`queue + 1` messages) and a full queue, so at most
+//! `workers × (2 × queue + 1)` acks can be produced; the request channel is sized above that.
+//! That bound does not cover the client's own window: acks leave only as the broker
+//! acknowledges earlier ones, and those acknowledgements are read only while the dispatcher
+//! polls. Under heavy load with few workers (the ingest bench with 2 workers) the channel stays
+//! full, so a worker gives an ack up after [`ACK_WAIT`] (counted in `ingest_ack_errors_total`;
+//! the agent re-sends and the batch is stored once) rather than wait for ever. Known limit: the
+//! dispatcher should keep polling while it waits for room.
 
 use crate::core::Shutdown;
 use crate::core::config::{IngestConfig, MqttConfig};
@@ -61,6 +77,8 @@ use tracing::Instrument;
 const MAX_INCOMING_PACKET: u32 = 16 << 20;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest a worker waits to hand an ack to the MQTT client before giving it up.
+const ACK_WAIT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for workers to finish what they hold.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -125,6 +143,8 @@ pub struct IngestMetrics {
     records: Family<RecordLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
     store_errors: Counter,
+    group_splits: Counter,
+    group_batches: Histogram,
     dead_letter_errors: Counter,
     statuses: Counter,
     acks: Family<KindLabels, Counter>,
@@ -144,6 +164,8 @@ impl IngestMetrics {
             records: Family::default(),
             rejected: Family::default(),
             store_errors: Counter::default(),
+            group_splits: Counter::default(),
+            group_batches: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             dead_letter_errors: Counter::default(),
             statuses: Counter::default(),
             acks: Family::default(),
@@ -173,6 +195,16 @@ impl IngestMetrics {
             "ingest_store_errors",
             "Batches or statuses not stored because of a database error",
             m.store_errors.clone(),
+        );
+        r.register(
+            "ingest_group_splits",
+            "Groups of batches that failed together and were stored again one batch at a time",
+            m.group_splits.clone(),
+        );
+        r.register(
+            "ingest_group_batches",
+            "Batches stored together in one transaction",
+            m.group_batches.clone(),
         );
         r.register(
             "ingest_dead_letter_errors",
@@ -292,7 +324,8 @@ impl Ingest {
     pub async fn run(self, mut shutdown: Shutdown) {
         let workers = self.cfg.workers.max(1);
         let queue = self.cfg.queue.max(1);
-        let (client, mut eventloop) = AsyncClient::new(self.options, workers * (queue + 1) + 16);
+        let (client, mut eventloop) =
+            AsyncClient::new(self.options, workers * (2 * queue + 1) + 16);
         let ids = Arc::new(IngestIds::new());
         let mut senders = Vec::with_capacity(workers);
         let mut tasks = JoinSet::new();
@@ -301,6 +334,8 @@ impl Ingest {
             senders.push(tx);
             let w = Worker {
                 rx,
+                group_bytes: self.cfg.group_bytes,
+                group_max: queue + 1,
                 db: self.db.clone(),
                 client: client.clone(),
                 metrics: self.metrics.clone(),
@@ -458,174 +493,251 @@ impl IngestIds {
     }
 }
 
-/// Stores the messages of the sites that hash to it, one at a time.
+/// Stores the messages of the sites that hash to it, in groups of what is waiting.
 struct Worker {
     rx: mpsc::Receiver<Message>,
+    /// Payload bytes after which a group takes no more messages.
+    group_bytes: usize,
+    /// Most messages in one group.
+    group_max: usize,
     db: Db,
     client: AsyncClient,
     metrics: IngestMetrics,
     ids: Arc<IngestIds>,
 }
 
+/// A batch that was decoded and passed the checks, waiting to be stored with its group.
+struct Pending {
+    id: String,
+    topic: String,
+    site: SiteId,
+    batch: Batch,
+    msg: Message,
+}
+
 impl Worker {
     async fn run(mut self) {
-        while let Some(msg) = self.rx.recv().await {
+        let mut group = Vec::with_capacity(self.group_max);
+        while let Some(first) = self.rx.recv().await {
+            let mut bytes = first.publish.payload.len();
+            group.push(first);
+            while bytes < self.group_bytes && group.len() < self.group_max {
+                match self.rx.try_recv() {
+                    Ok(msg) => {
+                        bytes += msg.publish.payload.len();
+                        group.push(msg);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.handle_group(&mut group).await;
+        }
+    }
+
+    /// Checks each message of a group on its own, stores the batches that pass together, and
+    /// handles a status after the batches that arrived before it.
+    async fn handle_group(&self, group: &mut Vec<Message>) {
+        let mut pending = Vec::with_capacity(group.len());
+        for msg in group.drain(..) {
             let id = self.ids.next();
             let span = tracing::info_span!("ingest", id = %id, site = tracing::field::Empty);
-            self.handle(msg).instrument(span).await;
+            let topic = String::from_utf8_lossy(&msg.publish.topic).into_owned();
+            match Topic::parse(&topic) {
+                Ok(Topic {
+                    site,
+                    kind: TopicKind::Telemetry,
+                }) => {
+                    if let Some(p) = self.check(id, topic, site, msg).instrument(span).await {
+                        pending.push(p);
+                    }
+                }
+                Ok(Topic {
+                    site,
+                    kind: TopicKind::Status,
+                }) => {
+                    self.store_group(std::mem::take(&mut pending)).await;
+                    self.status(&topic, site, &msg).instrument(span).await;
+                }
+                Ok(Topic { site, .. }) => {
+                    let r = Rejection::Topic(topic.clone());
+                    self.reject(&topic, Some(&site), None, &msg, r)
+                        .instrument(span)
+                        .await
+                }
+                Err(_) => {
+                    let r = Rejection::Topic(topic.clone());
+                    self.reject(&topic, None, None, &msg, r)
+                        .instrument(span)
+                        .await
+                }
+            }
         }
+        self.store_group(pending).await;
     }
 
-    async fn handle(&self, msg: Message) {
-        let topic = String::from_utf8_lossy(&msg.publish.topic).into_owned();
-        match Topic::parse(&topic) {
-            Ok(Topic {
-                site,
-                kind: TopicKind::Telemetry,
-            }) => self.batch(&topic, site, &msg).await,
-            Ok(Topic {
-                site,
-                kind: TopicKind::Status,
-            }) => self.status(&topic, site, &msg).await,
-            Ok(Topic { site, .. }) => {
-                self.reject(
-                    &topic,
-                    Some(&site),
-                    None,
-                    &msg,
-                    Rejection::Topic(topic.clone()),
-                )
-                .await
-            }
-            Err(_) => {
-                self.reject(&topic, None, None, &msg, Rejection::Topic(topic.clone()))
-                    .await
-            }
-        }
-    }
-
-    async fn batch(&self, topic: &str, site: SiteId, msg: &Message) {
+    /// Decodes and checks a batch; a refused one is dead-lettered and answered here.
+    async fn check(
+        &self,
+        id: String,
+        topic: String,
+        site: SiteId,
+        msg: Message,
+    ) -> Option<Pending> {
         let span = tracing::Span::current();
         span.record("site", site.as_str());
         let batch = match payload::decode::<Batch>(&msg.publish.payload) {
             Ok(b) => b,
             Err(e) => {
-                let id = loose_batch_id(&msg.publish.payload);
-                return self
-                    .reject(topic, Some(&site), id.as_deref(), msg, e.into())
+                let batch = loose_batch_id(&msg.publish.payload);
+                self.reject(&topic, Some(&site), batch.as_deref(), &msg, e.into())
                     .await;
+                return None;
             }
         };
-        if batch.site != site {
-            let r = Rejection::SiteMismatch {
+        let refused = if batch.site != site {
+            Some(Rejection::SiteMismatch {
                 topic: site.clone(),
                 payload: batch.site.clone(),
-            };
-            return self
-                .reject(topic, Some(&site), Some(&batch.batch), msg, r)
+            })
+        } else {
+            check_batch(&batch).err().map(Rejection::Rule)
+        };
+        if let Some(r) = refused {
+            self.reject(&topic, Some(&site), Some(&batch.batch), &msg, r)
                 .await;
+            return None;
         }
-        if let Err(rule) = check_batch(&batch) {
-            return self
-                .reject(
-                    topic,
-                    Some(&site),
-                    Some(&batch.batch),
-                    msg,
-                    Rejection::Rule(rule),
-                )
-                .await;
+        Some(Pending {
+            id,
+            topic,
+            site,
+            batch,
+            msg,
+        })
+    }
+
+    /// Stores a group in one transaction and answers each batch. When a group of several fails,
+    /// each batch is tried again alone, so only a batch the database cannot take goes unanswered.
+    async fn store_group(&self, group: Vec<Pending>) {
+        if group.is_empty() {
+            return;
         }
-        match store::store_batch(&self.db, &batch, msg.received_at).await {
-            Ok(stored) => {
-                let m = &self.metrics;
-                for (kind, total, new) in [
-                    ("reading", batch.readings.len(), stored.readings),
-                    ("event", batch.events.len(), stored.events),
-                    ("gap", batch.gaps.len(), stored.gaps),
-                ] {
-                    let total = total as u64;
-                    let dup = total.saturating_sub(new);
-                    if new > 0 {
-                        m.records
-                            .get_or_create(&RecordLabels {
-                                kind,
-                                outcome: "stored",
-                            })
-                            .inc_by(new);
-                    }
-                    if dup > 0 {
-                        m.records
-                            .get_or_create(&RecordLabels {
-                                kind,
-                                outcome: "duplicate",
-                            })
-                            .inc_by(dup);
+        match self.store(&group).await {
+            Ok(()) => {}
+            Err(e) if group.len() > 1 => {
+                self.metrics.group_splits.inc();
+                tracing::warn!(
+                    batches = group.len(),
+                    error = %e,
+                    "a group of batches was not stored; storing each on its own"
+                );
+                for p in &group {
+                    if let Err(e) = self.store(std::slice::from_ref(p)).await {
+                        self.failed(p, &e);
                     }
                 }
+            }
+            Err(e) => self.failed(&group[0], &e),
+        }
+    }
+
+    /// One transaction for `group`, then the acks (accepted, or rejected for a batch whose site
+    /// is unknown or inactive). `Err`: a database error; nothing was stored or answered.
+    async fn store(&self, group: &[Pending]) -> Result<(), sqlx::Error> {
+        let input: Vec<(&Batch, DateTime<Utc>)> = group
+            .iter()
+            .map(|p| (&p.batch, p.msg.received_at))
+            .collect();
+        let stored = store::store_batches(&self.db, &input).await?;
+        let m = &self.metrics;
+        m.group_batches.observe(group.len() as f64);
+        let mut totals = [0u64; 3];
+        for (p, outcome) in group.iter().zip(&stored.outcomes) {
+            if outcome.is_ok() {
+                totals[0] += p.batch.readings.len() as u64;
+                totals[1] += p.batch.events.len() as u64;
+                totals[2] += p.batch.gaps.len() as u64;
+            }
+        }
+        let new = stored.stored;
+        for (kind, total, new) in [
+            ("reading", totals[0], new.readings),
+            ("event", totals[1], new.events),
+            ("gap", totals[2], new.gaps),
+        ] {
+            let dup = total.saturating_sub(new);
+            if new > 0 {
+                m.records
+                    .get_or_create(&RecordLabels {
+                        kind,
+                        outcome: "stored",
+                    })
+                    .inc_by(new);
+            }
+            if dup > 0 {
+                m.records
+                    .get_or_create(&RecordLabels {
+                        kind,
+                        outcome: "duplicate",
+                    })
+                    .inc_by(dup);
+            }
+        }
+        for (p, outcome) in group.iter().zip(stored.outcomes) {
+            let span = tracing::info_span!("ingest", id = %p.id, site = %p.site);
+            self.answer(p, outcome).instrument(span).await;
+        }
+        Ok(())
+    }
+
+    /// Answers one batch of a committed group.
+    async fn answer(&self, p: &Pending, outcome: Result<(), StoreError>) {
+        let batch = &p.batch;
+        let why = match outcome {
+            Ok(()) => {
+                let m = &self.metrics;
                 m.batches.get_or_create(&KindLabels::new("accepted")).inc();
                 let ack = Ack {
                     v: caudal_common::SCHEMA_VERSION,
-                    site: site.clone(),
+                    site: p.site.clone(),
                     batch: batch.batch.clone(),
                     status: AckStatus::Accepted,
                     seqs: SeqRange::compact(batch.seqs()),
                     reason: None,
                 };
                 self.ack(&ack).await;
-                m.batch_seconds.observe(msg.started.elapsed().as_secs_f64());
+                m.batch_seconds
+                    .observe(p.msg.started.elapsed().as_secs_f64());
                 tracing::debug!(
-                    site = %site,
                     batch = %batch.batch,
                     records = batch.len(),
-                    new = stored.readings + stored.events + stored.gaps,
                     "batch stored and acknowledged"
                 );
+                return;
             }
-            Err(StoreError::UnknownSite(s)) => {
-                self.reject(
-                    topic,
-                    Some(&site),
-                    Some(&batch.batch),
-                    msg,
-                    Rejection::UnknownSite(s),
-                )
-                .await
-            }
-            Err(StoreError::InactiveSite(s)) => {
-                self.reject(
-                    topic,
-                    Some(&site),
-                    Some(&batch.batch),
-                    msg,
-                    Rejection::InactiveSite(s),
-                )
-                .await
-            }
-            Err(StoreError::Invalid(rule)) => {
-                self.reject(
-                    topic,
-                    Some(&site),
-                    Some(&batch.batch),
-                    msg,
-                    Rejection::Rule(rule),
-                )
-                .await
-            }
-            Err(StoreError::Database(e)) => {
-                self.metrics.store_errors.inc();
-                self.metrics
-                    .batches
-                    .get_or_create(&KindLabels::new("failed"))
-                    .inc();
-                tracing::error!(
-                    site = %site,
-                    batch = %batch.batch,
-                    error = %e,
-                    "batch not stored; no ack, the agent will re-send it"
-                );
-            }
-        }
+            Err(StoreError::UnknownSite(s)) => Rejection::UnknownSite(s),
+            Err(StoreError::InactiveSite(s)) => Rejection::InactiveSite(s),
+            Err(StoreError::Invalid(rule)) => Rejection::Rule(rule),
+            Err(StoreError::Database(e)) => return self.failed(p, &e),
+        };
+        self.reject(&p.topic, Some(&p.site), Some(&batch.batch), &p.msg, why)
+            .await
+    }
+
+    /// A batch the database did not store: counted, logged, not answered (its agent re-sends).
+    fn failed(&self, p: &Pending, e: &sqlx::Error) {
+        self.metrics.store_errors.inc();
+        self.metrics
+            .batches
+            .get_or_create(&KindLabels::new("failed"))
+            .inc();
+        tracing::error!(
+            id = %p.id,
+            site = %p.site,
+            batch = %p.batch.batch,
+            error = %e,
+            "batch not stored; no ack, the agent will re-send it"
+        );
     }
 
     async fn status(&self, topic: &str, site: SiteId, msg: &Message) {
@@ -726,11 +838,17 @@ impl Worker {
             AckStatus::Rejected => "rejected",
         };
         let t = topic::topic(&ack.site, TopicKind::Ack);
-        match self
+        let publish = self
             .client
-            .publish(t, QoS::AtLeastOnce, false, ack.encode())
-            .await
-        {
+            .publish(t, QoS::AtLeastOnce, false, ack.encode());
+        // A worker must not wait on the request channel for ever: the dispatcher that drains it
+        // may itself be waiting for room in this worker's queue. An ack given up here is a lost
+        // ack, which the protocol already survives (the agent re-sends; the batch is stored once).
+        let sent = match tokio::time::timeout(ACK_WAIT, publish).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("request channel full for {ACK_WAIT:?}")),
+        };
+        match sent {
             Ok(()) => {
                 self.metrics
                     .acks
@@ -752,7 +870,9 @@ fn loose_batch_id(payload: &[u8]) -> Option<String> {
 }
 
 /// Rules the contract states that `caudal_common`'s decoder does not check: every seq fits the
-/// layout (bit 63 clear) and no seq appears twice in one batch.
+/// layout (bit 63 clear) and no seq appears twice in one batch. Also refused here: text the
+/// databases cannot store (PostgreSQL's `text` and `jsonb` take no NUL character), so such a
+/// batch gets a precise rejection instead of failing its transaction on every re-send.
 pub fn check_batch(b: &Batch) -> Result<(), String> {
     let seqs = b.seqs();
     if let Some(s) = seqs.iter().find(|s| !s.is_valid()) {
@@ -760,6 +880,22 @@ pub fn check_batch(b: &Batch) -> Result<(), String> {
     }
     if let Some(w) = seqs.windows(2).find(|w| w[0] == w[1]) {
         return Err(format!("seq {} appears more than once in the batch", w[0]));
+    }
+    if let Some(e) = b.events.iter().find(|e| e.message.contains('\0')) {
+        return Err(format!(
+            "event seq {}: message contains a NUL character",
+            e.seq
+        ));
+    }
+    if let Some(r) = b
+        .readings
+        .iter()
+        .find(|r| r.extra.keys().any(|k| k.contains('\0')))
+    {
+        return Err(format!(
+            "reading seq {}: an extra channel name contains a NUL character",
+            r.seq
+        ));
     }
     Ok(())
 }

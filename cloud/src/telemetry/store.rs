@@ -1,17 +1,22 @@
 //! Telemetry storage: batches (readings, events, gaps), agent status and dead letters, written
 //! for each backend.
 //!
-//! Invariant: [`store_batch`] writes every record of a batch, or none, in one transaction that
-//! first checks the site is registered and active, and it returns only after the commit, so an
-//! acknowledgement sent after it never names a record that a crash could lose. Records are
-//! keyed by `(site, seq)` and inserted with `ON CONFLICT DO NOTHING`: a batch that arrives again
-//! (the agent re-sends until it sees the ack) stores nothing new and succeeds. The first copy of
-//! a record wins; a different record under the same key is not detected here.
+//! Invariant: [`store_batches`] writes a group of batches in one transaction that first checks
+//! each batch's site is registered and active; every batch that passes is written whole, a
+//! refused batch writes nothing, and the call returns only after the commit, so an
+//! acknowledgement sent after it never names a record that a crash could lose. A database error
+//! rolls the whole group back. Records are keyed by `(site, seq)` and inserted with
+//! `ON CONFLICT DO NOTHING`: a batch that arrives again (the agent re-sends until it sees the
+//! ack), even twice in one group, stores nothing new and succeeds. The first copy of a record
+//! wins; a different record under the same key is not detected here. [`store_batch`] is the
+//! group of one.
 //!
-//! Bulk inserts: PostgreSQL receives each column as one array and inserts with `UNNEST`, one
-//! statement per batch whatever its size; SQLite receives multi-row `INSERT`s of
-//! [`SQLITE_ROWS_PER_INSERT`] rows, inside one `BEGIN IMMEDIATE` transaction (taking the write
-//! lock up front, so concurrent writers wait on the busy timeout instead of failing to upgrade).
+//! Bulk inserts: PostgreSQL receives each column of the whole group's readings as one array and
+//! inserts with `UNNEST`, one statement per group whatever its size, so a group pays one round
+//! trip, one plan and one commit (one WAL flush) however many batches it holds; SQLite receives
+//! multi-row `INSERT`s of [`SQLITE_ROWS_PER_INSERT`] rows, inside one `BEGIN IMMEDIATE`
+//! transaction (taking the write lock up front, so concurrent writers wait on the busy timeout
+//! instead of failing to upgrade).
 
 use crate::core::db::{Db, from_sqlite_time, sqlite_time};
 use caudal_common::{Batch, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
@@ -49,6 +54,16 @@ fn seq_i64(kind: &str, s: Seq) -> Result<i64, StoreError> {
         .map_err(|_| StoreError::Invalid(format!("{kind} seq {} has bit 63 set", s.0)))
 }
 
+/// A seq that [`fits`] already checked, as the database column holds it.
+fn seq_col(s: Seq) -> i64 {
+    i64::try_from(s.0).unwrap_or(i64::MAX)
+}
+
+/// A gap's seq range end, checked by [`fits`].
+fn gap_col(g: &Gap, end: impl Fn(&caudal_common::SeqRange) -> Seq) -> Option<i64> {
+    g.seqs.as_ref().map(|r| seq_col(end(r)))
+}
+
 fn extra_json(r: &Reading) -> Option<String> {
     // A map of strings to finite f64 always serializes.
     (!r.extra.is_empty()).then(|| serde_json::to_string(&r.extra).unwrap_or_default())
@@ -79,20 +94,107 @@ pub async fn store_batch(
     batch: &Batch,
     received_at: DateTime<Utc>,
 ) -> Result<Stored, StoreError> {
+    let mut group = store_batches(db, &[(batch, received_at)]).await?;
+    match group.outcomes.pop() {
+        Some(Err(refused)) => Err(refused),
+        Some(Ok(())) | None => Ok(group.stored),
+    }
+}
+
+/// What storing a group of batches did.
+#[derive(Debug, Default)]
+pub struct GroupStored {
+    /// Records newly stored by the group's accepted batches together (duplicates not counted).
+    pub stored: Stored,
+    /// One outcome per batch, in the group's order: stored and committed, or refused (unknown or
+    /// inactive site, a seq that does not fit) with nothing of it written.
+    pub outcomes: Vec<Result<(), StoreError>>,
+}
+
+/// Stores a group of decoded batches, each with the time its message arrived, in one
+/// transaction (the caller has checked that each topic names its batch's site). Returns after
+/// the commit. `Err` is a database error: nothing of the group was stored.
+pub async fn store_batches(
+    db: &Db,
+    group: &[(&Batch, DateTime<Utc>)],
+) -> Result<GroupStored, sqlx::Error> {
+    let mut outcomes: Vec<Result<(), StoreError>> = group.iter().map(|(b, _)| fits(b)).collect();
+    let sites: Vec<&str> = {
+        let mut v: Vec<&str> = group.iter().map(|(b, _)| b.site.as_str()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
     match db {
         Db::Sqlite(p) => {
             let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-            let stored = sqlite_batch(&mut tx, batch, received_at).await?;
+            let mut active = std::collections::HashMap::with_capacity(sites.len());
+            for site in sites {
+                let a: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
+                    .bind(site)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                active.insert(site, a);
+            }
+            let mut stored = Stored::default();
+            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_ok() {
+                    let a = active.get(batch.site.as_str()).copied().flatten();
+                    *outcome = check_site(&batch.site, a);
+                }
+                if outcome.is_ok() {
+                    stored.add(sqlite_batch(&mut tx, batch, *at).await?);
+                }
+            }
             tx.commit().await?;
-            Ok(stored)
+            Ok(GroupStored { stored, outcomes })
         }
         Db::Postgres(p) => {
             let mut tx = p.begin().await?;
-            let stored = pg_batch(&mut tx, batch, received_at).await?;
+            let rows: Vec<(String, bool)> =
+                sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
+                    .bind(&sites)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let active: std::collections::HashMap<String, bool> = rows.into_iter().collect();
+            let mut accepted = Vec::with_capacity(group.len());
+            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_ok() {
+                    *outcome = check_site(&batch.site, active.get(batch.site.as_str()).copied());
+                }
+                if outcome.is_ok() {
+                    accepted.push((*batch, *at));
+                }
+            }
+            let stored = pg_batches(&mut tx, &accepted).await?;
             tx.commit().await?;
-            Ok(stored)
+            Ok(GroupStored { stored, outcomes })
         }
     }
+}
+
+impl Stored {
+    fn add(&mut self, o: Stored) {
+        self.readings += o.readings;
+        self.events += o.events;
+        self.gaps += o.gaps;
+    }
+}
+
+/// Every seq of the batch fits the database's signed 64-bit column.
+fn fits(b: &Batch) -> Result<(), StoreError> {
+    for r in &b.readings {
+        seq_i64("reading", r.seq)?;
+    }
+    for e in &b.events {
+        seq_i64("event", e.seq)?;
+    }
+    for g in &b.gaps {
+        seq_i64("gap", g.seq)?;
+        gap_range(g, |r| r.from)?;
+        gap_range(g, |r| r.to)?;
+    }
+    Ok(())
 }
 
 fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
@@ -103,24 +205,20 @@ fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
     }
 }
 
+/// Writes one batch whose site and seqs were checked ([`fits`], [`check_site`]).
 async fn sqlite_batch(
     tx: &mut Transaction<'static, Sqlite>,
     batch: &Batch,
     received_at: DateTime<Utc>,
-) -> Result<Stored, StoreError> {
+) -> Result<Stored, sqlx::Error> {
     let site = batch.site.as_str();
-    let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
-        .bind(site)
-        .fetch_optional(&mut **tx)
-        .await?;
-    check_site(&batch.site, active)?;
     let now = sqlite_time(received_at);
     let mut stored = Stored::default();
 
     for chunk in batch.readings.chunks(SQLITE_ROWS_PER_INSERT) {
         let mut rows = Vec::with_capacity(chunk.len());
         for r in chunk {
-            rows.push((seq_i64("reading", r.seq)?, r, extra_json(r)));
+            rows.push((seq_col(r.seq), r, extra_json(r)));
         }
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO readings (site, seq, device, ts, quality, flow_lps, total_m3, level_m, \
@@ -148,7 +246,7 @@ async fn sqlite_batch(
              received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
         )
         .bind(site)
-        .bind(seq_i64("event", e.seq)?)
+        .bind(seq_col(e.seq))
         .bind(sqlite_time(e.ts))
         .bind(e.device.as_ref().map(|d| d.as_str()))
         .bind(event_kind(e))
@@ -167,12 +265,12 @@ async fn sqlite_batch(
              received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
         )
         .bind(site)
-        .bind(seq_i64("gap", g.seq)?)
+        .bind(seq_col(g.seq))
         .bind(g.device.as_ref().map(|d| d.as_str()))
         .bind(sqlite_time(g.from))
         .bind(sqlite_time(g.to))
-        .bind(gap_range(g, |r| r.from)?)
-        .bind(gap_range(g, |r| r.to)?)
+        .bind(gap_col(g, |r| r.from))
+        .bind(gap_col(g, |r| r.to))
         .bind(clamp_i64(g.count))
         .bind(gap_cause(g.cause))
         .bind(now)
@@ -204,21 +302,17 @@ fn gap_range(
         .transpose()
 }
 
-async fn pg_batch(
+/// Writes the accepted batches of a group (sites and seqs checked): all their readings in one
+/// `INSERT ... SELECT FROM UNNEST`, events and gaps row by row (they are few), and one
+/// `site_status` upsert for the group's sites.
+async fn pg_batches(
     tx: &mut Transaction<'static, Postgres>,
-    batch: &Batch,
-    received_at: DateTime<Utc>,
-) -> Result<Stored, StoreError> {
-    let site = batch.site.as_str();
-    let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
-        .bind(site)
-        .fetch_optional(&mut **tx)
-        .await?;
-    check_site(&batch.site, active)?;
+    group: &[(&Batch, DateTime<Utc>)],
+) -> Result<Stored, sqlx::Error> {
     let mut stored = Stored::default();
-
-    if !batch.readings.is_empty() {
-        let n = batch.readings.len();
+    let n: usize = group.iter().map(|(b, _)| b.readings.len()).sum();
+    if n > 0 {
+        let mut site = Vec::with_capacity(n);
         let mut seq = Vec::with_capacity(n);
         let mut device = Vec::with_capacity(n);
         let mut ts = Vec::with_capacity(n);
@@ -227,24 +321,30 @@ async fn pg_batch(
         let mut total = Vec::with_capacity(n);
         let mut level = Vec::with_capacity(n);
         let mut extra = Vec::with_capacity(n);
-        for r in &batch.readings {
-            seq.push(seq_i64("reading", r.seq)?);
-            device.push(r.device.as_str());
-            ts.push(r.ts);
-            quality.push(i32::from(r.q.bits()));
-            flow.push(r.flow_lps);
-            total.push(r.total_m3);
-            level.push(r.level_m);
-            extra.push(extra_json(r));
+        let mut received = Vec::with_capacity(n);
+        for (batch, at) in group {
+            for r in &batch.readings {
+                site.push(batch.site.as_str());
+                seq.push(seq_col(r.seq));
+                device.push(r.device.as_str());
+                ts.push(r.ts);
+                quality.push(i32::from(r.q.bits()));
+                flow.push(r.flow_lps);
+                total.push(r.total_m3);
+                level.push(r.level_m);
+                extra.push(extra_json(r));
+                received.push(*at);
+            }
         }
         stored.readings = sqlx::query(
             "INSERT INTO readings (site, seq, device, ts, quality, flow_lps, total_m3, level_m, \
              extra, received_at) \
-             SELECT $1, t.seq, t.device, t.ts, t.quality, t.flow, t.total, t.level, \
-                    t.extra::jsonb, $10 \
-             FROM UNNEST($2::int8[], $3::text[], $4::timestamptz[], $5::int4[], $6::float8[], \
-                         $7::float8[], $8::float8[], $9::text[]) \
-                  AS t(seq, device, ts, quality, flow, total, level, extra) \
+             SELECT t.site, t.seq, t.device, t.ts, t.quality, t.flow, t.total, t.level, \
+                    t.extra::jsonb, t.received \
+             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::timestamptz[], $5::int4[], \
+                         $6::float8[], $7::float8[], $8::float8[], $9::text[], \
+                         $10::timestamptz[]) \
+                  AS t(site, seq, device, ts, quality, flow, total, level, extra, received) \
              ON CONFLICT (site, seq) DO NOTHING",
         )
         .bind(site)
@@ -256,62 +356,74 @@ async fn pg_batch(
         .bind(total)
         .bind(level)
         .bind(extra)
-        .bind(received_at)
+        .bind(received)
         .execute(&mut **tx)
         .await?
         .rows_affected();
     }
 
-    for e in &batch.events {
-        stored.events += sqlx::query(
-            "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-             received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (site, seq) DO NOTHING",
+    for (batch, at) in group {
+        let site = batch.site.as_str();
+        for e in &batch.events {
+            stored.events += sqlx::query(
+                "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
+                 received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (site, seq) DO NOTHING",
+            )
+            .bind(site)
+            .bind(seq_col(e.seq))
+            .bind(e.ts)
+            .bind(e.device.as_ref().map(|d| d.as_str()))
+            .bind(event_kind(e))
+            .bind(&e.message)
+            .bind(e.previous)
+            .bind(e.current)
+            .bind(at)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        }
+        for g in &batch.gaps {
+            stored.gaps += sqlx::query(
+                "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, \
+                 cause, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (site, seq) DO NOTHING",
+            )
+            .bind(site)
+            .bind(seq_col(g.seq))
+            .bind(g.device.as_ref().map(|d| d.as_str()))
+            .bind(g.from)
+            .bind(g.to)
+            .bind(gap_col(g, |r| r.from))
+            .bind(gap_col(g, |r| r.to))
+            .bind(clamp_i64(g.count))
+            .bind(gap_cause(g.cause))
+            .bind(at)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        }
+    }
+
+    // One row per site (an upsert may not touch a row twice), seen at its latest batch.
+    let mut seen: Vec<(&str, DateTime<Utc>)> =
+        group.iter().map(|(b, at)| (b.site.as_str(), *at)).collect();
+    seen.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+    seen.dedup_by(|a, b| a.0 == b.0);
+    if !seen.is_empty() {
+        let (sites, times): (Vec<&str>, Vec<DateTime<Utc>>) = seen.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO site_status (site, online, last_seen, updated_at) \
+             SELECT t.site, TRUE, t.at, t.at FROM UNNEST($1::text[], $2::timestamptz[]) \
+                  AS t(site, at) \
+             ON CONFLICT (site) DO UPDATE SET last_seen = excluded.last_seen, \
+             updated_at = excluded.updated_at",
         )
-        .bind(site)
-        .bind(seq_i64("event", e.seq)?)
-        .bind(e.ts)
-        .bind(e.device.as_ref().map(|d| d.as_str()))
-        .bind(event_kind(e))
-        .bind(&e.message)
-        .bind(e.previous)
-        .bind(e.current)
-        .bind(received_at)
+        .bind(sites)
+        .bind(times)
         .execute(&mut **tx)
-        .await?
-        .rows_affected();
+        .await?;
     }
-
-    for g in &batch.gaps {
-        stored.gaps += sqlx::query(
-            "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, cause, \
-             received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (site, seq) DO NOTHING",
-        )
-        .bind(site)
-        .bind(seq_i64("gap", g.seq)?)
-        .bind(g.device.as_ref().map(|d| d.as_str()))
-        .bind(g.from)
-        .bind(g.to)
-        .bind(gap_range(g, |r| r.from)?)
-        .bind(gap_range(g, |r| r.to)?)
-        .bind(clamp_i64(g.count))
-        .bind(gap_cause(g.cause))
-        .bind(received_at)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
-
-    sqlx::query(
-        "INSERT INTO site_status (site, online, last_seen, updated_at) VALUES ($1, TRUE, $2, $2) \
-         ON CONFLICT (site) DO UPDATE SET last_seen = excluded.last_seen, \
-         updated_at = excluded.updated_at",
-    )
-    .bind(site)
-    .bind(received_at)
-    .execute(&mut **tx)
-    .await?;
     Ok(stored)
 }
 

@@ -1,0 +1,640 @@
+//! Ingest throughput end to end: simulated agents publish real batches through an MQTT broker
+//! to the cloud's ingest and wait for each batch's ack, which the cloud sends only after the
+//! commit. Timed from the first publish to the last ack, on a SQLite file and, when configured,
+//! on PostgreSQL, where the same rows are then also written with the database's own `COPY` into
+//! an identical scratch table, for the ratio ingest / COPY. Prints medians; asserts only that
+//! every reading was stored exactly once.
+//!
+//! ```text
+//! cargo bench -p caudal-cloud --bench ingest -- [--pg URL] [--mosquitto [URL]] [--no-sqlite]
+//!     [--runs 3] [--readings 300000] [--sites 20] [--batch 500] [--inflight 8]
+//!     [--workers 4] [--pool 8] [--group-bytes 4194304]
+//! ```
+//!
+//! PostgreSQL runs when `--pg` or `CAUDAL_TEST_DATABASE_URL` names a database; each run gets a
+//! schema of its own, dropped at the end. `--mosquitto` (or `CAUDAL_BENCH_MOSQUITTO=1`) also runs
+//! through an external broker (default `mqtt://127.0.0.1:1883`) with site names, client ids and
+//! a shared-subscription group unique to the run.
+
+use caudal_cloud::Cloud;
+use caudal_cloud::catchment::site;
+use caudal_cloud::core::config::{CloudConfig, Secret};
+use caudal_cloud::core::db::Db;
+use caudal_common::payload::{self, Payload};
+use caudal_common::topic::{self, TopicKind};
+use caudal_common::{Ack, AckStatus, Batch, DeviceId, Quality, Reading, Seq, SiteId};
+use chrono::{DateTime, TimeZone, Utc};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Seq epoch of the measured readings; warm-up batches use the next one.
+const EPOCH: u32 = 90_000_000;
+/// Longest wait for one ack before the run is declared broken.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+struct Args {
+    pg: Option<String>,
+    mosquitto: Option<String>,
+    sqlite: bool,
+    runs: usize,
+    readings: usize,
+    sites: usize,
+    batch: usize,
+    inflight: usize,
+    workers: usize,
+    pool: u32,
+    group_bytes: Option<usize>,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut a = Args {
+            pg: std::env::var("CAUDAL_TEST_DATABASE_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            mosquitto: std::env::var("CAUDAL_BENCH_MOSQUITTO")
+                .ok()
+                .filter(|v| !v.is_empty() && v != "0")
+                .map(|_| "mqtt://127.0.0.1:1883".to_string()),
+            sqlite: true,
+            runs: 3,
+            readings: 300_000,
+            sites: 20,
+            batch: 500,
+            inflight: 8,
+            workers: 4,
+            pool: 8,
+            group_bytes: None,
+        };
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut i = 0;
+        let value = |i: &mut usize, name: &str| -> String {
+            *i += 1;
+            args.get(*i)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} needs a value"))
+        };
+        let number = |s: String, name: &str| -> usize {
+            s.parse()
+                .unwrap_or_else(|_| panic!("{name}: {s:?} is not a number"))
+        };
+        while i < args.len() {
+            match args[i].as_str() {
+                "--pg" => a.pg = Some(value(&mut i, "--pg")),
+                "--mosquitto" => {
+                    let url = match args.get(i + 1) {
+                        Some(u) if u.starts_with("mqtt://") => {
+                            i += 1;
+                            u.clone()
+                        }
+                        _ => "mqtt://127.0.0.1:1883".to_string(),
+                    };
+                    a.mosquitto = Some(url);
+                }
+                "--no-sqlite" => a.sqlite = false,
+                "--runs" => a.runs = number(value(&mut i, "--runs"), "--runs").max(1),
+                "--readings" => a.readings = number(value(&mut i, "--readings"), "--readings"),
+                "--sites" => a.sites = number(value(&mut i, "--sites"), "--sites").max(1),
+                "--batch" => a.batch = number(value(&mut i, "--batch"), "--batch").max(1),
+                "--inflight" => {
+                    a.inflight = number(value(&mut i, "--inflight"), "--inflight").max(1)
+                }
+                "--workers" => a.workers = number(value(&mut i, "--workers"), "--workers"),
+                "--pool" => a.pool = number(value(&mut i, "--pool"), "--pool") as u32,
+                "--group-bytes" => {
+                    a.group_bytes = Some(number(value(&mut i, "--group-bytes"), "--group-bytes"))
+                }
+                // `cargo bench` passes `--bench`; other harness flags do not apply.
+                _ => {}
+            }
+            i += 1;
+        }
+        a
+    }
+}
+
+/// The database of one run, removed afterwards.
+enum RunDb {
+    Sqlite(tempfile::TempDir),
+    Postgres { base: String, schema: String },
+}
+
+impl RunDb {
+    async fn new(pg: Option<&str>) -> RunDb {
+        match pg {
+            None => RunDb::Sqlite(tempfile::tempdir().expect("tempdir")),
+            Some(base) => {
+                let schema = format!(
+                    "caudal_bench_{}_{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                );
+                let admin = sqlx::PgPool::connect(base).await.expect("postgres");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                    .execute(&admin)
+                    .await
+                    .expect("create schema");
+                admin.close().await;
+                RunDb::Postgres {
+                    base: base.to_string(),
+                    schema,
+                }
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            RunDb::Sqlite(dir) => format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("bench.db").display()
+            ),
+            RunDb::Postgres { base, schema } => {
+                let sep = if base.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}options[search_path]={schema}")
+            }
+        }
+    }
+
+    async fn drop_schema(self) {
+        if let RunDb::Postgres { base, schema } = self
+            && let Ok(admin) = sqlx::PgPool::connect(&base).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&admin)
+                .await;
+            admin.close().await;
+        }
+    }
+}
+
+/// One site's batches, encoded before the clock starts.
+struct SitePlan {
+    site: SiteId,
+    warmup: Vec<u8>,
+    batches: Vec<(String, Vec<u8>)>,
+    readings: Vec<Reading>,
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0)
+        .single()
+        .expect("time")
+}
+
+fn reading(device: &DeviceId, epoch: u32, k: u32) -> Reading {
+    Reading {
+        seq: Seq::new(epoch, k + 1),
+        device: device.clone(),
+        ts: t0() + chrono::Duration::seconds(i64::from(k)),
+        q: Quality::GOOD,
+        flow_lps: Some(12.5 + f64::from(k % 100) / 10.0),
+        total_m3: Some(123_456.789 + f64::from(k) * 0.0125),
+        level_m: Some(42.17),
+        extra: Default::default(),
+    }
+}
+
+fn plan(args: &Args, prefix: &str) -> Vec<SitePlan> {
+    let device = DeviceId::new("fm1").expect("id");
+    let per_site = args.readings.div_ceil(args.sites);
+    let mut left = args.readings;
+    (0..args.sites)
+        .map(|s| {
+            let site = SiteId::new(format!("{prefix}-{s}")).expect("site id");
+            let n = per_site.min(left);
+            left -= n;
+            let readings: Vec<Reading> =
+                (0..n as u32).map(|k| reading(&device, EPOCH, k)).collect();
+            let encode = |id: String, readings: Vec<Reading>| {
+                Batch {
+                    v: 1,
+                    site: site.clone(),
+                    batch: id,
+                    sent_at: t0(),
+                    readings,
+                    events: Vec::new(),
+                    gaps: Vec::new(),
+                }
+                .encode()
+            };
+            let batches = readings
+                .chunks(args.batch)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let id = format!("b-{i}");
+                    (id.clone(), encode(id, chunk.to_vec()))
+                })
+                .collect();
+            let warmup = encode("warmup".into(), vec![reading(&device, EPOCH + 1, 0)]);
+            SitePlan {
+                site,
+                warmup,
+                batches,
+                readings,
+            }
+        })
+        .collect()
+}
+
+/// A simulated agent: MQTT v3.1.1 like the real one, subscribed to its site's acks.
+struct Agent {
+    client: AsyncClient,
+    acks: mpsc::Receiver<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    async fn connect(broker: SocketAddr, site: &SiteId, inflight: usize) -> Agent {
+        let mut o = MqttOptions::new(
+            format!("bench-{site}-{:06x}", fastrand::u32(..1 << 24)),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(4 << 20, 4 << 20)
+            .set_inflight(inflight.clamp(1, u16::MAX as usize) as u16);
+        let (client, mut eventloop) = AsyncClient::new(o, 2 * inflight + 8);
+        let (tx, acks) = mpsc::channel(4 * inflight + 8);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let ack_topic = topic::topic(site, TopicKind::Ack);
+        client
+            .subscribe(ack_topic.clone(), QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                        if tx.send(p.payload.to_vec()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("agent connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("agent subscribed in time")
+            .expect("agent event loop alive");
+        Agent { client, acks, task }
+    }
+
+    async fn publish(&self, site: &SiteId, payload: Vec<u8>) {
+        self.client
+            .publish(
+                topic::topic(site, TopicKind::Telemetry),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish");
+    }
+
+    /// The next ack. Acks from another ingest on a shared broker (rejecting a site it does not
+    /// know) are counted in `foreign` and skipped.
+    async fn ack(&mut self, foreign: &mut u64) -> Ack {
+        loop {
+            let bytes = tokio::time::timeout(ACK_TIMEOUT, self.acks.recv())
+                .await
+                .expect("an ack in time")
+                .expect("agent alive");
+            let ack: Ack = payload::decode(&bytes).expect("a valid ack");
+            match ack.status {
+                AckStatus::Accepted => return ack,
+                AckStatus::Rejected
+                    if ack
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("not registered")) =>
+                {
+                    *foreign += 1
+                }
+                AckStatus::Rejected => panic!("batch {} rejected: {:?}", ack.batch, ack.reason),
+            }
+        }
+    }
+}
+
+/// Publishes a site's batches keeping `inflight` unacknowledged, until every one is acked.
+async fn drive(mut agent: Agent, plan: SitePlan, inflight: usize) -> u64 {
+    let mut waiting: HashSet<String> = HashSet::new();
+    let mut foreign = 0;
+    let mut next = plan.batches.into_iter();
+    loop {
+        while waiting.len() < inflight {
+            let Some((id, payload)) = next.next() else {
+                break;
+            };
+            waiting.insert(id);
+            agent.publish(&plan.site, payload).await;
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        let ack = agent.ack(&mut foreign).await;
+        waiting.remove(&ack.batch);
+    }
+    agent.task.abort();
+    foreign
+}
+
+/// `GET /metrics` until a line starts with `line`.
+async fn wait_metric(addr: SocketAddr, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("read");
+        if body.lines().any(|l| l.starts_with(line)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{line:?} never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Figures of one run.
+struct RunResult {
+    ingest: f64,
+    copy: Option<f64>,
+    group_note: String,
+}
+
+async fn count_readings(db: &Db, prefix: &str) -> i64 {
+    let like = format!("{prefix}-%");
+    match db {
+        Db::Sqlite(p) => sqlx::query_scalar("SELECT count(*) FROM readings WHERE site LIKE ?")
+            .bind(like)
+            .fetch_one(p)
+            .await
+            .expect("count"),
+        Db::Postgres(p) => sqlx::query_scalar("SELECT count(*) FROM readings WHERE site LIKE $1")
+            .bind(like)
+            .fetch_one(p)
+            .await
+            .expect("count"),
+    }
+}
+
+/// `COPY` (text format) of the measured rows into an empty copy of `readings`: readings/s.
+async fn pg_copy(url: &str, plans: &[SitePlan]) -> f64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("postgres");
+    sqlx::query("CREATE TABLE readings_copy (LIKE readings INCLUDING ALL)")
+        .execute(&mut conn)
+        .await
+        .expect("scratch table");
+    let received = Utc::now().format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+    let mut data = String::new();
+    let mut rows = 0usize;
+    for p in plans {
+        for r in &p.readings {
+            let opt = |v: Option<f64>| v.map_or("\\N".to_string(), |v| format!("{v:?}"));
+            let _ = writeln!(
+                data,
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t\\N\t{received}",
+                p.site,
+                r.seq.0,
+                r.device,
+                r.ts.format("%Y-%m-%d %H:%M:%S%.6f+00"),
+                r.q.bits(),
+                opt(r.flow_lps),
+                opt(r.total_m3),
+                opt(r.level_m),
+            );
+            rows += 1;
+        }
+    }
+    let start = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY readings_copy (site, seq, device, ts, quality, flow_lps, total_m3, level_m, \
+             extra, received_at) FROM STDIN",
+        )
+        .await
+        .expect("copy in");
+    copy.send(data.as_bytes()).await.expect("copy data");
+    let n = copy.finish().await.expect("copy finish");
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(n as usize, rows);
+    let _ = conn.close().await;
+    rows as f64 / secs
+}
+
+async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: usize) -> RunResult {
+    let db = RunDb::new(pg).await;
+    let url = db.url();
+    let prefix = format!(
+        "bench-{:x}-{run}-{:04x}",
+        std::process::id(),
+        fastrand::u16(..)
+    );
+    let mut c = CloudConfig {
+        services: vec!["telemetry".to_string()],
+        ..Default::default()
+    };
+    c.http.listen = "127.0.0.1:0".parse().expect("addr");
+    c.database.url = Some(Secret::new(&url));
+    c.database.max_connections = args.pool.max(1);
+    c.mqtt.embedded.listen = "127.0.0.1:0".parse().expect("addr");
+    c.mqtt.embedded.listen_v5 = "127.0.0.1:0".parse().expect("addr");
+    c.mqtt.embedded.max_payload_bytes = 4 << 20;
+    c.ingest.workers = args.workers.max(1);
+    if let Some(g) = args.group_bytes {
+        c.ingest.group_bytes = g;
+    }
+    if let Some(m) = mosquitto {
+        c.mqtt.url = Some(m.to_string());
+        c.ingest.group = format!("{prefix}-ingest");
+    }
+    let cloud = Cloud::start(c).await.expect("cloud starts");
+    wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+    let broker: SocketAddr = match mosquitto {
+        Some(m) => m
+            .trim_start_matches("mqtt://")
+            .parse()
+            .expect("--mosquitto takes mqtt://ip:port"),
+        None => cloud.broker().expect("embedded broker").v4_addr(),
+    };
+
+    let plans = plan(args, &prefix);
+    let mut agents = Vec::with_capacity(plans.len());
+    let mut foreign = 0;
+    for p in &plans {
+        site::add(cloud.db(), &p.site, "").await.expect("add site");
+        let mut a = Agent::connect(broker, &p.site, args.inflight).await;
+        a.publish(&p.site, p.warmup.clone()).await;
+        let ack = a.ack(&mut foreign).await;
+        assert_eq!(ack.batch, "warmup");
+        agents.push(a);
+    }
+
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut copies = Vec::with_capacity(plans.len());
+    for (a, p) in agents.into_iter().zip(plans) {
+        copies.push(SitePlan {
+            site: p.site.clone(),
+            warmup: Vec::new(),
+            batches: Vec::new(),
+            readings: p.readings.clone(),
+        });
+        tasks.spawn(drive(a, p, args.inflight));
+    }
+    while let Some(r) = tasks.join_next().await {
+        foreign += r.expect("agent task");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let stored = count_readings(cloud.db(), &prefix).await;
+    assert_eq!(
+        stored as usize,
+        args.readings + args.sites,
+        "every reading (and one warm-up reading per site) stored exactly once"
+    );
+    let metrics = {
+        let addr = cloud.http_addr();
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("read");
+        body
+    };
+    let field = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let groups = field("caudal_cloud_ingest_group_batches_count");
+    let batches = field("caudal_cloud_ingest_group_batches_sum");
+    let mut group_note = format!(
+        "{:.1} batches/transaction",
+        if groups > 0.0 { batches / groups } else { 0.0 }
+    );
+    if foreign > 0 {
+        let _ = write!(group_note, ", {foreign} foreign rejections skipped");
+    }
+    cloud.stop().await;
+    let copy = match pg {
+        Some(_) => Some(pg_copy(&url, &copies).await),
+        None => None,
+    };
+    db.drop_schema().await;
+    RunResult {
+        ingest: args.readings as f64 / secs,
+        copy,
+        group_note,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn bench(args: &Args, name: &str, pg: Option<&str>, mosquitto: Option<&str>) {
+    let mut ingest = Vec::new();
+    let mut copy = Vec::new();
+    let mut ratio = Vec::new();
+    for run in 0..args.runs {
+        let r = run_once(args, pg, mosquitto, run).await;
+        let mut line = format!("  {name} run {}: {:.0} readings/s", run + 1, r.ingest);
+        if let Some(c) = r.copy {
+            let _ = write!(line, ", COPY {c:.0} readings/s, ratio {:.2}", r.ingest / c);
+            copy.push(c);
+            ratio.push(r.ingest / c);
+        }
+        println!("{line} ({})", r.group_note);
+        ingest.push(r.ingest);
+    }
+    let mut line = format!(
+        "{name}: median {:.0} readings/s through the broker with acks",
+        median(ingest)
+    );
+    if !copy.is_empty() {
+        let _ = write!(
+            line,
+            "; PostgreSQL COPY of the same rows {:.0} readings/s; ingest/COPY {:.2}",
+            median(copy),
+            median(ratio)
+        );
+    }
+    println!("{line}");
+}
+
+async fn synchronous_commit(url: &str) -> String {
+    let pool = sqlx::PgPool::connect(url).await.expect("postgres");
+    let v: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .expect("show");
+    pool.close().await;
+    v
+}
+
+fn main() {
+    let args = Args::parse();
+    // The cloud's own logs, when asked for (`RUST_LOG=warn`): a stalled run says why.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        println!(
+            "{} readings from {} sites in batches of {}, {} in flight per site, {} ingest \
+             workers, pool {}, group_bytes {}, {} runs, {} CPUs",
+            args.readings,
+            args.sites,
+            args.batch,
+            args.inflight,
+            args.workers,
+            args.pool,
+            args.group_bytes
+                .map_or("default".to_string(), |g| g.to_string()),
+            args.runs,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let mut brokers = vec![("embedded rumqttd", None)];
+        if let Some(m) = &args.mosquitto {
+            brokers.push(("mosquitto", Some(m.as_str())));
+        }
+        for (broker, url) in brokers {
+            if args.sqlite {
+                bench(&args, &format!("sqlite via {broker}"), None, url).await;
+            }
+            if let Some(pg) = &args.pg {
+                let sc = synchronous_commit(pg).await;
+                println!("postgres synchronous_commit = {sc}");
+                bench(&args, &format!("postgres via {broker}"), Some(pg), url).await;
+            }
+        }
+    });
+}
