@@ -385,3 +385,43 @@ async fn first_admin_from_the_command_line() {
         .expect("operator logs in");
     cloud.stop().await;
 }
+
+/// Sends one HTTP/1.1 GET with extra header lines and returns the raw response head and body.
+async fn raw_get(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.split("\r\n\r\n").next()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_carries_an_id_echoed_in_its_response() {
+    let db = TestDb::sqlite();
+    let cloud = Cloud::start(api_config(&db, "core")).await.expect("start");
+    let addr = cloud.http_addr();
+    // The caller's id (a proxy's) is kept, also on an error answer.
+    let r = raw_get(addr, "/api/v1/users", "x-request-id: edge-42.a\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert_eq!(header(&r, "x-request-id"), Some("edge-42.a"));
+    // None, or one not fit for a log line: a fresh id, different each time.
+    let a = raw_get(addr, "/healthz", "").await;
+    let b = raw_get(addr, "/healthz", "x-request-id: one two/three\r\n").await;
+    let (ida, idb) = (header(&a, "x-request-id"), header(&b, "x-request-id"));
+    for id in [ida, idb] {
+        let id = id.expect("an id");
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+    }
+    assert_ne!(ida, idb);
+    cloud.stop().await;
+}

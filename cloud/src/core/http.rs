@@ -1,15 +1,23 @@
 //! The HTTP server every process runs: `/healthz`, `/metrics`, and the routes of the modules it
-//! runs, merged into one router.
+//! runs, merged into one router; and the request id every request carries into its log lines.
+//!
+//! Each request gets an id: the caller's `x-request-id` when it sends a usable one (a proxy's,
+//! so one id follows the request across machines), else a fresh one. It is echoed in the
+//! response's `x-request-id` and is a field of the `request` span, so every log line written
+//! while serving the request names it, and one line at the end gives status and duration.
 
 use crate::core::Shutdown;
 use crate::core::db::Db;
 use crate::core::metrics::Metrics;
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -69,12 +77,61 @@ pub fn core_routes(db: Db, metrics_registry: Arc<Metrics>) -> OpenApiRouter {
         })
 }
 
-/// Serves `app` on `listener` until `shutdown`.
+/// The header carrying a request's id, in both directions.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The caller's id when it is short and plain (it goes into logs and a header), else a new one.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)))
+}
+
+/// Runs a request inside its `request` span and logs how it ended.
+async fn traced(req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    // Probes and scrapes arrive every few seconds: their lines are debug, the API's info.
+    let quiet = matches!(req.uri().path(), "/healthz" | "/metrics");
+    let started = Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, ms, "request failed");
+        } else if quiet {
+            tracing::debug!(status, ms, "request served");
+        } else {
+            tracing::info!(status, ms, "request served");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// Serves `app` on `listener` until `shutdown`, every request with its id.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
+    let app = app.layer(axum::middleware::from_fn(traced));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
