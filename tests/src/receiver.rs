@@ -91,7 +91,10 @@ impl Receiver {
         let (client, eventloop) = AsyncClient::new(opts, 1024);
         let (batch_tx, batch_rx) = mpsc::channel(256);
         let (sub_tx, mut sub_rx) = watch::channel(0u64);
-        let (stored_tx, stored) = watch::channel(0u64);
+        // The running total starts from what the file already holds (a receiver restarted on
+        // it); each batch then adds what it newly stored, without counting the table again.
+        let already: i64 = conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
+        let (stored_tx, stored) = watch::channel(already as u64);
         let events = tokio::spawn(drive(eventloop, client.clone(), batch_tx, sub_tx));
         let handler = tokio::spawn(handle(conn, client, batch_rx, shared.clone(), stored_tx));
         let r = Receiver {
@@ -281,8 +284,8 @@ async fn handle(
         let store = matches!(mode, AckMode::Normal | AckMode::Twice | AckMode::DropAcks);
         if store {
             match insert(&conn, &batch) {
-                Ok(total) => {
-                    stored.send_replace(total);
+                Ok(new) => {
+                    stored.send_modify(|total| *total += new);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "receiver: insert");
@@ -326,43 +329,43 @@ async fn handle(
     }
 }
 
-/// Inserts the batch's records once each and commits; returns the total stored.
+/// Inserts the batch's records once each and commits; returns how many were new.
 fn insert(conn: &Connection, b: &Batch) -> rusqlite::Result<u64> {
     let tx = conn.unchecked_transaction()?;
+    let mut new = 0u64;
     {
         let mut st = tx.prepare_cached(
             "INSERT OR IGNORE INTO records (site, seq, kind, batch, json) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let site = b.site.as_str();
         for r in &b.readings {
-            st.execute(params![
+            new += st.execute(params![
                 site,
                 r.seq.0 as i64,
                 "reading",
                 b.batch,
                 serde_json::to_string(r).unwrap_or_default()
-            ])?;
+            ])? as u64;
         }
         for e in &b.events {
-            st.execute(params![
+            new += st.execute(params![
                 site,
                 e.seq.0 as i64,
                 "event",
                 b.batch,
                 serde_json::to_string(e).unwrap_or_default()
-            ])?;
+            ])? as u64;
         }
         for g in &b.gaps {
-            st.execute(params![
+            new += st.execute(params![
                 site,
                 g.seq.0 as i64,
                 "gap",
                 b.batch,
                 serde_json::to_string(g).unwrap_or_default()
-            ])?;
+            ])? as u64;
         }
     }
     tx.commit()?;
-    conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
+    Ok(new)
 }
