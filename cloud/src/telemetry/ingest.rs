@@ -361,7 +361,10 @@ impl Ingest {
         // receive maximum never finds it full.
         let (inbound, inbound_rx) = mpsc::channel(window);
         tasks.spawn(dispatch(inbound_rx, senders, self.metrics.clone()));
-        let sequencer = tokio::spawn(sequence_pubacks(seq_rx, client.clone()));
+        // Which connection is current: a PUBACK is sent only on the connection its message came
+        // on (rumqttd drops a connection that acknowledges a packet id it did not send).
+        let connection = Arc::new(AtomicU64::new(0));
+        let sequencer = tokio::spawn(sequence_pubacks(seq_rx, client.clone(), connection.clone()));
         let filters = [
             topic::shared(&self.cfg.group, TopicKind::Telemetry),
             topic::all_sites(TopicKind::Status),
@@ -377,6 +380,7 @@ impl Ingest {
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     // A new connection owes nothing for the messages of the last one.
+                    connection.fetch_add(1, Ordering::SeqCst);
                     let _ = seq_tx.send(Seq::Reset);
                     m.connected.set(1);
                     m.connections.get_or_create(&KindLabels::new("ok")).inc();
@@ -407,7 +411,8 @@ impl Ingest {
                     token += 1;
                     let mut header = p.clone();
                     header.payload = Default::default();
-                    let _ = seq_tx.send(Seq::Received(token, Box::new(header)));
+                    let on = connection.load(Ordering::SeqCst);
+                    let _ = seq_tx.send(Seq::Received(token, on, Box::new(header)));
                     let msg = Message {
                         publish: p,
                         received_at: Utc::now(),
@@ -440,6 +445,7 @@ impl Ingest {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    connection.fetch_add(1, Ordering::SeqCst);
                     let _ = seq_tx.send(Seq::Reset);
                     m.connected.set(0);
                     m.subscribed.set(0);
@@ -531,11 +537,11 @@ async fn dispatch(
     }
 }
 
-/// What the PUBACK sequencer hears: a message received (its publish, without payload), a
-/// message the ingest is done with, or a new connection.
+/// What the PUBACK sequencer hears: a message received (its token, the connection it came on,
+/// its publish without payload), a message the ingest is done with, or a new connection.
 #[derive(Debug)]
 enum Seq {
-    Received(u64, Box<Publish>),
+    Received(u64, u64, Box<Publish>),
     Done(u64),
     Reset,
 }
@@ -558,16 +564,25 @@ impl Drop for Delivery {
 /// message. MQTT requires a client to acknowledge QoS 1 messages in arrival order (some brokers
 /// drop a connection that does not), while the workers finish them out of order. A message not
 /// yet done holds back the PUBACKs behind it, so the broker's window is what bounds the ingest.
-async fn sequence_pubacks(mut rx: mpsc::UnboundedReceiver<Seq>, client: AsyncClient) {
+///
+/// A connection lost while a PUBACK is on its way can still let that PUBACK out on the next
+/// connection (the client's request channel cannot be recalled): the broker then ignores it or,
+/// rumqttd, drops the connection once more; either way the ingest still handles the message, and
+/// what it loses its agent re-sends.
+async fn sequence_pubacks(
+    mut rx: mpsc::UnboundedReceiver<Seq>,
+    client: AsyncClient,
+    connection: Arc<AtomicU64>,
+) {
     let mut first = 0u64;
-    let mut waiting: VecDeque<(Box<Publish>, bool)> = VecDeque::new();
+    let mut waiting: VecDeque<(u64, Box<Publish>, bool)> = VecDeque::new();
     while let Some(s) = rx.recv().await {
         match s {
-            Seq::Received(token, publish) => {
+            Seq::Received(token, on, publish) => {
                 if waiting.is_empty() {
                     first = token;
                 }
-                waiting.push_back((publish, false));
+                waiting.push_back((on, publish, false));
             }
             Seq::Done(token) => {
                 // A token from before the last reconnect is not waiting any more.
@@ -576,14 +591,17 @@ async fn sequence_pubacks(mut rx: mpsc::UnboundedReceiver<Seq>, client: AsyncCli
                     .and_then(|i| usize::try_from(i).ok())
                     .and_then(|i| waiting.get_mut(i));
                 if let Some(slot) = slot {
-                    slot.1 = true;
+                    slot.2 = true;
                 }
             }
             Seq::Reset => waiting.clear(),
         }
-        while waiting.front().is_some_and(|(_, done)| *done) {
-            if let Some((publish, _)) = waiting.pop_front() {
+        while waiting.front().is_some_and(|(_, _, done)| *done) {
+            if let Some((on, publish, _)) = waiting.pop_front() {
                 first += 1;
+                if on != connection.load(Ordering::SeqCst) {
+                    continue;
+                }
                 // Waits only for room in the request channel, which the event loop drains.
                 if client.ack(&publish).await.is_err() {
                     return;
