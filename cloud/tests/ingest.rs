@@ -711,3 +711,81 @@ async fn a_group_stores_each_record_once_and_refuses_batches_one_by_one() {
         pool.close().await;
     }
 }
+
+/// Many sites sending many small batches at once to one worker with a queue of one: the worker
+/// is always behind, so the broker's window, not a stopped event loop, must hold the rest back,
+/// and every batch's ack must still get out (an ack given up or stuck fails `Agent::ack`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_ingest_keeps_acking_every_batch() {
+    const SITES: usize = 12;
+    const BATCHES: usize = 40;
+    for db in TestDb::all().await {
+        let mut c = config(&db);
+        c.ingest.workers = 1;
+        c.ingest.queue = 1;
+        let cloud = Cloud::start(c).await.expect("cloud starts");
+        wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agents = Vec::new();
+        for i in 0..SITES {
+            let name = format!("pozo-{i}");
+            site::add(cloud.db(), &site_id(&name), "")
+                .await
+                .expect("add");
+            agents.push(Agent::connect(broker, &name, false).await);
+        }
+
+        let mut sends = tokio::task::JoinSet::new();
+        for mut agent in agents {
+            sends.spawn(async move {
+                let site = agent.site.to_string();
+                for b in 0..BATCHES {
+                    let payload = edited(|v| {
+                        v["site"] = site.clone().into();
+                        v["batch"] = format!("{site}-{b}").into();
+                        let mut reading = v["readings"][0].clone();
+                        reading["seq"] = (b as u64 + 1).into();
+                        v["readings"] = serde_json::json!([reading]);
+                        v["events"] = serde_json::json!([]);
+                        v["gaps"] = serde_json::json!([]);
+                    });
+                    agent.publish(None, payload).await;
+                }
+                let mut acked = Vec::new();
+                for _ in 0..BATCHES {
+                    let ack = agent.ack().await;
+                    assert_eq!(ack.status, AckStatus::Accepted, "{}", ack.batch);
+                    acked.push(ack.batch);
+                }
+                acked.sort();
+                acked.dedup();
+                assert_eq!(acked.len(), BATCHES, "{site}: every batch acked once");
+                agent.kill();
+            });
+        }
+        while let Some(r) = sends.join_next().await {
+            r.expect("an agent got all its acks");
+        }
+
+        for i in 0..SITES {
+            let counts = store::record_counts(cloud.db(), &site_id(&format!("pozo-{i}")))
+                .await
+                .expect("counts");
+            assert_eq!(counts.readings, BATCHES as i64, "{}: pozo-{i}", db.name);
+        }
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_ack_errors_total").await,
+            0.0,
+            "{}: no ack given up",
+            db.name
+        );
+        assert_eq!(
+            metric(http, "caudal_cloud_ingest_overflow_dropped_total").await,
+            0.0,
+            "{}: the broker kept to the receive maximum",
+            db.name
+        );
+        cloud.stop().await;
+    }
+}

@@ -282,8 +282,9 @@ pub struct IngestConfig {
     /// batches and statuses are stored in arrival order.
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// Messages waiting per worker. When a worker's queue is full the MQTT connection stops
-    /// being read until it has room (back-pressure to the broker).
+    /// Messages waiting per worker. The MQTT receive maximum the ingest asks for is sized from
+    /// it (`workers × (2 × queue + 1) + 1`, at least 128): the broker holds further messages
+    /// until the ingest is done with earlier ones (back-pressure to the broker).
     #[serde(default = "default_queue")]
     pub queue: usize,
     /// Most payload bytes a worker stores in one transaction. A worker takes the batches waiting

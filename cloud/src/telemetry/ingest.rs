@@ -1,20 +1,27 @@
 //! MQTT ingest: receives agents' batches and statuses, stores them, then acknowledges.
 //!
 //! ```text
-//!  broker ──v5──▶ [dispatcher: event loop] ──mpsc (bounded, one per worker)──▶ [worker × N]
-//!    ▲    $share/{group}/caudal/v1/+/telemetry      site → hash → worker         decode, check,
-//!    │    caudal/v1/+/status                                                      store group
-//!    └──────────────────────── ack (QoS 1) after commit ◀─────────────────────────┘ (1 tx), ack
+//!  broker ──v5──▶ [event loop] ──inbound──▶ [dispatcher] ──mpsc (one per worker)──▶ [worker × N]
+//!   ▲  ▲  always polled   (bounded)         site → hash → worker                  decode, check,
+//!   │  └── PUBACK in arrival order ◀── [sequencer] ◀── done with the message ──── store group
+//!   └──────────── ack (QoS 1) after commit ◀───────────────────────────────────── (1 tx), ack
+//!   subscriptions: $share/{group}/caudal/v1/+/telemetry, caudal/v1/+/status
 //! ```
 //!
-//! - One dispatcher task polls the MQTT event loop and hands each message to a worker chosen by
-//!   its site, so one site's messages are handled in arrival order while different sites are
-//!   stored concurrently.
-//! - When a worker's queue is full the dispatcher waits for room and stops polling the event
-//!   loop: the broker's in-flight window fills and it holds further messages (back-pressure).
-//!   Each wait is counted (`ingest_backpressure_waits_total`). A stall longer than about 1.5 ×
-//!   the keep-alive lets the broker drop the connection; the agents re-send whatever was not
-//!   acknowledged.
+//! - One task polls the MQTT event loop without ever waiting on anything else, so the workers'
+//!   acks always leave. It hands each message to the dispatcher, which hands it to a worker
+//!   chosen by its site, so one site's messages are handled in arrival order while different
+//!   sites are stored concurrently.
+//! - Back-pressure is MQTT flow control. The ingest acknowledges messages itself (manual
+//!   PUBACKs) and asks for a receive maximum (see [`receive_window`]): the broker sends no more
+//!   unacknowledged QoS 1 messages than that. A message is PUBACKed only once the ingest is done
+//!   with it (its batch committed and its ack published, or it was refused, or the database did
+//!   not take it), and in arrival order, as MQTT requires; so when the workers fall behind the
+//!   window fills and the broker holds the rest. When a worker's queue is full the dispatcher
+//!   waits for room (counted in `ingest_backpressure_waits_total`) while the event loop goes on.
+//!   A broker that sends beyond the window overflows the inbound channel: that message is
+//!   dropped, PUBACKed and counted (`ingest_overflow_dropped_total`); no ack reaches its agent,
+//!   which re-sends it.
 //! - A worker takes the message at the head of its queue and whatever else is already waiting
 //!   there (up to `ingest.group_bytes` of payload, at most `ingest.queue` more messages): a
 //!   group. Each batch of the group is decoded and checked on its own; a refused payload is kept
@@ -30,19 +37,9 @@
 //! - A status message ends the group before it, so a site's batches and statuses are stored in
 //!   arrival order.
 //! - Nothing in a payload can stop the loop: every failure is a value handled per message.
-//! - The MQTT session is clean: after a reconnect the dispatcher subscribes again; batches in
-//!   flight during the outage are re-sent by their agents.
-//!
-//! Acks and back-pressure: workers publish acks into the client's request channel, which only
-//! the dispatcher drains (by polling). While the dispatcher waits on a full worker queue, each
-//! worker holds at most a group (`queue + 1` messages) and a full queue, so at most
-//! `workers × (2 × queue + 1)` acks can be produced; the request channel is sized above that.
-//! That bound does not cover the client's own window: acks leave only as the broker
-//! acknowledges earlier ones, and those acknowledgements are read only while the dispatcher
-//! polls. Under heavy load with few workers (the ingest bench with 2 workers) the channel stays
-//! full, so a worker gives an ack up after [`ACK_WAIT`] (counted in `ingest_ack_errors_total`;
-//! the agent re-sends and the batch is stored once) rather than wait for ever. Known limit: the
-//! dispatcher should keep polling while it waits for room.
+//! - The MQTT session is clean: after a reconnect the ingest subscribes again and owes no
+//!   PUBACK for the last connection's messages (the sequencer forgets them); batches in flight
+//!   during the outage are re-sent by their agents, and the store takes each once.
 
 use crate::core::Shutdown;
 use crate::core::config::{IngestConfig, MqttConfig};
@@ -63,6 +60,7 @@ use rumqttc::Transport;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,8 +75,10 @@ use tracing::Instrument;
 const MAX_INCOMING_PACKET: u32 = 16 << 20;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Longest a worker waits to hand an ack to the MQTT client before giving it up.
-const ACK_WAIT: Duration = Duration::from_secs(5);
+/// Smallest receive maximum the ingest asks for. The embedded broker (rumqttd) ignores the
+/// client's receive maximum and keeps up to 100 QoS 1 messages in flight to each client, so a
+/// smaller window would overflow the inbound channel.
+const MIN_WINDOW: u16 = 128;
 /// How long shutdown waits for workers to finish what they hold.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -150,6 +150,7 @@ pub struct IngestMetrics {
     acks: Family<KindLabels, Counter>,
     ack_errors: Counter,
     backpressure: Counter,
+    overflow: Counter,
     batch_seconds: Histogram,
     connected: Gauge,
     subscribed: Gauge,
@@ -171,6 +172,7 @@ impl IngestMetrics {
             acks: Family::default(),
             ack_errors: Counter::default(),
             backpressure: Counter::default(),
+            overflow: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connected: Gauge::default(),
             subscribed: Gauge::default(),
@@ -226,6 +228,11 @@ impl IngestMetrics {
             "ingest_backpressure_waits",
             "Times the dispatcher waited for room in a worker's queue",
             m.backpressure.clone(),
+        );
+        r.register(
+            "ingest_overflow_dropped",
+            "Messages dropped because the broker sent more than the receive maximum",
+            m.overflow.clone(),
         );
         r.register(
             "ingest_batch_seconds",
@@ -321,12 +328,19 @@ impl Ingest {
 
     /// Runs until `shutdown`, then lets the workers finish what they hold (their acks still go
     /// out) for at most [`DRAIN_TIMEOUT`].
-    pub async fn run(self, mut shutdown: Shutdown) {
+    pub async fn run(mut self, mut shutdown: Shutdown) {
         let workers = self.cfg.workers.max(1);
         let queue = self.cfg.queue.max(1);
-        let (client, mut eventloop) =
-            AsyncClient::new(self.options, workers * (2 * queue + 1) + 16);
+        let window = receive_window(workers, queue);
+        self.options
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(window));
+        let window = usize::from(window);
+        // Worker acks, the sequencer's PUBACKs and subscriptions; the event loop drains it
+        // continuously, so its size only smooths bursts.
+        let (client, mut eventloop) = AsyncClient::new(self.options, window + 16);
         let ids = Arc::new(IngestIds::new());
+        let (seq_tx, seq_rx) = mpsc::unbounded_channel();
         let mut senders = Vec::with_capacity(workers);
         let mut tasks = JoinSet::new();
         for _ in 0..workers {
@@ -343,12 +357,21 @@ impl Ingest {
             };
             tasks.spawn(w.run());
         }
+        // Every message the broker may send unacknowledged fits, so a broker that honours the
+        // receive maximum never finds it full.
+        let (inbound, inbound_rx) = mpsc::channel(window);
+        tasks.spawn(dispatch(inbound_rx, senders, self.metrics.clone()));
+        // Which connection is current: a PUBACK is sent only on the connection its message came
+        // on (rumqttd drops a connection that acknowledges a packet id it did not send).
+        let connection = Arc::new(AtomicU64::new(0));
+        let sequencer = tokio::spawn(sequence_pubacks(seq_rx, client.clone(), connection.clone()));
         let filters = [
             topic::shared(&self.cfg.group, TopicKind::Telemetry),
             topic::all_sites(TopicKind::Status),
         ];
         let m = &self.metrics;
         let mut backoff = MIN_BACKOFF;
+        let mut token = 0u64;
         loop {
             let ev = tokio::select! {
                 _ = shutdown.wait() => break,
@@ -356,6 +379,9 @@ impl Ingest {
             };
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // A new connection owes nothing for the messages of the last one.
+                    connection.fetch_add(1, Ordering::SeqCst);
+                    let _ = seq_tx.send(Seq::Reset);
                     m.connected.set(1);
                     m.connections.get_or_create(&KindLabels::new("ok")).inc();
                     backoff = MIN_BACKOFF;
@@ -382,23 +408,34 @@ impl Ingest {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    token += 1;
+                    let mut header = p.clone();
+                    header.payload = Default::default();
+                    let on = connection.load(Ordering::SeqCst);
+                    let _ = seq_tx.send(Seq::Received(token, on, Box::new(header)));
                     let msg = Message {
                         publish: p,
                         received_at: Utc::now(),
                         started: Instant::now(),
+                        _delivery: Delivery {
+                            token,
+                            tx: seq_tx.clone(),
+                        },
                     };
-                    let i = worker_for(&msg.publish.topic, senders.len());
-                    let tx = &senders[i];
-                    let msg = match tx.try_send(msg) {
-                        Ok(()) => continue,
-                        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+                    match inbound.try_send(msg) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(msg)) => {
+                            // Only a broker that ignores the receive maximum gets here. The
+                            // message is dropped (and so PUBACKed, keeping the acks in order and
+                            // the connection read); no ack goes to its agent, which re-sends it.
+                            m.overflow.inc();
+                            tracing::warn!(
+                                topic = %String::from_utf8_lossy(&msg.publish.topic),
+                                window,
+                                "the broker sent more than the receive maximum; message dropped"
+                            );
+                        }
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    };
-                    m.backpressure.inc();
-                    tokio::select! {
-                        // The message is dropped unacknowledged; its agent re-sends it.
-                        _ = shutdown.wait() => break,
-                        r = tx.send(msg) => if r.is_err() { break },
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -408,6 +445,8 @@ impl Ingest {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    connection.fetch_add(1, Ordering::SeqCst);
+                    let _ = seq_tx.send(Seq::Reset);
                     m.connected.set(0);
                     m.subscribed.set(0);
                     m.connections.get_or_create(&KindLabels::new("error")).inc();
@@ -421,8 +460,10 @@ impl Ingest {
             }
         }
 
-        // Let workers finish what they hold; keep polling so their acks reach the broker.
-        drop(senders);
+        // Let the dispatcher and workers finish what they hold; keep polling so their acks and
+        // PUBACKs reach the broker.
+        drop(inbound);
+        drop(seq_tx);
         let deadline = tokio::time::sleep(DRAIN_TIMEOUT);
         tokio::pin!(deadline);
         let mut polling = true;
@@ -437,6 +478,17 @@ impl Ingest {
                 ev = eventloop.poll(), if polling => if ev.is_err() { polling = false },
             }
         }
+        // The workers are gone, so the sequencer's channel closes once it has sent what it can.
+        let flushed = async {
+            tokio::pin!(sequencer);
+            loop {
+                tokio::select! {
+                    _ = &mut sequencer => break,
+                    ev = eventloop.poll(), if polling => if ev.is_err() { polling = false },
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
         let _ = client.try_disconnect();
         let flush = async {
             while let Ok(ev) = eventloop.poll().await {
@@ -452,12 +504,121 @@ impl Ingest {
     }
 }
 
+/// The MQTT v5 receive maximum the ingest asks for: every message the workers can hold (each a
+/// group of `queue + 1` and a full queue) plus one waiting in the dispatcher, and never less than
+/// [`MIN_WINDOW`]. The broker sends no more unacknowledged QoS 1 messages than this, which bounds
+/// what the ingest holds.
+fn receive_window(workers: usize, queue: usize) -> u16 {
+    let n = workers.saturating_mul(queue.saturating_mul(2).saturating_add(1));
+    u16::try_from(n.saturating_add(1))
+        .unwrap_or(u16::MAX)
+        .max(MIN_WINDOW)
+}
+
+/// Hands each received message to the worker of its site, in arrival order. When that worker's
+/// queue is full it waits for room: the messages behind wait in the inbound channel while the
+/// event loop keeps running, and the broker stops sending once the receive window is used up.
+async fn dispatch(
+    mut inbound: mpsc::Receiver<Message>,
+    senders: Vec<mpsc::Sender<Message>>,
+    metrics: IngestMetrics,
+) {
+    while let Some(msg) = inbound.recv().await {
+        let tx = &senders[worker_for(&msg.publish.topic, senders.len())];
+        let msg = match tx.try_send(msg) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
+        };
+        metrics.backpressure.inc();
+        if tx.send(msg).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// What the PUBACK sequencer hears: a message received (its token, the connection it came on,
+/// its publish without payload), a message the ingest is done with, or a new connection.
+#[derive(Debug)]
+enum Seq {
+    Received(u64, u64, Box<Publish>),
+    Done(u64),
+    Reset,
+}
+
+/// Where a message stands in the PUBACK order. Dropping it tells the sequencer the ingest is
+/// done with the message, whatever became of it (acked, rejected, not stored, dropped).
+#[derive(Debug)]
+struct Delivery {
+    token: u64,
+    tx: mpsc::UnboundedSender<Seq>,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Seq::Done(self.token));
+    }
+}
+
+/// Sends PUBACKs in the order the messages arrived, each once the ingest is done with its
+/// message. MQTT requires a client to acknowledge QoS 1 messages in arrival order (some brokers
+/// drop a connection that does not), while the workers finish them out of order. A message not
+/// yet done holds back the PUBACKs behind it, so the broker's window is what bounds the ingest.
+///
+/// A connection lost while a PUBACK is on its way can still let that PUBACK out on the next
+/// connection (the client's request channel cannot be recalled): the broker then ignores it or,
+/// rumqttd, drops the connection once more; either way the ingest still handles the message, and
+/// what it loses its agent re-sends.
+async fn sequence_pubacks(
+    mut rx: mpsc::UnboundedReceiver<Seq>,
+    client: AsyncClient,
+    connection: Arc<AtomicU64>,
+) {
+    let mut first = 0u64;
+    let mut waiting: VecDeque<(u64, Box<Publish>, bool)> = VecDeque::new();
+    while let Some(s) = rx.recv().await {
+        match s {
+            Seq::Received(token, on, publish) => {
+                if waiting.is_empty() {
+                    first = token;
+                }
+                waiting.push_back((on, publish, false));
+            }
+            Seq::Done(token) => {
+                // A token from before the last reconnect is not waiting any more.
+                let slot = token
+                    .checked_sub(first)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| waiting.get_mut(i));
+                if let Some(slot) = slot {
+                    slot.2 = true;
+                }
+            }
+            Seq::Reset => waiting.clear(),
+        }
+        while waiting.front().is_some_and(|(_, _, done)| *done) {
+            if let Some((on, publish, _)) = waiting.pop_front() {
+                first += 1;
+                if on != connection.load(Ordering::SeqCst) {
+                    continue;
+                }
+                // Waits only for room in the request channel, which the event loop drains.
+                if client.ack(&publish).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// One received MQTT message.
 #[derive(Debug)]
 struct Message {
     publish: Publish,
     received_at: DateTime<Utc>,
     started: Instant,
+    /// Never read: dropping it PUBACKs the message.
+    _delivery: Delivery,
 }
 
 /// The worker for a topic: by its site (`caudal/v1/{site}/...`), so one site always maps to the
@@ -838,16 +999,11 @@ impl Worker {
             AckStatus::Rejected => "rejected",
         };
         let t = topic::topic(&ack.site, TopicKind::Ack);
-        let publish = self
+        // Waits only for room in the request channel, which the event loop drains continuously.
+        let sent = self
             .client
-            .publish(t, QoS::AtLeastOnce, false, ack.encode());
-        // A worker must not wait on the request channel for ever: the dispatcher that drains it
-        // may itself be waiting for room in this worker's queue. An ack given up here is a lost
-        // ack, which the protocol already survives (the agent re-sends; the batch is stored once).
-        let sent = match tokio::time::timeout(ACK_WAIT, publish).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("request channel full for {ACK_WAIT:?}")),
-        };
+            .publish(t, QoS::AtLeastOnce, false, ack.encode())
+            .await;
         match sent {
             Ok(()) => {
                 self.metrics
