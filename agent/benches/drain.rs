@@ -7,14 +7,14 @@
 //! `backlog_rate`, which is raised so the rate limit is not what is measured; the bench prints
 //! every setting it used.
 
-use caudal_agent::config::{OutboxConfig, Synchronous, UplinkConfig};
+use caudal_agent::config::{OutboxConfig, Synchronous};
 use caudal_agent::metrics::Metrics;
-use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
+use caudal_agent::outbox::{Outbox, OutboxHandle};
 use caudal_agent::uplink::Uplink;
-use caudal_common::{DeviceId, DeviceState, Quality, Reading, Seq, SiteId};
+use caudal_common::{DeviceState, SiteId};
+use caudal_tests::backlog::{reading, uplink_config};
 use caudal_tests::broker::Broker;
 use caudal_tests::receiver::Receiver;
-use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,8 +24,6 @@ const RUNS: usize = 3;
 const BACKLOG: usize = 200_000;
 /// A run that has not drained by then is reported as such (the bench stays bounded).
 const RUN_LIMIT: Duration = Duration::from_secs(120);
-/// Effectively unlimited: far above anything the link can carry.
-const BACKLOG_RATE: u32 = 10_000_000;
 
 fn outbox_config() -> OutboxConfig {
     // The shipped defaults: every ack's delete is fsynced.
@@ -35,54 +33,6 @@ fn outbox_config() -> OutboxConfig {
         synchronous: Synchronous::Full,
         commit_interval_ms: 200,
     }
-}
-
-/// `[uplink]` as shipped (`config/agent.example.toml`), with the backlog rate lifted.
-fn uplink_config(broker: &str) -> UplinkConfig {
-    UplinkConfig {
-        broker: broker.to_string(),
-        client_id: None,
-        username: None,
-        password: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-        keep_alive_s: 30,
-        batch_max_records: 500,
-        batch_max_age_ms: 1000,
-        backlog_rate: BACKLOG_RATE,
-        max_inflight_batches: 8,
-        ack_timeout_s: 30,
-        reconnect_min_ms: 500,
-        reconnect_max_ms: 60_000,
-        status_interval_s: 60,
-    }
-}
-
-fn stamp() -> ClockStamp {
-    ClockStamp {
-        trusted: true,
-        boot_id: "2f1a9c1e-93a4-4c36-9d55-6f0d3c1b2a77".into(),
-        boottime_ms: 123_456_789,
-    }
-}
-
-/// A reading like a flow meter's: ~150 bytes of JSON with its seq.
-fn reading(i: usize) -> Stamped {
-    let devices = ["pozo-norte-fm1", "pozo-norte-fm2", "pozo-sur-lvl1"];
-    let ts: DateTime<Utc> =
-        DateTime::from_timestamp_millis(1_750_000_000_000 + i as i64 * 1_003).unwrap_or_default();
-    let r = Reading {
-        seq: Seq(0),
-        device: DeviceId::new(devices[i % 3]).expect("valid id"),
-        ts,
-        q: Quality::GOOD,
-        flow_lps: Some(12.0 + (i % 1000) as f64 * 0.013),
-        total_m3: Some(1_234_567.0 + i as f64 * 0.037),
-        level_m: Some(23.0 + (i % 97) as f64 * 0.011),
-        extra: BTreeMap::new(),
-    };
-    Stamped::new(r, stamp())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -115,7 +65,7 @@ async fn run_once() -> anyhow::Result<Run> {
     let (_clock_tx, clock) = watch::channel(true);
     let (commands, _commands_rx) = mpsc::channel(4);
     let uplink = Uplink::new(
-        uplink_config(&broker.url()),
+        uplink_config(&broker.url(), None),
         SiteId::new("bench-site")?,
         handle.clone(),
         devices,
@@ -157,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let u = uplink_config("mqtt://127.0.0.1:0");
+    let u = uplink_config("mqtt://127.0.0.1:0", None);
     let o = outbox_config();
     println!(
         "drain bench: {BACKLOG} readings queued, median of {RUNS} runs, broker and receiver in \

@@ -22,16 +22,16 @@
 //! ingest workers), so a stage's summed time can exceed the wall time: the share printed is
 //! summed time / wall time and stages do not add up to 100 %.
 
-use caudal_agent::config::{OutboxConfig, Synchronous, UplinkConfig};
+use caudal_agent::config::{OutboxConfig, Synchronous};
 use caudal_agent::metrics::Metrics;
-use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
+use caudal_agent::outbox::{Outbox, OutboxHandle};
 use caudal_agent::uplink::Uplink;
 use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;
 use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_cloud::core::db::Db;
-use caudal_common::{DeviceId, DeviceState, Quality, Reading, Seq, SiteId};
-use chrono::{DateTime, Utc};
+use caudal_common::{DeviceState, SiteId};
+use caudal_tests::backlog::{reading, uplink_config};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,8 +41,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// A run that has not drained by then is reported as broken (the bench stays bounded).
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-/// Effectively unlimited: far above anything the link can carry.
-const BACKLOG_RATE: u32 = 10_000_000;
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -162,54 +160,6 @@ fn outbox_config() -> OutboxConfig {
         synchronous: Synchronous::Full,
         commit_interval_ms: 200,
     }
-}
-
-/// `[uplink]` as shipped (`config/agent.example.toml`), with the backlog rate lifted.
-fn uplink_config(broker: &str, client_id: &str) -> UplinkConfig {
-    UplinkConfig {
-        broker: broker.to_string(),
-        client_id: Some(client_id.to_string()),
-        username: None,
-        password: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-        keep_alive_s: 30,
-        batch_max_records: 500,
-        batch_max_age_ms: 1000,
-        backlog_rate: BACKLOG_RATE,
-        max_inflight_batches: 8,
-        ack_timeout_s: 30,
-        reconnect_min_ms: 500,
-        reconnect_max_ms: 60_000,
-        status_interval_s: 60,
-    }
-}
-
-fn stamp() -> ClockStamp {
-    ClockStamp {
-        trusted: true,
-        boot_id: "2f1a9c1e-93a4-4c36-9d55-6f0d3c1b2a77".into(),
-        boottime_ms: 123_456_789,
-    }
-}
-
-/// A reading like a flow meter's; the outbox gives it its seq.
-fn reading(i: usize) -> Stamped {
-    let devices = ["pozo-norte-fm1", "pozo-norte-fm2", "pozo-sur-lvl1"];
-    let ts: DateTime<Utc> =
-        DateTime::from_timestamp_millis(1_750_000_000_000 + i as i64 * 1_003).unwrap_or_default();
-    let r = Reading {
-        seq: Seq(0),
-        device: DeviceId::new(devices[i % 3]).expect("valid id"),
-        ts,
-        q: Quality::GOOD,
-        flow_lps: Some(12.0 + (i % 1000) as f64 * 0.013),
-        total_m3: Some(1_234_567.0 + i as f64 * 0.037),
-        level_m: Some(23.0 + (i % 97) as f64 * 0.011),
-        extra: BTreeMap::new(),
-    };
-    Stamped::new(r, stamp())
 }
 
 /// `GET /metrics` of the cloud.
@@ -354,7 +304,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>) -> any
         let (_clock_tx, clock) = watch::channel(true);
         let (commands, _commands_rx) = mpsc::channel(4);
         let uplink = Uplink::new(
-            uplink_config(&broker, &format!("{id}-agent")),
+            uplink_config(&broker, Some(format!("{id}-agent"))),
             id,
             handle.clone(),
             devices,
@@ -461,7 +411,7 @@ fn main() -> anyhow::Result<()> {
             Some(_) => "PostgreSQL (a fresh schema per run)".to_string(),
             None => "a SQLite file: no --pg or CAUDAL_TEST_DATABASE_URL given".to_string(),
         };
-        let u = uplink_config("mqtt://127.0.0.1:0", "-");
+        let u = uplink_config("mqtt://127.0.0.1:0", Some("-".to_string()));
         println!(
             "pipeline bench: {} sites x {} readings queued = {} per run, median of {} runs, {} CPUs",
             args.sites,
