@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! cargo bench -p caudal-cloud --bench ingest -- [--pg URL] [--mosquitto [URL]] [--no-sqlite]
-//!     [--runs 3] [--readings 300000] [--sites 20] [--batch 500] [--inflight 8]
+//!     [--no-embedded] [--runs 3] [--readings 300000] [--sites 20] [--batch 500] [--inflight 8]
 //!     [--workers 4] [--pool 8] [--group-bytes 4194304]
 //! ```
 //!
@@ -42,6 +42,7 @@ struct Args {
     pg: Option<String>,
     mosquitto: Option<String>,
     sqlite: bool,
+    embedded: bool,
     runs: usize,
     readings: usize,
     sites: usize,
@@ -63,6 +64,7 @@ impl Args {
                 .filter(|v| !v.is_empty() && v != "0")
                 .map(|_| "mqtt://127.0.0.1:1883".to_string()),
             sqlite: true,
+            embedded: true,
             runs: 3,
             readings: 300_000,
             sites: 20,
@@ -98,6 +100,7 @@ impl Args {
                     a.mosquitto = Some(url);
                 }
                 "--no-sqlite" => a.sqlite = false,
+                "--no-embedded" => a.embedded = false,
                 "--runs" => a.runs = number(value(&mut i, "--runs"), "--runs").max(1),
                 "--readings" => a.readings = number(value(&mut i, "--readings"), "--readings"),
                 "--sites" => a.sites = number(value(&mut i, "--sites"), "--sites").max(1),
@@ -311,15 +314,16 @@ impl Agent {
 
     /// The next ack. Acks from another ingest on a shared broker (rejecting a site it does not
     /// know) are counted in `foreign` and skipped.
-    async fn ack(&mut self, foreign: &mut u64) -> Ack {
+    /// `None` when no ack came within [`ACK_TIMEOUT`].
+    async fn ack(&mut self, foreign: &mut u64) -> Option<Ack> {
         loop {
             let bytes = tokio::time::timeout(ACK_TIMEOUT, self.acks.recv())
                 .await
-                .expect("an ack in time")
+                .ok()?
                 .expect("agent alive");
             let ack: Ack = payload::decode(&bytes).expect("a valid ack");
             match ack.status {
-                AckStatus::Accepted => return ack,
+                AckStatus::Accepted => return Some(ack),
                 AckStatus::Rejected
                     if ack
                         .reason
@@ -334,8 +338,9 @@ impl Agent {
     }
 }
 
-/// Publishes a site's batches keeping `inflight` unacknowledged, until every one is acked.
-async fn drive(mut agent: Agent, plan: SitePlan, inflight: usize) -> u64 {
+/// Publishes a site's batches keeping `inflight` unacknowledged, until every one is acked; the
+/// batch ids still waiting when an ack did not come in time.
+async fn drive(mut agent: Agent, plan: SitePlan, inflight: usize) -> Result<u64, Vec<String>> {
     let mut waiting: HashSet<String> = HashSet::new();
     let mut foreign = 0;
     let mut next = plan.batches.into_iter();
@@ -350,11 +355,16 @@ async fn drive(mut agent: Agent, plan: SitePlan, inflight: usize) -> u64 {
         if waiting.is_empty() {
             break;
         }
-        let ack = agent.ack(&mut foreign).await;
+        let Some(ack) = agent.ack(&mut foreign).await else {
+            agent.task.abort();
+            let mut ids: Vec<String> = waiting.into_iter().collect();
+            ids.sort();
+            return Err(ids);
+        };
         waiting.remove(&ack.batch);
     }
     agent.task.abort();
-    foreign
+    Ok(foreign)
 }
 
 /// `GET /metrics` until a line starts with `line`.
@@ -372,6 +382,16 @@ async fn wait_metric(addr: SocketAddr, line: &str) {
         assert!(Instant::now() < deadline, "{line:?} never appeared");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The body of `GET /metrics`.
+async fn get_metrics(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    body
 }
 
 /// Figures of one run.
@@ -485,7 +505,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
         site::add(cloud.db(), &p.site, "").await.expect("add site");
         let mut a = Agent::connect(broker, &p.site, args.inflight).await;
         a.publish(&p.site, p.warmup.clone()).await;
-        let ack = a.ack(&mut foreign).await;
+        let ack = a.ack(&mut foreign).await.expect("warm-up ack in time");
         assert_eq!(ack.batch, "warmup");
         agents.push(a);
     }
@@ -500,10 +520,27 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
             batches: Vec::new(),
             readings: p.readings.clone(),
         });
-        tasks.spawn(drive(a, p, args.inflight));
+        let site = p.site.clone();
+        let inflight = args.inflight;
+        tasks.spawn(async move { drive(a, p, inflight).await.map_err(|ids| (site, ids)) });
     }
+    let mut late = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        foreign += r.expect("agent task");
+        match r.expect("agent task") {
+            Ok(f) => foreign += f,
+            Err((site, ids)) => late.push(format!("{site}: {}", ids.join(" "))),
+        }
+    }
+    if !late.is_empty() {
+        // Leave what the ingest knew for whoever reads the failure.
+        let metrics = get_metrics(cloud.http_addr()).await;
+        for l in metrics
+            .lines()
+            .filter(|l| l.starts_with("caudal_cloud_ingest"))
+        {
+            eprintln!("  {l}");
+        }
+        panic!("no ack within {ACK_TIMEOUT:?} for: {}", late.join("; "));
     }
     let secs = start.elapsed().as_secs_f64();
     let stored = count_readings(cloud.db(), &prefix).await;
@@ -512,15 +549,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
         args.readings + args.sites,
         "every reading (and one warm-up reading per site) stored exactly once"
     );
-    let metrics = {
-        let addr = cloud.http_addr();
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.expect("write");
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.expect("read");
-        body
-    };
+    let metrics = get_metrics(cloud.http_addr()).await;
     let field = |name: &str| -> f64 {
         metrics
             .lines()
@@ -622,7 +651,10 @@ fn main() {
             args.runs,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let mut brokers = vec![("embedded rumqttd", None)];
+        let mut brokers = Vec::new();
+        if args.embedded {
+            brokers.push(("embedded rumqttd", None));
+        }
         if let Some(m) = &args.mosquitto {
             brokers.push(("mosquitto", Some(m.as_str())));
         }

@@ -293,6 +293,12 @@ pub struct IngestConfig {
     /// instead of one per batch. 0 stores each batch in its own transaction.
     #[serde(default = "default_group_bytes")]
     pub group_bytes: usize,
+    /// Most bytes of messages the ingest holds beyond what its workers have taken, for brokers
+    /// that send more than the receive maximum (Mosquitto 2.0 does under load). Only a message
+    /// that would pass this budget is dropped (PUBACKed without an ack, so its agent re-sends
+    /// it).
+    #[serde(default = "default_inbound_bytes")]
+    pub inbound_bytes: usize,
 }
 
 fn default_group() -> String {
@@ -311,6 +317,10 @@ fn default_group_bytes() -> usize {
     4 << 20
 }
 
+fn default_inbound_bytes() -> usize {
+    64 << 20
+}
+
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
@@ -318,6 +328,7 @@ impl Default for IngestConfig {
             workers: default_workers(),
             queue: default_queue(),
             group_bytes: default_group_bytes(),
+            inbound_bytes: default_inbound_bytes(),
         }
     }
 }

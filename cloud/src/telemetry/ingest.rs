@@ -19,9 +19,11 @@
 //!   not take it), and in arrival order, as MQTT requires; so when the workers fall behind the
 //!   window fills and the broker holds the rest. When a worker's queue is full the dispatcher
 //!   waits for room (counted in `ingest_backpressure_waits_total`) while the event loop goes on.
-//!   A broker that sends beyond the window overflows the inbound channel: that message is
-//!   dropped, PUBACKed and counted (`ingest_overflow_dropped_total`); no ack reaches its agent,
-//!   which re-sends it.
+//!   Some brokers send beyond the window under load (Mosquitto 2.0.11 was seen 50 messages
+//!   over): the inbound channel holds such messages too, up to `ingest.inbound_bytes` of them.
+//!   Only a message past that budget is dropped, PUBACKed and counted
+//!   (`ingest_overflow_dropped_total`); no ack reaches its agent, which re-sends it.
+//!   `ingest_unacked` is how many messages the ingest holds unacknowledged.
 //! - A worker takes the message at the head of its queue and whatever else is already waiting
 //!   there (up to `ingest.group_bytes` of payload, at most `ingest.queue` more messages): a
 //!   group. Each batch of the group is decoded and checked on its own; a refused payload is kept
@@ -64,7 +66,7 @@ use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -76,8 +78,8 @@ const MAX_INCOMING_PACKET: u32 = 16 << 20;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Smallest receive maximum the ingest asks for. The embedded broker (rumqttd) ignores the
-/// client's receive maximum and keeps up to 100 QoS 1 messages in flight to each client, so a
-/// smaller window would overflow the inbound channel.
+/// client's receive maximum and keeps up to 100 QoS 1 messages in flight to each client; a
+/// window at least that large keeps what the ingest asks for true of what it gets.
 const MIN_WINDOW: u16 = 128;
 /// How long shutdown waits for workers to finish what they hold.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,6 +153,7 @@ pub struct IngestMetrics {
     ack_errors: Counter,
     backpressure: Counter,
     overflow: Counter,
+    unacked: Gauge,
     batch_seconds: Histogram,
     connected: Gauge,
     subscribed: Gauge,
@@ -173,6 +176,7 @@ impl IngestMetrics {
             ack_errors: Counter::default(),
             backpressure: Counter::default(),
             overflow: Counter::default(),
+            unacked: Gauge::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connected: Gauge::default(),
             subscribed: Gauge::default(),
@@ -231,8 +235,14 @@ impl IngestMetrics {
         );
         r.register(
             "ingest_overflow_dropped",
-            "Messages dropped because the broker sent more than the receive maximum",
+            "Messages dropped because the broker sent beyond the receive maximum and past the \
+             inbound budget (ingest.inbound_bytes)",
             m.overflow.clone(),
+        );
+        r.register(
+            "ingest_unacked",
+            "Messages received from the broker and not yet PUBACKed (held by the ingest)",
+            m.unacked.clone(),
         );
         r.register(
             "ingest_batch_seconds",
@@ -357,14 +367,25 @@ impl Ingest {
             };
             tasks.spawn(w.run());
         }
-        // Every message the broker may send unacknowledged fits, so a broker that honours the
-        // receive maximum never finds it full.
-        let (inbound, inbound_rx) = mpsc::channel(window);
-        tasks.spawn(dispatch(inbound_rx, senders, self.metrics.clone()));
+        // Bounded in bytes, not messages: every message a broker that honours the receive
+        // maximum may send fits, and so do those of a broker that sends more, up to the budget.
+        let (inbound, inbound_rx) = mpsc::unbounded_channel();
+        let held = Arc::new(InboundBudget::new(self.cfg.inbound_bytes));
+        tasks.spawn(dispatch(
+            inbound_rx,
+            held.clone(),
+            senders,
+            self.metrics.clone(),
+        ));
         // Which connection is current: a PUBACK is sent only on the connection its message came
         // on (rumqttd drops a connection that acknowledges a packet id it did not send).
         let connection = Arc::new(AtomicU64::new(0));
-        let sequencer = tokio::spawn(sequence_pubacks(seq_rx, client.clone(), connection.clone()));
+        let sequencer = tokio::spawn(sequence_pubacks(
+            seq_rx,
+            client.clone(),
+            connection.clone(),
+            self.metrics.unacked.clone(),
+        ));
         let filters = [
             topic::shared(&self.cfg.group, TopicKind::Telemetry),
             topic::all_sites(TopicKind::Status),
@@ -412,8 +433,11 @@ impl Ingest {
                     let mut header = p.clone();
                     header.payload = Default::default();
                     let on = connection.load(Ordering::SeqCst);
+                    m.unacked.inc();
                     let _ = seq_tx.send(Seq::Received(token, on, Box::new(header)));
+                    let size = held_size(&p);
                     let msg = Message {
+                        size,
                         publish: p,
                         received_at: Utc::now(),
                         started: Instant::now(),
@@ -422,20 +446,22 @@ impl Ingest {
                             tx: seq_tx.clone(),
                         },
                     };
-                    match inbound.try_send(msg) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(msg)) => {
-                            // Only a broker that ignores the receive maximum gets here. The
-                            // message is dropped (and so PUBACKed, keeping the acks in order and
-                            // the connection read); no ack goes to its agent, which re-sends it.
-                            m.overflow.inc();
-                            tracing::warn!(
-                                topic = %String::from_utf8_lossy(&msg.publish.topic),
-                                window,
-                                "the broker sent more than the receive maximum; message dropped"
-                            );
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    if let Err(before) = held.admit(size) {
+                        // Only a broker that sends far beyond the receive maximum gets here.
+                        // The message is dropped (and so PUBACKed, keeping the acks in order
+                        // and the connection read); no ack goes to its agent, which re-sends it.
+                        m.overflow.inc();
+                        tracing::warn!(
+                            topic = %String::from_utf8_lossy(&msg.publish.topic),
+                            window,
+                            unacked = m.unacked.get(),
+                            held_bytes = before,
+                            "the broker sent beyond the receive maximum and the inbound budget \
+                             (ingest.inbound_bytes) is full; message dropped"
+                        );
+                        drop(msg);
+                    } else if inbound.send(msg).is_err() {
+                        break;
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -519,11 +545,13 @@ fn receive_window(workers: usize, queue: usize) -> u16 {
 /// queue is full it waits for room: the messages behind wait in the inbound channel while the
 /// event loop keeps running, and the broker stops sending once the receive window is used up.
 async fn dispatch(
-    mut inbound: mpsc::Receiver<Message>,
+    mut inbound: mpsc::UnboundedReceiver<Message>,
+    held: Arc<InboundBudget>,
     senders: Vec<mpsc::Sender<Message>>,
     metrics: IngestMetrics,
 ) {
     while let Some(msg) = inbound.recv().await {
+        held.release(msg.size);
         let tx = &senders[worker_for(&msg.publish.topic, senders.len())];
         let msg = match tx.try_send(msg) {
             Ok(()) => continue,
@@ -573,6 +601,7 @@ async fn sequence_pubacks(
     mut rx: mpsc::UnboundedReceiver<Seq>,
     client: AsyncClient,
     connection: Arc<AtomicU64>,
+    unacked: Gauge,
 ) {
     let mut first = 0u64;
     let mut waiting: VecDeque<(u64, Box<Publish>, bool)> = VecDeque::new();
@@ -594,11 +623,15 @@ async fn sequence_pubacks(
                     slot.2 = true;
                 }
             }
-            Seq::Reset => waiting.clear(),
+            Seq::Reset => {
+                unacked.dec_by(i64::try_from(waiting.len()).unwrap_or(i64::MAX));
+                waiting.clear();
+            }
         }
         while waiting.front().is_some_and(|(_, _, done)| *done) {
             if let Some((on, publish, _)) = waiting.pop_front() {
                 first += 1;
+                unacked.dec();
                 if on != connection.load(Ordering::SeqCst) {
                     continue;
                 }
@@ -611,9 +644,59 @@ async fn sequence_pubacks(
     }
 }
 
+/// Bytes of messages waiting between the event loop and the dispatcher, against
+/// `ingest.inbound_bytes`.
+#[derive(Debug)]
+struct InboundBudget {
+    held: AtomicUsize,
+    budget: usize,
+}
+
+impl InboundBudget {
+    fn new(budget: usize) -> Self {
+        InboundBudget {
+            held: AtomicUsize::new(0),
+            budget,
+        }
+    }
+
+    /// Takes `size` bytes of the budget, or returns what is held when they do not fit. A
+    /// message alone always fits, however large (the broker's packet limit bounds it).
+    fn admit(&self, size: usize) -> Result<(), usize> {
+        let mut held = self.held.load(Ordering::SeqCst);
+        loop {
+            if held > 0 && held.saturating_add(size) > self.budget {
+                return Err(held);
+            }
+            match self.held.compare_exchange_weak(
+                held,
+                held + size,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Gives back what [`InboundBudget::admit`] took.
+    fn release(&self, size: usize) {
+        self.held.fetch_sub(size, Ordering::SeqCst);
+    }
+}
+
+/// What a message costs the inbound budget: its payload and topic, and a fixed share for the
+/// rest of what is kept of it.
+fn held_size(p: &Publish) -> usize {
+    p.payload.len() + p.topic.len() + 256
+}
+
 /// One received MQTT message.
 #[derive(Debug)]
 struct Message {
+    /// [`held_size`] of the publish.
+    size: usize,
     publish: Publish,
     received_at: DateTime<Utc>,
     started: Instant,
@@ -1059,6 +1142,19 @@ pub fn check_batch(b: &Batch) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inbound_budget_holds_up_to_its_bytes() {
+        let b = InboundBudget::new(1000);
+        assert_eq!(b.admit(5000), Ok(()), "one message alone always fits");
+        assert_eq!(b.admit(1), Err(5000));
+        b.release(5000);
+        assert_eq!(b.admit(600), Ok(()));
+        assert_eq!(b.admit(400), Ok(()), "up to the budget exactly");
+        assert_eq!(b.admit(1), Err(1000));
+        b.release(600);
+        assert_eq!(b.admit(600), Ok(()), "released bytes are free again");
+    }
 
     #[test]
     fn one_site_always_maps_to_one_worker() {
