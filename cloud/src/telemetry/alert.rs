@@ -23,7 +23,7 @@ use crate::core::api::ErrorBody;
 use crate::core::api::{ApiError, ApiJson, ApiQuery, ApiState};
 use crate::core::auth::Permission;
 use crate::core::config::AlertsConfig;
-use crate::core::db::{Db, from_sqlite_time, sqlite_time};
+use crate::core::db::{Db, each_db};
 use crate::core::metrics::KindLabels;
 use crate::telemetry::query::{self, Bucket, QueryError};
 use crate::users::Caller;
@@ -366,38 +366,21 @@ pub async fn site_offline(db: &Db, now: DateTime<Utc>) -> Result<Vec<Firing>, sq
     let sql = "SELECT s.id, s.created_at, s.offline_after_s, st.last_seen FROM sites s \
                LEFT JOIN site_status st ON st.site = s.id WHERE s.active";
     // (site, last heard or registered, heard at all, threshold)
-    let rows: Vec<(String, DateTime<Utc>, bool, Duration)> = match db {
-        Db::Sqlite(p) => {
-            let rows = sqlx::query(sql).fetch_all(p).await?;
+    let rows: Vec<(String, DateTime<Utc>, bool, Duration)> =
+        each_db!(db, |pool, to_db, from_row| {
+            let rows = sqlx::query(sql).fetch_all(pool).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let created: i64 = r.try_get("created_at")?;
-                let seen: Option<i64> = r.try_get("last_seen")?;
+                let heard = !sqlx::ValueRef::is_null(&r.try_get_raw("last_seen")?);
                 out.push((
                     r.try_get("id")?,
-                    from_sqlite_time(seen.unwrap_or(created)).unwrap_or_default(),
-                    seen.is_some(),
+                    from_row(&r, if heard { "last_seen" } else { "created_at" })?,
+                    heard,
                     Duration::seconds(r.try_get("offline_after_s")?),
                 ));
             }
             out
-        }
-        Db::Postgres(p) => {
-            let rows = sqlx::query(sql).fetch_all(p).await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let created: DateTime<Utc> = r.try_get("created_at")?;
-                let seen: Option<DateTime<Utc>> = r.try_get("last_seen")?;
-                out.push((
-                    r.try_get("id")?,
-                    seen.unwrap_or(created),
-                    seen.is_some(),
-                    Duration::seconds(r.try_get("offline_after_s")?),
-                ));
-            }
-            out
-        }
-    };
+        });
     Ok(rows
         .into_iter()
         .filter(|(_, t, _, after)| now - *t > *after)
@@ -430,43 +413,39 @@ pub async fn no_data(
     lookback: Duration,
 ) -> Result<Vec<Firing>, sqlx::Error> {
     let from = now - lookback;
-    let last: Vec<(String, String, DateTime<Utc>)> = match db {
-        Db::Sqlite(p) => {
-            let rows = sqlx::query(
-                "SELECT r.site, r.device, MAX(r.ts) AS last FROM readings r \
-                 JOIN sites s ON s.id = r.site AND s.active \
-                 WHERE r.ts >= ? GROUP BY r.site, r.device",
-            )
-            .bind(sqlite_time(from))
-            .fetch_all(p)
-            .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let t: i64 = r.try_get("last")?;
-                out.push((
-                    r.try_get("site")?,
-                    r.try_get("device")?,
-                    from_sqlite_time(t).unwrap_or_default(),
-                ));
+    // Each device's latest reading is one probe of the (site, device, ts) index; a filter on
+    // `ts` alone would read the whole table, which no index leads with.
+    let sites: Vec<String> = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_scalar("SELECT id FROM sites WHERE active ORDER BY id")
+            .fetch_all(pool)
+            .await?
+    });
+    let mut last: Vec<(String, String, DateTime<Utc>)> = Vec::new();
+    for site in sites {
+        let Ok(id) = SiteId::new(&site) else {
+            continue;
+        };
+        let devices = query::devices(db, &id).await.map_err(|e| match e {
+            QueryError::Database(e) => e,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })?;
+        for device in devices {
+            let t: Option<DateTime<Utc>> = each_db!(db, |pool, to_db, from_row| {
+                let row = sqlx::query(
+                    "SELECT ts FROM readings WHERE site = $1 AND device = $2 \
+                     ORDER BY ts DESC LIMIT 1",
+                )
+                .bind(&site)
+                .bind(&device)
+                .fetch_optional(pool)
+                .await?;
+                row.map(|r| from_row(&r, "ts")).transpose()?
+            });
+            if let Some(t) = t.filter(|t| *t >= from) {
+                last.push((site.clone(), device, t));
             }
-            out
         }
-        Db::Postgres(p) => {
-            let rows = sqlx::query(
-                "SELECT r.site, r.device, MAX(r.ts) AS last FROM readings r \
-                 JOIN sites s ON s.id = r.site AND s.active \
-                 WHERE r.ts >= $1 GROUP BY r.site, r.device",
-            )
-            .bind(from)
-            .fetch_all(p)
-            .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                out.push((r.try_get("site")?, r.try_get("device")?, r.try_get("last")?));
-            }
-            out
-        }
-    };
+    }
     Ok(last
         .into_iter()
         .filter(|(_, _, t)| now - *t > after)
@@ -508,58 +487,32 @@ pub async fn totalizer_backwards(db: &Db, from: DateTime<Utc>) -> Result<Vec<Fir
         String,
     );
     let kinds = BACKWARDS_EVENTS.map(str::to_string).to_vec();
-    let rows: Vec<Row> = match db {
-        Db::Sqlite(p) => {
-            let rows = sqlx::query(
-                "SELECT site, device, kind, ts, previous, current, message FROM events \
-                 WHERE ts >= ? AND kind IN (?, ?, ?, ?) ORDER BY ts",
-            )
-            .bind(sqlite_time(from))
-            .bind(&kinds[0])
-            .bind(&kinds[1])
-            .bind(&kinds[2])
-            .bind(&kinds[3])
-            .fetch_all(p)
-            .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let t: i64 = r.try_get("ts")?;
-                out.push((
-                    r.try_get("site")?,
-                    r.try_get("device")?,
-                    r.try_get("kind")?,
-                    from_sqlite_time(t).unwrap_or_default(),
-                    r.try_get("previous")?,
-                    r.try_get("current")?,
-                    r.try_get("message")?,
-                ));
-            }
-            out
+    let rows: Vec<Row> = each_db!(db, |pool, to_db, from_row| {
+        let rows = sqlx::query(
+            "SELECT site, device, kind, ts, previous, current, message FROM events \
+             WHERE ts >= $1 AND kind IN ($2, $3, $4, $5) ORDER BY ts",
+        )
+        .bind(to_db(from))
+        .bind(&kinds[0])
+        .bind(&kinds[1])
+        .bind(&kinds[2])
+        .bind(&kinds[3])
+        .fetch_all(pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((
+                r.try_get("site")?,
+                r.try_get("device")?,
+                r.try_get("kind")?,
+                from_row(&r, "ts")?,
+                r.try_get("previous")?,
+                r.try_get("current")?,
+                r.try_get("message")?,
+            ));
         }
-        Db::Postgres(p) => {
-            let rows = sqlx::query(
-                "SELECT site, device, kind, ts, previous, current, message FROM events \
-                 WHERE ts >= $1 AND kind = ANY($2) ORDER BY ts",
-            )
-            .bind(from)
-            .bind(&kinds)
-            .fetch_all(p)
-            .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                out.push((
-                    r.try_get("site")?,
-                    r.try_get("device")?,
-                    r.try_get("kind")?,
-                    r.try_get("ts")?,
-                    r.try_get("previous")?,
-                    r.try_get("current")?,
-                    r.try_get("message")?,
-                ));
-            }
-            out
-        }
-    };
+        out
+    });
     // Ordered by time: the last row of each device wins.
     let mut latest: HashMap<String, Firing> = HashMap::new();
     for (site, device, kind, ts, previous, current, message) in rows {
@@ -616,18 +569,12 @@ async fn point_rights(db: &Db, column: &str) -> Result<Vec<PointRight>, sqlx::Er
          JOIN sites s ON s.id = d.site AND s.active \
          WHERE p.active AND p.{column} IS NOT NULL ORDER BY p.id, d.site, d.id"
     );
-    let rows: Vec<(i64, String, Option<String>, f64, String, String)> = match db {
-        Db::Sqlite(p) => {
+    let rows: Vec<(i64, String, Option<String>, f64, String, String)> =
+        each_db!(db, |pool, to_db, from_row| {
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .fetch_all(p)
+                .fetch_all(pool)
                 .await?
-        }
-        Db::Postgres(p) => {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .fetch_all(p)
-                .await?
-        }
-    };
+        });
     let mut out: Vec<PointRight> = Vec::new();
     for (id, name, obra, limit, site, device) in rows {
         let Ok(site) = SiteId::new(&site) else {
@@ -660,29 +607,21 @@ pub async fn flow_above_authorized(
         let mut total = 0.0;
         let mut latest: Option<DateTime<Utc>> = None;
         for (site, device) in &point.devices {
-            let row: Option<(f64, DateTime<Utc>)> = match db {
-                Db::Sqlite(p) => sqlx::query_as::<_, (f64, i64)>(
-                    "SELECT flow_lps, ts FROM readings WHERE site = ? AND device = ? \
-                     AND ts >= ? AND flow_lps IS NOT NULL ORDER BY ts DESC LIMIT 1",
+            let row: Option<(f64, DateTime<Utc>)> = each_db!(db, |pool, to_db, from_row| {
+                let row = sqlx::query(
+                    "SELECT flow_lps, ts FROM readings WHERE site = $1 AND device = $2 \
+                     AND ts >= $3 AND flow_lps IS NOT NULL ORDER BY ts DESC LIMIT 1",
                 )
                 .bind(site.as_str())
                 .bind(device)
-                .bind(sqlite_time(fresh_from))
-                .fetch_optional(p)
-                .await?
-                .map(|(f, t)| (f, from_sqlite_time(t).unwrap_or_default())),
-                Db::Postgres(p) => {
-                    sqlx::query_as(
-                        "SELECT flow_lps, ts FROM readings WHERE site = $1 AND device = $2 \
-                         AND ts >= $3 AND flow_lps IS NOT NULL ORDER BY ts DESC LIMIT 1",
-                    )
-                    .bind(site.as_str())
-                    .bind(device)
-                    .bind(fresh_from)
-                    .fetch_optional(p)
-                    .await?
+                .bind(to_db(fresh_from))
+                .fetch_optional(pool)
+                .await?;
+                match row {
+                    Some(r) => Some((r.try_get("flow_lps")?, from_row(&r, "ts")?)),
+                    None => None,
                 }
-            };
+            });
             if let Some((flow, ts)) = row.filter(|(f, _)| f.is_finite()) {
                 total += flow;
                 latest = latest.max(Some(ts));
@@ -822,30 +761,133 @@ pub async fn annual_volume(db: &Db, now: DateTime<Utc>) -> Result<Vec<Firing>, R
 // Storage
 
 /// Brings the alerts of `kind` in step with what fires now. See the module doc for condition
-/// and event alerts.
+/// and event alerts. Runs in one transaction that holds the write lock (SQLite `BEGIN
+/// IMMEDIATE`, a PostgreSQL advisory lock), so replicas evaluating at once do not interleave.
 pub async fn reconcile(
     db: &Db,
     kind: AlertKind,
     firing: &[Firing],
     now: DateTime<Utc>,
 ) -> Result<Reconciled, sqlx::Error> {
-    match db {
-        Db::Sqlite(p) => {
-            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-            let r = reconcile_sqlite(&mut tx, kind, firing, now).await?;
-            tx.commit().await?;
-            Ok(r)
+    each_db!(db, |pool, to_db, from_row| {
+        let mut tx = pool.begin_reconcile().await?;
+        let rows = sqlx::query(
+            "SELECT id, subject, state, since FROM alerts WHERE kind = $1 \
+             AND (state = 'open' OR since = (SELECT MAX(a.since) FROM alerts a \
+                  WHERE a.kind = alerts.kind AND a.subject = alerts.subject))",
+        )
+        .bind(kind.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut known = Known {
+            open: HashMap::new(),
+            latest_since: HashMap::new(),
+        };
+        for r in rows {
+            let subject: String = r.try_get("subject")?;
+            let since = from_row(&r, "since")?;
+            if r.try_get::<String, _>("state")? == "open" {
+                known.open.insert(subject.clone(), r.try_get("id")?);
+            }
+            let e = known.latest_since.entry(subject).or_insert(since);
+            *e = (*e).max(since);
         }
-        Db::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(PG_LOCK_KEY)
-                .execute(&mut *tx)
-                .await?;
-            let r = reconcile_pg(&mut tx, kind, firing, now).await?;
-            tx.commit().await?;
-            Ok(r)
+        let mut out = Reconciled::default();
+        let mut seen = std::collections::HashSet::new();
+        for f in firing {
+            seen.insert(f.subject.as_str());
+            match step(kind, f, &known) {
+                Step::Skip => {}
+                Step::Refresh(id) => {
+                    sqlx::query(
+                        "UPDATE alerts SET updated_at = $1, since = COALESCE($2, since), \
+                         value = $3, threshold = $4, message = $5 WHERE id = $6",
+                    )
+                    .bind(to_db(now))
+                    .bind((!kind.closes_itself()).then(|| to_db(f.since)))
+                    .bind(f.value)
+                    .bind(f.threshold)
+                    .bind(&f.message)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    out.refreshed += 1;
+                }
+                Step::Insert => {
+                    let n = sqlx::query(
+                        "INSERT INTO alerts (kind, subject, site, device, point_id, state, since, \
+                         opened_at, updated_at, value, threshold, message) \
+                         VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7, $8, $9, $10) \
+                         ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING",
+                    )
+                    .bind(kind.as_str())
+                    .bind(&f.subject)
+                    .bind(&f.site)
+                    .bind(&f.device)
+                    .bind(f.point_id)
+                    .bind(to_db(f.since))
+                    .bind(to_db(now))
+                    .bind(f.value)
+                    .bind(f.threshold)
+                    .bind(&f.message)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    out.opened += n;
+                }
+            }
         }
+        if kind.closes_itself() {
+            for (subject, id) in &known.open {
+                if !seen.contains(subject.as_str()) {
+                    sqlx::query(
+                        "UPDATE alerts SET state = 'closed', closed_at = $1, \
+                         closed_by = 'cleared', updated_at = $1 WHERE id = $2 AND state = 'open'",
+                    )
+                    .bind(to_db(now))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    out.closed += 1;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    })
+}
+
+/// A write transaction that serializes alert reconciles: SQLite takes its write lock up front,
+/// PostgreSQL an advisory lock held until the transaction ends.
+trait ReconcileTx: Sized {
+    type Database: sqlx::Database;
+    fn begin_reconcile(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>,
+    > + Send;
+}
+
+impl ReconcileTx for sqlx::SqlitePool {
+    type Database = sqlx::Sqlite;
+    async fn begin_reconcile(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl ReconcileTx for sqlx::PgPool {
+    type Database = sqlx::Postgres;
+    async fn begin_reconcile(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PG_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
     }
 }
 
@@ -878,195 +920,11 @@ fn step(kind: AlertKind, f: &Firing, known: &Known) -> Step {
     }
 }
 
-async fn reconcile_sqlite(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    kind: AlertKind,
-    firing: &[Firing],
-    now: DateTime<Utc>,
-) -> Result<Reconciled, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT id, subject, state, since FROM alerts WHERE kind = ? \
-         AND (state = 'open' OR since = (SELECT MAX(a.since) FROM alerts a \
-              WHERE a.kind = alerts.kind AND a.subject = alerts.subject))",
-    )
-    .bind(kind.as_str())
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut known = Known {
-        open: HashMap::new(),
-        latest_since: HashMap::new(),
-    };
-    for r in rows {
-        let subject: String = r.try_get("subject")?;
-        let since = from_sqlite_time(r.try_get("since")?).unwrap_or_default();
-        if r.try_get::<String, _>("state")? == "open" {
-            known.open.insert(subject.clone(), r.try_get("id")?);
-        }
-        let e = known.latest_since.entry(subject).or_insert(since);
-        *e = (*e).max(since);
-    }
-    let now_t = sqlite_time(now);
-    let mut out = Reconciled::default();
-    let mut seen = std::collections::HashSet::new();
-    for f in firing {
-        seen.insert(f.subject.as_str());
-        match step(kind, f, &known) {
-            Step::Skip => {}
-            Step::Refresh(id) => {
-                sqlx::query(
-                    "UPDATE alerts SET updated_at = ?, since = COALESCE(?, since), value = ?, threshold = ?, \
-                     message = ? WHERE id = ?",
-                )
-                .bind(now_t)
-                .bind((!kind.closes_itself()).then(|| sqlite_time(f.since)))
-                .bind(f.value)
-                .bind(f.threshold)
-                .bind(&f.message)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                out.refreshed += 1;
-            }
-            Step::Insert => {
-                let n = sqlx::query(
-                    "INSERT INTO alerts (kind, subject, site, device, point_id, state, since, \
-                     opened_at, updated_at, value, threshold, message) \
-                     VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING",
-                )
-                .bind(kind.as_str())
-                .bind(&f.subject)
-                .bind(&f.site)
-                .bind(&f.device)
-                .bind(f.point_id)
-                .bind(sqlite_time(f.since))
-                .bind(now_t)
-                .bind(now_t)
-                .bind(f.value)
-                .bind(f.threshold)
-                .bind(&f.message)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-                out.opened += n;
-            }
-        }
-    }
-    if kind.closes_itself() {
-        for (subject, id) in &known.open {
-            if !seen.contains(subject.as_str()) {
-                sqlx::query(
-                    "UPDATE alerts SET state = 'closed', closed_at = ?, closed_by = 'cleared', \
-                     updated_at = ? WHERE id = ? AND state = 'open'",
-                )
-                .bind(now_t)
-                .bind(now_t)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                out.closed += 1;
-            }
-        }
-    }
-    Ok(out)
-}
-
-async fn reconcile_pg(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    kind: AlertKind,
-    firing: &[Firing],
-    now: DateTime<Utc>,
-) -> Result<Reconciled, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT id, subject, state, since FROM alerts WHERE kind = $1 \
-         AND (state = 'open' OR since = (SELECT MAX(a.since) FROM alerts a \
-              WHERE a.kind = alerts.kind AND a.subject = alerts.subject))",
-    )
-    .bind(kind.as_str())
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut known = Known {
-        open: HashMap::new(),
-        latest_since: HashMap::new(),
-    };
-    for r in rows {
-        let subject: String = r.try_get("subject")?;
-        let since: DateTime<Utc> = r.try_get("since")?;
-        if r.try_get::<String, _>("state")? == "open" {
-            known.open.insert(subject.clone(), r.try_get("id")?);
-        }
-        let e = known.latest_since.entry(subject).or_insert(since);
-        *e = (*e).max(since);
-    }
-    let mut out = Reconciled::default();
-    let mut seen = std::collections::HashSet::new();
-    for f in firing {
-        seen.insert(f.subject.as_str());
-        match step(kind, f, &known) {
-            Step::Skip => {}
-            Step::Refresh(id) => {
-                sqlx::query(
-                    "UPDATE alerts SET updated_at = $1, since = COALESCE($2, since), value = $3, threshold = $4, \
-                     message = $5 WHERE id = $6",
-                )
-                .bind(now)
-                .bind((!kind.closes_itself()).then_some(f.since))
-                .bind(f.value)
-                .bind(f.threshold)
-                .bind(&f.message)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                out.refreshed += 1;
-            }
-            Step::Insert => {
-                let n = sqlx::query(
-                    "INSERT INTO alerts (kind, subject, site, device, point_id, state, since, \
-                     opened_at, updated_at, value, threshold, message) \
-                     VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7, $8, $9, $10) \
-                     ON CONFLICT (kind, subject) WHERE state = 'open' DO NOTHING",
-                )
-                .bind(kind.as_str())
-                .bind(&f.subject)
-                .bind(&f.site)
-                .bind(&f.device)
-                .bind(f.point_id)
-                .bind(f.since)
-                .bind(now)
-                .bind(f.value)
-                .bind(f.threshold)
-                .bind(&f.message)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-                out.opened += n;
-            }
-        }
-    }
-    if kind.closes_itself() {
-        for (subject, id) in &known.open {
-            if !seen.contains(subject.as_str()) {
-                sqlx::query(
-                    "UPDATE alerts SET state = 'closed', closed_at = $1, closed_by = 'cleared', \
-                     updated_at = $1 WHERE id = $2 AND state = 'open'",
-                )
-                .bind(now)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                out.closed += 1;
-            }
-        }
-    }
-    Ok(out)
-}
-
 async fn open_counts(db: &Db) -> Result<HashMap<AlertKind, i64>, sqlx::Error> {
     let sql = "SELECT kind, COUNT(*) AS n FROM alerts WHERE state = 'open' GROUP BY kind";
-    let rows: Vec<(String, i64)> = match db {
-        Db::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
-        Db::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
-    };
+    let rows: Vec<(String, i64)> = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_as(sql).fetch_all(pool).await?
+    });
     Ok(rows
         .into_iter()
         .filter_map(|(k, n)| AlertKind::parse(&k).map(|k| (k, n)))
@@ -1087,6 +945,37 @@ pub struct Filter {
 const COLUMNS: &str = "id, kind, subject, site, device, point_id, state, since, opened_at, \
                        updated_at, closed_at, closed_by, close_note, value, threshold, message";
 
+/// An [`Alert`] from a row of [`COLUMNS`], reading times with the backend's `from_row`.
+macro_rules! alert_from_row {
+    ($r:expr, $from_row:ident) => {{
+        let r = $r;
+        let id: i64 = r.try_get("id")?;
+        let (kind, state) = parse_row(id, r.try_get("kind")?, r.try_get("state")?)?;
+        let closed_at = match sqlx::ValueRef::is_null(&r.try_get_raw("closed_at")?) {
+            true => None,
+            false => Some($from_row(r, "closed_at")?),
+        };
+        Ok::<Alert, AlertError>(Alert {
+            id,
+            kind,
+            subject: r.try_get("subject")?,
+            site: r.try_get("site")?,
+            device: r.try_get("device")?,
+            point_id: r.try_get("point_id")?,
+            state,
+            since: $from_row(r, "since")?,
+            opened_at: $from_row(r, "opened_at")?,
+            updated_at: $from_row(r, "updated_at")?,
+            closed_at,
+            closed_by: r.try_get("closed_by")?,
+            close_note: r.try_get("close_note")?,
+            value: r.try_get("value")?,
+            threshold: r.try_get("threshold")?,
+            message: r.try_get("message")?,
+        })
+    }};
+}
+
 /// Alerts matching `f`, newest first.
 pub async fn list(db: &Db, f: &Filter) -> Result<Vec<Alert>, AlertError> {
     let state = f.state.map(|s| match s {
@@ -1095,62 +984,36 @@ pub async fn list(db: &Db, f: &Filter) -> Result<Vec<Alert>, AlertError> {
     });
     let kind = f.kind.map(AlertKind::as_str);
     let limit = f.limit.clamp(1, MAX_LIST);
-    match db {
-        Db::Sqlite(p) => {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM alerts WHERE (?1 IS NULL OR state = ?1) \
-                 AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR site = ?3) \
-                 AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5"
-            )))
+    let sql = format!(
+        "SELECT {COLUMNS} FROM alerts WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
+         AND (CAST($2 AS TEXT) IS NULL OR kind = $2) AND (CAST($3 AS TEXT) IS NULL OR site = $3) \
+         AND (CAST($4 AS BIGINT) IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
+    );
+    each_db!(db, |pool, to_db, from_row| {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(state)
             .bind(kind)
             .bind(&f.site)
             .bind(f.before)
             .bind(limit)
-            .fetch_all(p)
+            .fetch_all(pool)
             .await?;
-            rows.iter().map(sqlite_alert).collect()
-        }
-        Db::Postgres(p) => {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM alerts WHERE ($1::text IS NULL OR state = $1) \
-                 AND ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR site = $3) \
-                 AND ($4::bigint IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
-            )))
-            .bind(state)
-            .bind(kind)
-            .bind(&f.site)
-            .bind(f.before)
-            .bind(limit)
-            .fetch_all(p)
-            .await?;
-            rows.iter().map(pg_alert).collect()
-        }
-    }
+        rows.iter().map(|r| alert_from_row!(r, from_row)).collect()
+    })
 }
 
 /// One alert.
 pub async fn find(db: &Db, id: i64) -> Result<Alert, AlertError> {
-    let alert = match db {
-        Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM alerts WHERE id = ?"
-        )))
-        .bind(id)
-        .fetch_optional(p)
-        .await?
-        .as_ref()
-        .map(sqlite_alert)
-        .transpose()?,
-        Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM alerts WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(p)
-        .await?
-        .as_ref()
-        .map(pg_alert)
-        .transpose()?,
-    };
+    let sql = format!("SELECT {COLUMNS} FROM alerts WHERE id = $1");
+    let alert = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .as_ref()
+            .map(|r| alert_from_row!(r, from_row))
+            .transpose()?
+    });
     alert.ok_or(AlertError::NotFound(id))
 }
 
@@ -1162,30 +1025,19 @@ pub async fn close(
     note: &str,
     now: DateTime<Utc>,
 ) -> Result<Alert, AlertError> {
-    let n = match db {
-        Db::Sqlite(p) => sqlx::query(
-            "UPDATE alerts SET state = 'closed', closed_at = ?1, updated_at = ?1, \
-                 closed_by = ?2, close_note = ?3 WHERE id = ?4 AND state = 'open'",
-        )
-        .bind(sqlite_time(now))
-        .bind(by)
-        .bind(note)
-        .bind(id)
-        .execute(p)
-        .await?
-        .rows_affected(),
-        Db::Postgres(p) => sqlx::query(
+    let n = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query(
             "UPDATE alerts SET state = 'closed', closed_at = $1, updated_at = $1, \
-                 closed_by = $2, close_note = $3 WHERE id = $4 AND state = 'open'",
+             closed_by = $2, close_note = $3 WHERE id = $4 AND state = 'open'",
         )
-        .bind(now)
+        .bind(to_db(now))
         .bind(by)
         .bind(note)
         .bind(id)
-        .execute(p)
+        .execute(pool)
         .await?
-        .rows_affected(),
-    };
+        .rows_affected()
+    });
     let alert = find(db, id).await?;
     if n == 0 {
         return Err(AlertError::Closed(id));
@@ -1209,63 +1061,6 @@ fn parse_row(id: i64, kind: String, state: String) -> Result<(AlertKind, AlertSt
         }
     };
     Ok((kind, state))
-}
-
-fn sqlite_alert(r: &sqlx::sqlite::SqliteRow) -> Result<Alert, AlertError> {
-    let id: i64 = r.try_get("id")?;
-    let time = |col: &str| -> Result<DateTime<Utc>, AlertError> {
-        let t: i64 = r.try_get(col)?;
-        from_sqlite_time(t).ok_or_else(|| AlertError::Corrupt {
-            id,
-            reason: format!("{col} {t} is out of range"),
-        })
-    };
-    let (kind, state) = parse_row(id, r.try_get("kind")?, r.try_get("state")?)?;
-    let closed_at = match r.try_get::<Option<i64>, _>("closed_at")? {
-        Some(_) => Some(time("closed_at")?),
-        None => None,
-    };
-    Ok(Alert {
-        id,
-        kind,
-        subject: r.try_get("subject")?,
-        site: r.try_get("site")?,
-        device: r.try_get("device")?,
-        point_id: r.try_get("point_id")?,
-        state,
-        since: time("since")?,
-        opened_at: time("opened_at")?,
-        updated_at: time("updated_at")?,
-        closed_at,
-        closed_by: r.try_get("closed_by")?,
-        close_note: r.try_get("close_note")?,
-        value: r.try_get("value")?,
-        threshold: r.try_get("threshold")?,
-        message: r.try_get("message")?,
-    })
-}
-
-fn pg_alert(r: &sqlx::postgres::PgRow) -> Result<Alert, AlertError> {
-    let id: i64 = r.try_get("id")?;
-    let (kind, state) = parse_row(id, r.try_get("kind")?, r.try_get("state")?)?;
-    Ok(Alert {
-        id,
-        kind,
-        subject: r.try_get("subject")?,
-        site: r.try_get("site")?,
-        device: r.try_get("device")?,
-        point_id: r.try_get("point_id")?,
-        state,
-        since: r.try_get("since")?,
-        opened_at: r.try_get("opened_at")?,
-        updated_at: r.try_get("updated_at")?,
-        closed_at: r.try_get("closed_at")?,
-        closed_by: r.try_get("closed_by")?,
-        close_note: r.try_get("close_note")?,
-        value: r.try_get("value")?,
-        threshold: r.try_get("threshold")?,
-        message: r.try_get("message")?,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
