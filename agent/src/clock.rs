@@ -472,6 +472,7 @@ impl ClockChange {
             message,
             previous,
             current,
+            wrap: None,
         }
     }
 }

@@ -102,6 +102,7 @@ pub async fn run(
                     message: format!("caudal-agent {} started", env!("CARGO_PKG_VERSION")),
                     previous: None,
                     current: None,
+                    wrap: None,
                 },
                 stamp,
             )],

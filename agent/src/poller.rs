@@ -475,6 +475,7 @@ fn event(device: &DeviceId, ts: DateTime<Utc>, kind: EventKind, message: String)
         message,
         previous: None,
         current: None,
+        wrap: None,
     }
 }
 

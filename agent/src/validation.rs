@@ -109,6 +109,8 @@ pub struct EventDraft {
     pub previous: Option<f64>,
     /// The value that triggered the event, canonical units.
     pub current: Option<f64>,
+    /// For a rollover: the total at which the register wraps, canonical units.
+    pub wrap: Option<f64>,
 }
 
 impl EventDraft {
@@ -122,6 +124,7 @@ impl EventDraft {
             message: self.message,
             previous: self.previous,
             current: self.current,
+            wrap: self.wrap,
         }
     }
 }
@@ -419,6 +422,7 @@ impl Validator {
                         message: format!("{ch} read {x}; the reading carries no {ch} value"),
                         previous: None,
                         current: None,
+                        wrap: None,
                     });
                 }
             } else {
@@ -511,6 +515,7 @@ impl Validator {
                 message: message(),
                 previous: None,
                 current: Some(value),
+                wrap: None,
             });
         }
     }
@@ -558,6 +563,7 @@ impl Validator {
                 message,
                 previous: Some(p),
                 current: Some(cur),
+                wrap: None,
             });
         };
         let mut step = interval.classify();
@@ -584,6 +590,9 @@ impl Validator {
                         self.rollover_at.unwrap_or(f64::NAN)
                     ),
                 );
+                if let Some(e) = v.events.last_mut() {
+                    e.wrap = self.rollover_at.filter(|w| w.is_finite() && *w > 0.0);
+                }
             }
             TotalStep::Reverse { volume } => {
                 v.quality.set(Flag::ReverseFlow);
@@ -639,6 +648,7 @@ impl Validator {
                 ),
                 previous: Some(p),
                 current: Some(cur),
+                wrap: None,
             });
         }
     }
@@ -688,6 +698,7 @@ impl Stillness {
                     ),
                     previous: Some(old),
                     current: Some(x),
+                    wrap: None,
                 });
             }
             *h = fresh;
@@ -702,6 +713,7 @@ impl Stillness {
                     ),
                     previous: Some(x),
                     current: Some(x),
+                    wrap: None,
                 });
             }
             *h = fresh;
@@ -722,6 +734,7 @@ impl Stillness {
                     ),
                     previous: Some(x),
                     current: Some(x),
+                    wrap: None,
                 });
             }
             Some(_) => {}

@@ -87,6 +87,7 @@ fn eviction_keeps_the_budget_and_reports_gaps_per_device() {
                 message: "agent started".into(),
                 previous: None,
                 current: None,
+                wrap: None,
             };
             batch.push(Stamped::new(ev, trusted()));
         }

@@ -48,6 +48,7 @@ fn held_records_wait_for_the_clock_then_are_restamped_or_marked_unknown() {
         message: String::new(),
         previous: None,
         current: None,
+        wrap: None,
     };
     let now_boot = ob
         .append(

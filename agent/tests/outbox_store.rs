@@ -209,6 +209,7 @@ fn events_and_device_less_records_round_trip() {
         message: "caudal-agent 0.1.0".into(),
         previous: None,
         current: None,
+        wrap: None,
     };
     let s = ob
         .append(vec![Stamped::new(ev.clone(), trusted())], vec![])

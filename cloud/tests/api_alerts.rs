@@ -51,6 +51,7 @@ fn event(seq: u32, dev: &str, ts: DateTime<Utc>, kind: EventKind, prev: f64, cur
         message: String::new(),
         previous: Some(prev),
         current: Some(cur),
+        wrap: None,
     }
 }
 

@@ -75,6 +75,7 @@ fn event(
         message: msg.to_string(),
         previous: Some(p),
         current: Some(c),
+        wrap: None,
     }
 }
 
@@ -115,13 +116,14 @@ fn batches() -> Vec<Batch> {
         reading(a(25), "fm1", 150, 5_000_004.0, None, &[Flag::Partial]),
     ];
     r[1].level_m = Some(12.5);
-    let events = vec![
+    let mut events = vec![
         event(
             a(15),
             Some("fm2"),
             60,
             EventKind::TotalizerRollover,
-            "total wrapped at 100000 m³: 99990 → 5 m³, 15.000 m³ counted across the wrap in 1800 s",
+            // The wrap travels in its own field; the message does not repeat it.
+            "total wrapped: 99990 → 5 m³, 15.000 m³ counted across the wrap in 1800 s",
             99_990.0,
             5.0,
         ),
@@ -144,6 +146,7 @@ fn batches() -> Vec<Batch> {
             5_000_000.0,
         ),
     ];
+    events[0].wrap = Some(100_000.0);
     let gaps = vec![
         Gap {
             seq: a(20),

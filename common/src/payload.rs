@@ -128,6 +128,10 @@ pub struct Event {
     /// The value that triggered the event, in canonical units.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<f64>,
+    /// For `totalizer_rollover`: the total at which the register returns to zero, in canonical
+    /// units, so the volume across the wrap can be computed again from the stored readings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrap: Option<f64>,
 }
 
 /// What an [`Event`] is about.
@@ -230,6 +234,16 @@ impl Payload for Batch {
     fn check(&self) -> Result<(), String> {
         for r in &self.readings {
             r.check()?;
+        }
+        for e in &self.events {
+            if let Some(w) = e.wrap
+                && !(w.is_finite() && w > 0.0)
+            {
+                return Err(format!(
+                    "event seq {}: wrap is not a finite positive number",
+                    e.seq
+                ));
+            }
         }
         for g in &self.gaps {
             if let Some(s) = g.seqs

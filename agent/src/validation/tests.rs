@@ -312,6 +312,11 @@ fn an_aquamaster_u32_counter_rolls_over_and_the_volume_continues() {
     assert!(close(wrap.volume_m3, 7.5), "{:?}", wrap.volume_m3);
     assert_eq!(wrap.events[0].previous, Some(4_294_963.100));
     assert_eq!(wrap.events[0].current, Some(3.305));
+    assert_eq!(
+        wrap.events[0].wrap,
+        Some(AQUAMASTER_WRAP_M3),
+        "the wrap travels in its own field"
+    );
     let after = val.check(at(900, &ft(25.0, 10.805)));
     assert!(after.quality.is_good(), "continues from the new value");
     assert!(close(after.volume_m3, 7.5));

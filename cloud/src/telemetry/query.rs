@@ -541,7 +541,8 @@ async fn last_total_before(
     Ok(v)
 }
 
-/// The wrap values the device's rollover events in `[from, to)` name, by event time (µs).
+/// The wrap values of the device's rollover events in `[from, to)`, by event time (µs): the
+/// event's `wrap` field, or for events from agents that sent none, the value its message names.
 async fn rollover_wraps(
     db: &Db,
     site: &SiteId,
@@ -549,7 +550,7 @@ async fn rollover_wraps(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<HashMap<i64, f64>, QueryError> {
-    let sql = "SELECT ts, message FROM events WHERE site = $1 AND ts >= $2 AND ts < $3 \
+    let sql = "SELECT ts, wrap, message FROM events WHERE site = $1 AND ts >= $2 AND ts < $3 \
                AND device = $4 AND kind = 'totalizer_rollover' ORDER BY ts LIMIT $5";
     let mut out = HashMap::new();
     each_db!(db, |pool, to_db, from_row| {
@@ -562,8 +563,12 @@ async fn rollover_wraps(
             .fetch(pool);
         while let Some(row) = rows.try_next().await? {
             let ts = from_row(&row, "ts")?;
+            let wrap: Option<f64> = row.try_get("wrap")?;
             let message: String = row.try_get("message")?;
-            if let Some(w) = volume::wrap_from_message(&message) {
+            let wrap = wrap
+                .filter(|w| w.is_finite() && *w > 0.0)
+                .or_else(|| volume::wrap_from_message(&message));
+            if let Some(w) = wrap {
                 out.insert(ts.timestamp_micros(), w);
             }
         }
@@ -704,6 +709,8 @@ pub struct EventView {
     pub previous: Option<f64>,
     /// The value that triggered it.
     pub current: Option<f64>,
+    /// For `totalizer_rollover`: the total at which the register wraps, when the agent sent it.
+    pub wrap: Option<f64>,
 }
 
 /// A page of events and where the next one starts.
@@ -728,7 +735,7 @@ pub async fn events(
     limit: i64,
 ) -> Result<EventPage, QueryError> {
     let mut sql = String::from(
-        "SELECT seq, ts, device, kind, message, previous, current FROM events \
+        "SELECT seq, ts, device, kind, message, previous, current, wrap FROM events \
          WHERE site = $1 AND ts >= $2 AND ts < $3",
     );
     let mut n = 3;
@@ -777,6 +784,7 @@ pub async fn events(
                 message: r.try_get("message")?,
                 previous: r.try_get("previous")?,
                 current: r.try_get("current")?,
+                wrap: r.try_get("wrap")?,
             });
         }
     });

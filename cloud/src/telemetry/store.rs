@@ -243,7 +243,8 @@ async fn sqlite_batch(
     for e in &batch.events {
         stored.events += sqlx::query(
             "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-             received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
+             wrap, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (site, seq) DO NOTHING",
         )
         .bind(site)
         .bind(seq_col(e.seq))
@@ -253,6 +254,7 @@ async fn sqlite_batch(
         .bind(&e.message)
         .bind(e.previous)
         .bind(e.current)
+        .bind(e.wrap)
         .bind(now)
         .execute(&mut **tx)
         .await?
@@ -367,7 +369,7 @@ async fn pg_batches(
         for e in &batch.events {
             stored.events += sqlx::query(
                 "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-                 received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 wrap, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT (site, seq) DO NOTHING",
             )
             .bind(site)
@@ -378,6 +380,7 @@ async fn pg_batches(
             .bind(&e.message)
             .bind(e.previous)
             .bind(e.current)
+            .bind(e.wrap)
             .bind(at)
             .execute(&mut **tx)
             .await?

@@ -62,6 +62,26 @@ fn unknown_fields_are_named() {
 }
 
 #[test]
+fn an_event_wrap_must_be_finite_and_positive() {
+    let event = |wrap: &str| {
+        format!(
+            r#"{{"v":1,"site":"s","batch":"b","sent_at":"2026-11-28T19:00:00Z","events":[{{"seq":7,"ts":"2026-11-28T19:00:00Z","kind":"totalizer_rollover","wrap":{wrap}}}]}}"#
+        )
+    };
+    let b: Batch = decode(event("4294967.296").as_bytes()).expect("a wrap");
+    assert_eq!(b.events[0].wrap, Some(4_294_967.296));
+    for bad in ["0", "-1"] {
+        let err = decode::<Batch>(event(bad).as_bytes()).expect_err(bad);
+        assert!(err.to_string().contains("wrap is not a finite positive number"), "{err}");
+    }
+    let old: Batch = decode(
+        br#"{"v":1,"site":"s","batch":"b","sent_at":"2026-11-28T19:00:00Z","events":[{"seq":7,"ts":"2026-11-28T19:00:00Z","kind":"totalizer_rollover"}]}"#,
+    )
+    .expect("without a wrap, as agents before the field send");
+    assert_eq!(old.events[0].wrap, None);
+}
+
+#[test]
 fn raw_batch_equals_typed_encoding() {
     let r1 = reading(1);
     let r2 = Reading {
