@@ -89,6 +89,12 @@ impl Cloud {
     pub async fn start(config: CloudConfig) -> Result<Cloud, StartError> {
         config.validate()?;
         let services = config.services()?;
+        // Two rustls crypto providers are compiled into this binary (sqlx's and the MQTT
+        // client's dependencies each pull one), and rustls then refuses to guess: a library
+        // that builds a TLS client without naming one (sqlx, for PostgreSQL over TLS) would
+        // panic. Name the process default once; an error only means one is installed already.
+        let _ =
+            rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
         let db = open_database(&config).await?;
         if config.database.migrate {
             db.migrate().await?;

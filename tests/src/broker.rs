@@ -3,9 +3,9 @@
 //!
 //! rumqttd 0.20's `Broker::start` blocks its caller forever and spawns listener threads it never
 //! stops, so this module drives rumqttd's public pieces itself: one `Router` and one `Server` per
-//! listener (MQTT v4, MQTT v5 and, when asked for, MQTT v4 over TLS), each listener on a thread of
-//! its own with its own current-thread runtime. The TLS listener requires a client certificate
-//! (rumqttd's `verify-client-cert`), so it exercises mutual TLS. [`Broker::stop`] drops those runtimes, which
+//! listener (MQTT v4, MQTT v5 and, when asked for, MQTT v4 and v5 over TLS), each listener on a
+//! thread of its own with its own current-thread runtime. The TLS listeners require a client
+//! certificate (rumqttd's `verify-client-cert`), so they exercise mutual TLS. [`Broker::stop`] drops those runtimes, which
 //! closes the listening sockets and every client connection at once: clients see the connection
 //! go away without a DISCONNECT, as when a broker process dies. [`Broker::restart`] builds a fresh
 //! router on the same ports, so the broker has forgotten every session, subscription and retained
@@ -76,6 +76,7 @@ pub struct Broker {
     v4: SocketAddr,
     v5: SocketAddr,
     tls: Option<SocketAddr>,
+    tls_v5: Option<SocketAddr>,
     listeners: Vec<Listener>,
 }
 
@@ -85,6 +86,7 @@ impl std::fmt::Debug for Broker {
             .field("v4", &self.v4)
             .field("v5", &self.v5)
             .field("tls", &self.tls)
+            .field("tls_v5", &self.tls_v5)
             .field("running", &self.is_running())
             .finish()
     }
@@ -105,6 +107,10 @@ impl Broker {
                 v4: free_port()?,
                 v5: free_port()?,
                 tls: match opts.tls {
+                    Some(_) => Some(free_port()?),
+                    None => None,
+                },
+                tls_v5: match opts.tls {
                     Some(_) => Some(free_port()?),
                     None => None,
                 },
@@ -144,6 +150,11 @@ impl Broker {
         self.tls.map(|a| format!("mqtts://{a}"))
     }
 
+    /// `mqtts://127.0.0.1:<port>` of the MQTT v5 over TLS listener, when there is one.
+    pub fn tls_v5_url(&self) -> Option<String> {
+        self.tls_v5.map(|a| format!("mqtts://{a}"))
+    }
+
     pub fn is_running(&self) -> bool {
         !self.listeners.is_empty()
     }
@@ -172,16 +183,17 @@ impl Broker {
         let router_tx = router.spawn();
         let mut plan: Vec<(SocketAddr, Option<TlsConfig>, bool)> =
             vec![(self.v4, None, false), (self.v5, None, true)];
-        if let (Some(addr), Some(tls)) = (self.tls, &self.opts.tls) {
-            plan.push((
-                addr,
-                Some(TlsConfig::Rustls {
-                    capath: Some(tls.client_ca.display().to_string()),
-                    certpath: tls.cert.display().to_string(),
-                    keypath: tls.key.display().to_string(),
-                }),
-                false,
-            ));
+        if let Some(tls) = &self.opts.tls {
+            let config = || TlsConfig::Rustls {
+                capath: Some(tls.client_ca.display().to_string()),
+                certpath: tls.cert.display().to_string(),
+                keypath: tls.key.display().to_string(),
+            };
+            for (addr, v5) in [(self.tls, false), (self.tls_v5, true)] {
+                if let Some(addr) = addr {
+                    plan.push((addr, Some(config()), v5));
+                }
+            }
         }
         for (addr, tls, v5) in plan {
             let settings = self.settings(addr, tls);

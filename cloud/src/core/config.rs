@@ -191,6 +191,13 @@ pub struct MqttConfig {
     /// PEM CA bundle that signed the external broker's certificate (required with `mqtts://`).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) the cloud presents to a broker that requires mutual TLS; with
+    /// `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// MQTT client id; default `caudal-cloud-<random>`, unique per process.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -212,6 +219,8 @@ impl Default for MqttConfig {
             username: None,
             password: None,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             client_id: None,
             keep_alive_s: default_keep_alive(),
             embedded: EmbeddedBrokerConfig::default(),
@@ -614,6 +623,22 @@ impl CloudConfig {
                     "{url:?} uses TLS: set mqtt.ca_file to the CA that signed the broker's certificate"
                 )));
             }
+            let client = [
+                ("mqtt.client_cert", &self.mqtt.client_cert),
+                ("mqtt.client_key", &self.mqtt.client_key),
+            ];
+            if let Some((key, _)) = client.iter().find(|(_, v)| v.is_some()) {
+                if !tls {
+                    return Err(ConfigError::MqttUrl(format!(
+                        "{key} is set but {url:?} is plain MQTT; use mqtts://"
+                    )));
+                }
+                if let Some((missing, _)) = client.iter().find(|(_, v)| v.is_none()) {
+                    return Err(ConfigError::MqttUrl(format!(
+                        "{key} is set without {missing}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -735,6 +760,32 @@ mod tests {
         assert!(matches!(e, Err(ConfigError::Invalid(_))), "{e:?}");
         let e = CloudConfig::load(None, env(&[("CAUDAL_MQTT__URL", "tcp://x:1")]));
         assert!(matches!(e, Err(ConfigError::MqttUrl(_))), "{e:?}");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_tls_and_its_key() {
+        let msg = |vars: &[(&str, &str)]| match CloudConfig::load(None, env(vars)) {
+            Err(ConfigError::MqttUrl(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let m = msg(&[
+            ("CAUDAL_MQTT__URL", "mqtt://x:1"),
+            ("CAUDAL_MQTT__CLIENT_CERT", "/c.pem"),
+            ("CAUDAL_MQTT__CLIENT_KEY", "/c.key"),
+        ]);
+        assert!(
+            m.contains("mqtt.client_cert") && m.contains("mqtts://"),
+            "{m}"
+        );
+        let m = msg(&[
+            ("CAUDAL_MQTT__URL", "mqtts://x:1"),
+            ("CAUDAL_MQTT__CA_FILE", "/ca.pem"),
+            ("CAUDAL_MQTT__CLIENT_KEY", "/c.key"),
+        ]);
+        assert!(
+            m.contains("mqtt.client_key is set without mqtt.client_cert"),
+            "{m}"
+        );
     }
 
     #[test]

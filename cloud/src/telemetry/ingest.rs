@@ -59,6 +59,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rumqttc::Transport;
+use rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs;
+use rumqttc::tokio_rustls::rustls::pki_types::pem::PemObject;
+use rumqttc::tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rumqttc::tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -89,11 +93,20 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum IngestError {
     #[error("mqtt.url {0:?}: expected mqtt://host:port or mqtts://host:port")]
     Url(String),
-    #[error("mqtt.ca_file {path}: {source}")]
-    CaFile {
+    #[error("{key} {path}: {source}")]
+    File {
+        key: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{key} {path}: {reason}")]
+    Pem {
+        key: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("TLS for the broker: {0}")]
+    Tls(String),
 }
 
 /// Why a message was refused. Its [`Rejection::reason`] labels the rejection counter; its text
@@ -308,14 +321,77 @@ pub fn mqtt_options(url: &str, cfg: &MqttConfig) -> Result<MqttOptions, IngestEr
         o.set_credentials(user.clone(), pass.to_string());
     }
     if tls {
-        let path = cfg
-            .ca_file
-            .clone()
-            .ok_or_else(|| IngestError::Url(url.to_string()))?;
-        let ca = std::fs::read(&path).map_err(|source| IngestError::CaFile { path, source })?;
-        o.set_transport(Transport::tls(ca, None, None));
+        let config = tls_config(cfg)?;
+        o.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
     }
     Ok(o)
+}
+
+/// The TLS client configuration for an `mqtts://` broker: `mqtt.ca_file` as the only trusted
+/// roots and, for mutual TLS, `mqtt.client_cert` with `mqtt.client_key`. The crypto provider is
+/// named here: left to the process default, rustls panics when, as in this binary, more than
+/// one is compiled in.
+fn tls_config(cfg: &MqttConfig) -> Result<ClientConfig, IngestError> {
+    let read = |key: &'static str, path: &Option<PathBuf>| -> Result<_, IngestError> {
+        let path = path
+            .clone()
+            .ok_or_else(|| IngestError::Tls(format!("{key} is not set")))?;
+        let bytes = std::fs::read(&path).map_err(|source| IngestError::File {
+            key,
+            path: path.clone(),
+            source,
+        })?;
+        Ok((bytes, path))
+    };
+    let pem_certs = |key: &'static str, (pem, path): &(Vec<u8>, PathBuf)| {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| IngestError::Pem {
+                key,
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        match certs.is_empty() {
+            true => Err(IngestError::Pem {
+                key,
+                path: path.clone(),
+                reason: "no PEM certificate in the file".into(),
+            }),
+            false => Ok(certs),
+        }
+    };
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(pem_certs(
+        "mqtt.ca_file",
+        &read("mqtt.ca_file", &cfg.ca_file)?,
+    )?);
+    if added == 0 {
+        return Err(IngestError::Tls(
+            "mqtt.ca_file holds no usable CA certificate".into(),
+        ));
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| IngestError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    if cfg.client_cert.is_none() && cfg.client_key.is_none() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let chain = pem_certs(
+        "mqtt.client_cert",
+        &read("mqtt.client_cert", &cfg.client_cert)?,
+    )?;
+    let (key_pem, key_path) = read("mqtt.client_key", &cfg.client_key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| IngestError::Pem {
+        key: "mqtt.client_key",
+        path: key_path,
+        reason: format!("no private key: {e}"),
+    })?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| IngestError::Tls(format!("mqtt.client_cert with mqtt.client_key: {e}")))
 }
 
 /// The ingest: one dispatcher and its workers.

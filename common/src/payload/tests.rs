@@ -72,7 +72,11 @@ fn an_event_wrap_must_be_finite_and_positive() {
     assert_eq!(b.events[0].wrap, Some(4_294_967.296));
     for bad in ["0", "-1"] {
         let err = decode::<Batch>(event(bad).as_bytes()).expect_err(bad);
-        assert!(err.to_string().contains("wrap is not a finite positive number"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("wrap is not a finite positive number"),
+            "{err}"
+        );
     }
     let old: Batch = decode(
         br#"{"v":1,"site":"s","batch":"b","sent_at":"2026-11-28T19:00:00Z","events":[{"seq":7,"ts":"2026-11-28T19:00:00Z","kind":"totalizer_rollover"}]}"#,
