@@ -182,8 +182,8 @@ fn secret_response(status: StatusCode, body: impl Serialize) -> Response {
     tag = "catchment",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = Vec<site::Site>),
-        (status = 401, body = ErrorBody),
+        (status = 200, description = "Every site", body = Vec<site::Site>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
     ),
 )]
 async fn list_sites(
@@ -203,9 +203,9 @@ async fn list_sites(
     security(("bearer" = [])),
     request_body = NewSite,
     responses(
-        (status = 201, body = CreatedSite, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
+        (status = 201, description = "Registered: the site and its agent's MQTT login", body = CreatedSite, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 409, description = "The site id is taken", body = ErrorBody),
     ),
@@ -248,9 +248,9 @@ async fn create_site(
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id")),
     responses(
-        (status = 200, body = Site),
+        (status = 200, description = "The site", body = Site),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
@@ -276,9 +276,9 @@ async fn get_site(
     params(("site" = String, Path, description = "Site id")),
     request_body = SitePatch,
     responses(
-        (status = 200, body = Site),
+        (status = 200, description = "The site", body = Site),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
@@ -313,7 +313,7 @@ async fn update_site(
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
@@ -339,9 +339,9 @@ async fn deactivate_site(
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id")),
     responses(
-        (status = 200, body = MqttCredentials, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
+        (status = 200, description = "The site's new MQTT login", body = MqttCredentials, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
@@ -373,9 +373,9 @@ async fn rotate_credentials(
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id")),
     responses(
-        (status = 200, body = Vec<Device>),
+        (status = 200, description = "The site's devices", body = Vec<Device>),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
@@ -398,9 +398,9 @@ async fn list_devices(
     params(("site" = String, Path, description = "Site id")),
     request_body = NewDevice,
     responses(
-        (status = 201, body = Device),
+        (status = 201, description = "Registered: the device", body = Device),
         (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
         (status = 409, description = "The device id is taken on this site, or the point is inactive", body = ErrorBody),
@@ -428,9 +428,9 @@ async fn create_device(
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
     responses(
-        (status = 200, body = Device),
+        (status = 200, description = "The device", body = Device),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such device on this site", body = ErrorBody),
     ),
 )]
@@ -458,9 +458,9 @@ async fn get_device(
     params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
     request_body = DevicePatch,
     responses(
-        (status = 200, body = Device),
+        (status = 200, description = "The device", body = Device),
         (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such device on this site", body = ErrorBody),
         (status = 409, description = "The point is inactive", body = ErrorBody),
@@ -491,7 +491,7 @@ async fn update_device(
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such device on this site", body = ErrorBody),
     ),
@@ -520,8 +520,8 @@ async fn deactivate_device(
     tag = "catchment",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = Vec<Point>),
-        (status = 401, body = ErrorBody),
+        (status = 200, description = "Every catchment point", body = Vec<Point>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
     ),
 )]
 async fn list_points(
@@ -540,9 +540,9 @@ async fn list_points(
     security(("bearer" = [])),
     request_body = NewPoint,
     responses(
-        (status = 201, body = Point),
+        (status = 201, description = "Created: the catchment point", body = Point),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
     ),
@@ -567,9 +567,9 @@ async fn create_point(
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Catchment point id")),
     responses(
-        (status = 200, body = Point),
+        (status = 200, description = "The catchment point", body = Point),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),
 )]
@@ -596,9 +596,9 @@ async fn get_point(
     params(("id" = i64, Path, description = "Catchment point id")),
     request_body = PointPatch,
     responses(
-        (status = 200, body = Point),
+        (status = 200, description = "The catchment point", body = Point),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such catchment point", body = ErrorBody),
         (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
@@ -634,7 +634,7 @@ async fn update_point(
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),

@@ -1356,9 +1356,9 @@ fn filter(q: ListQuery) -> Result<Filter, ApiError> {
     security(("bearer" = [])),
     params(ListQuery),
     responses(
-        (status = 200, body = Vec<Alert>),
+        (status = 200, description = "Alerts, newest first", body = Vec<Alert>),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
     ),
 )]
 async fn list_alerts(
@@ -1383,10 +1383,10 @@ fn alert_id(raw: &str) -> Result<i64, ApiError> {
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Alert id")),
     responses(
-        (status = 200, body = Alert),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The alert", body = Alert),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 404, description = "No such alert", body = ErrorBody),
     ),
 )]
 async fn get_alert(
@@ -1416,11 +1416,11 @@ pub struct CloseRequest {
     params(("id" = i64, Path, description = "Alert id")),
     request_body = CloseRequest,
     responses(
-        (status = 200, body = Alert),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The alert", body = Alert),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such alert", body = ErrorBody),
         (status = 409, description = "Already closed", body = ErrorBody),
     ),
 )]

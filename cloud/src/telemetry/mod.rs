@@ -192,9 +192,9 @@ struct ReadingsAnswer {
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id"), ReadingsParams),
     responses(
-        (status = 200, body = ReadingsAnswer),
+        (status = 200, description = "The readings, raw or aggregated", body = ReadingsAnswer),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
@@ -306,9 +306,9 @@ struct LatestAnswer {
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id")),
     responses(
-        (status = 200, body = LatestAnswer),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 200, description = "The latest values and the agent's status", body = LatestAnswer),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
@@ -366,9 +366,9 @@ struct CompletenessParams {
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id"), CompletenessParams),
     responses(
-        (status = 200, body = Completeness),
+        (status = 200, description = "The site's completeness over the range", body = Completeness),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
@@ -442,9 +442,9 @@ struct EventsAnswer {
     security(("bearer" = [])),
     params(("site" = String, Path, description = "Site id"), EventsParams),
     responses(
-        (status = 200, body = EventsAnswer),
+        (status = 200, description = "A page of events", body = EventsAnswer),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]

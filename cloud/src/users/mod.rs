@@ -169,7 +169,7 @@ fn dummy_hash() -> String {
     tag = "users",
     request_body = LoginRequest,
     responses(
-        (status = 200, body = LoginResponse),
+        (status = 200, description = "A bearer token and the account", body = LoginResponse),
         (status = 400, description = "A field is missing or malformed", body = ErrorBody),
         (status = 401, description = "Wrong email or password, or a deactivated account", body = ErrorBody),
     ),
@@ -226,7 +226,7 @@ async fn login(
     path = "/api/v1/auth/me",
     tag = "users",
     security(("bearer" = [])),
-    responses((status = 200, body = User), (status = 401, body = ErrorBody)),
+    responses((status = 200, description = "The account", body = User), (status = 401, description = "No valid bearer token", body = ErrorBody)),
 )]
 async fn me(caller: Caller) -> Json<User> {
     Json(caller.user)
@@ -244,9 +244,9 @@ fn user_id(raw: &str) -> Result<i64, ApiError> {
     tag = "users",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = Vec<User>),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+        (status = 200, description = "Every account", body = Vec<User>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
     ),
 )]
 async fn list_users(
@@ -277,10 +277,10 @@ struct NewUser {
     security(("bearer" = [])),
     request_body = NewUser,
     responses(
-        (status = 201, body = User),
+        (status = 201, description = "Created: the account", body = User),
         (status = 400, description = "A field is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 409, description = "The email is taken", body = ErrorBody),
     ),
 )]
@@ -305,11 +305,11 @@ async fn create_user(
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Account id")),
     responses(
-        (status = 200, body = User),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The account", body = User),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
     ),
 )]
 async fn get_user(
@@ -366,11 +366,11 @@ async fn keep_an_admin(state: &ApiState, id: i64, change: &Change) -> Result<(),
     params(("id" = i64, Path, description = "Account id")),
     request_body = UserPatch,
     responses(
-        (status = 200, body = User),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The account", body = User),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "It would leave no active admin", body = ErrorBody),
     ),
 )]
@@ -407,10 +407,10 @@ async fn update_user(
     params(("id" = i64, Path, description = "Account id")),
     responses(
         (status = 204, description = "Deactivated"),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "It is the last active admin", body = ErrorBody),
     ),
 )]
