@@ -20,7 +20,7 @@
 
 use crate::core::Shutdown;
 use crate::core::api::ErrorBody;
-use crate::core::api::{ApiError, ApiJson, ApiQuery, ApiState};
+use crate::core::api::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState};
 use crate::core::auth::Permission;
 use crate::core::config::AlertsConfig;
 use crate::core::db::{Db, from_sqlite_time, sqlite_time};
@@ -28,7 +28,7 @@ use crate::core::metrics::KindLabels;
 use crate::telemetry::query::{self, Bucket, QueryError};
 use crate::users::Caller;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use caudal_common::SiteId;
 use chrono::{DateTime, Duration, Utc};
 use prometheus_client::metrics::counter::Counter;
@@ -1298,15 +1298,22 @@ impl From<AlertError> for ApiError {
 pub struct ListQuery {
     /// `open` (default), `closed` or `all`.
     #[serde(default)]
+    #[param(pattern = "^(open|closed|all)$")]
     pub state: Option<String>,
+    /// Only alerts of this kind.
     #[serde(default)]
+    #[param(value_type = Option<AlertKind>)]
     pub kind: Option<String>,
+    /// Only alerts of this site.
     #[serde(default)]
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub site: Option<String>,
     /// Alerts with an id below this: the next page.
     #[serde(default)]
     pub before: Option<i64>,
+    /// At most this many, 1..=1000 (default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
 
@@ -1342,7 +1349,14 @@ fn filter(q: ListQuery) -> Result<Filter, ApiError> {
     Ok(Filter {
         state,
         kind,
-        site: q.site,
+        site: q
+            .site
+            .map(|s| {
+                SiteId::new(s.as_str())
+                    .map(|_| s)
+                    .map_err(|e| ApiError::bad("site", e.to_string()))
+            })
+            .transpose()?,
         before: q.before,
         limit,
     })
@@ -1392,7 +1406,7 @@ fn alert_id(raw: &str) -> Result<i64, ApiError> {
 async fn get_alert(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Alert>, ApiError> {
     caller.require(Permission::Read)?;
     Ok(Json(find(&state.db, alert_id(&id)?).await?))
@@ -1427,7 +1441,7 @@ pub struct CloseRequest {
 async fn close_alert(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CloseRequest>,
 ) -> Result<Json<Alert>, ApiError> {
     caller.require(Permission::ManageCatchment)?;

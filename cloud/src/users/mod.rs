@@ -16,13 +16,13 @@
 
 pub mod account;
 
-use crate::core::api::{ApiError, ApiJson, ApiState, ErrorBody};
+use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::{self, Permission, Role};
 use crate::core::config::Secret;
 use crate::core::metrics::{KindLabels, ReasonLabels};
 use account::{AccountError, Change, User};
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -260,12 +260,14 @@ async fn list_users(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
+    #[schema(format = Email, max_length = 254)]
     email: String,
     #[serde(default)]
+    #[schema(max_length = 200)]
     name: String,
     role: Role,
-    /// At least 10 characters.
-    #[schema(value_type = String, format = Password)]
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(value_type = String, format = Password, min_length = 10)]
     password: Secret,
 }
 
@@ -315,7 +317,7 @@ async fn create_user(
 async fn get_user(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<User>, ApiError> {
     caller.require(Permission::ManageUsers)?;
     let id = user_id(&id)?;
@@ -328,10 +330,12 @@ async fn get_user(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserPatch {
+    #[schema(max_length = 200)]
     name: Option<String>,
     role: Option<Role>,
     active: Option<bool>,
-    #[schema(value_type = Option<String>, format = Password)]
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(value_type = Option<String>, format = Password, min_length = 10)]
     password: Option<Secret>,
 }
 
@@ -377,7 +381,7 @@ async fn keep_an_admin(state: &ApiState, id: i64, change: &Change) -> Result<(),
 async fn update_user(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UserPatch>,
 ) -> Result<Json<User>, ApiError> {
     caller.require(Permission::ManageUsers)?;
@@ -417,7 +421,7 @@ async fn update_user(
 async fn deactivate_user(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::ManageUsers)?;
     let id = user_id(&id)?;
