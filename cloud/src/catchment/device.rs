@@ -57,25 +57,43 @@ pub struct NewDevice {
     /// As the agent reports it in readings' `device`.
     #[schema(value_type = String, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "flow-1")]
     pub id: DeviceId,
+    /// At most 200 characters.
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub name: String,
+    /// Meter profile; empty when unknown.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9._-]{0,64}$")]
     pub profile: String,
+    /// What it measures, each once.
     #[serde(default)]
+    #[schema(value_type = std::collections::BTreeSet<Quantity>)]
     pub quantities: Vec<Quantity>,
+    /// Names of its extra channels, each once.
     #[serde(default)]
+    #[schema(value_type = std::collections::BTreeSet<Label>)]
     pub extras: Vec<String>,
     #[serde(default)]
     pub point_id: Option<i64>,
 }
 
+/// An extra channel's name, as the agent's configuration allows it.
+#[derive(ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+#[allow(dead_code)]
+struct Label(String);
+
 /// A change to a device: an absent field stays as it is; `"point_id": null` unlinks it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevicePatch {
+    #[schema(max_length = 200)]
     pub name: Option<String>,
+    #[schema(pattern = "^[A-Za-z0-9._-]{0,64}$")]
     pub profile: Option<String>,
+    #[schema(value_type = Option<std::collections::BTreeSet<Quantity>>)]
     pub quantities: Option<Vec<Quantity>>,
+    #[schema(value_type = Option<std::collections::BTreeSet<Label>>)]
     pub extras: Option<Vec<String>>,
     /// `null` unlinks the device from its point.
     #[serde(default, deserialize_with = "super::present")]

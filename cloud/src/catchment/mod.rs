@@ -27,11 +27,11 @@ pub mod point;
 pub mod rut;
 pub mod site;
 
-use crate::core::api::{ApiError, ApiJson, ApiState, ErrorBody};
+use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::Permission;
 use crate::users::Caller;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use caudal_common::{DeviceId, SiteId};
@@ -127,10 +127,11 @@ pub struct NewSite {
     pub id: SiteId,
     /// At most 200 characters.
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub name: String,
     /// Seconds without news after which the site counts as offline; at least 1.
     #[serde(default = "default_offline_after_s")]
-    #[schema(default = 900, minimum = 1)]
+    #[schema(default = 900, format = Int64, minimum = 1, maximum = 4294967295_u32)]
     pub offline_after_s: u32,
 }
 
@@ -143,9 +144,10 @@ fn default_offline_after_s() -> u32 {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SitePatch {
+    #[schema(max_length = 200)]
     pub name: Option<String>,
     pub active: Option<bool>,
-    #[schema(minimum = 1)]
+    #[schema(format = Int64, minimum = 1, maximum = 4294967295_u32)]
     pub offline_after_s: Option<u32>,
 }
 
@@ -182,8 +184,8 @@ fn secret_response(status: StatusCode, body: impl Serialize) -> Response {
     tag = "catchment",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = Vec<site::Site>),
-        (status = 401, body = ErrorBody),
+        (status = 200, description = "Every site", body = Vec<site::Site>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
     ),
 )]
 async fn list_sites(
@@ -203,9 +205,9 @@ async fn list_sites(
     security(("bearer" = [])),
     request_body = NewSite,
     responses(
-        (status = 201, body = CreatedSite, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
+        (status = 201, description = "Registered: the site and its agent's MQTT login", body = CreatedSite, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 409, description = "The site id is taken", body = ErrorBody),
     ),
@@ -246,18 +248,18 @@ async fn create_site(
     path = "/api/v1/sites/{site}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
-        (status = 200, body = Site),
+        (status = 200, description = "The site", body = Site),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
 async fn get_site(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<Site>, ApiError> {
     caller.require(Permission::Read)?;
     let id = site_id(&raw)?;
@@ -273,12 +275,12 @@ async fn get_site(
     path = "/api/v1/sites/{site}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     request_body = SitePatch,
     responses(
-        (status = 200, body = Site),
+        (status = 200, description = "The site", body = Site),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
@@ -286,7 +288,7 @@ async fn get_site(
 async fn update_site(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
     body: Result<ApiJson<SitePatch>, ApiError>,
 ) -> Result<Json<Site>, ApiError> {
     caller.require(Permission::ManageCatchment)?;
@@ -309,11 +311,11 @@ async fn update_site(
     path = "/api/v1/sites/{site}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
@@ -321,7 +323,7 @@ async fn update_site(
 async fn deactivate_site(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::ManageCatchment)?;
     let id = site_id(&raw)?;
@@ -337,11 +339,11 @@ async fn deactivate_site(
     path = "/api/v1/sites/{site}/credentials",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
-        (status = 200, body = MqttCredentials, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
+        (status = 200, description = "The site's new MQTT login", body = MqttCredentials, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
@@ -349,7 +351,7 @@ async fn deactivate_site(
 async fn rotate_credentials(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::ManageCatchment)?;
     let id = site_id(&raw)?;
@@ -371,18 +373,18 @@ async fn rotate_credentials(
     path = "/api/v1/sites/{site}/devices",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
-        (status = 200, body = Vec<Device>),
+        (status = 200, description = "The site's devices", body = Vec<Device>),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
 async fn list_devices(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<Vec<Device>>, ApiError> {
     caller.require(Permission::Read)?;
     let site = site_id(&raw)?;
@@ -395,12 +397,12 @@ async fn list_devices(
     path = "/api/v1/sites/{site}/devices",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     request_body = NewDevice,
     responses(
-        (status = 201, body = Device),
+        (status = 201, description = "Registered: the device", body = Device),
         (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
         (status = 409, description = "The device id is taken on this site, or the point is inactive", body = ErrorBody),
@@ -409,7 +411,7 @@ async fn list_devices(
 async fn create_device(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
     body: Result<ApiJson<NewDevice>, ApiError>,
 ) -> Result<Response, ApiError> {
     caller.require(Permission::ManageCatchment)?;
@@ -426,18 +428,18 @@ async fn create_device(
     path = "/api/v1/sites/{site}/devices/{device}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("device" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
-        (status = 200, body = Device),
+        (status = 200, description = "The device", body = Device),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such device on this site", body = ErrorBody),
     ),
 )]
 async fn get_device(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((raw_site, raw_device)): Path<(String, String)>,
+    ApiPath((raw_site, raw_device)): ApiPath<(String, String)>,
 ) -> Result<Json<Device>, ApiError> {
     caller.require(Permission::Read)?;
     let site = site_id(&raw_site)?;
@@ -455,12 +457,12 @@ async fn get_device(
     path = "/api/v1/sites/{site}/devices/{device}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("device" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     request_body = DevicePatch,
     responses(
-        (status = 200, body = Device),
+        (status = 200, description = "The device", body = Device),
         (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such device on this site", body = ErrorBody),
         (status = 409, description = "The point is inactive", body = ErrorBody),
@@ -469,7 +471,7 @@ async fn get_device(
 async fn update_device(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((raw_site, raw_device)): Path<(String, String)>,
+    ApiPath((raw_site, raw_device)): ApiPath<(String, String)>,
     body: Result<ApiJson<DevicePatch>, ApiError>,
 ) -> Result<Json<Device>, ApiError> {
     caller.require(Permission::ManageCatchment)?;
@@ -487,11 +489,11 @@ async fn update_device(
     path = "/api/v1/sites/{site}/devices/{device}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id"), ("device" = String, Path, description = "Device id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("device" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such device on this site", body = ErrorBody),
     ),
@@ -499,7 +501,7 @@ async fn update_device(
 async fn deactivate_device(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((raw_site, raw_device)): Path<(String, String)>,
+    ApiPath((raw_site, raw_device)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::ManageCatchment)?;
     let site = site_id(&raw_site)?;
@@ -520,8 +522,8 @@ async fn deactivate_device(
     tag = "catchment",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = Vec<Point>),
-        (status = 401, body = ErrorBody),
+        (status = 200, description = "Every catchment point", body = Vec<Point>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
     ),
 )]
 async fn list_points(
@@ -540,9 +542,9 @@ async fn list_points(
     security(("bearer" = [])),
     request_body = NewPoint,
     responses(
-        (status = 201, body = Point),
+        (status = 201, description = "Created: the catchment point", body = Point),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
     ),
@@ -567,16 +569,16 @@ async fn create_point(
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Catchment point id")),
     responses(
-        (status = 200, body = Point),
+        (status = 200, description = "The catchment point", body = Point),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),
 )]
 async fn get_point(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<Point>, ApiError> {
     caller.require(Permission::Read)?;
     let id = point_id(&raw)?;
@@ -596,9 +598,9 @@ async fn get_point(
     params(("id" = i64, Path, description = "Catchment point id")),
     request_body = PointPatch,
     responses(
-        (status = 200, body = Point),
+        (status = 200, description = "The catchment point", body = Point),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such catchment point", body = ErrorBody),
         (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
@@ -607,7 +609,7 @@ async fn get_point(
 async fn update_point(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
     body: Result<ApiJson<PointPatch>, ApiError>,
 ) -> Result<Json<Point>, ApiError> {
     caller.require(Permission::ManageCatchment)?;
@@ -634,7 +636,7 @@ async fn update_point(
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),
@@ -642,7 +644,7 @@ async fn update_point(
 async fn deactivate_point(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::ManageCatchment)?;
     let id = point_id(&raw)?;

@@ -112,23 +112,30 @@ pub struct Point {
 #[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPoint {
+    /// At most 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     #[serde(default)]
     pub obra_code: Option<ObraCode>,
     pub kind: PointKind,
     #[serde(default)]
+    #[schema(minimum = -90, maximum = 90)]
     pub latitude: Option<f64>,
     #[serde(default)]
+    #[schema(minimum = -180, maximum = 180)]
     pub longitude: Option<f64>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0)]
     pub authorized_flow_lps: Option<f64>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0)]
     pub annual_volume_m3: Option<f64>,
     #[serde(default)]
     pub dga_standard: Option<DgaStandard>,
     #[serde(default)]
     pub informant_rut: Option<Rut>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0)]
     pub level_sensor_depth_m: Option<f64>,
 }
 
@@ -137,22 +144,24 @@ pub struct NewPoint {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PointPatch {
+    /// At most 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200)]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "super::present")]
     #[schema(value_type = Option<ObraCode>)]
     pub obra_code: Option<Option<ObraCode>>,
     pub kind: Option<PointKind>,
     #[serde(default, deserialize_with = "super::present")]
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = -90, maximum = 90)]
     pub latitude: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = -180, maximum = 180)]
     pub longitude: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, exclusive_minimum = 0)]
     pub authorized_flow_lps: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, exclusive_minimum = 0)]
     pub annual_volume_m3: Option<Option<f64>>,
     #[serde(default, deserialize_with = "super::present")]
     #[schema(value_type = Option<DgaStandard>)]
@@ -161,7 +170,7 @@ pub struct PointPatch {
     #[schema(value_type = Option<Rut>)]
     pub informant_rut: Option<Option<Rut>>,
     #[serde(default, deserialize_with = "super::present")]
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, exclusive_minimum = 0)]
     pub level_sensor_depth_m: Option<Option<f64>>,
     pub active: Option<bool>,
 }

@@ -24,6 +24,7 @@ pub struct Site {
     /// Whether batches from the site are accepted and its agent may log in.
     pub active: bool,
     /// Seconds without news from the agent after which the site counts as offline (alerts).
+    #[schema(format = Int64, maximum = 4294967295_u32)]
     pub offline_after_s: u32,
     /// Whether an MQTT password has been issued (the password itself is never shown again).
     pub has_credential: bool,

@@ -1,6 +1,7 @@
 //! What every module's API routes share: the state they run with ([`ApiState`]), the error type
 //! that maps to an HTTP status and a JSON body without leaking internals ([`ApiError`]), and
-//! extractors whose rejections name the offending field ([`ApiJson`], [`ApiQuery`]).
+//! extractors whose rejections name the offending field ([`ApiJson`], [`ApiQuery`],
+//! [`ApiPath`]).
 //!
 //! Error bodies are `{"error": "<code>", "field": "<field or null>", "message": "<reason>"}`.
 //! Bad input is always a 4xx naming the field; a database failure is a 503 whose details go to
@@ -8,7 +9,9 @@
 
 use crate::core::auth::{AuthMetrics, Permission, Role, TokenKeys};
 use crate::core::db::Db;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::{Body, Bytes};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -146,11 +149,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Splits a deserializer message into the field it names and the reason. Handles axum's
-/// `path.to.field: reason` (serde_path_to_error) and serde's root-level "missing field `x`" /
-/// "unknown field `x`".
-fn field_of(text: &str) -> (String, String) {
-    for prefix in ["missing field `", "unknown field `"] {
+/// Splits a deserializer message into the field it names and the reason, `whole` (`body`,
+/// `query`) when it names none. Handles axum's `path.to.field: reason` (serde_path_to_error) and
+/// serde's root-level "missing field `x`" / "unknown field `x`" / "duplicate field `x`".
+fn field_of(text: &str, whole: &str) -> (String, String) {
+    for prefix in ["missing field `", "unknown field `", "duplicate field `"] {
         if let Some(rest) = text.strip_prefix(prefix)
             && let Some((name, _)) = rest.split_once('`')
         {
@@ -161,11 +164,41 @@ fn field_of(text: &str) -> (String, String) {
         Some((path, reason)) if !path.is_empty() && !path.contains(' ') => {
             (path.to_string(), reason.to_string())
         }
-        _ => ("body".to_string(), text.to_string()),
+        _ => (whole.to_string(), text.to_string()),
+    }
+}
+
+/// Where a JSON value holds a NUL character (in a string or a key): `body`, `name`,
+/// `extras[1]`, `a.b`.
+fn nul_in(v: &serde_json::Value, at: &str) -> Option<String> {
+    let join = |key: &str| {
+        if at == "body" {
+            key.to_string()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => Some(at.to_string()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_in(item, &format!("{at}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, item)| {
+            if k.contains('\0') {
+                Some(join(k))
+            } else {
+                nul_in(item, &join(k))
+            }
+        }),
+        _ => None,
     }
 }
 
 /// A JSON body; a malformed one is a 400 naming the field.
+///
+/// A string holding a NUL character (`\u0000`) is refused too, naming its field: PostgreSQL
+/// cannot store one (it would fail the statement, a 503), so no backend takes it.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -173,18 +206,37 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+        let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad("body", e.body_text()))?;
+        let mut again = Request::new(Body::from(bytes.clone()));
+        if let Some(ct) = content_type {
+            again.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        let v = match axum::Json::<T>::from_request(again, state).await {
+            Ok(axum::Json(v)) => v,
             Err(JsonRejection::JsonDataError(e)) => {
                 let text = e.body_text();
                 let detail = text
                     .split_once("target type: ")
                     .map_or(text.as_str(), |x| x.1);
-                let (field, message) = field_of(detail);
-                Err(ApiError::bad(field, message))
+                let (field, message) = field_of(detail, "body");
+                return Err(ApiError::bad(field, message));
             }
-            Err(e) => Err(ApiError::bad("body", e.body_text())),
+            Err(e) => return Err(ApiError::bad("body", e.body_text())),
+        };
+        // JSON spells NUL only as the escape `\u0000`; look closer only when the text has one.
+        if bytes.windows(6).any(|w| w == b"\\u0000")
+            && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(field) = nul_in(&value, "body")
+        {
+            return Err(ApiError::bad(
+                field,
+                "must not contain a NUL character (\\u0000)",
+            ));
         }
+        Ok(ApiJson(v))
     }
 }
 
@@ -203,10 +255,43 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
                 let detail = text
                     .split_once("query string: ")
                     .map_or(text.as_str(), |x| x.1);
-                let (field, message) = field_of(detail);
+                let (field, message) = field_of(detail, "query");
                 Err(ApiError::bad(field, message))
             }
             Err(e) => Err(ApiError::bad("query", e.body_text())),
+        }
+    }
+}
+
+/// Path parameters; one that cannot be read (not UTF-8 once percent-decoded) is a 400 naming
+/// it, with the same JSON body as every other error.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            // A route whose handler does not fit its path: the server's fault, not the caller's.
+            Err(e) if e.status().is_server_error() => Err(ApiError::corrupt("path parameters", &e)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                let field = match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key }
+                    | ErrorKind::ParseErrorAtKey { key, .. }
+                    | ErrorKind::DeserializeError { key, .. } => key.clone(),
+                    _ => "path".to_string(),
+                };
+                let message = match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { .. } => {
+                        "is not valid UTF-8 once percent-decoded".to_string()
+                    }
+                    other => other.to_string(),
+                };
+                Err(ApiError::bad(field, message))
+            }
+            Err(e) => Err(ApiError::bad("path", e.body_text())),
         }
     }
 }
@@ -218,16 +303,46 @@ mod tests {
     #[test]
     fn field_is_found_in_deserializer_messages() {
         assert_eq!(
-            field_of("missing field `code` at line 1 column 2"),
+            field_of("missing field `code` at line 1 column 2", "body"),
             (
                 "code".to_string(),
                 "missing field `code` at line 1 column 2".to_string()
             )
         );
         assert_eq!(
-            field_of("location.lat: invalid type: string \"x\", expected f64").0,
+            field_of(
+                "location.lat: invalid type: string \"x\", expected f64",
+                "body"
+            )
+            .0,
             "location.lat"
         );
-        assert_eq!(field_of("expected value at line 1 column 1").0, "body");
+        assert_eq!(
+            field_of("expected value at line 1 column 1", "body").0,
+            "body"
+        );
+        assert_eq!(field_of("duplicate field `limit`", "query").0, "limit");
+    }
+
+    #[test]
+    fn a_nul_character_is_found_with_its_field() {
+        let at = |text: &str| {
+            let v: serde_json::Value = serde_json::from_str(text).expect("json");
+            nul_in(&v, "body")
+        };
+        assert_eq!(at(r#"{"name":"a\u0000b"}"#).as_deref(), Some("name"));
+        assert_eq!(
+            at(r#"{"extras":["x","\u0000"]}"#).as_deref(),
+            Some("extras[1]")
+        );
+        assert_eq!(at(r#"{"a":{"b":"\u0000"}}"#).as_deref(), Some("a.b"));
+        assert_eq!(at(r#"{"k\u0000":1}"#).as_deref(), Some("k\u{0}"));
+        assert_eq!(at(r#""\u0000""#).as_deref(), Some("body"));
+        // An escaped backslash followed by the text u0000 is no NUL.
+        assert_eq!(at(r#"{"name":"\\u0000"}"#), None);
+        assert_eq!(
+            field_of("invalid digit found in string", "query").0,
+            "query"
+        );
     }
 }

@@ -20,7 +20,7 @@
 
 use crate::core::Shutdown;
 use crate::core::api::ErrorBody;
-use crate::core::api::{ApiError, ApiJson, ApiQuery, ApiState};
+use crate::core::api::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState};
 use crate::core::auth::Permission;
 use crate::core::config::AlertsConfig;
 use crate::core::db::{Db, each_db};
@@ -28,7 +28,7 @@ use crate::core::metrics::KindLabels;
 use crate::telemetry::query::{self, Bucket, QueryError};
 use crate::users::Caller;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use caudal_common::SiteId;
 use chrono::{DateTime, Duration, Utc};
 use prometheus_client::metrics::counter::Counter;
@@ -1093,15 +1093,22 @@ impl From<AlertError> for ApiError {
 pub struct ListQuery {
     /// `open` (default), `closed` or `all`.
     #[serde(default)]
+    #[param(pattern = "^(open|closed|all)$")]
     pub state: Option<String>,
+    /// Only alerts of this kind.
     #[serde(default)]
+    #[param(value_type = Option<AlertKind>)]
     pub kind: Option<String>,
+    /// Only alerts of this site.
     #[serde(default)]
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub site: Option<String>,
     /// Alerts with an id below this: the next page.
     #[serde(default)]
     pub before: Option<i64>,
+    /// At most this many, 1..=1000 (default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
 
@@ -1137,7 +1144,14 @@ fn filter(q: ListQuery) -> Result<Filter, ApiError> {
     Ok(Filter {
         state,
         kind,
-        site: q.site,
+        site: q
+            .site
+            .map(|s| {
+                SiteId::new(s.as_str())
+                    .map(|_| s)
+                    .map_err(|e| ApiError::bad("site", e.to_string()))
+            })
+            .transpose()?,
         before: q.before,
         limit,
     })
@@ -1151,9 +1165,9 @@ fn filter(q: ListQuery) -> Result<Filter, ApiError> {
     security(("bearer" = [])),
     params(ListQuery),
     responses(
-        (status = 200, body = Vec<Alert>),
+        (status = 200, description = "Alerts, newest first", body = Vec<Alert>),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
     ),
 )]
 async fn list_alerts(
@@ -1178,16 +1192,16 @@ fn alert_id(raw: &str) -> Result<i64, ApiError> {
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Alert id")),
     responses(
-        (status = 200, body = Alert),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The alert", body = Alert),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 404, description = "No such alert", body = ErrorBody),
     ),
 )]
 async fn get_alert(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Alert>, ApiError> {
     caller.require(Permission::Read)?;
     Ok(Json(find(&state.db, alert_id(&id)?).await?))
@@ -1211,18 +1225,18 @@ pub struct CloseRequest {
     params(("id" = i64, Path, description = "Alert id")),
     request_body = CloseRequest,
     responses(
-        (status = 200, body = Alert),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The alert", body = Alert),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such alert", body = ErrorBody),
         (status = 409, description = "Already closed", body = ErrorBody),
     ),
 )]
 async fn close_alert(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CloseRequest>,
 ) -> Result<Json<Alert>, ApiError> {
     caller.require(Permission::ManageCatchment)?;

@@ -22,11 +22,11 @@ pub mod store;
 pub mod volume;
 
 use crate::catchment::site;
-use crate::core::api::{ApiError, ApiQuery, ApiState, ErrorBody};
+use crate::core::api::{ApiError, ApiPath, ApiQuery, ApiState, ErrorBody};
 use crate::core::auth::Permission;
 use crate::users::Caller;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use caudal_common::{DeviceId, EventKind, SiteId};
 use chrono::{DateTime, Duration, Utc};
 use query::{
@@ -142,19 +142,28 @@ fn cursor(raw: Option<&str>) -> Result<Option<Cursor>, ApiError> {
 #[into_params(parameter_in = Query)]
 struct ReadingsParams {
     /// One device; every device of the site when absent.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     device: Option<String>,
     /// Start, inclusive (RFC 3339). Default: 24 hours before `to`.
+    #[param(format = DateTime)]
     from: Option<String>,
     /// End, exclusive (RFC 3339). Default: now.
+    #[param(format = DateTime)]
     to: Option<String>,
     /// `raw` (default), `minute`, `hour` or `day` (UTC-aligned). At most 10000 buckets.
+    #[param(pattern = "^(raw|minute|hour|day)$")]
     bucket: Option<String>,
     /// Raw only: rows per page, 1..=10000 (default 1000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
     /// Raw only: `next_cursor` of the previous page.
+    #[param(pattern = "^-?[0-9]{1,19}_[0-9]{1,19}$")]
     cursor: Option<String>,
     /// Raw only: readings carrying any of these quality flags (comma-separated names), or
     /// `flagged` for any flag.
+    #[param(
+        pattern = "^(flagged|not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|restamped|time_unknown|partial)(,(flagged|not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|restamped|time_unknown|partial))*$"
+    )]
     quality: Option<String>,
 }
 
@@ -190,18 +199,18 @@ struct ReadingsAnswer {
     path = "/api/v1/sites/{site}/readings",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id"), ReadingsParams),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ReadingsParams),
     responses(
-        (status = 200, body = ReadingsAnswer),
+        (status = 200, description = "The readings, raw or aggregated", body = ReadingsAnswer),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
 async fn readings(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(site): Path<String>,
+    ApiPath(site): ApiPath<String>,
     ApiQuery(p): ApiQuery<ReadingsParams>,
 ) -> Result<Json<ReadingsAnswer>, ApiError> {
     caller.require(Permission::Read)?;
@@ -304,18 +313,18 @@ struct LatestAnswer {
     path = "/api/v1/sites/{site}/latest",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id")),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses(
-        (status = 200, body = LatestAnswer),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 200, description = "The latest values and the agent's status", body = LatestAnswer),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
 async fn latest(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(site): Path<String>,
+    ApiPath(site): ApiPath<String>,
 ) -> Result<Json<LatestAnswer>, ApiError> {
     caller.require(Permission::Read)?;
     let site = known_site(&state, &site).await?;
@@ -348,11 +357,14 @@ async fn latest(
 #[into_params(parameter_in = Query)]
 struct CompletenessParams {
     /// Start, inclusive (RFC 3339). Default: 24 hours before `to`. At most 366 days before `to`.
+    #[param(format = DateTime)]
     from: Option<String>,
     /// End, exclusive (RFC 3339). Default: now.
+    #[param(format = DateTime)]
     to: Option<String>,
     /// An interval between two readings of a device longer than this many seconds is a time
     /// gap. Default: 3 × the device's median interval.
+    #[param(value_type = Option<f64>, exclusive_minimum = 0)]
     gap_after: Option<String>,
 }
 
@@ -364,18 +376,18 @@ struct CompletenessParams {
     path = "/api/v1/sites/{site}/completeness",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id"), CompletenessParams),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), CompletenessParams),
     responses(
-        (status = 200, body = Completeness),
+        (status = 200, description = "The site's completeness over the range", body = Completeness),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
 async fn completeness(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(site): Path<String>,
+    ApiPath(site): ApiPath<String>,
     ApiQuery(p): ApiQuery<CompletenessParams>,
 ) -> Result<Json<Completeness>, ApiError> {
     caller.require(Permission::Read)?;
@@ -403,21 +415,51 @@ async fn completeness(
     ))
 }
 
+/// A `kind` parameter: event kinds, comma-separated; at least one.
+fn event_kinds(raw: &str) -> Result<Vec<String>, ApiError> {
+    let kinds = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            serde_json::from_value::<EventKind>(serde_json::Value::String(k.to_string()))
+                .map(|_| k.to_string())
+                .map_err(|e| ApiError::bad("kind", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if kinds.is_empty() {
+        // An empty filter would match every kind: say so rather than guess what was meant.
+        return Err(ApiError::bad(
+            "kind",
+            "name at least one event kind, or leave `kind` out for every kind",
+        ));
+    }
+    Ok(kinds)
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct EventsParams {
     /// Start, inclusive (RFC 3339). Default: 24 hours before `to`.
+    #[param(format = DateTime)]
     from: Option<String>,
     /// End, exclusive (RFC 3339). Default: now.
+    #[param(format = DateTime)]
     to: Option<String>,
     /// Only these kinds (comma-separated), e.g. `totalizer_reset,meter_replaced`.
+    #[param(
+        pattern = "^(not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|clock_synced|device_unreachable|device_recovered|agent_started)(,(not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|clock_synced|device_unreachable|device_recovered|agent_started))*$"
+    )]
     kind: Option<String>,
     /// Only this device's events.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     device: Option<String>,
     /// Rows per page, 1..=10000 (default 1000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^-?[0-9]{1,19}_[0-9]{1,19}$")]
     cursor: Option<String>,
 }
 
@@ -440,41 +482,29 @@ struct EventsAnswer {
     path = "/api/v1/sites/{site}/events",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id"), EventsParams),
+    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), EventsParams),
     responses(
-        (status = 200, body = EventsAnswer),
+        (status = 200, description = "A page of events", body = EventsAnswer),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such site", body = ErrorBody),
     ),
 )]
 async fn events(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(site): Path<String>,
+    ApiPath(site): ApiPath<String>,
     ApiQuery(p): ApiQuery<EventsParams>,
 ) -> Result<Json<EventsAnswer>, ApiError> {
     caller.require(Permission::Read)?;
     let site = known_site(&state, &site).await?;
     let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
-    let kinds = p
-        .kind
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .map(|k| {
-            serde_json::from_value::<EventKind>(serde_json::Value::String(k.to_string()))
-                .map(|_| k.to_string())
-                .map_err(|e| ApiError::bad("kind", e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let kinds = p.kind.as_deref().map(event_kinds).transpose()?;
     let page = query::events(
         &state.db,
         &site,
         device(p.device.as_deref())?,
-        &kinds,
+        kinds.as_deref().unwrap_or_default(),
         from,
         to,
         cursor(p.cursor.as_deref())?,
@@ -488,4 +518,52 @@ async fn events(
         events: page.events,
         next_cursor: page.next_cursor,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caudal_common::Flag;
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::{RefOr, path::Parameter};
+
+    /// The names a `^(a|b)(,(a|b))*$` pattern documents for the parameter `name`.
+    fn listed(params: Vec<Parameter>, name: &str) -> Vec<String> {
+        let p = params
+            .into_iter()
+            .find(|p| p.name == name)
+            .expect("documented");
+        let Some(RefOr::T(Schema::Object(o))) = p.schema else {
+            panic!("{name} has an inline schema");
+        };
+        let pattern = o.pattern.expect("a pattern");
+        let alternation = pattern
+            .strip_prefix("^(")
+            .and_then(|r| r.split_once(')'))
+            .expect("^(a|b)…")
+            .0;
+        assert_eq!(pattern, format!("^({alternation})(,({alternation}))*$"));
+        alternation.split('|').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn documented_event_kinds_are_event_kinds() {
+        let names = listed(EventsParams::into_params(|| None), "kind");
+        assert!(names.len() >= 13, "{names:?}");
+        for n in &names {
+            assert!(event_kinds(n).is_ok(), "{n}");
+        }
+        assert!(event_kinds("").is_err());
+        assert!(event_kinds(" , ").is_err());
+    }
+
+    #[test]
+    fn documented_quality_flags_are_every_flag() {
+        let mut names = listed(ReadingsParams::into_params(|| None), "quality");
+        let mut known: Vec<String> = Flag::ALL.iter().map(|f| f.name().to_string()).collect();
+        known.push("flagged".into());
+        names.sort();
+        known.sort();
+        assert_eq!(names, known);
+    }
 }

@@ -398,9 +398,11 @@ pub struct BucketView {
     /// when no reading in the bucket has a totalizer.
     pub volume_m3: Option<f64>,
     /// Steps counted across a rollover.
+    #[schema(format = Int64, maximum = 4294967295_u32)]
     pub rollovers: u32,
     /// Steps that counted nothing because the count started again (reset, replacement, a
     /// decrease, a rollover of unknown wrap).
+    #[schema(format = Int64, maximum = 4294967295_u32)]
     pub totalizer_breaks: u32,
 }
 
@@ -820,6 +822,7 @@ pub struct Hole {
 /// Completeness of one epoch of the site's sequence.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct EpochCompleteness {
+    #[schema(format = Int64, maximum = 4294967295_u32)]
     pub epoch: u32,
     /// The first sequence number expected: after the last one stored before the range's first
     /// (counter 1 when none is).

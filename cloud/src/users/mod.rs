@@ -16,13 +16,13 @@
 
 pub mod account;
 
-use crate::core::api::{ApiError, ApiJson, ApiState, ErrorBody};
+use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::{self, Permission, Role};
 use crate::core::config::Secret;
 use crate::core::metrics::{KindLabels, ReasonLabels};
 use account::{AccountError, Change, User};
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -169,7 +169,7 @@ fn dummy_hash() -> String {
     tag = "users",
     request_body = LoginRequest,
     responses(
-        (status = 200, body = LoginResponse),
+        (status = 200, description = "A bearer token and the account", body = LoginResponse),
         (status = 400, description = "A field is missing or malformed", body = ErrorBody),
         (status = 401, description = "Wrong email or password, or a deactivated account", body = ErrorBody),
     ),
@@ -226,7 +226,7 @@ async fn login(
     path = "/api/v1/auth/me",
     tag = "users",
     security(("bearer" = [])),
-    responses((status = 200, body = User), (status = 401, body = ErrorBody)),
+    responses((status = 200, description = "The account", body = User), (status = 401, description = "No valid bearer token", body = ErrorBody)),
 )]
 async fn me(caller: Caller) -> Json<User> {
     Json(caller.user)
@@ -244,9 +244,9 @@ fn user_id(raw: &str) -> Result<i64, ApiError> {
     tag = "users",
     security(("bearer" = [])),
     responses(
-        (status = 200, body = Vec<User>),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+        (status = 200, description = "Every account", body = Vec<User>),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
     ),
 )]
 async fn list_users(
@@ -260,12 +260,14 @@ async fn list_users(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
+    #[schema(format = Email, max_length = 254)]
     email: String,
     #[serde(default)]
+    #[schema(max_length = 200)]
     name: String,
     role: Role,
-    /// At least 10 characters.
-    #[schema(value_type = String, format = Password)]
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(value_type = String, format = Password, min_length = 10)]
     password: Secret,
 }
 
@@ -277,10 +279,10 @@ struct NewUser {
     security(("bearer" = [])),
     request_body = NewUser,
     responses(
-        (status = 201, body = User),
+        (status = 201, description = "Created: the account", body = User),
         (status = 400, description = "A field is wrong; `field` names it", body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
         (status = 409, description = "The email is taken", body = ErrorBody),
     ),
 )]
@@ -305,17 +307,17 @@ async fn create_user(
     security(("bearer" = [])),
     params(("id" = i64, Path, description = "Account id")),
     responses(
-        (status = 200, body = User),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The account", body = User),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
     ),
 )]
 async fn get_user(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<User>, ApiError> {
     caller.require(Permission::ManageUsers)?;
     let id = user_id(&id)?;
@@ -328,10 +330,12 @@ async fn get_user(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserPatch {
+    #[schema(max_length = 200)]
     name: Option<String>,
     role: Option<Role>,
     active: Option<bool>,
-    #[schema(value_type = Option<String>, format = Password)]
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(value_type = Option<String>, format = Password, min_length = 10)]
     password: Option<Secret>,
 }
 
@@ -366,18 +370,18 @@ async fn keep_an_admin(state: &ApiState, id: i64, change: &Change) -> Result<(),
     params(("id" = i64, Path, description = "Account id")),
     request_body = UserPatch,
     responses(
-        (status = 200, body = User),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 200, description = "The account", body = User),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "It would leave no active admin", body = ErrorBody),
     ),
 )]
 async fn update_user(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UserPatch>,
 ) -> Result<Json<User>, ApiError> {
     caller.require(Permission::ManageUsers)?;
@@ -407,17 +411,17 @@ async fn update_user(
     params(("id" = i64, Path, description = "Account id")),
     responses(
         (status = 204, description = "Deactivated"),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "The role may not do this", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "It is the last active admin", body = ErrorBody),
     ),
 )]
 async fn deactivate_user(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::ManageUsers)?;
     let id = user_id(&id)?;
