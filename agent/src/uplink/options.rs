@@ -10,7 +10,7 @@ use crate::config::UplinkConfig;
 use caudal_common::payload::Payload;
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{SiteId, Status};
-use rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs;
+use rumqttc::tokio_rustls::rustls::crypto::ring;
 use rumqttc::tokio_rustls::rustls::pki_types::pem::PemObject;
 use rumqttc::tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rumqttc::tokio_rustls::rustls::{ClientConfig, RootCertStore};
@@ -252,7 +252,7 @@ pub fn tls_config(cfg: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
     }
     // Name the provider rather than rely on the process default, which panics when more than
     // one rustls crypto backend is compiled in.
-    let builder = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|source| UplinkError::Tls {
             what: "protocol versions".into(),
