@@ -315,21 +315,8 @@ pub async fn raw_readings(
     }
     if devices.len() > 1 {
         rows.sort_unstable_by_key(|r| (r.ts, r.seq));
-        rows.truncate(usize::try_from(limit + 1).unwrap_or(usize::MAX));
     }
-    let more = rows.len() as i64 > limit;
-    rows.truncate(usize::try_from(limit).unwrap_or(0));
-    let next_cursor = more
-        .then(|| {
-            rows.last().map(|r| {
-                Cursor {
-                    ts: r.ts,
-                    seq: r.seq,
-                }
-                .encode()
-            })
-        })
-        .flatten();
+    let next_cursor = take_page(&mut rows, limit, |r| (r.ts, r.seq));
     let readings = rows
         .into_iter()
         .map(|r| view(site, r))
@@ -338,6 +325,19 @@ pub async fn raw_readings(
         readings,
         next_cursor,
     })
+}
+
+/// Keeps the first `limit` of `rows` (ordered by `(ts, seq)`, read with one more than `limit`
+/// to learn whether more follow) and returns the cursor of the next page, if there is one.
+fn take_page<T>(
+    rows: &mut Vec<T>,
+    limit: i64,
+    key: impl Fn(&T) -> (DateTime<Utc>, i64),
+) -> Option<String> {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    let (ts, seq) = rows.last().filter(|_| more).map(key)?;
+    Some(Cursor { ts, seq }.encode())
 }
 
 /// Count, mean, min and max of one channel within a bucket.
@@ -790,19 +790,7 @@ pub async fn events(
             });
         }
     });
-    let more = rows.len() as i64 > limit;
-    rows.truncate(usize::try_from(limit).unwrap_or(0));
-    let next_cursor = more
-        .then(|| {
-            rows.last().map(|e| {
-                Cursor {
-                    ts: e.ts,
-                    seq: e.seq,
-                }
-                .encode()
-            })
-        })
-        .flatten();
+    let next_cursor = take_page(&mut rows, limit, |e| (e.ts, e.seq));
     Ok(EventPage {
         events: rows,
         next_cursor,
