@@ -5,6 +5,7 @@
 use crate::catchment::{credentials, site};
 use crate::core::auth::{self, Role};
 use crate::core::config::{CloudConfig, Secret};
+use crate::telemetry::query::DeviceLatest;
 use crate::users::account;
 use anyhow::Context;
 use caudal_common::SiteId;
@@ -84,6 +85,12 @@ enum SiteCommand {
     MosquittoPasswd,
     /// List registered sites.
     List,
+    /// Print what the cloud stored last for each of a site's devices: its latest flow,
+    /// totalizer and level with their time, and the last reading's seq.
+    Latest {
+        #[arg(long)]
+        id: SiteId,
+    },
     /// Stop accepting a site's batches (its history stays).
     Deactivate {
         #[arg(long)]
@@ -163,6 +170,19 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
                         );
                     }
                 }
+                SiteCommand::Latest { id } => {
+                    if site::get(&db, &id).await?.is_none() {
+                        anyhow::bail!("no site {id}");
+                    }
+                    let devices = crate::telemetry::query::latest(&db, &id).await?;
+                    if devices.is_empty() {
+                        println!("site {id}: nothing stored yet");
+                    }
+                    let now = chrono::Utc::now();
+                    for d in devices {
+                        println!("{}", latest_line(&d, now));
+                    }
+                }
                 SiteCommand::Deactivate { id } => {
                     site::set_active(&db, &id, false).await?;
                     println!("site {id} deactivated");
@@ -207,6 +227,49 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One device's latest stored values for a person: `fm1  flow 12.50 L/s (4s ago) …  seq N`.
+fn latest_line(d: &DeviceLatest, now: chrono::DateTime<chrono::Utc>) -> String {
+    let age = |ts: chrono::DateTime<chrono::Utc>| {
+        let s = (now - ts).num_seconds();
+        match s {
+            s if s < 0 => "in the future".to_string(),
+            s if s < 120 => format!("{s}s ago"),
+            s if s < 7200 => format!("{}m ago", s / 60),
+            s => format!("{}h ago", s / 3600),
+        }
+    };
+    let mut parts = Vec::new();
+    let quantities = [
+        ("flow", &d.flow_lps, "L/s", 2),
+        ("total", &d.total_m3, "m³", 3),
+        ("level", &d.level_m, "m", 2),
+    ];
+    for (name, value, unit, decimals) in quantities {
+        if let Some(l) = value {
+            parts.push(format!(
+                "{name} {:.decimals$} {unit} ({})",
+                l.value,
+                age(l.ts)
+            ));
+        }
+    }
+    if parts.is_empty() {
+        parts.push("no flow, totalizer or level".to_string());
+    }
+    let r = &d.last_reading;
+    let quality = if r.quality.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", r.quality.join(","))
+    };
+    format!(
+        "{:<16} {}  last seq {}{quality}",
+        d.device,
+        parts.join(", "),
+        r.seq
+    )
 }
 
 /// Shows a site's new MQTT login: the only time the password is ever shown.
@@ -255,5 +318,49 @@ async fn signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::query::{Latest, ReadingView};
+    use chrono::{DateTime, Utc};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_latest_line_shows_each_stored_quantity_with_unit_and_age() {
+        let now = at("2026-12-03T12:10:00Z");
+        let latest = |value, ts: &str| {
+            Some(Latest {
+                value,
+                ts: at(ts),
+                seq: 7,
+                quality: vec![],
+            })
+        };
+        let d = DeviceLatest {
+            device: "fm1".into(),
+            last_reading: ReadingView {
+                seq: 7,
+                device: "fm1".into(),
+                ts: at("2026-12-03T12:09:55Z"),
+                quality: vec!["frozen".into()],
+                flow_lps: Some(12.5),
+                total_m3: None,
+                level_m: None,
+                extra: Default::default(),
+            },
+            flow_lps: latest(12.5, "2026-12-03T12:09:55Z"),
+            total_m3: latest(1520.25, "2026-12-03T11:00:00Z"),
+            level_m: None,
+        };
+        assert_eq!(
+            latest_line(&d, now),
+            "fm1              flow 12.50 L/s (5s ago), total 1520.250 m³ (70m ago)  last seq 7 [frozen]"
+        );
     }
 }

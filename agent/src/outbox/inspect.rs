@@ -3,7 +3,7 @@
 
 use super::schema::{self, Meta};
 use super::{DeviceStatusRow, OutboxError};
-use caudal_common::Seq;
+use caudal_common::{Reading, Seq};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use std::fmt;
@@ -112,6 +112,36 @@ impl fmt::Display for Age {
     }
 }
 
+/// A reading's values for a person: each canonical quantity with its unit, extras as read, and
+/// the quality flags when it is not good.
+struct Values<'a>(&'a Reading);
+
+impl fmt::Display for Values<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        let mut parts = Vec::new();
+        if let Some(v) = r.flow_lps {
+            parts.push(format!("flow {v:.2} L/s"));
+        }
+        if let Some(v) = r.total_m3 {
+            parts.push(format!("total {v:.3} m³"));
+        }
+        if let Some(v) = r.level_m {
+            parts.push(format!("level {v:.2} m"));
+        }
+        // Extras travel in the unit their profile names, which the record does not carry.
+        parts.extend(r.extra.iter().map(|(name, v)| format!("{name} {v}")));
+        if parts.is_empty() {
+            parts.push("no value".to_string());
+        }
+        f.write_str(&parts.join(", "))?;
+        if !r.q.is_good() {
+            write!(f, " [{}]", r.q)?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Inspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "outbox {}", self.path.display())?;
@@ -172,9 +202,38 @@ impl fmt::Display for Inspection {
                 writeln!(f, "  {:<16} last error: {e}", "")?;
             }
             if let Some(r) = &d.last_reading {
+                if let Ok(reading) = serde_json::from_str::<Reading>(r) {
+                    writeln!(
+                        f,
+                        "  {:<16} values: {} (read {})",
+                        "",
+                        Values(&reading),
+                        Age(self.at - reading.ts)
+                    )?;
+                }
                 writeln!(f, "  {:<16} last reading: {r}", "")?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_name_each_quantity_with_its_unit_and_the_flags() {
+        let json = r#"{"seq":5,"device":"fm1","ts":"2026-12-03T12:00:00Z","q":["frozen"],
+            "flow_lps":12.345,"total_m3":128734.5625,"extra":{"temperature":21.5}}"#;
+        let r: Reading = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            Values(&r).to_string(),
+            "flow 12.35 L/s, total 128734.562 m³, temperature 21.5 [frozen]"
+        );
+        let empty: Reading =
+            serde_json::from_str(r#"{"seq":6,"device":"fm1","ts":"2026-12-03T12:00:00Z"}"#)
+                .unwrap();
+        assert_eq!(Values(&empty).to_string(), "no value");
     }
 }
