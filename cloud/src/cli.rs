@@ -2,13 +2,16 @@
 //! over to the library. `main.rs` only calls [`main`]; a test harness can build a binary of its own
 //! around the same entry point.
 
-use crate::catchment::{credentials, site};
+use crate::catchment::device::{self, DevicePatch, NewDevice, Quantity};
+use crate::catchment::obra::ObraCode;
+use crate::catchment::{credentials, point, site};
 use crate::core::auth::{self, Role};
 use crate::core::config::{CloudConfig, Secret};
+use crate::core::db::Db;
 use crate::telemetry::query::DeviceLatest;
 use crate::users::account;
 use anyhow::Context;
-use caudal_common::SiteId;
+use caudal_common::{DeviceId, SiteId};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -32,6 +35,11 @@ enum Command {
     Site {
         #[command(subcommand)]
         command: SiteCommand,
+    },
+    /// Manage a site's devices (meters and sensors) and link them to catchment points.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Manage API accounts (the first admin is created here).
     User {
@@ -60,6 +68,72 @@ enum UserCommand {
     },
     /// List accounts: id, email, role, active/inactive, name.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Register a device of a site, as its agent names it in readings (`[[bus.device]] id`).
+    Add {
+        /// The site the device belongs to.
+        #[arg(long)]
+        site: SiteId,
+        /// Device id, as in the agent's configuration.
+        #[arg(long)]
+        id: DeviceId,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Meter profile (`config/profiles/<profile>.toml`).
+        #[arg(long, default_value = "")]
+        profile: String,
+        /// What it measures: flow, totalizer, level (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = parse_quantity)]
+        measures: Vec<Quantity>,
+        /// Names of its extra channels (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        extras: Vec<String>,
+        /// The catchment point its measurements belong to: its id, or its DGA código de obra.
+        #[arg(long)]
+        point: Option<String>,
+    },
+    /// List a site's devices: id, active/inactive, point, measures, profile, name.
+    List {
+        #[arg(long)]
+        site: SiteId,
+    },
+    /// Link a device to a catchment point (its id or código de obra), or unlink it.
+    Link {
+        #[arg(long)]
+        site: SiteId,
+        #[arg(long)]
+        id: DeviceId,
+        #[arg(long, required_unless_present = "unlink", conflicts_with = "unlink")]
+        point: Option<String>,
+        /// Unlink the device from its point.
+        #[arg(long)]
+        unlink: bool,
+    },
+    /// Deactivate a device: its readings stay, it no longer counts for its point. A device is
+    /// never deleted; `device add` of the same id is refused, `activate` brings it back.
+    Remove {
+        #[arg(long)]
+        site: SiteId,
+        #[arg(long)]
+        id: DeviceId,
+    },
+    /// Activate a removed device again.
+    Activate {
+        #[arg(long)]
+        site: SiteId,
+        #[arg(long)]
+        id: DeviceId,
+    },
+}
+
+/// A quantity as the command line names it (the API's names).
+fn parse_quantity(s: &str) -> Result<Quantity, String> {
+    serde_json::from_value(serde_json::Value::String(s.trim().to_string()))
+        .map_err(|_| format!("{s:?}: expected flow, totalizer or level"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +268,14 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
             }
             db.close().await;
         }
+        Command::Device { command } => {
+            let db = crate::open_database(&config).await?;
+            if config.database.migrate {
+                db.migrate().await?;
+            }
+            device_command(&db, command).await?;
+            db.close().await;
+        }
         Command::User { command } => {
             let db = crate::open_database(&config).await?;
             if config.database.migrate {
@@ -227,6 +309,130 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn device_command(db: &Db, command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Add {
+            site,
+            id,
+            name,
+            profile,
+            measures,
+            extras,
+            point,
+        } => {
+            let point_id = match point {
+                Some(p) => Some(point_id(db, &p).await?),
+                None => None,
+            };
+            let new = NewDevice {
+                id,
+                name,
+                profile,
+                quantities: measures,
+                extras,
+                point_id,
+            };
+            let d = device::create(db, &site, &new).await?;
+            println!(
+                "device {}/{} registered{}",
+                d.site,
+                d.id,
+                linked(d.point_id)
+            );
+        }
+        DeviceCommand::List { site } => {
+            if site::get(db, &site).await?.is_none() {
+                anyhow::bail!("no site {site}");
+            }
+            for d in device::list(db, &site).await? {
+                let state = if d.active { "active" } else { "inactive" };
+                let point = d.point_id.map(|p| p.to_string()).unwrap_or("-".into());
+                let measures: Vec<String> = d
+                    .quantities
+                    .iter()
+                    .filter_map(|q| serde_json::to_value(q).ok())
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                println!(
+                    "{}\t{state}\tpoint {point}\t{}\t{}\t{}",
+                    d.id,
+                    measures.join(","),
+                    d.profile,
+                    d.name
+                );
+            }
+        }
+        DeviceCommand::Link {
+            site,
+            id,
+            point,
+            unlink,
+        } => {
+            let point_id = match (point, unlink) {
+                (Some(p), false) => Some(point_id(db, &p).await?),
+                _ => None,
+            };
+            let patch = DevicePatch {
+                point_id: Some(point_id),
+                ..DevicePatch::default()
+            };
+            let d = device::update(db, &site, &id, &patch).await?;
+            match d.point_id {
+                Some(_) => println!("device {}/{}{}", d.site, d.id, linked(d.point_id)),
+                None => println!("device {}/{} unlinked", d.site, d.id),
+            }
+        }
+        DeviceCommand::Remove { site, id } => {
+            set_device_active(db, &site, &id, false).await?;
+            println!("device {site}/{id} deactivated");
+        }
+        DeviceCommand::Activate { site, id } => {
+            set_device_active(db, &site, &id, true).await?;
+            println!("device {site}/{id} activated");
+        }
+    }
+    Ok(())
+}
+
+async fn set_device_active(
+    db: &Db,
+    site: &SiteId,
+    id: &DeviceId,
+    active: bool,
+) -> anyhow::Result<()> {
+    let patch = DevicePatch {
+        active: Some(active),
+        ..DevicePatch::default()
+    };
+    device::update(db, site, id, &patch).await?;
+    Ok(())
+}
+
+fn linked(point_id: Option<i64>) -> String {
+    point_id
+        .map(|p| format!(", linked to catchment point {p}"))
+        .unwrap_or_default()
+}
+
+/// A catchment point named on the command line by its id or by its código de obra.
+async fn point_id(db: &Db, given: &str) -> anyhow::Result<i64> {
+    if let Ok(id) = given.parse::<i64>() {
+        return match point::get(db, id).await? {
+            Some(p) => Ok(p.id),
+            None => anyhow::bail!("--point {given}: no catchment point {id}"),
+        };
+    }
+    let obra: ObraCode = given
+        .parse()
+        .with_context(|| format!("--point {given:?}: neither a point id nor a código de obra"))?;
+    point::list(db)
+        .await?
+        .into_iter()
+        .find(|p| p.obra_code.as_ref() == Some(&obra))
+        .map(|p| p.id)
+        .with_context(|| format!("--point {given}: no catchment point has obra {obra}"))
 }
 
 /// One device's latest stored values for a person: `fm1  flow 12.50 L/s (4s ago) …  seq N`.

@@ -225,3 +225,181 @@ async fn core_and_telemetry_processes_share_one_database() {
         core.terminate().await;
     }
 }
+
+/// What fails `caudal-cloud` with `args`: its standard error.
+fn cli_error(db: &TestDb, dir: &Path, args: &[&str]) -> String {
+    let out = command(db, dir, "core")
+        .args(args)
+        .output()
+        .expect("run caudal-cloud");
+    assert!(!out.status.success(), "caudal-cloud {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_technician_registers_links_and_removes_devices_from_the_command_line() {
+    use caudal_cloud::catchment::point::{self, NewPoint, PointKind};
+    for db in TestDb::all().await {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        cli(&db, dir, &["site", "add", "--id", "pozo-norte"]);
+        let pool = Db::connect(&db.url, 1).await.expect("connect");
+        let well = point::create(
+            &pool,
+            &NewPoint {
+                name: "Pozo Norte".into(),
+                obra_code: Some("OB-0602-7".parse().expect("obra")),
+                kind: PointKind::Groundwater,
+                latitude: None,
+                longitude: None,
+                authorized_flow_lps: None,
+                annual_volume_m3: None,
+                dga_standard: None,
+                informant_rut: None,
+                level_sensor_depth_m: None,
+            },
+        )
+        .await
+        .expect("point");
+        pool.close().await;
+
+        let out = cli(
+            &db,
+            dir,
+            &[
+                "device",
+                "add",
+                "--site",
+                "pozo-norte",
+                "--id",
+                "fm1",
+                "--name",
+                "Caudalímetro",
+                "--profile",
+                "siemens-mag8000",
+                "--measures",
+                "flow,totalizer",
+                "--point",
+                "OB-0602-7",
+            ],
+        );
+        assert!(
+            out.contains(&format!(
+                "pozo-norte/fm1 registered, linked to catchment point {}",
+                well.id
+            )),
+            "{out}"
+        );
+        cli(
+            &db,
+            dir,
+            &[
+                "device",
+                "add",
+                "--site",
+                "pozo-norte",
+                "--id",
+                "lvl1",
+                "--measures",
+                "level",
+            ],
+        );
+        let list = cli(&db, dir, &["device", "list", "--site", "pozo-norte"]);
+        assert!(
+            list.contains(&format!(
+                "fm1\tactive\tpoint {}\tflow,totalizer\tsiemens-mag8000\tCaudalímetro",
+                well.id
+            )),
+            "{list}"
+        );
+        assert!(list.contains("lvl1\tactive\tpoint -\tlevel"), "{list}");
+
+        let out = cli(
+            &db,
+            dir,
+            &[
+                "device",
+                "link",
+                "--site",
+                "pozo-norte",
+                "--id",
+                "lvl1",
+                "--point",
+                &well.id.to_string(),
+            ],
+        );
+        assert!(out.contains("linked to catchment point"), "{out}");
+        cli(
+            &db,
+            dir,
+            &[
+                "device",
+                "link",
+                "--site",
+                "pozo-norte",
+                "--id",
+                "fm1",
+                "--unlink",
+            ],
+        );
+        cli(
+            &db,
+            dir,
+            &["device", "remove", "--site", "pozo-norte", "--id", "fm1"],
+        );
+        let list = cli(&db, dir, &["device", "list", "--site", "pozo-norte"]);
+        assert!(list.contains("fm1\tinactive\tpoint -"), "{list}");
+        assert!(
+            list.contains(&format!("lvl1\tactive\tpoint {}", well.id)),
+            "{list}"
+        );
+
+        // Bad input names what is wrong and changes nothing.
+        let err = cli_error(
+            &db,
+            dir,
+            &["device", "add", "--site", "pozo-norte", "--id", "fm1"],
+        );
+        assert!(
+            err.contains("device fm1 of site pozo-norte already exists"),
+            "{err}"
+        );
+        let err = cli_error(&db, dir, &["device", "add", "--site", "nadie", "--id", "x"]);
+        assert!(err.contains("site nadie is not registered"), "{err}");
+        let err = cli_error(
+            &db,
+            dir,
+            &[
+                "device",
+                "add",
+                "--site",
+                "pozo-norte",
+                "--id",
+                "x",
+                "--point",
+                "OB-0602-8",
+            ],
+        );
+        assert!(
+            err.contains("no catchment point has obra OB-0602-8"),
+            "{err}"
+        );
+        let err = cli_error(
+            &db,
+            dir,
+            &[
+                "device",
+                "add",
+                "--site",
+                "pozo-norte",
+                "--id",
+                "x",
+                "--measures",
+                "pressure",
+            ],
+        );
+        assert!(err.contains("expected flow, totalizer or level"), "{err}");
+        let list = cli(&db, dir, &["device", "list", "--site", "pozo-norte"]);
+        assert_eq!(list.lines().count(), 2, "{list}");
+    }
+}
