@@ -1392,14 +1392,14 @@ fn resolve_device(
     let max_regs = dev
         .max_regs_per_read
         .or(profile.and_then(|pr| pr.timing.max_regs_per_read))
-        .unwrap_or(crate::profile::MAX_REGS_PER_READ);
+        .unwrap_or(crate::register::MAX_REGISTERS_PER_READ);
     for (k, value, ok, expected) in [
         ("period_s", period_s, period_s > 0, "at least 1"),
         ("timeout_ms", timeout_ms, timeout_ms > 0, "at least 1"),
         (
             "max_regs_per_read",
             u64::from(max_regs),
-            (1..=crate::profile::MAX_REGS_PER_READ).contains(&max_regs),
+            (1..=crate::register::MAX_REGISTERS_PER_READ).contains(&max_regs),
             "1-125",
         ),
     ] {
@@ -1630,7 +1630,7 @@ impl fmt::Display for CheckReport {
                         pt.channel.name(),
                         pt.fc,
                         pt.address,
-                        crate::profile::data_type_name(pt.data_type),
+                        pt.data_type,
                         pt.order,
                         pt.unit
                     )?;

@@ -13,7 +13,7 @@
 //! volume per time, total a volume, level a length or a pressure read as water column).
 
 use crate::config::{Location, Parity, SourceText};
-use crate::register::{ByteOrder, Channel, DataType, Fc, Point};
+use crate::register::{ByteOrder, Channel, DataType, Fc, MAX_REGISTERS_PER_READ, Point};
 use caudal_common::units::{Dimension, Unit};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -45,9 +45,6 @@ pub const BUILTIN: &[(&str, &str)] = &[
     builtin!("siemens-mag8000"),
     builtin!("tuf2000"),
 ];
-
-/// Modbus allows at most 125 registers in one read (fc 03/04).
-pub const MAX_REGS_PER_READ: u16 = 125;
 
 /// How far a profile's register map has been checked (from the research notes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -440,25 +437,6 @@ fn valid_channel_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// The name a data type has in files.
-pub fn data_type_name(t: DataType) -> &'static str {
-    match t {
-        DataType::Bool => "bool",
-        DataType::U16 => "u16",
-        DataType::I16 => "i16",
-        DataType::U32 => "u32",
-        DataType::I32 => "i32",
-        DataType::U64 => "u64",
-        DataType::I64 => "i64",
-        DataType::F32 => "f32",
-        DataType::F64 => "f64",
-        DataType::I32Fraction => "i32_fraction",
-        DataType::I32F32Fraction => "i32_f32_fraction",
-        DataType::F32Overflow => "f32_overflow",
-        DataType::F32U16Rollover => "f32_u16_rollover",
-    }
-}
-
 fn dimension_needs(d: Dimension) -> &'static str {
     match d {
         Dimension::Flow => "a flow unit (L/s, m3/h, ...)",
@@ -489,7 +467,7 @@ pub enum PointError {
         field: &'static str,
         why: &'static str,
     },
-    #[error("point `{channel}`: `{field}` does not apply to type {}", data_type_name(*.data_type))]
+    #[error("point `{channel}`: `{field}` does not apply to type {data_type}")]
     NotApplicable {
         channel: String,
         field: &'static str,
@@ -512,7 +490,7 @@ pub enum PointError {
         overflow_address: u16,
         address: u16,
     },
-    #[error("point `{channel}`: {fc} reads bits; type must be bool, not {}", data_type_name(*.data_type))]
+    #[error("point `{channel}`: {fc} reads bits; type must be bool, not {data_type}")]
     BitsNeedBool {
         channel: String,
         fc: Fc,
@@ -711,11 +689,11 @@ impl Profile {
             ));
         }
         if let Some(m) = self.timing.max_regs_per_read
-            && !(1..=MAX_REGS_PER_READ).contains(&m)
+            && !(1..=MAX_REGISTERS_PER_READ).contains(&m)
         {
             errors.push(invalid(
                 &["timing", "max_regs_per_read"],
-                format!("max_regs_per_read = {m} must be 1..={MAX_REGS_PER_READ}"),
+                format!("max_regs_per_read = {m} must be 1..={MAX_REGISTERS_PER_READ}"),
             ));
         }
         if let Some(b) = self.serial.data_bits
@@ -748,7 +726,7 @@ impl Profile {
                             &["timing", "max_regs_per_read"],
                             format!(
                                 "point `{channel}` ({}) needs {} registers in one read, more than max_regs_per_read = {max}",
-                                data_type_name(point.data_type),
+                                point.data_type,
                                 point.data_type.registers()
                             ),
                         ));
