@@ -12,7 +12,7 @@
 //! totalizers carry the fields they need, and the unit measures what the channel carries (flow a
 //! volume per time, total a volume, level a length or a pressure read as water column).
 
-use crate::config::{Location, Parity, SourceText};
+use crate::position::{Location, SourceText};
 use crate::register::{ByteOrder, Channel, DataType, Fc, MAX_REGISTERS_PER_READ, Point};
 use caudal_common::units::{Dimension, Unit};
 use serde::Deserialize;
@@ -91,6 +91,36 @@ pub struct SerialDefaults {
     pub stop_bits: Option<u8>,
     /// Factory unit id (informational: a device always states its own `unit`).
     pub unit: Option<u8>,
+}
+
+/// Serial parity, as a bus (`[[bus]] parity`) or a profile's `[serial]` states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+impl Parity {
+    /// The letter of the usual `8E1` notation.
+    pub fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
+    }
+}
+
+impl fmt::Display for Parity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        })
+    }
 }
 
 /// `[timing]` of a profile.
