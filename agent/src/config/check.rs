@@ -1,10 +1,12 @@
-//! The checks: what is wrong with a configuration that parses ([`Problem`]), and the rules
-//! values must obey.
+//! The checks: what can be wrong with a configuration that parses ([`Problem`]), the rules its
+//! values obey, and [`Problems`], which records each problem at its place in the file.
 
-use super::{AgentConfig, ConfigError, LimitsConfig, LinkKind, Location, SourceText};
-use crate::position::Seg;
+use super::{AgentConfig, BusConfig, ConfigError, DeviceConfig, LimitsConfig, LinkKind, Location};
+use crate::position::{Seg, SourceText};
 use crate::profile::{PointError, UnknownProfile};
+use crate::register::{MAX_REGISTERS_PER_READ, Point};
 use caudal_common::DeviceId;
+use std::fmt;
 use std::path::PathBuf;
 
 /// What is wrong with a configuration that parses (see [`ConfigError::Invalid`]).
@@ -63,16 +65,90 @@ pub enum Problem {
     Value(String),
 }
 
-/// Collects problems with their positions while resolving.
-pub(super) struct Problems<'a> {
-    pub(super) source: Option<&'a SourceText>,
-    pub(super) errors: Vec<ConfigError>,
+/// A table of the file that problems are found in (`uplink`, a bus, a device, a device's
+/// `limits`): its path in the TOML tree, to find the line it is on, and its dotted name, to
+/// print (`bus[rs485].device[fm1]`).
+#[derive(Debug, Clone)]
+pub(super) struct Place<'a> {
+    path: Vec<Seg<'a>>,
+    key: String,
 }
 
-impl Problems<'_> {
-    pub(super) fn push(&mut self, path: &[Seg<'_>], key: String, problem: Problem) {
+impl<'a> Place<'a> {
+    /// A top-level table: `uplink`, `outbox`, `metrics`.
+    pub(super) fn table(name: &'a str) -> Place<'a> {
+        Place {
+            path: vec![Seg::Key(name)],
+            key: name.to_string(),
+        }
+    }
+
+    /// The `index`th `[[bus]]`, named by its `name`.
+    pub(super) fn bus(index: usize, bus: &BusConfig) -> Place<'a> {
+        Place {
+            path: vec![Seg::Key("bus"), Seg::Index(index)],
+            key: format!("bus[{}]", bus.name),
+        }
+    }
+
+    /// The `index`th `[[bus.device]]` of this bus, named by its `id`.
+    pub(super) fn device(&self, index: usize, dev: &DeviceConfig) -> Place<'a> {
+        let mut path = self.path.clone();
+        path.extend([Seg::Key("device"), Seg::Index(index)]);
+        Place {
+            path,
+            key: format!("{}.device[{}]", self.key, dev.id),
+        }
+    }
+
+    /// A key of this table, or a table below it.
+    pub(super) fn child<'b>(&self, key: &'b str) -> Place<'b>
+    where
+        'a: 'b,
+    {
+        let mut path: Vec<Seg<'b>> = self.path.clone();
+        path.push(Seg::Key(key));
+        Place {
+            path,
+            key: format!("{}.{key}", self.key),
+        }
+    }
+}
+
+/// Collects problems with their positions while resolving.
+pub(super) struct Problems<'a> {
+    source: Option<&'a SourceText>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Problems<'a> {
+    /// Problems in the file `source` (none: a configuration built in code).
+    pub(super) fn new(source: Option<&'a SourceText>) -> Problems<'a> {
+        Problems {
+            source,
+            errors: Vec::new(),
+        }
+    }
+
+    /// How many so far: a part that added none since it started is sound.
+    pub(super) fn count(&self) -> usize {
+        self.errors.len()
+    }
+
+    /// Every problem recorded, if there is one.
+    pub(super) fn finish(self) -> Result<(), Vec<ConfigError>> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self.errors)
+        }
+    }
+
+    /// Records `problem` at `place` itself.
+    pub(super) fn at(&mut self, place: &Place<'_>, problem: Problem) {
+        let key = place.key.clone();
         let at = match self.source {
-            Some(s) => s.locate(path, key),
+            Some(s) => s.locate(&place.path, key),
             None => Location {
                 file: PathBuf::new(),
                 line: None,
@@ -85,11 +161,34 @@ impl Problems<'_> {
             problem: Box::new(problem),
         });
     }
+
+    /// Records `problem` at `key` of `place`.
+    pub(super) fn push(&mut self, place: &Place<'_>, key: &str, problem: Problem) {
+        self.at(&place.child(key), problem);
+    }
+
+    /// Records that `key` of `place` has a `value` outside what is `expected`.
+    pub(super) fn out_of_range(
+        &mut self,
+        place: &Place<'_>,
+        key: &'static str,
+        value: impl fmt::Display,
+        expected: &'static str,
+    ) {
+        let problem = Problem::OutOfRange {
+            what: key,
+            value: value.to_string(),
+            expected,
+        };
+        self.push(place, key, problem);
+    }
 }
 
 impl AgentConfig {
+    /// The tables outside the buses: `uplink`, `outbox` and `metrics`.
     pub(super) fn check_globals(&self, p: &mut Problems<'_>) {
         let u = &self.uplink;
+        let uplink = Place::table("uplink");
         let broker_ok = ["mqtt://", "mqtts://"].iter().any(|scheme| {
             u.broker
                 .strip_prefix(scheme)
@@ -97,8 +196,8 @@ impl AgentConfig {
         });
         if !broker_ok {
             p.push(
-                &[Seg::Key("uplink"), Seg::Key("broker")],
-                "uplink.broker".into(),
+                &uplink,
+                "broker",
                 Problem::Value(format!(
                     "`{}` is not mqtt://host:port or mqtts://host:port",
                     u.broker
@@ -107,8 +206,8 @@ impl AgentConfig {
         }
         if u.client_cert.is_some() != u.client_key.is_some() {
             p.push(
-                &[Seg::Key("uplink"), Seg::Key("client_cert")],
-                "uplink.client_cert".into(),
+                &uplink,
+                "client_cert",
                 Problem::Value("client_cert and client_key go together".into()),
             );
         }
@@ -120,21 +219,13 @@ impl AgentConfig {
             ("backlog_rate", u64::from(u.backlog_rate)),
         ] {
             if value == 0 {
-                p.push(
-                    &[Seg::Key("uplink"), Seg::Key(key)],
-                    format!("uplink.{key}"),
-                    Problem::OutOfRange {
-                        what: key,
-                        value: "0".into(),
-                        expected: "at least 1",
-                    },
-                );
+                p.out_of_range(&uplink, key, value, "at least 1");
             }
         }
         if u.reconnect_min_ms > u.reconnect_max_ms {
             p.push(
-                &[Seg::Key("uplink"), Seg::Key("reconnect_min_ms")],
-                "uplink.reconnect_min_ms".into(),
+                &uplink,
+                "reconnect_min_ms",
                 Problem::Value(format!(
                     "reconnect_min_ms ({}) is above reconnect_max_ms ({})",
                     u.reconnect_min_ms, u.reconnect_max_ms
@@ -142,20 +233,13 @@ impl AgentConfig {
             );
         }
         if self.outbox.disk_budget_mb == 0 {
-            p.push(
-                &[Seg::Key("outbox"), Seg::Key("disk_budget_mb")],
-                "outbox.disk_budget_mb".into(),
-                Problem::OutOfRange {
-                    what: "disk_budget_mb",
-                    value: "0".into(),
-                    expected: "at least 1",
-                },
-            );
+            let outbox = Place::table("outbox");
+            p.out_of_range(&outbox, "disk_budget_mb", 0, "at least 1");
         }
         if let Err(e) = self.metrics.addr() {
             p.push(
-                &[Seg::Key("metrics"), Seg::Key("listen")],
-                "metrics.listen".into(),
+                &Place::table("metrics"),
+                "listen",
                 Problem::Value(format!(
                     "`{}` is not ip:port ({e}); use \"\" to disable",
                     self.metrics.listen
@@ -179,20 +263,87 @@ pub(super) fn host_port(s: &str) -> Result<(), &'static str> {
     }
 }
 
-pub(super) fn check_limits(l: &LimitsConfig, path: &[Seg<'_>], key: String, p: &mut Problems<'_>) {
-    let mut bad = |field: &'static str, value: f64, expected: &'static str| {
-        let mut path = path.to_vec();
-        path.push(Seg::Key(field));
-        p.push(
-            &path,
-            format!("{key}.{field}"),
-            Problem::OutOfRange {
-                what: field,
-                value: value.to_string(),
-                expected,
-            },
-        );
+/// A serial line's settings as they will be used (the bus's own or its profiles').
+pub(super) fn check_serial(
+    bus: &Place<'_>,
+    baud: u32,
+    data_bits: u8,
+    stop_bits: u8,
+    p: &mut Problems<'_>,
+) {
+    if baud == 0 {
+        p.out_of_range(bus, "baud", baud, "above 0");
+    }
+    if !(7..=8).contains(&data_bits) {
+        p.out_of_range(bus, "data_bits", data_bits, "7 or 8");
+    }
+    if !(1..=2).contains(&stop_bits) {
+        p.out_of_range(bus, "stop_bits", stop_bits, "1 or 2");
+    }
+}
+
+/// A device's unit id: 1-247 (0 is broadcast, 248-254 reserved), or 255 through a Modbus TCP
+/// gateway.
+pub(super) fn check_unit(device: &Place<'_>, unit: u8, kind: LinkKind, p: &mut Problems<'_>) {
+    let reason = match unit {
+        0 => "0 is the broadcast address; use 1-247",
+        248..=254 => "248-254 are reserved; use 1-247",
+        255 if kind != LinkKind::Tcp => "255 is only for Modbus TCP gateways; use 1-247",
+        _ => return,
     };
+    p.push(device, "unit", Problem::BadUnitId { unit, reason });
+}
+
+/// How a device is polled, as it will be (the device's own settings or its profile's).
+pub(super) fn check_polling(
+    device: &Place<'_>,
+    period_s: u64,
+    timeout_ms: u64,
+    max_regs_per_read: u16,
+    p: &mut Problems<'_>,
+) {
+    if period_s == 0 {
+        p.out_of_range(device, "period_s", period_s, "at least 1");
+    }
+    if timeout_ms == 0 {
+        p.out_of_range(device, "timeout_ms", timeout_ms, "at least 1");
+    }
+    if !(1..=MAX_REGISTERS_PER_READ).contains(&max_regs_per_read) {
+        p.out_of_range(device, "max_regs_per_read", max_regs_per_read, "1-125");
+    }
+}
+
+/// Every register point of a device fits in one read of `max_regs_per_read` registers, since a
+/// value is never split across requests (bit points are read apart). An out-of-range
+/// `max_regs_per_read` is [`check_polling`]'s to report.
+pub(super) fn check_point_sizes(
+    device: &Place<'_>,
+    points: &[Point],
+    max_regs_per_read: u16,
+    p: &mut Problems<'_>,
+) {
+    if !(1..=MAX_REGISTERS_PER_READ).contains(&max_regs_per_read) {
+        return;
+    }
+    for point in points {
+        let registers = point.data_type.registers();
+        if !point.fc.is_bits() && registers > max_regs_per_read {
+            p.push(
+                device,
+                "max_regs_per_read",
+                Problem::PointTooLarge {
+                    channel: point.channel.name().to_string(),
+                    registers,
+                    max: max_regs_per_read,
+                },
+            );
+        }
+    }
+}
+
+/// A device's `[limits]`: maxima above 0, levels finite and in order, `frozen_after_s` at
+/// least 1.
+pub(super) fn check_limits(limits: &Place<'_>, l: &LimitsConfig, p: &mut Problems<'_>) {
     for (field, v) in [
         ("flow_max_lps", l.flow_max_lps),
         ("total_max_step_m3", l.total_max_step_m3),
@@ -200,7 +351,7 @@ pub(super) fn check_limits(l: &LimitsConfig, path: &[Seg<'_>], key: String, p: &
         if let Some(v) = v
             && !(v.is_finite() && v > 0.0)
         {
-            bad(field, v, "finite and above 0");
+            p.out_of_range(limits, field, v, "finite and above 0");
         }
     }
     for (field, v) in [
@@ -210,15 +361,15 @@ pub(super) fn check_limits(l: &LimitsConfig, path: &[Seg<'_>], key: String, p: &
         if let Some(v) = v
             && !v.is_finite()
         {
-            bad(field, v, "finite");
+            p.out_of_range(limits, field, v, "finite");
         }
     }
     if let (Some(min), Some(max)) = (l.level_min_m, l.level_max_m)
         && min >= max
     {
-        bad("level_max_m", max, "above level_min_m");
+        p.out_of_range(limits, "level_max_m", max, "above level_min_m");
     }
     if l.frozen_after_s == Some(0) {
-        bad("frozen_after_s", 0.0, "at least 1");
+        p.out_of_range(limits, "frozen_after_s", 0, "at least 1");
     }
 }

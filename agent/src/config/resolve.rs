@@ -1,59 +1,45 @@
 //! Resolution: the file format turned into the runtime model, with each device's profile merged
 //! and the defaults filled in; every problem found is collected, each at its place.
 
-use super::check::{Problems, check_limits, host_port};
+use super::check::{
+    Place, Problems, check_limits, check_point_sizes, check_polling, check_serial, check_unit,
+    host_port,
+};
 use super::{
     AgentConfig, Bus, BusConfig, ConfigError, DEFAULT_BAUD, DEFAULT_DATA_BITS, DEFAULT_PARITY,
     DEFAULT_PERIOD_S, DEFAULT_RETRIES, DEFAULT_SERIAL_GAP_MS, DEFAULT_STOP_BITS,
     DEFAULT_TIMEOUT_MS, Device, DeviceConfig, Link, LinkKind, Problem, Site,
 };
-use crate::position::Seg;
-use crate::profile::{Profile, ProfileSet};
+use crate::profile::{Profile, ProfileSet, SerialDefaults};
 use crate::register::MAX_REGISTERS_PER_READ;
 use caudal_common::DeviceId;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
-fn bus_key(bus: &BusConfig) -> String {
-    format!("bus[{}]", bus.name)
-}
-
-fn device_key(bus: &BusConfig, dev: &DeviceConfig) -> String {
-    format!("bus[{}].device[{}]", bus.name, dev.id)
-}
-
 impl AgentConfig {
     /// Turns the file format into the runtime model: profiles merged, overrides applied,
     /// defaults filled in (device, then profile, then the `DEFAULT_*` constants). Returns every
     /// problem found, each naming its bus, device and key.
     pub fn resolve(&self, profiles: &ProfileSet) -> Result<Site, Vec<ConfigError>> {
-        let mut p = Problems {
-            source: self.source.as_ref(),
-            errors: Vec::new(),
-        };
+        let mut p = Problems::new(self.source.as_ref());
         self.check_globals(&mut p);
 
         let mut bus_names: HashSet<&str> = HashSet::new();
         let mut device_buses: HashMap<&DeviceId, &str> = HashMap::new();
         let mut buses = Vec::new();
         for (bi, bus) in self.buses.iter().enumerate() {
-            let at = |k: &'static str| [Seg::Key("bus"), Seg::Index(bi), Seg::Key(k)];
+            let bus_place = Place::bus(bi, bus);
             if !bus_names.insert(&bus.name) {
-                p.push(
-                    &at("name"),
-                    format!("{}.name", bus_key(bus)),
-                    Problem::DuplicateBus {
-                        name: bus.name.clone(),
-                    },
-                );
+                let name = bus.name.clone();
+                p.push(&bus_place, "name", Problem::DuplicateBus { name });
             }
             let bus_profiles: Vec<&Profile> = bus
                 .devices
                 .iter()
                 .filter_map(|d| profiles.get(&d.profile).ok())
                 .collect();
-            let link = resolve_link(bus, bi, &bus_profiles, &mut p);
+            let link = resolve_link(bus, &bus_place, &bus_profiles, &mut p);
             let gap_ms = bus.inter_frame_gap_ms.unwrap_or_else(|| {
                 let from_profiles = bus_profiles
                     .iter()
@@ -66,33 +52,22 @@ impl AgentConfig {
             let mut units: HashMap<u8, &DeviceId> = HashMap::new();
             let mut devices = Vec::new();
             for (di, dev) in bus.devices.iter().enumerate() {
-                let dev_path = [
-                    Seg::Key("bus"),
-                    Seg::Index(bi),
-                    Seg::Key("device"),
-                    Seg::Index(di),
-                ];
+                let place = bus_place.device(di, dev);
                 if let Some(first_bus) = device_buses.insert(&dev.id, &bus.name) {
-                    p.push(
-                        &[&dev_path[..], &[Seg::Key("id")]].concat(),
-                        format!("{}.id", device_key(bus, dev)),
-                        Problem::DuplicateDevice {
-                            id: dev.id.clone(),
-                            first_bus: first_bus.to_string(),
-                        },
-                    );
+                    let problem = Problem::DuplicateDevice {
+                        id: dev.id.clone(),
+                        first_bus: first_bus.to_string(),
+                    };
+                    p.push(&place, "id", problem);
                 }
                 if let Some(first) = units.insert(dev.unit, &dev.id) {
-                    p.push(
-                        &[&dev_path[..], &[Seg::Key("unit")]].concat(),
-                        format!("{}.unit", device_key(bus, dev)),
-                        Problem::DuplicateUnit {
-                            unit: dev.unit,
-                            first: first.clone(),
-                        },
-                    );
+                    let problem = Problem::DuplicateUnit {
+                        unit: dev.unit,
+                        first: first.clone(),
+                    };
+                    p.push(&place, "unit", problem);
                 }
-                if let Some(d) = resolve_device(bus, dev, &dev_path, profiles, &mut p) {
+                if let Some(d) = resolve_device(bus, dev, &place, profiles, &mut p) {
                     devices.push(d);
                 }
             }
@@ -106,9 +81,7 @@ impl AgentConfig {
             }
         }
 
-        if !p.errors.is_empty() {
-            return Err(p.errors);
-        }
+        p.finish()?;
         Ok(Site {
             id: self.site.id.clone(),
             outbox_path: self
@@ -124,55 +97,44 @@ impl AgentConfig {
 /// The link of a bus, with serial settings filled in; `None` (and problems) when incomplete.
 fn resolve_link(
     bus: &BusConfig,
-    bi: usize,
+    place: &Place<'_>,
     bus_profiles: &[&Profile],
     p: &mut Problems<'_>,
 ) -> Option<Link> {
-    let at = |k: &'static str| [Seg::Key("bus"), Seg::Index(bi), Seg::Key(k)];
-    let key = |k: &str| format!("{}.{k}", bus_key(bus));
-    let before = p.errors.len();
-    let not_for = |k: &'static str, set: bool, p: &mut Problems<'_>| {
-        if set {
-            p.push(
-                &at(k),
-                key(k),
-                Problem::NotForKind {
-                    key: k,
-                    kind: bus.kind,
-                },
-            );
+    let before = p.count();
+    let not_for = |settings: &[(&'static str, bool)], p: &mut Problems<'_>| {
+        for &(key, set) in settings {
+            if set {
+                let kind = bus.kind;
+                p.push(place, key, Problem::NotForKind { key, kind });
+            }
         }
+    };
+    let missing = |key: &'static str, p: &mut Problems<'_>| {
+        let kind = bus.kind;
+        p.push(place, key, Problem::Missing { key, kind });
     };
     match bus.kind {
         LinkKind::Tcp | LinkKind::RtuOverTcp => {
-            not_for("port", bus.port.is_some(), p);
-            not_for("baud", bus.baud.is_some(), p);
-            not_for("parity", bus.parity.is_some(), p);
-            not_for("data_bits", bus.data_bits.is_some(), p);
-            not_for("stop_bits", bus.stop_bits.is_some(), p);
-            let address = match &bus.address {
-                None => {
-                    p.push(
-                        &at("address"),
-                        key("address"),
-                        Problem::Missing {
-                            key: "address",
-                            kind: bus.kind,
-                        },
-                    );
-                    return None;
-                }
-                Some(a) => a.clone(),
+            not_for(
+                &[
+                    ("port", bus.port.is_some()),
+                    ("baud", bus.baud.is_some()),
+                    ("parity", bus.parity.is_some()),
+                    ("data_bits", bus.data_bits.is_some()),
+                    ("stop_bits", bus.stop_bits.is_some()),
+                ],
+                p,
+            );
+            let Some(address) = bus.address.clone() else {
+                missing("address", p);
+                return None;
             };
             if let Err(reason) = host_port(&address) {
-                p.push(
-                    &at("address"),
-                    key("address"),
-                    Problem::BadAddress { address, reason },
-                );
+                p.push(place, "address", Problem::BadAddress { address, reason });
                 return None;
             }
-            if p.errors.len() > before {
+            if p.count() > before {
                 return None;
             }
             Some(if bus.kind == LinkKind::Tcp {
@@ -182,86 +144,33 @@ fn resolve_link(
             })
         }
         LinkKind::Rtu => {
-            not_for("address", bus.address.is_some(), p);
+            not_for(&[("address", bus.address.is_some())], p);
             let Some(port) = bus.port.clone() else {
-                p.push(
-                    &at("port"),
-                    key("port"),
-                    Problem::Missing {
-                        key: "port",
-                        kind: bus.kind,
-                    },
-                );
+                missing("port", p);
                 return None;
             };
-            let baud = serial_setting(
-                "baud",
-                bus.baud,
-                bus_profiles,
-                |pr| pr.serial.baud,
-                DEFAULT_BAUD,
-                &at("baud"),
-                key("baud"),
-                p,
-            );
-            let parity = serial_setting(
-                "parity",
-                bus.parity,
-                bus_profiles,
-                |pr| pr.serial.parity,
-                DEFAULT_PARITY,
-                &at("parity"),
-                key("parity"),
-                p,
-            );
-            let data_bits = serial_setting(
+            let serial = SerialSources {
+                bus: place,
+                profiles: bus_profiles,
+            };
+            let baud = serial.setting("baud", bus.baud, |s| s.baud, DEFAULT_BAUD, p);
+            let parity = serial.setting("parity", bus.parity, |s| s.parity, DEFAULT_PARITY, p);
+            let data_bits = serial.setting(
                 "data_bits",
                 bus.data_bits,
-                bus_profiles,
-                |pr| pr.serial.data_bits,
+                |s| s.data_bits,
                 DEFAULT_DATA_BITS,
-                &at("data_bits"),
-                key("data_bits"),
                 p,
             );
-            let stop_bits = serial_setting(
+            let stop_bits = serial.setting(
                 "stop_bits",
                 bus.stop_bits,
-                bus_profiles,
-                |pr| pr.serial.stop_bits,
+                |s| s.stop_bits,
                 DEFAULT_STOP_BITS,
-                &at("stop_bits"),
-                key("stop_bits"),
                 p,
             );
-            for (k, value, ok, expected) in [
-                ("baud", u64::from(baud), baud > 0, "above 0"),
-                (
-                    "data_bits",
-                    u64::from(data_bits),
-                    (7..=8).contains(&data_bits),
-                    "7 or 8",
-                ),
-                (
-                    "stop_bits",
-                    u64::from(stop_bits),
-                    (1..=2).contains(&stop_bits),
-                    "1 or 2",
-                ),
-            ] {
-                if !ok {
-                    p.push(
-                        &at(k),
-                        key(k),
-                        Problem::OutOfRange {
-                            what: k,
-                            value: value.to_string(),
-                            expected,
-                        },
-                    );
-                }
-            }
-            if p.errors.len() > before {
+            check_serial(place, baud, data_bits, stop_bits, p);
+            if p.count() > before {
                 return None;
             }
             Some(Link::Rtu {
@@ -275,119 +184,82 @@ fn resolve_link(
     }
 }
 
-/// A serial setting: the bus's own, else the one every device profile on the bus agrees on,
-/// else the default. Profiles that disagree are an error: only the bus can settle it.
-#[allow(clippy::too_many_arguments)]
-fn serial_setting<T: Copy + PartialEq + fmt::Display>(
-    name: &'static str,
-    own: Option<T>,
-    profiles: &[&Profile],
-    of: impl Fn(&Profile) -> Option<T>,
-    default: T,
-    path: &[Seg<'_>],
-    key: String,
-    p: &mut Problems<'_>,
-) -> T {
-    if let Some(v) = own {
-        return v;
-    }
-    let mut found: Option<(&str, T)> = None;
-    for pr in profiles {
-        let Some(v) = of(pr) else { continue };
-        match found {
-            None => found = Some((&pr.id, v)),
-            Some((first_id, first)) if first != v => {
-                p.push(
-                    path,
-                    key,
-                    Problem::ProfilesDisagree {
-                        key: name,
+/// Where a serial bus's settings come from: the bus itself, and the profiles of its devices.
+struct SerialSources<'a> {
+    bus: &'a Place<'a>,
+    profiles: &'a [&'a Profile],
+}
+
+impl SerialSources<'_> {
+    /// A serial setting: the bus's own, else the one every device profile on the bus agrees
+    /// on, else the default. Profiles that disagree are an error: only the bus can settle it.
+    fn setting<T: Copy + PartialEq + fmt::Display>(
+        &self,
+        key: &'static str,
+        own: Option<T>,
+        of: impl Fn(&SerialDefaults) -> Option<T>,
+        default: T,
+        p: &mut Problems<'_>,
+    ) -> T {
+        if let Some(v) = own {
+            return v;
+        }
+        let mut found: Option<(&str, T)> = None;
+        for pr in self.profiles {
+            let Some(v) = of(&pr.serial) else { continue };
+            match found {
+                None => found = Some((&pr.id, v)),
+                Some((first_id, first)) if first != v => {
+                    let problem = Problem::ProfilesDisagree {
+                        key,
                         first_profile: first_id.to_string(),
                         first: first.to_string(),
                         second_profile: pr.id.clone(),
                         second: v.to_string(),
-                    },
-                );
-                return default;
+                    };
+                    p.push(self.bus, key, problem);
+                    return default;
+                }
+                Some(_) => {}
             }
-            Some(_) => {}
         }
+        found.map_or(default, |(_, v)| v)
     }
-    found.map_or(default, |(_, v)| v)
 }
 
 fn resolve_device(
     bus: &BusConfig,
     dev: &DeviceConfig,
-    dev_path: &[Seg<'_>],
+    place: &Place<'_>,
     profiles: &ProfileSet,
     p: &mut Problems<'_>,
 ) -> Option<Device> {
-    let at = |k: &'static str| [dev_path, &[Seg::Key(k)]].concat();
-    let key = |k: &str| format!("{}.{k}", device_key(bus, dev));
-    let before = p.errors.len();
-
-    let unit_problem = match dev.unit {
-        0 => Some("0 is the broadcast address; use 1-247"),
-        248..=254 => Some("248-254 are reserved; use 1-247"),
-        255 if bus.kind != LinkKind::Tcp => Some("255 is only for Modbus TCP gateways; use 1-247"),
-        _ => None,
-    };
-    if let Some(reason) = unit_problem {
-        p.push(
-            &at("unit"),
-            key("unit"),
-            Problem::BadUnitId {
-                unit: dev.unit,
-                reason,
-            },
-        );
-    }
-
+    let before = p.count();
+    check_unit(place, dev.unit, bus.kind, p);
     let profile = match profiles.get(&dev.profile) {
         Ok(pr) => Some(pr),
         Err(e) => {
-            p.push(&at("profile"), key("profile"), Problem::UnknownProfile(e));
+            p.push(place, "profile", Problem::UnknownProfile(e));
             None
         }
     };
 
+    let timing = profile.map(|pr| &pr.timing);
     let period_s = dev.period_s.unwrap_or(DEFAULT_PERIOD_S);
     let timeout_ms = dev
         .timeout_ms
-        .or(profile.and_then(|pr| pr.timing.timeout_ms))
+        .or(timing.and_then(|t| t.timeout_ms))
         .unwrap_or(DEFAULT_TIMEOUT_MS);
     let retries = dev
         .retries
-        .or(profile.and_then(|pr| pr.timing.retries))
+        .or(timing.and_then(|t| t.retries))
         .unwrap_or(DEFAULT_RETRIES);
     let max_regs = dev
         .max_regs_per_read
-        .or(profile.and_then(|pr| pr.timing.max_regs_per_read))
+        .or(timing.and_then(|t| t.max_regs_per_read))
         .unwrap_or(MAX_REGISTERS_PER_READ);
-    for (k, value, ok, expected) in [
-        ("period_s", period_s, period_s > 0, "at least 1"),
-        ("timeout_ms", timeout_ms, timeout_ms > 0, "at least 1"),
-        (
-            "max_regs_per_read",
-            u64::from(max_regs),
-            (1..=MAX_REGISTERS_PER_READ).contains(&max_regs),
-            "1-125",
-        ),
-    ] {
-        if !ok {
-            p.push(
-                &at(k),
-                key(k),
-                Problem::OutOfRange {
-                    what: k,
-                    value: value.to_string(),
-                    expected,
-                },
-            );
-        }
-    }
-    check_limits(&dev.limits, &at("limits"), key("limits"), p);
+    check_polling(place, period_s, timeout_ms, max_regs, p);
+    check_limits(&place.child("limits"), &dev.limits, p);
 
     let points = match profile.map(|pr| (pr, pr.resolve(&dev.points))) {
         None => Vec::new(),
@@ -395,51 +267,29 @@ fn resolve_device(
         Some((pr, Err(errors))) => {
             for error in errors {
                 let channel = error.channel().to_string();
-                // Point at the override when there is one, else at the device's profile key.
                 let field = error.field().map(str::to_string);
-                let mut path = at("points");
-                let mut k = format!("points.{channel}");
-                if dev.points.contains_key(&channel) {
-                    path.push(Seg::Key(&channel));
-                    if let Some(f) = &field {
-                        path.push(Seg::Key(f));
-                        k = format!("{k}.{f}");
+                // Point at the override when there is one, else at the device's profile key.
+                let at = if dev.points.contains_key(&channel) {
+                    let point = place.child("points").child(&channel);
+                    match &field {
+                        Some(f) => point.child(f),
+                        None => point,
                     }
                 } else {
-                    path = at("profile");
-                    k = "profile".into();
-                }
-                p.push(
-                    &path,
-                    key(&k),
-                    Problem::Point {
-                        profile: pr.id.clone(),
-                        error,
-                    },
-                );
+                    place.child("profile")
+                };
+                let profile = pr.id.clone();
+                p.at(&at, Problem::Point { profile, error });
             }
             Vec::new()
         }
     };
-    if profile.is_some() && points.is_empty() && p.errors.len() == before {
-        p.push(&at("points"), key("points"), Problem::NoPoints);
+    if profile.is_some() && points.is_empty() && p.count() == before {
+        p.push(place, "points", Problem::NoPoints);
     }
-    for point in &points {
-        let registers = point.data_type.registers();
-        if !point.fc.is_bits() && registers > max_regs && (1..=125).contains(&max_regs) {
-            p.push(
-                &at("max_regs_per_read"),
-                key("max_regs_per_read"),
-                Problem::PointTooLarge {
-                    channel: point.channel.name().to_string(),
-                    registers,
-                    max: max_regs,
-                },
-            );
-        }
-    }
+    check_point_sizes(place, &points, max_regs, p);
 
-    if p.errors.len() > before {
+    if p.count() > before {
         return None;
     }
     Some(Device {
