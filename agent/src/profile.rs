@@ -85,9 +85,13 @@ pub struct Profile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialDefaults {
+    /// Factory baud rate.
     pub baud: Option<u32>,
+    /// Factory parity.
     pub parity: Option<Parity>,
+    /// Factory data bits, 7 or 8.
     pub data_bits: Option<u8>,
+    /// Factory stop bits, 1 or 2.
     pub stop_bits: Option<u8>,
     /// Factory unit id (informational: a device always states its own `unit`).
     pub unit: Option<u8>,
@@ -146,6 +150,7 @@ pub struct PointSpec {
     pub fc: Option<Fc>,
     /// 0-based wire (PDU) address.
     pub address: Option<u16>,
+    /// How the registers encode the value (`type` in files): `f32`, `i32_fraction`, ...
     #[serde(rename = "type")]
     pub data_type: Option<DataType>,
     /// Byte/word order; default `ABCD`.

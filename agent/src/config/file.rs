@@ -18,6 +18,7 @@ impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
     }
+    /// The secret itself, for the one place that hands it on (the MQTT login).
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -33,16 +34,23 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
+    /// Who the agent is and where it keeps its state (required).
     pub site: SiteConfig,
+    /// The durable store of readings waiting for the cloud.
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// The MQTT connection to the cloud (required).
     pub uplink: UplinkConfig,
+    /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Log lines: format and filter.
     #[serde(default)]
     pub log: LogConfig,
+    /// When the wall clock counts as trustworthy.
     #[serde(default)]
     pub clock: ClockConfig,
+    /// Where meter profiles come from, besides the built-in ones.
     #[serde(default)]
     pub profiles: ProfilesConfig,
     /// Physical buses (one RS-485 line, or one Modbus TCP endpoint) and their devices.
@@ -89,6 +97,7 @@ pub struct OutboxConfig {
     /// Upper bound for stored records, in MiB. When reached the oldest records are evicted and
     /// reported as gap records.
     pub disk_budget_mb: u64,
+    /// How hard each commit is pushed to the storage medium; default `full`.
     pub synchronous: Synchronous,
     /// Longest a reading waits in memory before its group commit, in milliseconds.
     pub commit_interval_ms: u64,
@@ -114,18 +123,22 @@ pub struct UplinkConfig {
     /// MQTT client id; default `caudal-agent-<site>`.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// MQTT user name; with the cloud's site credentials, the site id.
     #[serde(default)]
     pub username: Option<String>,
+    /// MQTT password; better set through `CAUDAL_UPLINK__PASSWORD` than in the file.
     #[serde(default)]
     pub password: Option<Secret>,
     /// PEM CA bundle to verify the broker (mqtts); default: the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// PEM client certificate and key for mutual TLS.
+    /// PEM client certificate for mutual TLS; goes with `client_key`.
     #[serde(default)]
     pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// MQTT keep-alive, seconds.
     #[serde(default = "d_keep_alive_s")]
     pub keep_alive_s: u64,
     /// Most records in one batch.
@@ -143,9 +156,10 @@ pub struct UplinkConfig {
     /// A batch not acknowledged within this many seconds is sent again.
     #[serde(default = "d_ack_timeout_s")]
     pub ack_timeout_s: u64,
-    /// Reconnect back-off bounds, milliseconds (exponential with full jitter).
+    /// Shortest reconnect back-off, milliseconds (exponential with full jitter).
     #[serde(default = "d_reconnect_min_ms")]
     pub reconnect_min_ms: u64,
+    /// Longest reconnect back-off, milliseconds.
     #[serde(default = "d_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
     /// How often the retained status is refreshed, seconds.
@@ -223,6 +237,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `plain` (default) or `json`.
     pub format: LogFormat,
     /// A tracing filter, e.g. `info` or `caudal_agent::poller=debug,info`.
     pub level: String,
@@ -262,11 +277,13 @@ pub struct ProfilesConfig {
     pub dirs: Vec<PathBuf>,
 }
 
-/// `[[bus]]`: one physical bus.
+/// `[[bus]]`: one physical bus (an RS-485 line, or a Modbus TCP endpoint).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusConfig {
+    /// Used in logs, metrics and errors; unique per site.
     pub name: String,
+    /// How the bus is reached.
     pub kind: LinkKind,
     /// `host:port` for `tcp` and `rtu_over_tcp`.
     #[serde(default)]
@@ -274,17 +291,22 @@ pub struct BusConfig {
     /// Serial device for `rtu`, e.g. `/dev/ttyUSB0`.
     #[serde(default)]
     pub port: Option<PathBuf>,
+    /// `rtu` baud rate; default: what the devices' profiles agree on, else 9600.
     #[serde(default)]
     pub baud: Option<u32>,
+    /// `rtu` parity; default: from the profiles, else none.
     #[serde(default)]
     pub parity: Option<Parity>,
+    /// `rtu` data bits, 7 or 8; default: from the profiles, else 8.
     #[serde(default)]
     pub data_bits: Option<u8>,
+    /// `rtu` stop bits, 1 or 2; default: from the profiles, else 1.
     #[serde(default)]
     pub stop_bits: Option<u8>,
     /// Silence between a reply and the next request on this bus, milliseconds.
     #[serde(default)]
     pub inter_frame_gap_ms: Option<u64>,
+    /// The meters and sensors on this bus.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
 }
@@ -315,6 +337,7 @@ impl fmt::Display for LinkKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
+    /// Unique per site; appears in readings.
     pub id: DeviceId,
     /// Modbus unit (slave) id, 1-247 (0 is broadcast; 255 is allowed for Modbus TCP gateways).
     pub unit: u8,
@@ -323,15 +346,19 @@ pub struct DeviceConfig {
     /// Poll period, seconds; polls align to multiples of it on the wall clock.
     #[serde(default)]
     pub period_s: Option<u64>,
+    /// Response timeout, milliseconds; default: the profile's, else 1000.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Attempts after a failed one; default: the profile's, else 1.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Largest block read, registers (1-125); default: the profile's, else 125.
     #[serde(default)]
     pub max_regs_per_read: Option<u16>,
     /// Per-channel overrides of the profile's points (any field of a profile point).
     #[serde(default)]
     pub points: BTreeMap<String, toml::Table>,
+    /// Plausibility limits; none by default.
     #[serde(default)]
     pub limits: LimitsConfig,
 }
@@ -342,7 +369,9 @@ pub struct DeviceConfig {
 pub struct LimitsConfig {
     /// Flow above this (L/s, absolute) is flagged out of range.
     pub flow_max_lps: Option<f64>,
+    /// Level below this (m) is flagged out of range.
     pub level_min_m: Option<f64>,
+    /// Level above this (m) is flagged out of range.
     pub level_max_m: Option<f64>,
     /// A totalizer increase larger than this between two polls (m³) is flagged out of range.
     pub total_max_step_m3: Option<f64>,
