@@ -2,10 +2,10 @@
 //! `file:line:column: key`, so an error in the agent's configuration or in a profile names the
 //! place to fix.
 //!
-//! The `toml` parser's errors carry byte spans; [`SourceText::toml_error`] turns one into a
+//! The `toml` parser's errors carry byte spans; `SourceText::toml_error` turns one into a
 //! [`Location`] with the dotted key path it is about (`bus[rs485].device[fm1].unit`, array
 //! elements labelled by their `name` or `id`). Checks that run after parsing name a key path
-//! instead ([`SourceText::locate`]), and get the line it is written on, or the deepest part of
+//! instead (`SourceText::locate`), and get the line it is written on, or the deepest part of
 //! it that is written when a default applies.
 //!
 //! The lowest layer of the configuration: `profile` (profile files) and `config` (the agent's
