@@ -6,7 +6,8 @@ use crate::register::Fc;
 use crate::simulator::{Model, SimulatedMeter, Simulator};
 use crate::{daemon, outbox, probe};
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,7 +35,7 @@ pub enum Command {
     /// Run the agent: poll, store, sync.
     Run,
     /// Check the configuration and the profiles it uses; errors name file, line and key.
-    CheckConfig,
+    CheckConfig(CheckConfigArgs),
     /// Read registers from one device now and print them decoded every way.
     Probe(ProbeArgs),
     /// Find which unit ids answer on a bus.
@@ -44,6 +45,13 @@ pub enum Command {
     Status,
     /// Serve simulated meters over Modbus TCP.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The file to check (default: the --config file). Given with a different --config, it is
+    /// an error.
+    pub file: Option<PathBuf>,
 }
 
 /// Which bus to talk to: a bus from the configuration, or one given on the command line.
@@ -138,8 +146,13 @@ pub struct SimulateArgs {
 
 /// Runs the command line; `main.rs` is only this call.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match dispatch(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Only `check-config FILE` cares how the configuration was named: a file typed twice, as
+    // --config and as FILE, must be the same file, while the default or CAUDAL_CONFIG gives
+    // way to FILE.
+    let config_typed = matches.value_source("config") == Some(ValueSource::CommandLine);
+    match dispatch(cli, config_typed) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -148,10 +161,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+fn dispatch(cli: Cli, config_typed: bool) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig => {
-            let report = config::check(&cli.config);
+        Command::CheckConfig(args) => {
+            let path = file_to_check(&cli.config, config_typed, args.file)?;
+            let report = config::check(&path);
             println!("{report}");
             Ok(if report.is_ok() {
                 ExitCode::SUCCESS
@@ -342,6 +356,29 @@ async fn simulate_configured(site: Site) -> anyhow::Result<()> {
             .context("simulator stopped")?;
     }
     Ok(())
+}
+
+/// The file `check-config` checks: the one given to it, else the `--config` one. Two different
+/// files is an error rather than a guess at which one the technician meant.
+fn file_to_check(
+    config: &Path,
+    config_typed: bool,
+    file: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    match file {
+        None => Ok(config.to_path_buf()),
+        Some(file) if !config_typed || same_file(config, &file) => Ok(file),
+        Some(file) => anyhow::bail!(
+            "check-config was given two files, --config {} and {}; give one",
+            config.display(),
+            file.display()
+        ),
+    }
+}
+
+/// The same path, or two spellings of one existing file (`agent.toml`, `/etc/caudal/agent.toml`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Loads, checks and resolves the configuration; every error is printed with its location.

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod modbus;
 pub mod outbox;
 pub mod poller;
+pub mod position;
 pub mod probe;
 pub mod profile;
 pub mod register;

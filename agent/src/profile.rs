@@ -12,8 +12,8 @@
 //! totalizers carry the fields they need, and the unit measures what the channel carries (flow a
 //! volume per time, total a volume, level a length or a pressure read as water column).
 
-use crate::config::{Location, Parity, SourceText};
-use crate::register::{ByteOrder, Channel, DataType, Fc, Point};
+use crate::position::{Location, SourceText};
+use crate::register::{ByteOrder, Channel, DataType, Fc, MAX_REGISTERS_PER_READ, Point};
 use caudal_common::units::{Dimension, Unit};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -45,9 +45,6 @@ pub const BUILTIN: &[(&str, &str)] = &[
     builtin!("siemens-mag8000"),
     builtin!("tuf2000"),
 ];
-
-/// Modbus allows at most 125 registers in one read (fc 03/04).
-pub const MAX_REGS_PER_READ: u16 = 125;
 
 /// How far a profile's register map has been checked (from the research notes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -88,12 +85,46 @@ pub struct Profile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialDefaults {
+    /// Factory baud rate.
     pub baud: Option<u32>,
+    /// Factory parity.
     pub parity: Option<Parity>,
+    /// Factory data bits, 7 or 8.
     pub data_bits: Option<u8>,
+    /// Factory stop bits, 1 or 2.
     pub stop_bits: Option<u8>,
     /// Factory unit id (informational: a device always states its own `unit`).
     pub unit: Option<u8>,
+}
+
+/// Serial parity, as a bus (`[[bus]] parity`) or a profile's `[serial]` states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+impl Parity {
+    /// The letter of the usual `8E1` notation.
+    pub fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
+    }
+}
+
+impl fmt::Display for Parity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        })
+    }
 }
 
 /// `[timing]` of a profile.
@@ -119,6 +150,7 @@ pub struct PointSpec {
     pub fc: Option<Fc>,
     /// 0-based wire (PDU) address.
     pub address: Option<u16>,
+    /// How the registers encode the value (`type` in files): `f32`, `i32_fraction`, ...
     #[serde(rename = "type")]
     pub data_type: Option<DataType>,
     /// Byte/word order; default `ABCD`.
@@ -440,25 +472,6 @@ fn valid_channel_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// The name a data type has in files.
-pub fn data_type_name(t: DataType) -> &'static str {
-    match t {
-        DataType::Bool => "bool",
-        DataType::U16 => "u16",
-        DataType::I16 => "i16",
-        DataType::U32 => "u32",
-        DataType::I32 => "i32",
-        DataType::U64 => "u64",
-        DataType::I64 => "i64",
-        DataType::F32 => "f32",
-        DataType::F64 => "f64",
-        DataType::I32Fraction => "i32_fraction",
-        DataType::I32F32Fraction => "i32_f32_fraction",
-        DataType::F32Overflow => "f32_overflow",
-        DataType::F32U16Rollover => "f32_u16_rollover",
-    }
-}
-
 fn dimension_needs(d: Dimension) -> &'static str {
     match d {
         Dimension::Flow => "a flow unit (L/s, m3/h, ...)",
@@ -489,7 +502,7 @@ pub enum PointError {
         field: &'static str,
         why: &'static str,
     },
-    #[error("point `{channel}`: `{field}` does not apply to type {}", data_type_name(*.data_type))]
+    #[error("point `{channel}`: `{field}` does not apply to type {data_type}")]
     NotApplicable {
         channel: String,
         field: &'static str,
@@ -512,7 +525,7 @@ pub enum PointError {
         overflow_address: u16,
         address: u16,
     },
-    #[error("point `{channel}`: {fc} reads bits; type must be bool, not {}", data_type_name(*.data_type))]
+    #[error("point `{channel}`: {fc} reads bits; type must be bool, not {data_type}")]
     BitsNeedBool {
         channel: String,
         fc: Fc,
@@ -711,11 +724,11 @@ impl Profile {
             ));
         }
         if let Some(m) = self.timing.max_regs_per_read
-            && !(1..=MAX_REGS_PER_READ).contains(&m)
+            && !(1..=MAX_REGISTERS_PER_READ).contains(&m)
         {
             errors.push(invalid(
                 &["timing", "max_regs_per_read"],
-                format!("max_regs_per_read = {m} must be 1..={MAX_REGS_PER_READ}"),
+                format!("max_regs_per_read = {m} must be 1..={MAX_REGISTERS_PER_READ}"),
             ));
         }
         if let Some(b) = self.serial.data_bits
@@ -748,7 +761,7 @@ impl Profile {
                             &["timing", "max_regs_per_read"],
                             format!(
                                 "point `{channel}` ({}) needs {} registers in one read, more than max_regs_per_read = {max}",
-                                data_type_name(point.data_type),
+                                point.data_type,
                                 point.data_type.registers()
                             ),
                         ));

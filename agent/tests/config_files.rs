@@ -151,3 +151,76 @@ fn check_report_summarises_the_example() {
         "{text}"
     );
 }
+
+/// Runs `caudal-agent` with `args` in `config/`, without the caller's CAUDAL_* variables.
+fn agent(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_caudal-agent"));
+    cmd.current_dir(config_dir()).args(args);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CAUDAL_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("caudal-agent runs")
+}
+
+#[test]
+fn check_config_takes_the_file_as_the_example_says() {
+    // config/agent.example.toml: "Run `caudal-agent check-config <file>` after editing."
+    let out = agent(&["check-config", "agent.example.toml"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with("agent.example.toml: OK: site pozo-norte-1"),
+        "{stdout}"
+    );
+
+    // The file given wins over CAUDAL_CONFIG (and over the default).
+    let out = agent(
+        &["check-config", "agent.demo.toml"],
+        &[("CAUDAL_CONFIG", "agent.example.toml")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.starts_with("agent.demo.toml: OK"), "{stdout}");
+
+    // The same file twice, spelt two ways, is one file.
+    let absolute = config_dir().join("agent.example.toml");
+    let absolute = absolute.to_str().unwrap();
+    let out = agent(
+        &["--config", "agent.example.toml", "check-config", absolute],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn check_config_refuses_two_different_files() {
+    for args in [
+        &[
+            "--config",
+            "agent.example.toml",
+            "check-config",
+            "agent.demo.toml",
+        ][..],
+        &[
+            "check-config",
+            "--config",
+            "agent.example.toml",
+            "agent.demo.toml",
+        ][..],
+    ] {
+        let out = agent(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?}: nothing is checked: {out:?}"
+        );
+        assert!(
+            stderr.contains(
+                "check-config was given two files, --config agent.example.toml and agent.demo.toml"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -1,9 +1,11 @@
 //! Eviction under the disk budget: which records go (the oldest, across sendable and held),
 //! and the gap records that report them, one per device.
+//!
+//! `store` calls this inside its append transaction; this never calls back into `store` (what a
+//! row costs, [`ROW_OVERHEAD_BYTES`], is the schema's).
 
 use super::OutboxError;
-use super::schema::{Meta, from_ms};
-use super::store::ROW_OVERHEAD_BYTES;
+use super::schema::{Meta, ROW_OVERHEAD_BYTES, from_ms};
 use caudal_common::payload::RecordKind;
 use caudal_common::{DeviceId, Gap, GapCause, Seq, SeqRange};
 use rusqlite::{Transaction, params};

@@ -85,7 +85,8 @@ mod store;
 mod worker;
 
 pub use inspect::{Inspection, inspect};
-pub use store::{Outbox, ROW_OVERHEAD_BYTES, Restamped};
+pub use schema::ROW_OVERHEAD_BYTES;
+pub use store::{Outbox, Restamped};
 pub use worker::OutboxHandle;
 
 use caudal_common::payload::RecordKind;

@@ -2,7 +2,7 @@
 //! eviction, pending, ack, re-stamping), the sequence state and the disk budget.
 
 use super::evict::{evict, merge_gaps};
-use super::schema::{self, Meta, from_ms};
+use super::schema::{self, Meta, ROW_OVERHEAD_BYTES, from_ms};
 use super::{DeviceStatusRow, Draft, OutboxError, Pending, SpoolState, Stamped, Stats};
 use crate::config::OutboxConfig;
 use crate::metrics::Metrics;
@@ -19,12 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-
-/// Bytes a stored row costs beyond its JSON, for the disk budget: the other columns, the
-/// record and cell headers, the b-tree's interior pages and unused page space. Measured as
-/// (file size − JSON bytes) / rows for a million ~143-byte readings: 53 B, rounded up
-/// (`cargo bench -p caudal-agent --bench outbox`).
-pub const ROW_OVERHEAD_BYTES: u64 = 56;
 
 /// Share of the budget freed beyond what an append needs, so a full outbox evicts once per
 /// ~5 % of its budget rather than on every append.
