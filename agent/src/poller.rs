@@ -13,6 +13,10 @@
 //! Each poll produces a [`PollOutput`] for the store task: the reading (with the validator's
 //! flags), any events, and the device's status row. The output channel is bounded: when the
 //! outbox cannot keep up the bus task waits, so polls slip rather than readings being dropped.
+//!
+//! A [`PollNow`] (the `poll_now` command, from [`crate::command`]) is served between slots: the
+//! device is polled at once, the output goes to the store like any other, and the reading (or
+//! why there is none) goes back to the requester.
 
 use crate::clock::Clock;
 use crate::config::{Bus, Device};
@@ -46,8 +50,20 @@ pub struct PollOutput {
 #[derive(Debug)]
 pub struct PollNow {
     pub device: DeviceId,
-    /// The decoded reading as JSON, or the error.
-    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    /// The reading as the outbox commits it (wire JSON, before its seq), or why there is none.
+    pub reply: oneshot::Sender<Result<serde_json::Value, PollNowError>>,
+}
+
+/// Why a `poll_now` produced no reading.
+#[derive(Debug, thiserror::Error)]
+pub enum PollNowError {
+    #[error("device {device} is not on bus {bus}")]
+    NotOnBus { device: DeviceId, bus: String },
+    /// The poll read nothing: the error the device's status row records.
+    #[error("{0}")]
+    Failed(String),
+    #[error("reading not encodable: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// Device states shared with the uplink's status.
@@ -216,20 +232,22 @@ impl BusPoller {
     /// Handles a `poll_now` request; `false` when the store task is gone.
     async fn poll_now(&mut self, req: PollNow) -> bool {
         let Some(i) = self.devices.iter().position(|d| d.device.id == req.device) else {
-            let _ = req.reply.send(Err(format!(
-                "device {} is not on bus {}",
-                req.device, self.bus.name
-            )));
+            let _ = req.reply.send(Err(PollNowError::NotOnBus {
+                device: req.device,
+                bus: self.bus.name.clone(),
+            }));
             return true;
         };
         let output = self.poll_device(i).await;
         let answer = match &output.status.last_reading {
-            Some(json) => serde_json::from_str(json).map_err(|e| e.to_string()),
-            None => Err(output
-                .status
-                .last_error
-                .clone()
-                .unwrap_or_else(|| output.status.result.clone())),
+            Some(json) => serde_json::from_str(json).map_err(PollNowError::from),
+            None => Err(PollNowError::Failed(
+                output
+                    .status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| output.status.result.clone()),
+            )),
         };
         let _ = req.reply.send(answer);
         self.send(output).await
