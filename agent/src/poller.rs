@@ -13,6 +13,8 @@
 //! Each poll produces a [`PollOutput`] for the store task: the reading (with the validator's
 //! flags), any events, and the device's status row. The output channel is bounded: when the
 //! outbox cannot keep up the bus task waits, so polls slip rather than readings being dropped.
+//! Every record carries the [`ClockStamp`] it was taken under; whether that makes a reading
+//! `clock_unsynced` is the outbox's rule (see [`Stamped::wire_json`]), not the poller's.
 //!
 //! A [`PollNow`] (the `poll_now` command, from [`crate::command`]) is served between slots: the
 //! device is polled at once, the output goes to the store like any other, and the reading (or
@@ -26,7 +28,7 @@ use crate::outbox::{ClockStamp, DeviceStatusRow, Stamped};
 use crate::register::{Channel, ReadBlock, assemble, plan_reads};
 use crate::validation::{Sample, Validator};
 use crate::watchdog::Heartbeat;
-use caudal_common::{DeviceId, DeviceState, Event, EventKind, Flag, Gap, GapCause, Reading, Seq};
+use caudal_common::{DeviceId, DeviceState, Event, EventKind, Gap, GapCause, Reading, Seq};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -312,8 +314,9 @@ impl BusPoller {
                 run.failures = 0;
                 run.failing_since = None;
                 run.last_failed = None;
-                let json = serde_json::to_string(&reading).ok();
-                records.push(Stamped::new(reading, stamp.clone()));
+                let reading = Stamped::new(reading, stamp.clone());
+                let json = reading.wire_json(Seq(0)).ok();
+                records.push(reading);
                 for e in events {
                     records.push(Stamped::new(e, stamp.clone()));
                 }
@@ -449,10 +452,7 @@ impl BusPoller {
             missing,
         });
         verdict.count(&device.id, &self.metrics);
-        let (mut reading, events) = verdict.into_records(&device.id, ts);
-        if !stamp.trusted {
-            reading.q.set(Flag::ClockUnsynced);
-        }
+        let (reading, events) = verdict.into_records(&device.id, ts);
         Outcome::Read { reading, events }
     }
 
