@@ -103,8 +103,34 @@ enum Outcome {
         reading: Reading,
         events: Vec<Event>,
     },
-    /// Nothing could be read: the failure kind (`timeout`, `exception`, ...) and its message.
-    Failed { kind: &'static str, message: String },
+    /// Nothing could be read.
+    Failed(PollFailure),
+}
+
+/// Why a poll read nothing.
+#[derive(Debug, thiserror::Error)]
+enum PollFailure {
+    /// The first Modbus error of the poll.
+    #[error(transparent)]
+    Modbus(ModbusError),
+    /// Every block that answered held registers that did not decode.
+    #[error("bus {bus} device {device} (unit {unit}): no register decoded")]
+    NothingDecoded {
+        bus: String,
+        device: DeviceId,
+        unit: u8,
+    },
+}
+
+impl PollFailure {
+    /// The label of the failure in metrics and in the device's status: the Modbus error's kind
+    /// (`timeout`, `exception`, `bad_frame`, `io`); registers that do not decode are a bad frame.
+    fn label(&self) -> &'static str {
+        match self {
+            PollFailure::Modbus(e) => e.kind(),
+            PollFailure::NothingDecoded { .. } => "bad_frame",
+        }
+    }
 }
 
 impl BusPoller {
@@ -322,7 +348,8 @@ impl BusPoller {
                 }
                 ("ok".to_string(), None, json)
             }
-            Outcome::Failed { kind, message } => {
+            Outcome::Failed(failure) => {
+                let message = failure.to_string();
                 run.failures = run.failures.saturating_add(1);
                 run.failing_since.get_or_insert(ts);
                 run.last_failed = Some(ts);
@@ -335,7 +362,7 @@ impl BusPoller {
                 } else {
                     tracing::debug!(%bus, %device, error = %message, failures = run.failures, "poll failed");
                 }
-                (kind.to_string(), Some(message), None)
+                (failure.label().to_string(), Some(message), None)
             }
         };
         self.metrics
@@ -406,10 +433,8 @@ impl BusPoller {
                     }
                 }
             }
-            let silent = reply.is_none()
-                && first_error
-                    .as_ref()
-                    .is_some_and(|e| e.kind() == "timeout" || e.is_link_down());
+            let silent =
+                reply.is_none() && first_error.as_ref().is_some_and(ModbusError::is_silent);
             replies.push(reply);
             if silent {
                 // Not answering at all: the remaining blocks would time out too.
@@ -430,19 +455,14 @@ impl BusPoller {
             }
         }
         if values.is_empty() {
-            return match first_error {
-                Some(e) => Outcome::Failed {
-                    kind: e.kind(),
-                    message: e.to_string(),
+            return Outcome::Failed(match first_error {
+                Some(e) => PollFailure::Modbus(e),
+                None => PollFailure::NothingDecoded {
+                    bus: self.bus.name.clone(),
+                    device: device.id.clone(),
+                    unit: device.unit,
                 },
-                None => Outcome::Failed {
-                    kind: "bad_frame",
-                    message: format!(
-                        "bus {} device {} (unit {}): no register decoded",
-                        self.bus.name, device.id, device.unit
-                    ),
-                },
-            };
+            });
         }
         let run = &mut self.devices[i];
         let verdict = run.validator.check(Sample {
