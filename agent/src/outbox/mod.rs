@@ -82,6 +82,8 @@
 
 mod evict;
 mod inspect;
+#[cfg(test)]
+pub(crate) mod memory;
 mod schema;
 mod store;
 mod worker;
@@ -313,7 +315,9 @@ pub enum OutboxError {
 }
 
 /// What the uplink needs from the outbox. The seam exists so the uplink's state machine can be
-/// driven in tests; the agent always runs it on [`OutboxHandle`].
+/// driven in tests: the agent always runs it on [`OutboxHandle`], the uplink's unit tests on an
+/// in-memory double (`memory::MemorySpool`) that fails a read or an acknowledgement, or stops,
+/// on demand.
 pub trait Spool: Clone + Send + Sync + 'static {
     /// Sendable records (not acknowledged, not held back) with `after < seq <= upto`, ascending,
     /// at most `limit`.

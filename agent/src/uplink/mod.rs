@@ -36,6 +36,8 @@
 
 mod flow;
 pub mod options;
+#[cfg(test)]
+mod tests;
 
 pub use options::{BrokerUrl, default_client_id, mqtt_options, tls_config};
 
@@ -210,22 +212,7 @@ impl<S: Spool> Uplink<S> {
         let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (resume, resume_rx) = mpsc::channel(1);
         let transport = AbortOnDrop(tokio::spawn(drive(eventloop, event_tx, resume_rx)));
-        let spool_rx = self.spool.watch();
-        let mut d = Driver {
-            up: self,
-            client,
-            events,
-            resume,
-            spool_rx,
-            holds: Holds::default(),
-            ids: BatchIds::new(),
-            deferred: VecDeque::new(),
-            in_progress: JoinSet::new(),
-            attempt: 0,
-            online: false,
-            clock_open: true,
-            retry_at: None,
-        };
+        let mut d = Driver::new(self, client, events, resume);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut state = State::Connecting;
         let result = loop {
@@ -328,6 +315,30 @@ struct Driver<S: Spool> {
 type Shutdown<'a, F> = Pin<&'a mut F>;
 
 impl<S: Spool> Driver<S> {
+    fn new(
+        up: Uplink<S>,
+        client: AsyncClient,
+        events: mpsc::Receiver<Result<Event, ConnectionError>>,
+        resume: mpsc::Sender<()>,
+    ) -> Driver<S> {
+        let spool_rx = up.spool.watch();
+        Driver {
+            up,
+            client,
+            events,
+            resume,
+            spool_rx,
+            holds: Holds::default(),
+            ids: BatchIds::new(),
+            deferred: VecDeque::new(),
+            in_progress: JoinSet::new(),
+            attempt: 0,
+            online: false,
+            clock_open: true,
+            retry_at: None,
+        }
+    }
+
     // ---- States ----
 
     async fn connecting<F: Future<Output = ()>>(
