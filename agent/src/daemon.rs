@@ -5,7 +5,8 @@
 //! [bus pollers] --PollOutput (bounded)--> [store] --append--> [outbox thread]
 //! [clock guard] --ClockChange-----------> [clock] --restamp-->      |  watch(committed)
 //! [uplink] <--pending/ack------------------------------------------+
-//! [uplink] --CommandRequest--> [commands] --PollNow--> [bus poller]
+//! [uplink] --CommandRequest (bounded)--> [commands] --PollNow (bounded)--> [bus poller]
+//! [uplink] <--CommandResult (oneshot), within COMMAND_TIMEOUT--+        (see crate::command)
 //! [watchdog] reads the heartbeats of the pollers, the store task and the uplink
 //! ```
 //!
@@ -13,21 +14,23 @@
 //! `WATCHDOG=1` while every live loop beats (see [`crate::watchdog`]), `STOPPING=1` at shutdown.
 //!
 //! Shutdown order: pollers stop first, the store task commits what they produced, the uplink
-//! publishes its offline status and disconnects, then the outbox closes. Nothing committed is
-//! ever lost by stopping: what is not acknowledged stays in the outbox for the next start.
+//! publishes its offline status and disconnects, the other tasks (clock, commands, metrics,
+//! watchdog) stop, then the outbox closes. Nothing committed is ever lost by stopping: what is
+//! not acknowledged stays in the outbox for the next start.
 
 use crate::clock::{Clock, ClockChange, ClockGuard, SystemTimeSource, TimeSource};
+use crate::command::{self, CommandRequest, Commands};
 use crate::config::{AgentConfig, Site};
 use crate::metrics::{self, Metrics};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle, Stamped};
 use crate::poller::{BusPoller, PollNow, PollOutput};
-use crate::uplink::{CommandRequest, Uplink, UplinkError};
+use crate::uplink::{Uplink, UplinkError};
 use crate::watchdog::{self, Heartbeat, Liveness, Watchdog};
-use caudal_common::{CommandKind, CommandResult, DeviceId, Event, EventKind, Reading, Seq};
+use caudal_common::{DeviceId, Event, EventKind, Reading, Seq};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Most poll outputs waiting for the store task; a full queue makes pollers wait.
@@ -35,8 +38,9 @@ const STORE_QUEUE: usize = 64;
 /// A failed outbox write is retried after this long (the records stay in memory meanwhile and
 /// the pollers wait behind them).
 const STORE_RETRY: Duration = Duration::from_secs(1);
-/// How long a `poll_now` command may take.
-const POLL_NOW_TIMEOUT: Duration = Duration::from_secs(30);
+/// `poll_now` requests waiting for one bus poller; a full queue makes the commands task wait
+/// (within the command's timeout).
+const POLL_NOW_QUEUE: usize = 4;
 
 /// Why the agent could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +127,7 @@ pub async fn run(
     let mut routes: BTreeMap<DeviceId, mpsc::Sender<PollNow>> = BTreeMap::new();
     for bus in site.buses.iter().cloned() {
         let bus_name = bus.name.clone();
-        let (req_tx, req_rx) = mpsc::channel(4);
+        let (req_tx, req_rx) = mpsc::channel(POLL_NOW_QUEUE);
         for d in &bus.devices {
             routes.insert(d.id.clone(), req_tx.clone());
         }
@@ -153,9 +157,10 @@ pub async fn run(
         metrics.clone(),
     ));
 
-    // Commands from the cloud that need a device.
-    let (cmd_tx, cmd_rx) = mpsc::channel::<CommandRequest>(8);
-    tasks.spawn(commands(cmd_rx, routes, site.id.clone()));
+    // Commands from the cloud the uplink does not answer itself (`poll_now`, ...).
+    let (cmd_tx, cmd_rx) = mpsc::channel::<CommandRequest>(command::QUEUE);
+    let commands = Commands::new(site.id.clone(), cmd_rx, routes);
+    tasks.spawn(commands.run(stop.clone().cancelled_owned()));
 
     let uplink = Uplink::new(
         config.uplink.clone(),
@@ -327,53 +332,5 @@ async fn clock_changes(
         {
             tracing::warn!(error = %e, "clock event not stored");
         }
-    }
-}
-
-/// Serves commands that need a device (`poll_now`) by routing them to the device's bus.
-async fn commands(
-    mut rx: mpsc::Receiver<CommandRequest>,
-    routes: BTreeMap<DeviceId, mpsc::Sender<PollNow>>,
-    site: caudal_common::SiteId,
-) {
-    while let Some(req) = rx.recv().await {
-        let id = req.command.id.clone();
-        let result = match &req.command.kind {
-            CommandKind::PollNow { device } => match routes.get(device) {
-                None => Err(format!("no device {device} on this site")),
-                Some(bus) => {
-                    let (reply, answer) = oneshot::channel();
-                    let asked = bus
-                        .send(PollNow {
-                            device: device.clone(),
-                            reply,
-                        })
-                        .await;
-                    match asked {
-                        Err(_) => Err(format!("the bus of device {device} is not running")),
-                        Ok(()) => match tokio::time::timeout(POLL_NOW_TIMEOUT, answer).await {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(_)) => Err("the bus poller dropped the request".into()),
-                            Err(_) => {
-                                Err(format!("no answer within {} s", POLL_NOW_TIMEOUT.as_secs()))
-                            }
-                        },
-                    }
-                }
-            },
-            other => Err(format!("command {other:?} is not handled here")),
-        };
-        let (ok, output, error) = match result {
-            Ok(v) => (true, v, None),
-            Err(e) => (false, serde_json::Value::Null, Some(e)),
-        };
-        let _ = req.reply.send(CommandResult {
-            v: caudal_common::SCHEMA_VERSION,
-            site: site.clone(),
-            id,
-            ok,
-            output,
-            error,
-        });
     }
 }

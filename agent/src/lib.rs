@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod metrics;

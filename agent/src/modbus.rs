@@ -111,8 +111,10 @@ pub enum ModbusError {
 }
 
 impl ModbusError {
-    /// The metrics label: `timeout`, `exception`, `bad_frame` or `io`. A request refused before
-    /// it was sent counts as `exception`, the answer a device would have given.
+    /// The metrics label: `timeout`, `exception`, `bad_frame` or `io` (also the device status's
+    /// `result`). A request refused before it was sent counts as `exception`, the answer a
+    /// device would have given. A label only: code that decides something matches the variants
+    /// (or [`ModbusError::is_silent`], [`ModbusError::is_link_down`]).
     pub fn kind(&self) -> &'static str {
         match self {
             ModbusError::Timeout { .. } => "timeout",
@@ -135,6 +137,12 @@ impl ModbusError {
                 | ModbusError::Io { .. }
                 | ModbusError::Disconnected { .. }
         )
+    }
+
+    /// Nothing came back at all: the device did not answer in time, or the link is down. The
+    /// rest of the same poll would fail the same way, so a caller stops there.
+    pub fn is_silent(&self) -> bool {
+        matches!(self, ModbusError::Timeout { .. }) || self.is_link_down()
     }
 
     /// The exception code, when the device answered with one.
@@ -488,4 +496,49 @@ async fn drain_quiet<T: AsyncRead + Unpin>(stream: &mut T, quiet: Duration) -> i
         tracing::debug!(dropped, "discarded late bytes after resync");
     }
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_no_answer_at_all_is_silent() {
+        let (bus, unit, fc, address) = ("rs485".to_string(), 1, Fc::Holding, 0);
+        let timeout = ModbusError::Timeout {
+            bus: bus.clone(),
+            unit,
+            fc,
+            address,
+            count: 2,
+            timeout: Duration::from_millis(500),
+        };
+        let closed = ModbusError::Disconnected {
+            bus: bus.clone(),
+            unit,
+            fc,
+            address,
+        };
+        let exception = ModbusError::Exception {
+            bus: bus.clone(),
+            unit,
+            fc,
+            address,
+            code: 2,
+        };
+        let bad_frame = ModbusError::BadFrame {
+            bus,
+            unit,
+            fc,
+            address,
+            reason: "crc".into(),
+        };
+        assert!(timeout.is_silent() && closed.is_silent());
+        assert!(
+            !exception.is_silent() && !bad_frame.is_silent(),
+            "the device answered"
+        );
+        let labels = [&timeout, &closed, &exception, &bad_frame].map(ModbusError::kind);
+        assert_eq!(labels, ["timeout", "io", "exception", "bad_frame"]);
+    }
 }

@@ -13,6 +13,12 @@
 //! Each poll produces a [`PollOutput`] for the store task: the reading (with the validator's
 //! flags), any events, and the device's status row. The output channel is bounded: when the
 //! outbox cannot keep up the bus task waits, so polls slip rather than readings being dropped.
+//! Every record carries the [`ClockStamp`] it was taken under; whether that makes a reading
+//! `clock_unsynced` is the outbox's rule (see [`Stamped::wire_json`]), not the poller's.
+//!
+//! A [`PollNow`] (the `poll_now` command, from [`crate::command`]) is served between slots: the
+//! device is polled at once, the output goes to the store like any other, and the reading (or
+//! why there is none) goes back to the requester.
 
 use crate::clock::Clock;
 use crate::config::{Bus, Device};
@@ -22,7 +28,7 @@ use crate::outbox::{ClockStamp, DeviceStatusRow, Stamped};
 use crate::register::{Channel, ReadBlock, assemble, plan_reads};
 use crate::validation::{Sample, Validator};
 use crate::watchdog::Heartbeat;
-use caudal_common::{DeviceId, DeviceState, Event, EventKind, Flag, Gap, GapCause, Reading, Seq};
+use caudal_common::{DeviceId, DeviceState, Event, EventKind, Gap, GapCause, Reading, Seq};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,8 +52,20 @@ pub struct PollOutput {
 #[derive(Debug)]
 pub struct PollNow {
     pub device: DeviceId,
-    /// The decoded reading as JSON, or the error.
-    pub reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    /// The reading as the outbox commits it (wire JSON, before its seq), or why there is none.
+    pub reply: oneshot::Sender<Result<serde_json::Value, PollNowError>>,
+}
+
+/// Why a `poll_now` produced no reading.
+#[derive(Debug, thiserror::Error)]
+pub enum PollNowError {
+    #[error("device {device} is not on bus {bus}")]
+    NotOnBus { device: DeviceId, bus: String },
+    /// The poll read nothing: the error the device's status row records.
+    #[error("{0}")]
+    Failed(String),
+    #[error("reading not encodable: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// Device states shared with the uplink's status.
@@ -85,8 +103,34 @@ enum Outcome {
         reading: Reading,
         events: Vec<Event>,
     },
-    /// Nothing could be read: the failure kind (`timeout`, `exception`, ...) and its message.
-    Failed { kind: &'static str, message: String },
+    /// Nothing could be read.
+    Failed(PollFailure),
+}
+
+/// Why a poll read nothing.
+#[derive(Debug, thiserror::Error)]
+enum PollFailure {
+    /// The first Modbus error of the poll.
+    #[error(transparent)]
+    Modbus(ModbusError),
+    /// Every block that answered held registers that did not decode.
+    #[error("bus {bus} device {device} (unit {unit}): no register decoded")]
+    NothingDecoded {
+        bus: String,
+        device: DeviceId,
+        unit: u8,
+    },
+}
+
+impl PollFailure {
+    /// The label of the failure in metrics and in the device's status: the Modbus error's kind
+    /// (`timeout`, `exception`, `bad_frame`, `io`); registers that do not decode are a bad frame.
+    fn label(&self) -> &'static str {
+        match self {
+            PollFailure::Modbus(e) => e.kind(),
+            PollFailure::NothingDecoded { .. } => "bad_frame",
+        }
+    }
 }
 
 impl BusPoller {
@@ -216,20 +260,22 @@ impl BusPoller {
     /// Handles a `poll_now` request; `false` when the store task is gone.
     async fn poll_now(&mut self, req: PollNow) -> bool {
         let Some(i) = self.devices.iter().position(|d| d.device.id == req.device) else {
-            let _ = req.reply.send(Err(format!(
-                "device {} is not on bus {}",
-                req.device, self.bus.name
-            )));
+            let _ = req.reply.send(Err(PollNowError::NotOnBus {
+                device: req.device,
+                bus: self.bus.name.clone(),
+            }));
             return true;
         };
         let output = self.poll_device(i).await;
         let answer = match &output.status.last_reading {
-            Some(json) => serde_json::from_str(json).map_err(|e| e.to_string()),
-            None => Err(output
-                .status
-                .last_error
-                .clone()
-                .unwrap_or_else(|| output.status.result.clone())),
+            Some(json) => serde_json::from_str(json).map_err(PollNowError::from),
+            None => Err(PollNowError::Failed(
+                output
+                    .status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| output.status.result.clone()),
+            )),
         };
         let _ = req.reply.send(answer);
         self.send(output).await
@@ -294,14 +340,16 @@ impl BusPoller {
                 run.failures = 0;
                 run.failing_since = None;
                 run.last_failed = None;
-                let json = serde_json::to_string(&reading).ok();
-                records.push(Stamped::new(reading, stamp.clone()));
+                let reading = Stamped::new(reading, stamp.clone());
+                let json = reading.wire_json(Seq(0)).ok();
+                records.push(reading);
                 for e in events {
                     records.push(Stamped::new(e, stamp.clone()));
                 }
                 ("ok".to_string(), None, json)
             }
-            Outcome::Failed { kind, message } => {
+            Outcome::Failed(failure) => {
+                let message = failure.to_string();
                 run.failures = run.failures.saturating_add(1);
                 run.failing_since.get_or_insert(ts);
                 run.last_failed = Some(ts);
@@ -314,7 +362,7 @@ impl BusPoller {
                 } else {
                     tracing::debug!(%bus, %device, error = %message, failures = run.failures, "poll failed");
                 }
-                (kind.to_string(), Some(message), None)
+                (failure.label().to_string(), Some(message), None)
             }
         };
         self.metrics
@@ -385,10 +433,8 @@ impl BusPoller {
                     }
                 }
             }
-            let silent = reply.is_none()
-                && first_error
-                    .as_ref()
-                    .is_some_and(|e| e.kind() == "timeout" || e.is_link_down());
+            let silent =
+                reply.is_none() && first_error.as_ref().is_some_and(ModbusError::is_silent);
             replies.push(reply);
             if silent {
                 // Not answering at all: the remaining blocks would time out too.
@@ -409,19 +455,14 @@ impl BusPoller {
             }
         }
         if values.is_empty() {
-            return match first_error {
-                Some(e) => Outcome::Failed {
-                    kind: e.kind(),
-                    message: e.to_string(),
+            return Outcome::Failed(match first_error {
+                Some(e) => PollFailure::Modbus(e),
+                None => PollFailure::NothingDecoded {
+                    bus: self.bus.name.clone(),
+                    device: device.id.clone(),
+                    unit: device.unit,
                 },
-                None => Outcome::Failed {
-                    kind: "bad_frame",
-                    message: format!(
-                        "bus {} device {} (unit {}): no register decoded",
-                        self.bus.name, device.id, device.unit
-                    ),
-                },
-            };
+            });
         }
         let run = &mut self.devices[i];
         let verdict = run.validator.check(Sample {
@@ -431,10 +472,7 @@ impl BusPoller {
             missing,
         });
         verdict.count(&device.id, &self.metrics);
-        let (mut reading, events) = verdict.into_records(&device.id, ts);
-        if !stamp.trusted {
-            reading.q.set(Flag::ClockUnsynced);
-        }
+        let (reading, events) = verdict.into_records(&device.id, ts);
         Outcome::Read { reading, events }
     }
 

@@ -7,10 +7,11 @@
 //! the same `OutboxHandle` the uplink reads and acknowledges through, and reads the file to see
 //! what is left.
 
+use caudal_agent::command::CommandRequest;
 use caudal_agent::config::{OutboxConfig, Secret, Synchronous, UplinkConfig};
 use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
-use caudal_agent::uplink::{CommandRequest, Uplink, UplinkError};
+use caudal_agent::uplink::{Uplink, UplinkError};
 use caudal_common::payload::{Payload, decode};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{

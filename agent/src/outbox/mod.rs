@@ -33,14 +33,16 @@
 //!
 //! # Clock hold-back
 //!
-//! A record stamped with an untrusted clock ([`ClockStamp::trusted`] false) is committed to
-//! `held` and not sent: its wall time may be 1970. When the clock becomes trusted, the agent
-//! calls [`OutboxHandle::restamp`] with the current boot id and `wall − CLOCK_BOOTTIME`; records
-//! of that boot get their time recomputed from their `boottime_ms` (readings keep
-//! `clock_unsynced` and gain `restamped`); records of earlier boots cannot be recomputed and get
-//! `time_unknown` with the release time as an upper bound. They move to `records` in one
-//! transaction and [`SpoolState::generation`] changes, telling the uplink to rescan from the
-//! start since their seqs are below its cursor.
+//! A record stamped with an untrusted clock ([`ClockStamp::trusted`] false) is committed to `held`
+//! and not sent: its wall time may be 1970. A reading among them carries `clock_unsynced`: the
+//! outbox sets it on every record it commits ([`Draft::wire_json`]), so whoever produced the record
+//! only states how the clock stood. When the clock becomes trusted, the agent calls
+//! [`OutboxHandle::restamp`] with the current boot id and `wall − CLOCK_BOOTTIME`; records of that
+//! boot get their time recomputed from their `boottime_ms` (readings keep `clock_unsynced` and gain
+//! `restamped`); records of earlier boots cannot be recomputed and get `time_unknown` with the
+//! release time as an upper bound. They move to `records` in one transaction and
+//! [`SpoolState::generation`] changes, telling the uplink to rescan from the start since their seqs
+//! are below its cursor.
 //!
 //! # What a commit writes (flash wear)
 //!
@@ -80,6 +82,8 @@
 
 mod evict;
 mod inspect;
+#[cfg(test)]
+pub(crate) mod memory;
 mod schema;
 mod store;
 mod worker;
@@ -90,7 +94,7 @@ pub use store::{Outbox, Restamped};
 pub use worker::OutboxHandle;
 
 use caudal_common::payload::RecordKind;
-use caudal_common::{DeviceId, Event, Gap, Reading, Seq, SeqRange};
+use caudal_common::{DeviceId, Event, Flag, Gap, Reading, Seq, SeqRange};
 use chrono::{DateTime, Utc};
 use std::future::Future;
 use tokio::sync::watch;
@@ -147,6 +151,38 @@ impl Draft {
     pub fn stamped(self, clock: ClockStamp) -> Stamped {
         Stamped { draft: self, clock }
     }
+
+    /// The record's wire JSON as the outbox commits it: numbered `seq`, and taken under a clock
+    /// that was `clock_trusted` or not.
+    ///
+    /// **Clock rule.** A reading taken under an untrusted clock carries `clock_unsynced`, whether
+    /// or not its producer set it: its time may be 1970 or a step away from the truth. The
+    /// outbox owns the rule, as it also holds such records back and re-stamps them (adding
+    /// `restamped` or `time_unknown` beside it, never removing it), and enforces it here, on
+    /// every record it commits. Nobody else sets the flag; the poller encodes the reading it
+    /// hands back to `poll_now` here too, so that answer carries the same flags.
+    pub fn wire_json(&self, seq: Seq, clock_trusted: bool) -> serde_json::Result<String> {
+        match self {
+            Draft::Reading(r) => {
+                let mut r = r.clone();
+                r.seq = seq;
+                if !clock_trusted {
+                    r.q.set(Flag::ClockUnsynced);
+                }
+                serde_json::to_string(&r)
+            }
+            Draft::Event(e) => {
+                let mut e = e.clone();
+                e.seq = seq;
+                serde_json::to_string(&e)
+            }
+            Draft::Gap(g) => {
+                let mut g = g.clone();
+                g.seq = seq;
+                serde_json::to_string(&g)
+            }
+        }
+    }
 }
 
 impl From<Reading> for Draft {
@@ -171,8 +207,9 @@ impl From<Gap> for Draft {
 ///
 /// A record stamped `trusted: false` is committed but *held*: [`Spool::pending`] does not return
 /// it until [`OutboxHandle::restamp`] recomputes its time from `boottime_ms`. A reading stamped
-/// untrusted gets the `clock_unsynced` quality flag if the caller did not set it. For a gap the
-/// stamp refers to its `to` time; re-stamping shifts `from` and `to` alike.
+/// untrusted gets the `clock_unsynced` quality flag from the outbox ([`Draft::wire_json`]);
+/// callers do not set it. For a gap the stamp refers to its `to` time; re-stamping shifts
+/// `from` and `to` alike.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stamped {
     pub draft: Draft,
@@ -186,6 +223,12 @@ impl Stamped {
             draft: draft.into(),
             clock,
         }
+    }
+
+    /// The record's wire JSON as the outbox commits it with `seq`, under its own clock stamp
+    /// (see [`Draft::wire_json`] for the clock rule).
+    pub fn wire_json(&self, seq: Seq) -> serde_json::Result<String> {
+        self.draft.wire_json(seq, self.clock.trusted)
     }
 }
 
@@ -273,7 +316,9 @@ pub enum OutboxError {
 }
 
 /// What the uplink needs from the outbox. The seam exists so the uplink's state machine can be
-/// driven in tests; the agent always runs it on [`OutboxHandle`].
+/// driven in tests: the agent always runs it on [`OutboxHandle`], the uplink's unit tests on an
+/// in-memory double (`memory::MemorySpool`) that fails a read or an acknowledgement, or stops,
+/// on demand.
 pub trait Spool: Clone + Send + Sync + 'static {
     /// Sendable records (not acknowledged, not held back) with `after < seq <= upto`, ascending,
     /// at most `limit`.

@@ -831,32 +831,15 @@ fn gap_cost_bound(g: &Gap) -> Result<u64, OutboxError> {
     Ok(json.len() as u64 + ROW_OVERHEAD_BYTES)
 }
 
-/// The record's wire JSON with its seq; an untrusted reading carries `clock_unsynced`.
+/// The record's wire JSON with its seq; the clock rule (an untrusted reading carries
+/// `clock_unsynced`) is applied in [`Draft::wire_json`], for every record committed.
 fn encode(draft: &Draft, seq: Seq, trusted: bool) -> Result<String, OutboxError> {
-    let r = match draft {
-        Draft::Reading(r) => {
-            let mut r = r.clone();
-            r.seq = seq;
-            if !trusted {
-                r.q.set(Flag::ClockUnsynced);
-            }
-            serde_json::to_string(&r)
-        }
-        Draft::Event(e) => {
-            let mut e = e.clone();
-            e.seq = seq;
-            serde_json::to_string(&e)
-        }
-        Draft::Gap(g) => {
-            let mut g = g.clone();
-            g.seq = seq;
-            serde_json::to_string(&g)
-        }
-    };
-    r.map_err(|e| OutboxError::Corrupt {
-        seq,
-        reason: format!("cannot encode: {e}"),
-    })
+    draft
+        .wire_json(seq, trusted)
+        .map_err(|e| OutboxError::Corrupt {
+            seq,
+            reason: format!("cannot encode: {e}"),
+        })
 }
 
 /// A cheap upper estimate of a draft's stored cost, for the disk-full path.

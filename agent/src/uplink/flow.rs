@@ -435,6 +435,186 @@ mod tests {
         }
     }
 
+    // ---- A flow against the in-memory spool: what goes out, in which order, and what comes
+    // back after a timeout, a failed read or a release, without SQLite or a broker ----
+
+    use crate::outbox::memory::{MemorySpool, Op};
+    use crate::outbox::{OutboxError, Spool};
+
+    fn flow_cfg(max_records: usize, rate: u32, max_inflight: usize) -> FlowConfig {
+        FlowConfig {
+            max_records,
+            max_age: Duration::from_millis(50),
+            rate,
+            max_inflight,
+            ack_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn committed(spool: &MemorySpool) -> Seq {
+        spool.watch().borrow().committed
+    }
+
+    /// The next batch at `now`: its class and seqs.
+    async fn next(
+        flow: &mut Flow,
+        spool: &MemorySpool,
+        holds: &Holds,
+        now: Instant,
+    ) -> Option<(Class, Vec<u64>)> {
+        let out = flow
+            .next(spool, committed(spool), holds, now)
+            .await
+            .expect("the spool answers");
+        out.map(|o| (o.class, o.records.iter().map(|p| p.seq.0).collect()))
+    }
+
+    /// Publishes the next batch as `id` at `now`.
+    async fn send(
+        flow: &mut Flow,
+        spool: &MemorySpool,
+        id: &str,
+        now: Instant,
+    ) -> (Class, Vec<u64>) {
+        let out = flow
+            .next(spool, committed(spool), &Holds::default(), now)
+            .await
+            .expect("the spool answers")
+            .expect("a batch is due");
+        flow.sent(id.into(), &out.records, out.class, now);
+        (out.class, out.records.iter().map(|p| p.seq.0).collect())
+    }
+
+    fn range(from: u64, to: u64) -> SeqRange {
+        SeqRange {
+            from: Seq(from),
+            to: Seq(to),
+        }
+    }
+
+    #[tokio::test]
+    async fn live_records_go_out_before_the_backlog_which_follows_at_its_rate() {
+        let spool = MemorySpool::new();
+        spool.commit(8);
+        let t0 = Instant::now();
+        let holds = Holds::default();
+        let mut flow = Flow::new(flow_cfg(4, 4, 8), committed(&spool), t0);
+        spool.commit(4);
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t0).await,
+            Some((Class::Live, vec![9, 10, 11, 12])),
+            "a full live batch goes first although the backlog's tokens are there"
+        );
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t0).await,
+            Some((Class::Backlog, vec![1, 2, 3, 4]))
+        );
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t0).await,
+            None,
+            "the bucket is empty"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t1).await,
+            Some((Class::Backlog, vec![5, 6, 7, 8]))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_not_acknowledged_in_time_is_sent_again_with_what_is_still_pending() {
+        let spool = MemorySpool::new();
+        spool.commit(4);
+        let t0 = Instant::now();
+        let mut holds = Holds::default();
+        let mut flow = Flow::new(flow_cfg(4, 1000, 8), committed(&spool), t0);
+        assert_eq!(
+            send(&mut flow, &spool, "b1", t0).await,
+            (Class::Backlog, vec![1, 2, 3, 4])
+        );
+        assert_eq!(next(&mut flow, &spool, &holds, t0).await, None);
+        // An acknowledgement of an earlier copy deleted part of it meanwhile.
+        assert_eq!(spool.ack(vec![range(1, 2)]).await.expect("acked"), 2);
+        let late = t0 + Duration::from_secs(2);
+        assert_eq!(flow.expire(&mut holds, late), vec!["b1".to_string()]);
+        assert_eq!(
+            next(&mut flow, &spool, &holds, late).await,
+            Some((Class::Redo, vec![3, 4]))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_outbox_read_skips_nothing() {
+        let spool = MemorySpool::new();
+        spool.commit(3);
+        let t0 = Instant::now();
+        let holds = Holds::default();
+        let mut flow = Flow::new(flow_cfg(4, 1000, 8), committed(&spool), t0);
+        spool.fail_next(Op::Pending, OutboxError::Full);
+        assert!(matches!(
+            flow.next(&spool, committed(&spool), &holds, t0).await,
+            Err(OutboxError::Full)
+        ));
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t0).await,
+            Some((Class::Backlog, vec![1, 2, 3])),
+            "the next read starts where the failed one did"
+        );
+    }
+
+    #[tokio::test]
+    async fn records_released_below_the_cursor_are_found_by_a_rescan() {
+        let spool = MemorySpool::new();
+        spool.commit(2);
+        spool.commit_held(2);
+        spool.commit(1);
+        let t0 = Instant::now();
+        let holds = Holds::default();
+        let mut flow = Flow::new(flow_cfg(4, 1000, 8), committed(&spool), t0);
+        assert_eq!(
+            send(&mut flow, &spool, "b1", t0).await,
+            (Class::Backlog, vec![1, 2, 5]),
+            "held records are not sendable"
+        );
+        flow.take("b1");
+        spool.ack(vec![range(1, 5)]).await.expect("acked");
+        assert_eq!(next(&mut flow, &spool, &holds, t0).await, None);
+
+        let mut state = spool.watch();
+        spool.release();
+        assert!(state.has_changed().expect("spool alive"));
+        flow.rescan(state.borrow_and_update().committed);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t1).await,
+            Some((Class::Backlog, vec![3, 4]))
+        );
+    }
+
+    #[tokio::test]
+    async fn no_batch_beyond_the_in_flight_window() {
+        let spool = MemorySpool::new();
+        spool.commit(8);
+        let t0 = Instant::now();
+        let holds = Holds::default();
+        let mut flow = Flow::new(flow_cfg(4, 1000, 1), committed(&spool), t0);
+        assert_eq!(
+            send(&mut flow, &spool, "b1", t0).await,
+            (Class::Backlog, vec![1, 2, 3, 4])
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t1).await,
+            None,
+            "window full"
+        );
+        flow.take("b1");
+        assert_eq!(
+            next(&mut flow, &spool, &holds, t1).await,
+            Some((Class::Backlog, vec![5, 6, 7, 8]))
+        );
+    }
+
     #[test]
     fn bucket_refills_at_rate_up_to_its_capacity() {
         let t0 = Instant::now();

@@ -23,6 +23,11 @@
 //! `ack_timeout_s` is rebuilt from what is still pending and sent again. A rejected batch's
 //! records stay in the outbox and are held back for [`REJECT_HOLD`] without stopping the others.
 //!
+//! **Commands.** A command on `caudal/v1/{site}/command` is executed by whoever
+//! [`command::Executor::of`] names: the uplink answers `ping` and `publish_status` itself and
+//! hands the rest to the commands task as a [`CommandRequest`], which answers within
+//! [`command::COMMAND_TIMEOUT`]; the uplink publishes each [`CommandResult`] as it comes back.
+//!
 //! **Queues.** rumqttc's request queue holds one slot per in-flight batch plus a few for control
 //! messages; the uplink only ever `try_`publishes into it, and when it is full a batch waits for
 //! the next turn and a control message (status, command result) waits in a small queue that drops
@@ -31,9 +36,14 @@
 
 mod flow;
 pub mod options;
+#[cfg(test)]
+mod tests;
 
 pub use options::{BrokerUrl, default_client_id, mqtt_options, tls_config};
 
+use crate::command::{
+    self, CommandError, CommandRequest, Executor, MAX_COMMANDS_IN_PROGRESS, UplinkCommand,
+};
 use crate::config::UplinkConfig;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, Spool, SpoolState};
@@ -41,8 +51,8 @@ use crate::watchdog::Heartbeat;
 use caudal_common::payload::{Payload, RawBatch, decode};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{
-    Ack, AckStatus, Command, CommandKind, CommandResult, DesiredConfig, DeviceState,
-    SCHEMA_VERSION, Seq, SeqRange, SiteId, Status,
+    Ack, AckStatus, Command, CommandResult, DesiredConfig, DeviceState, SCHEMA_VERSION, Seq,
+    SeqRange, SiteId, Status,
 };
 use flow::{Flow, FlowConfig, Holds};
 use rumqttc::{
@@ -62,10 +72,6 @@ use tracing::{debug, error, info, warn};
 
 /// How long the records of a rejected batch are held back before they are sent again.
 pub const REJECT_HOLD: Duration = Duration::from_secs(60);
-/// How long a forwarded command may take before an error result is published.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-/// Forwarded commands waiting for their result, at most; more are answered "busy".
-pub const MAX_COMMANDS_IN_PROGRESS: usize = 8;
 /// Control messages (status, command results) waiting for room in the request queue, at most.
 const DEFERRED_CAP: usize = 32;
 /// Events from the event-loop task waiting for the uplink.
@@ -78,15 +84,6 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(20);
 /// After an outbox read error, when to try again.
 const OUTBOX_RETRY: Duration = Duration::from_secs(1);
-
-/// A command the uplink cannot answer itself (e.g. `poll_now`), handed to the component that
-/// can. The uplink publishes whatever comes back on `reply`, or an error result after
-/// [`COMMAND_TIMEOUT`] or when `reply` is dropped.
-#[derive(Debug)]
-pub struct CommandRequest {
-    pub command: Command,
-    pub reply: oneshot::Sender<CommandResult>,
-}
 
 /// Errors of the uplink: configuration problems found by [`Uplink::new`], and the two ways
 /// [`Uplink::run`] stops without being asked to.
@@ -215,22 +212,7 @@ impl<S: Spool> Uplink<S> {
         let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (resume, resume_rx) = mpsc::channel(1);
         let transport = AbortOnDrop(tokio::spawn(drive(eventloop, event_tx, resume_rx)));
-        let spool_rx = self.spool.watch();
-        let mut d = Driver {
-            up: self,
-            client,
-            events,
-            resume,
-            spool_rx,
-            holds: Holds::default(),
-            ids: BatchIds::new(),
-            deferred: VecDeque::new(),
-            in_progress: JoinSet::new(),
-            attempt: 0,
-            online: false,
-            clock_open: true,
-            retry_at: None,
-        };
+        let mut d = Driver::new(self, client, events, resume);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut state = State::Connecting;
         let result = loop {
@@ -319,6 +301,7 @@ struct Driver<S: Spool> {
     holds: Holds,
     ids: BatchIds,
     deferred: VecDeque<Control>,
+    /// Dispatched commands waiting for their result (at most [`MAX_COMMANDS_IN_PROGRESS`]).
     in_progress: JoinSet<CommandResult>,
     /// Consecutive failed attempts, for the back-off.
     attempt: u32,
@@ -332,6 +315,30 @@ struct Driver<S: Spool> {
 type Shutdown<'a, F> = Pin<&'a mut F>;
 
 impl<S: Spool> Driver<S> {
+    fn new(
+        up: Uplink<S>,
+        client: AsyncClient,
+        events: mpsc::Receiver<Result<Event, ConnectionError>>,
+        resume: mpsc::Sender<()>,
+    ) -> Driver<S> {
+        let spool_rx = up.spool.watch();
+        Driver {
+            up,
+            client,
+            events,
+            resume,
+            spool_rx,
+            holds: Holds::default(),
+            ids: BatchIds::new(),
+            deferred: VecDeque::new(),
+            in_progress: JoinSet::new(),
+            attempt: 0,
+            online: false,
+            clock_open: true,
+            retry_at: None,
+        }
+    }
+
     // ---- States ----
 
     async fn connecting<F: Future<Output = ()>>(
@@ -845,8 +852,12 @@ impl<S: Spool> Driver<S> {
                 match id {
                     Some(id) => {
                         warn!(command = %id, error = %e, "command not understood");
-                        let msg = format!("command {id} not understood: {e}");
-                        self.send_result(failure(&self.up.site, &id, msg));
+                        let r = command::result(
+                            &self.up.site,
+                            &id,
+                            Err(CommandError::NotUnderstood(e)),
+                        );
+                        self.send_result(r);
                     }
                     None => warn!(error = %e, "undecodable command without an id; no result sent"),
                 }
@@ -854,73 +865,47 @@ impl<S: Spool> Driver<S> {
             }
         };
         info!(command = %cmd.id, kind = ?cmd.kind, "command received");
-        match &cmd.kind {
-            CommandKind::Ping => {
-                self.send_result(success(&self.up.site, &cmd.id, serde_json::Value::Null));
+        match Executor::of(&cmd.kind) {
+            Executor::Uplink(UplinkCommand::Ping) => {
+                let r = command::result(&self.up.site, &cmd.id, Ok(serde_json::Value::Null));
+                self.send_result(r);
             }
-            CommandKind::PublishStatus => {
+            Executor::Uplink(UplinkCommand::PublishStatus) => {
                 self.publish_status().await?;
-                self.send_result(success(&self.up.site, &cmd.id, serde_json::Value::Null));
+                let r = command::result(&self.up.site, &cmd.id, Ok(serde_json::Value::Null));
+                self.send_result(r);
             }
-            CommandKind::PollNow { .. } => self.forward(cmd),
+            Executor::Dispatched(_) => self.dispatch(cmd),
         }
         Ok(())
     }
 
-    /// Hands a command to its handler; the result is published when it arrives.
-    fn forward(&mut self, cmd: Command) {
+    /// Hands a command to the commands task; its result is published when it comes back. No
+    /// timeout here: the commands task answers within [`command::COMMAND_TIMEOUT`].
+    fn dispatch(&mut self, cmd: Command) {
         let site = self.up.site.clone();
         let id = cmd.id.clone();
         if self.in_progress.len() >= MAX_COMMANDS_IN_PROGRESS {
-            let msg = format!(
-                "command {id}: {MAX_COMMANDS_IN_PROGRESS} commands already in progress; try again later"
-            );
-            self.send_result(failure(&site, &id, msg));
+            self.send_result(command::result(&site, &id, Err(CommandError::Busy)));
             return;
         }
         let (reply, answer) = oneshot::channel();
-        match self.up.commands.try_send(CommandRequest {
+        let refused = match self.up.commands.try_send(CommandRequest {
             command: cmd,
             reply,
         }) {
             Ok(()) => {
                 self.in_progress.spawn(async move {
-                    let mut r = match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => failure(
-                            &site,
-                            &id,
-                            format!("command {id}: dropped without an answer"),
-                        ),
-                        Err(_) => failure(
-                            &site,
-                            &id,
-                            format!(
-                                "command {id}: no answer within {} s",
-                                COMMAND_TIMEOUT.as_secs()
-                            ),
-                        ),
-                    };
-                    r.site = site;
-                    r.id = id;
-                    r
+                    answer
+                        .await
+                        .unwrap_or_else(|_| command::result(&site, &id, Err(CommandError::Dropped)))
                 });
+                return;
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.send_result(failure(
-                    &site,
-                    &id,
-                    format!("command {id}: agent busy, command queue full"),
-                ));
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.send_result(failure(
-                    &site,
-                    &id,
-                    format!("command {id}: no component handles it"),
-                ));
-            }
-        }
+            Err(mpsc::error::TrySendError::Full(_)) => CommandError::QueueFull,
+            Err(mpsc::error::TrySendError::Closed(_)) => CommandError::NoExecutor,
+        };
+        self.send_result(command::result(&site, &id, Err(refused)));
     }
 
     fn command_finished(&mut self, r: Result<CommandResult, tokio::task::JoinError>) {
@@ -936,27 +921,5 @@ impl<S: Spool> Driver<S> {
         }
         let t = topic::topic(&self.up.site, TopicKind::CommandResult);
         self.send_control(t, false, r.encode());
-    }
-}
-
-fn success(site: &SiteId, id: &str, output: serde_json::Value) -> CommandResult {
-    CommandResult {
-        v: SCHEMA_VERSION,
-        site: site.clone(),
-        id: id.to_string(),
-        ok: true,
-        output,
-        error: None,
-    }
-}
-
-fn failure(site: &SiteId, id: &str, error: String) -> CommandResult {
-    CommandResult {
-        v: SCHEMA_VERSION,
-        site: site.clone(),
-        id: id.to_string(),
-        ok: false,
-        output: serde_json::Value::Null,
-        error: Some(error),
     }
 }
