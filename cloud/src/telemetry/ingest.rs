@@ -135,7 +135,8 @@ impl Rejection {
             Rejection::Decode(DecodeError::NoVersion(_)) => "not_json",
             Rejection::Decode(DecodeError::UnsupportedVersion(_)) => "unsupported_version",
             Rejection::Decode(DecodeError::Invalid(_)) => "invalid",
-            Rejection::Decode(DecodeError::Rule(_)) | Rejection::Rule(_) => "rule",
+            Rejection::Decode(DecodeError::Rule(_) | DecodeError::Batch(_))
+            | Rejection::Rule(_) => "rule",
             Rejection::SiteMismatch { .. } => "site_mismatch",
             Rejection::UnknownSite(_) => "unknown_site",
             Rejection::InactiveSite(_) => "inactive_site",
@@ -914,15 +915,11 @@ impl Worker {
                 return None;
             }
         };
-        let refused = if batch.site != site {
-            Some(Rejection::SiteMismatch {
+        if batch.site != site {
+            let r = Rejection::SiteMismatch {
                 topic: site.clone(),
                 payload: batch.site.clone(),
-            })
-        } else {
-            check_batch(&batch).err().map(Rejection::Rule)
-        };
-        if let Some(r) = refused {
+            };
             self.reject(&topic, Some(&site), Some(&batch.batch), &msg, r)
                 .await;
             return None;
@@ -1037,6 +1034,7 @@ impl Worker {
             }
             Err(StoreError::UnknownSite(s)) => Rejection::UnknownSite(s),
             Err(StoreError::InactiveSite(s)) => Rejection::InactiveSite(s),
+            Err(StoreError::Batch(rule)) => Rejection::Rule(rule.to_string()),
             Err(StoreError::Invalid(rule)) => Rejection::Rule(rule),
             Err(StoreError::Database(e)) => return self.failed(p, &e),
         };
@@ -1092,6 +1090,10 @@ impl Worker {
             Err(StoreError::Invalid(rule)) => {
                 self.reject(topic, Some(&site), None, msg, Rejection::Rule(rule))
                     .await
+            }
+            Err(StoreError::Batch(rule)) => {
+                let r = Rejection::Rule(rule.to_string());
+                self.reject(topic, Some(&site), None, msg, r).await
             }
             Err(StoreError::Database(e)) => {
                 self.metrics.store_errors.inc();
@@ -1184,37 +1186,6 @@ fn loose_batch_id(payload: &[u8]) -> Option<String> {
     v.get("batch")?.as_str().map(str::to_string)
 }
 
-/// Rules the contract states that `caudal_common`'s decoder does not check: every seq fits the
-/// layout (bit 63 clear) and no seq appears twice in one batch. Also refused here: text the
-/// databases cannot store (PostgreSQL's `text` and `jsonb` take no NUL character), so such a
-/// batch gets a precise rejection instead of failing its transaction on every re-send.
-pub fn check_batch(b: &Batch) -> Result<(), String> {
-    let seqs = b.seqs();
-    if let Some(s) = seqs.iter().find(|s| !s.is_valid()) {
-        return Err(format!("seq {} has bit 63 set", s.0));
-    }
-    if let Some(w) = seqs.windows(2).find(|w| w[0] == w[1]) {
-        return Err(format!("seq {} appears more than once in the batch", w[0]));
-    }
-    if let Some(e) = b.events.iter().find(|e| e.message.contains('\0')) {
-        return Err(format!(
-            "event seq {}: message contains a NUL character",
-            e.seq
-        ));
-    }
-    if let Some(r) = b
-        .readings
-        .iter()
-        .find(|r| r.extra.keys().any(|k| k.contains('\0')))
-    {
-        return Err(format!(
-            "reading seq {}: an extra channel name contains a NUL character",
-            r.seq
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1252,16 +1223,5 @@ mod tests {
         assert!(mqtt_options("tcp://x:1", &cfg).is_err());
         assert!(mqtt_options("mqtt://x:notaport", &cfg).is_err());
         assert!(mqtt_options("mqtt://", &cfg).is_err());
-    }
-
-    #[test]
-    fn duplicate_seqs_are_refused() {
-        let b: Batch = payload::decode(
-            br#"{"v":1,"site":"s","batch":"b","sent_at":"2026-01-01T00:00:00Z",
-                "readings":[{"seq":5,"device":"d","ts":"2026-01-01T00:00:00Z"}],
-                "events":[{"seq":5,"ts":"2026-01-01T00:00:00Z","kind":"agent_started"}]}"#,
-        )
-        .expect("decodes");
-        assert!(check_batch(&b).is_err());
     }
 }

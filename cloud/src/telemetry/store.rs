@@ -19,7 +19,7 @@
 //! instead of failing to upgrade).
 
 use crate::core::db::{Db, from_sqlite_time, sqlite_time};
-use caudal_common::{Batch, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
+use caudal_common::{Batch, BatchError, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder, Row, Sqlite, Transaction};
@@ -35,6 +35,10 @@ pub enum StoreError {
     UnknownSite(SiteId),
     #[error("site {0} is not active")]
     InactiveSite(SiteId),
+    /// The batch breaks a rule of the contract (`Batch::check`); nothing of it was written.
+    #[error("{0}")]
+    Batch(#[from] BatchError),
+    /// What is stored cannot be read back.
     #[error("{0}")]
     Invalid(String),
     #[error("database: {0}")]
@@ -49,17 +53,12 @@ pub struct Stored {
     pub gaps: u64,
 }
 
-fn seq_i64(kind: &str, s: Seq) -> Result<i64, StoreError> {
-    i64::try_from(s.0)
-        .map_err(|_| StoreError::Invalid(format!("{kind} seq {} has bit 63 set", s.0)))
-}
-
-/// A seq that [`fits`] already checked, as the database column holds it.
+/// A seq as the database column holds it; [`Batch::check`] has refused any that does not fit.
 fn seq_col(s: Seq) -> i64 {
     i64::try_from(s.0).unwrap_or(i64::MAX)
 }
 
-/// A gap's seq range end, checked by [`fits`].
+/// A gap's seq range end, checked by [`Batch::check`].
 fn gap_col(g: &Gap, end: impl Fn(&caudal_common::SeqRange) -> Seq) -> Option<i64> {
     g.seqs.as_ref().map(|r| seq_col(end(r)))
 }
@@ -107,7 +106,7 @@ pub struct GroupStored {
     /// Records newly stored by the group's accepted batches together (duplicates not counted).
     pub stored: Stored,
     /// One outcome per batch, in the group's order: stored and committed, or refused (unknown or
-    /// inactive site, a seq that does not fit) with nothing of it written.
+    /// inactive site, a broken rule of the contract) with nothing of it written.
     pub outcomes: Vec<Result<(), StoreError>>,
 }
 
@@ -118,7 +117,12 @@ pub async fn store_batches(
     db: &Db,
     group: &[(&Batch, DateTime<Utc>)],
 ) -> Result<GroupStored, sqlx::Error> {
-    let mut outcomes: Vec<Result<(), StoreError>> = group.iter().map(|(b, _)| fits(b)).collect();
+    // The ingest decoded each batch with these rules already; checked again here because the
+    // columns depend on them whoever calls.
+    let mut outcomes: Vec<Result<(), StoreError>> = group
+        .iter()
+        .map(|(b, _)| b.check().map_err(StoreError::from))
+        .collect();
     let sites: Vec<&str> = {
         let mut v: Vec<&str> = group.iter().map(|(b, _)| b.site.as_str()).collect();
         v.sort_unstable();
@@ -181,22 +185,6 @@ impl Stored {
     }
 }
 
-/// Every seq of the batch fits the database's signed 64-bit column.
-fn fits(b: &Batch) -> Result<(), StoreError> {
-    for r in &b.readings {
-        seq_i64("reading", r.seq)?;
-    }
-    for e in &b.events {
-        seq_i64("event", e.seq)?;
-    }
-    for g in &b.gaps {
-        seq_i64("gap", g.seq)?;
-        gap_range(g, |r| r.from)?;
-        gap_range(g, |r| r.to)?;
-    }
-    Ok(())
-}
-
 fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
     match active {
         None => Err(StoreError::UnknownSite(site.clone())),
@@ -205,7 +193,7 @@ fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
     }
 }
 
-/// Writes one batch whose site and seqs were checked ([`fits`], [`check_site`]).
+/// Writes one batch whose site and rules were checked ([`check_site`], [`Batch::check`]).
 async fn sqlite_batch(
     tx: &mut Transaction<'static, Sqlite>,
     batch: &Batch,
@@ -292,16 +280,6 @@ async fn sqlite_batch(
     .execute(&mut **tx)
     .await?;
     Ok(stored)
-}
-
-fn gap_range(
-    g: &Gap,
-    end: impl Fn(&caudal_common::SeqRange) -> Seq,
-) -> Result<Option<i64>, StoreError> {
-    g.seqs
-        .as_ref()
-        .map(|r| seq_i64("gap range", end(r)))
-        .transpose()
 }
 
 /// Writes the accepted batches of a group (sites and seqs checked): all their readings in one
