@@ -1,7 +1,7 @@
 //! Catchment: the places water is taken from and what measures it. Catchment points (the
 //! regulator's "obras", [`point`]), sites (one agent each, with its MQTT credential: [`site`],
 //! [`credentials`]) and the devices of each site, linked to points ([`device`]); the validated
-//! identifiers the DGA uses ([`obra`], [`rut`]).
+//! identifiers the DGA uses ([`obra`], [`rut`]) and the time it counts in ([`dga_time`]).
 //!
 //! Routes (every one takes a bearer token; see `users::Caller`):
 //!
@@ -22,6 +22,7 @@
 
 pub mod credentials;
 pub mod device;
+pub mod dga_time;
 pub mod obra;
 pub mod point;
 pub mod rut;

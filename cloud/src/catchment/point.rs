@@ -18,6 +18,7 @@
 use super::obra::ObraCode;
 use super::rut::Rut;
 use crate::core::db::{Db, each_db};
+use caudal_common::SiteId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -422,6 +423,73 @@ pub async fn list(db: &Db) -> Result<Vec<Point>, PointError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(p).await?;
         point_rows!(rows, from_row)
     })
+}
+
+/// A water right a point may hold: what it may extract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    /// `authorized_flow_lps`, L/s.
+    AuthorizedFlow,
+    /// `annual_volume_m3`, m³ in a DGA year.
+    AnnualVolume,
+}
+
+impl Right {
+    fn column(self) -> &'static str {
+        match self {
+            Right::AuthorizedFlow => "authorized_flow_lps",
+            Right::AnnualVolume => "annual_volume_m3",
+        }
+    }
+}
+
+/// An active point's right, with the devices that measure it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeasuredRight {
+    pub id: i64,
+    pub name: String,
+    pub obra_code: Option<String>,
+    /// The right's value, in its unit.
+    pub limit: f64,
+    /// `(site, device)` of each active device on an active site linked to the point, by site
+    /// then device.
+    pub devices: Vec<(SiteId, String)>,
+}
+
+/// Active points holding `right` and measured by at least one active device on an active
+/// site, by id.
+pub async fn measured_rights(db: &Db, right: Right) -> Result<Vec<MeasuredRight>, PointError> {
+    let column = right.column();
+    let sql = format!(
+        "SELECT p.id, p.name, p.obra_code, p.{column} AS limit_value, d.site, d.id AS device \
+         FROM catchment_points p \
+         JOIN devices d ON d.point_id = p.id AND d.active \
+         JOIN sites s ON s.id = d.site AND s.active \
+         WHERE p.active AND p.{column} IS NOT NULL ORDER BY p.id, d.site, d.id"
+    );
+    let rows: Vec<(i64, String, Option<String>, f64, String, String)> =
+        each_db!(db, |p, _to, _from| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(p)
+                .await?
+        });
+    let mut out: Vec<MeasuredRight> = Vec::new();
+    for (id, name, obra_code, limit, site, device) in rows {
+        let Ok(site) = SiteId::new(&site) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(p) if p.id == id => p.devices.push((site, device)),
+            _ => out.push(MeasuredRight {
+                id,
+                name,
+                obra_code,
+                limit,
+                devices: vec![(site, device)],
+            }),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

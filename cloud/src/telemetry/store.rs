@@ -18,11 +18,12 @@
 //! transaction (taking the write lock up front, so concurrent writers wait on the busy timeout
 //! instead of failing to upgrade).
 
-use crate::core::db::{Db, from_sqlite_time, sqlite_time};
+use crate::core::db::{Db, each_db, from_sqlite_time, sqlite_time};
 use caudal_common::{Batch, BatchError, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder, Row, Sqlite, Transaction};
+use std::collections::HashMap;
 
 /// Readings per SQLite `INSERT` statement: 10 columns each, well under SQLite's 32766 bound
 /// parameters.
@@ -625,6 +626,20 @@ pub async fn site_status(db: &Db, site: &SiteId) -> Result<Option<SiteStatus>, S
             }))
         }
     }
+}
+
+/// When each site's agent was last heard (a status from the agent, or a batch), by site id;
+/// a site never heard from is absent.
+pub async fn last_seen(db: &Db) -> Result<HashMap<String, DateTime<Utc>>, sqlx::Error> {
+    let sql = "SELECT site, last_seen FROM site_status WHERE last_seen IS NOT NULL";
+    Ok(each_db!(db, |pool, to_db, from_row| {
+        let rows = sqlx::query(sql).fetch_all(pool).await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            out.insert(r.try_get("site")?, from_row(r, "last_seen")?);
+        }
+        out
+    }))
 }
 
 /// How many records of each kind are stored for a site.
