@@ -7,6 +7,7 @@ use super::point::{self, NewPoint, Point, PointError, PointPatch};
 use super::site::{self, Site, SiteError};
 use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::Permission;
+use crate::core::openapi::{DevicePath, Forbidden, SiteNotFound, SitePath, Unauthorized};
 use crate::users::Caller;
 use axum::Json;
 use axum::extract::State;
@@ -138,7 +139,7 @@ fn secret_response(status: StatusCode, body: impl Serialize) -> Response {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Every site", body = Vec<site::Site>),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        Unauthorized,
     ),
 )]
 pub(super) async fn list_sites(
@@ -160,8 +161,8 @@ pub(super) async fn list_sites(
     responses(
         (status = 201, description = "Registered: the site and its agent's MQTT login", body = CreatedSite, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 409, description = "The site id is taken", body = ErrorBody),
     ),
 )]
@@ -201,12 +202,12 @@ pub(super) async fn create_site(
     path = "/api/v1/sites/{site}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     responses(
         (status = 200, description = "The site", body = Site),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn get_site(
@@ -228,14 +229,14 @@ pub(super) async fn get_site(
     path = "/api/v1/sites/{site}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     request_body = SitePatch,
     responses(
         (status = 200, description = "The site", body = Site),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn update_site(
@@ -264,13 +265,13 @@ pub(super) async fn update_site(
     path = "/api/v1/sites/{site}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn deactivate_site(
@@ -292,13 +293,13 @@ pub(super) async fn deactivate_site(
     path = "/api/v1/sites/{site}/credentials",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     responses(
         (status = 200, description = "The site's new MQTT login", body = MqttCredentials, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a secret"))),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn rotate_credentials(
@@ -326,12 +327,12 @@ pub(super) async fn rotate_credentials(
     path = "/api/v1/sites/{site}/devices",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     responses(
         (status = 200, description = "The site's devices", body = Vec<Device>),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn list_devices(
@@ -350,14 +351,14 @@ pub(super) async fn list_devices(
     path = "/api/v1/sites/{site}/devices",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     request_body = NewDevice,
     responses(
         (status = 201, description = "Registered: the device", body = Device),
         (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
+        SiteNotFound,
         (status = 409, description = "The device id is taken on this site, or the point is inactive", body = ErrorBody),
     ),
 )]
@@ -381,11 +382,11 @@ pub(super) async fn create_device(
     path = "/api/v1/sites/{site}/devices/{device}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("device" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(DevicePath),
     responses(
         (status = 200, description = "The device", body = Device),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        Unauthorized,
         (status = 404, description = "No such device on this site", body = ErrorBody),
     ),
 )]
@@ -410,13 +411,13 @@ pub(super) async fn get_device(
     path = "/api/v1/sites/{site}/devices/{device}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("device" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(DevicePath),
     request_body = DevicePatch,
     responses(
         (status = 200, description = "The device", body = Device),
         (status = 400, description = "A field or the path is wrong, or `point_id` names no point; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such device on this site", body = ErrorBody),
         (status = 409, description = "The point is inactive", body = ErrorBody),
     ),
@@ -442,12 +443,12 @@ pub(super) async fn update_device(
     path = "/api/v1/sites/{site}/devices/{device}",
     tag = "catchment",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ("device" = String, Path, description = "Device id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(DevicePath),
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such device on this site", body = ErrorBody),
     ),
 )]
@@ -476,7 +477,7 @@ pub(super) async fn deactivate_device(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Every catchment point", body = Vec<Point>),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        Unauthorized,
     ),
 )]
 pub(super) async fn list_points(
@@ -497,8 +498,8 @@ pub(super) async fn list_points(
     responses(
         (status = 201, description = "Created: the catchment point", body = Point),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
     ),
 )]
@@ -524,7 +525,7 @@ pub(super) async fn create_point(
     responses(
         (status = 200, description = "The catchment point", body = Point),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        Unauthorized,
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),
 )]
@@ -553,8 +554,8 @@ pub(super) async fn get_point(
     responses(
         (status = 200, description = "The catchment point", body = Point),
         (status = 400, description = "A field or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such catchment point", body = ErrorBody),
         (status = 409, description = "The obra code belongs to another point", body = ErrorBody),
     ),
@@ -589,8 +590,8 @@ pub(super) async fn update_point(
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),
 )]

@@ -10,6 +10,7 @@ use super::store;
 use crate::catchment::site;
 use crate::core::api::{ApiError, ApiPath, ApiQuery, ApiState, ErrorBody};
 use crate::core::auth::Permission;
+use crate::core::openapi::{SiteNotFound, SitePath, Unauthorized};
 use crate::users::Caller;
 use axum::Json;
 use axum::extract::State;
@@ -170,12 +171,12 @@ pub(super) struct ReadingsAnswer {
     path = "/api/v1/sites/{site}/readings",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), ReadingsParams),
+    params(SitePath, ReadingsParams),
     responses(
         (status = 200, description = "The readings, raw or aggregated", body = ReadingsAnswer),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn readings(
@@ -284,12 +285,12 @@ pub(super) struct LatestAnswer {
     path = "/api/v1/sites/{site}/latest",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    params(SitePath),
     responses(
         (status = 200, description = "The latest values and the agent's status", body = LatestAnswer),
         (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn latest(
@@ -347,12 +348,12 @@ pub(super) struct CompletenessParams {
     path = "/api/v1/sites/{site}/completeness",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), CompletenessParams),
+    params(SitePath, CompletenessParams),
     responses(
         (status = 200, description = "The site's completeness over the range", body = Completeness),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn completeness(
@@ -453,12 +454,12 @@ pub(super) struct EventsAnswer {
     path = "/api/v1/sites/{site}/events",
     tag = "telemetry",
     security(("bearer" = [])),
-    params(("site" = String, Path, description = "Site id", pattern = "^[A-Za-z0-9._-]{1,64}$"), EventsParams),
+    params(SitePath, EventsParams),
     responses(
         (status = 200, description = "A page of events", body = EventsAnswer),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 404, description = "No such site", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
     ),
 )]
 pub(super) async fn events(

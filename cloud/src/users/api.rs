@@ -6,6 +6,7 @@ use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::{self, Permission, Role};
 use crate::core::config::Secret;
 use crate::core::metrics::KindLabels;
+use crate::core::openapi::{Forbidden, Unauthorized};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -139,7 +140,7 @@ pub(super) async fn login(
     path = "/api/v1/auth/me",
     tag = "users",
     security(("bearer" = [])),
-    responses((status = 200, description = "The account", body = User), (status = 401, description = "No valid bearer token", body = ErrorBody)),
+    responses((status = 200, description = "The account", body = User), Unauthorized),
 )]
 pub(super) async fn me(caller: Caller) -> Json<User> {
     Json(caller.user)
@@ -158,8 +159,8 @@ fn user_id(raw: &str) -> Result<i64, ApiError> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Every account", body = Vec<User>),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
     ),
 )]
 pub(super) async fn list_users(
@@ -194,8 +195,8 @@ pub(super) struct NewUser {
     responses(
         (status = 201, description = "Created: the account", body = User),
         (status = 400, description = "A field is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 409, description = "The email is taken", body = ErrorBody),
     ),
 )]
@@ -222,8 +223,8 @@ pub(super) async fn create_user(
     responses(
         (status = 200, description = "The account", body = User),
         (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such account", body = ErrorBody),
     ),
 )]
@@ -285,8 +286,8 @@ async fn keep_an_admin(state: &ApiState, id: i64, change: &Change) -> Result<(),
     responses(
         (status = 200, description = "The account", body = User),
         (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "It would leave no active admin", body = ErrorBody),
     ),
@@ -325,8 +326,8 @@ pub(super) async fn update_user(
     responses(
         (status = 204, description = "Deactivated"),
         (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such account", body = ErrorBody),
         (status = 409, description = "It is the last active admin", body = ErrorBody),
     ),

@@ -5,6 +5,7 @@ use super::store::{self, Filter};
 use super::{Alert, AlertError, AlertKind, AlertState, MAX_LIST};
 use crate::core::api::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody};
 use crate::core::auth::Permission;
+use crate::core::openapi::{Forbidden, Unauthorized};
 use crate::users::Caller;
 use axum::Json;
 use axum::extract::State;
@@ -105,7 +106,7 @@ fn filter(q: ListQuery) -> Result<Filter, ApiError> {
     responses(
         (status = 200, description = "Alerts, newest first", body = Vec<Alert>),
         (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        Unauthorized,
     ),
 )]
 pub(super) async fn list_alerts(
@@ -132,7 +133,7 @@ fn alert_id(raw: &str) -> Result<i64, ApiError> {
     responses(
         (status = 200, description = "The alert", body = Alert),
         (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        Unauthorized,
         (status = 404, description = "No such alert", body = ErrorBody),
     ),
 )]
@@ -165,8 +166,8 @@ pub struct CloseRequest {
     responses(
         (status = 200, description = "The alert", body = Alert),
         (status = 400, description = "A field, parameter or the path is wrong; `field` names it", body = ErrorBody),
-        (status = 401, description = "No valid bearer token", body = ErrorBody),
-        (status = 403, description = "The role may not do this", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
         (status = 404, description = "No such alert", body = ErrorBody),
         (status = 409, description = "Already closed", body = ErrorBody),
     ),
