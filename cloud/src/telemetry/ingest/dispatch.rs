@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 /// queue is full it waits for room: the messages behind wait in the inbound channel while the
 /// event loop keeps running, and the broker stops sending once the receive window is used up.
 pub(super) async fn dispatch(
-    mut inbound: mpsc::UnboundedReceiver<Message>,
+    mut inbound: mpsc::Receiver<Message>,
     held: Arc<InboundBudget>,
     senders: Vec<mpsc::Sender<Message>>,
     metrics: IngestMetrics,
@@ -69,16 +69,30 @@ impl InboundBudget {
         }
     }
 
+    /// The most messages the budget holds at once, each costing at least [`HELD_OVERHEAD`]:
+    /// the capacity of the inbound channel, which therefore has room whenever the budget does.
+    pub(super) fn most_messages(&self) -> usize {
+        self.budget / HELD_OVERHEAD + 1
+    }
+
+    /// Bytes held now.
+    pub(super) fn bytes(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
     /// Gives back what [`InboundBudget::admit`] took.
     pub(super) fn release(&self, size: usize) {
         self.held.fetch_sub(size, Ordering::SeqCst);
     }
 }
 
-/// What a message costs the inbound budget: its payload and topic, and a fixed share for the
-/// rest of what is kept of it.
+/// What every message costs the inbound budget beyond its payload and topic: a fixed share for
+/// the rest of what is kept of it.
+const HELD_OVERHEAD: usize = 256;
+
+/// What a message costs the inbound budget: its payload and topic, and [`HELD_OVERHEAD`].
 pub(super) fn held_size(p: &Publish) -> usize {
-    p.payload.len() + p.topic.len() + 256
+    p.payload.len() + p.topic.len() + HELD_OVERHEAD
 }
 
 /// The worker for a topic: by its site (`caudal/v1/{site}/...`), so one site always maps to the
@@ -105,6 +119,18 @@ mod tests {
         assert_eq!(b.admit(1), Err(1000));
         b.release(600);
         assert_eq!(b.admit(600), Ok(()), "released bytes are free again");
+    }
+
+    #[test]
+    fn the_inbound_channel_holds_whatever_the_budget_admits() {
+        for budget in [0, 1, 255, 256, 1000, 64 << 20] {
+            let b = InboundBudget::new(budget);
+            let mut admitted = 0;
+            while b.admit(HELD_OVERHEAD).is_ok() {
+                admitted += 1;
+            }
+            assert!(admitted <= b.most_messages(), "{budget}: {admitted}");
+        }
     }
 
     #[test]

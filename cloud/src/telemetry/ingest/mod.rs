@@ -20,7 +20,8 @@
 //!   window fills and the broker holds the rest. When a worker's queue is full the dispatcher
 //!   waits for room (counted in `ingest_backpressure_waits_total`) while the event loop goes on.
 //!   Some brokers send beyond the window under load (Mosquitto 2.0.11 was seen 50 messages
-//!   over): the inbound channel holds such messages too, up to `ingest.inbound_bytes` of them.
+//!   over): the inbound channel holds such messages too, up to `ingest.inbound_bytes` of them
+//!   (its bound: its capacity in messages is what that budget can hold at once).
 //!   Only a message past that budget is dropped, PUBACKed and counted
 //!   (`ingest_overflow_dropped_total`); no ack reaches its agent, which re-sends it.
 //!   `ingest_unacked` is how many messages the ingest holds unacknowledged.
@@ -139,6 +140,7 @@ impl Ingest {
         // continuously, so its size only smooths bursts.
         let (client, mut eventloop) = AsyncClient::new(self.options, window + 16);
         let ids = Arc::new(IngestIds::new());
+        // Unbounded on purpose, and bounded by what feeds it: see the sequencer's module doc.
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
         let mut senders = Vec::with_capacity(workers);
         let mut tasks = JoinSet::new();
@@ -156,10 +158,12 @@ impl Ingest {
             };
             tasks.spawn(w.run());
         }
-        // Bounded in bytes, not messages: every message a broker that honours the receive
-        // maximum may send fits, and so do those of a broker that sends more, up to the budget.
-        let (inbound, inbound_rx) = mpsc::unbounded_channel();
+        // Bounded in bytes by the budget every message passes before it is sent: every message
+        // a broker that honours the receive maximum may send fits, and so do those of a broker
+        // that sends more, up to the budget. The channel's capacity is what the budget can hold
+        // at once, so it has room whenever the budget had; the event loop never waits on it.
         let held = Arc::new(InboundBudget::new(self.cfg.inbound_bytes));
+        let (inbound, inbound_rx) = mpsc::channel(held.most_messages());
         tasks.spawn(dispatch(
             inbound_rx,
             held.clone(),
@@ -235,7 +239,20 @@ impl Ingest {
                             tx: seq_tx.clone(),
                         },
                     };
-                    if let Err(before) = held.admit(size) {
+                    let refused = match held.admit(size) {
+                        Err(before) => Some((msg, before)),
+                        Ok(()) => match inbound.try_send(msg) {
+                            Ok(()) => None,
+                            // Not while the capacity is what the budget holds; should it
+                            // happen, the message is treated as one past the budget.
+                            Err(mpsc::error::TrySendError::Full(msg)) => {
+                                held.release(size);
+                                Some((msg, held.bytes()))
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        },
+                    };
+                    if let Some((msg, before)) = refused {
                         // Only a broker that sends far beyond the receive maximum gets here.
                         // The message is dropped (and so PUBACKed, keeping the acks in order
                         // and the connection read); no ack goes to its agent, which re-sends it.
@@ -249,8 +266,6 @@ impl Ingest {
                              (ingest.inbound_bytes) is full; message dropped"
                         );
                         drop(msg);
-                    } else if inbound.send(msg).is_err() {
-                        break;
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {

@@ -1,5 +1,14 @@
 //! The PUBACK sequencer: acknowledges each message to the broker once the ingest is done with
 //! it, in the order the messages arrived.
+//!
+//! Its channel is the cloud's one unbounded channel (ARCHITECTURE.md, invariants), and must
+//! stay so: its senders may neither wait (the event loop sends `Received` and `Reset` and must
+//! always be polled; a [`Delivery`] sends `Done` from `Drop`, which cannot wait) nor drop an
+//! entry (a lost `Received` or `Done` would hold back every later PUBACK for good). What it
+//! holds is bounded by what feeds it: two entries per message received and not yet PUBACKed
+//! (`ingest_unacked`, at most the receive maximum for a broker that honours it) and one per
+//! reconnect; the sequencer takes them as they come, waiting only for room in the MQTT client's
+//! request channel, which the event loop drains.
 
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::v5::AsyncClient;
