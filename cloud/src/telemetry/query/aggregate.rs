@@ -164,15 +164,7 @@ pub async fn aggregate(
         let mut totalizer = base.map_or_else(Totalizer::new, Totalizer::from_total);
         let mut cur: Option<Building> = None;
         let mut finished: Vec<Building> = Vec::new();
-        let scan = Scan {
-            site,
-            device: Some(&d),
-            from,
-            to,
-            after: None,
-            quality: None,
-            limit: None,
-        };
+        let scan = Scan::device(site, &d, from, to);
         scan_readings(db, &scan, |r| {
             scanned += 1;
             if scanned > MAX_SCAN {

@@ -143,15 +143,7 @@ pub async fn completeness(
         let threshold = gap_after.or(median.map(|m| m * DEFAULT_GAP_FACTOR));
         let mut readings = 0u64;
         let mut prev: Option<DateTime<Utc>> = None;
-        let scan = Scan {
-            site,
-            device: Some(&d),
-            from,
-            to,
-            after: None,
-            quality: None,
-            limit: None,
-        };
+        let scan = Scan::device(site, &d, from, to);
         scan_readings(db, &scan, |r| {
             readings += 1;
             if let (Some(p), Some(t)) = (prev, threshold) {
@@ -415,13 +407,8 @@ async fn median_interval(
 ) -> Result<Option<f64>, QueryError> {
     let mut times = Vec::new();
     let scan = Scan {
-        site,
-        device: Some(device),
-        from,
-        to,
-        after: None,
-        quality: None,
         limit: Some(MEDIAN_SAMPLE),
+        ..Scan::device(site, device, from, to)
     };
     scan_readings(db, &scan, |r| {
         times.push(r.ts);

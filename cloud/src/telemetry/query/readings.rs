@@ -86,13 +86,10 @@ pub async fn raw_readings(
     let mut rows = Vec::new();
     for d in devices {
         let scan = Scan {
-            site,
-            device: Some(d),
-            from,
-            to,
             after,
             quality,
             limit: Some(limit + 1),
+            ..Scan::device(site, d, from, to)
         };
         scan_readings(db, &scan, |r| {
             rows.push(r);

@@ -55,16 +55,37 @@ macro_rules! reading_row {
 }
 pub(super) use reading_row;
 
-/// What a streamed reading scan selects.
+/// What a streamed reading scan selects: one device's readings (the (site, device, ts) index
+/// finds them; a site's readings are read device by device and merged).
 pub(super) struct Scan<'a> {
     pub site: &'a SiteId,
-    pub device: Option<&'a str>,
+    pub device: &'a str,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub after: Option<Cursor>,
     /// Only readings with any of these quality bits.
     pub quality: Option<u16>,
     pub limit: Option<i64>,
+}
+
+impl<'a> Scan<'a> {
+    /// Every reading of `device` in `[from, to)`.
+    pub(super) fn device(
+        site: &'a SiteId,
+        device: &'a str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Scan<'a> {
+        Scan {
+            site,
+            device,
+            from,
+            to,
+            after: None,
+            quality: None,
+            limit: None,
+        }
+    }
 }
 
 /// Streams the readings a [`Scan`] selects, ordered by `(ts, seq)`, to `visit` until it returns
@@ -74,20 +95,18 @@ pub(super) async fn scan_readings(
     scan: &Scan<'_>,
     mut visit: impl FnMut(ReadingRow) -> Result<bool, QueryError>,
 ) -> Result<(), QueryError> {
-    let mut sql =
-        format!("SELECT {READING_COLUMNS} FROM readings WHERE site = $1 AND ts >= $2 AND ts < $3");
-    let mut n = 3;
+    let mut sql = format!(
+        "SELECT {READING_COLUMNS} FROM readings WHERE site = $1 AND ts >= $2 AND ts < $3 \
+         AND device = $4"
+    );
+    let mut n = 4;
     let mut next = || {
         n += 1;
         n
     };
-    let device_p = scan.device.map(|_| next());
     let after_p = scan.after.map(|_| (next(), next()));
     let quality_p = scan.quality.map(|_| next());
     let limit_p = scan.limit.map(|_| next());
-    if let Some(p) = device_p {
-        sql.push_str(&format!(" AND device = ${p}"));
-    }
     if let Some((t, s)) = after_p {
         sql.push_str(&format!(" AND (ts > ${t} OR (ts = ${t} AND seq > ${s}))"));
     }
@@ -102,10 +121,8 @@ pub(super) async fn scan_readings(
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(scan.site.as_str())
             .bind(to_db(scan.from))
-            .bind(to_db(scan.to));
-        if let Some(d) = scan.device {
-            q = q.bind(d);
-        }
+            .bind(to_db(scan.to))
+            .bind(scan.device);
         if let Some(c) = scan.after {
             q = q.bind(to_db(c.ts)).bind(c.seq);
         }
