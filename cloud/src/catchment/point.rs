@@ -340,31 +340,40 @@ fn unique(e: sqlx::Error, code: Option<&ObraCode>) -> PointError {
     }
 }
 
+/// Binds the ten stored fields of a [`NewPoint`] to `q`, in the order both the `INSERT` and
+/// the `UPDATE` name them (a macro: the query type differs per backend).
+macro_rules! bind_fields {
+    ($q:expr, $new:expr) => {{
+        let new = $new;
+        $q.bind(&new.name)
+            .bind(new.obra_code.as_ref().map(ObraCode::as_str))
+            .bind(new.kind.as_str())
+            .bind(new.latitude)
+            .bind(new.longitude)
+            .bind(new.authorized_flow_lps)
+            .bind(new.annual_volume_m3)
+            .bind(new.dga_standard.map(DgaStandard::as_str))
+            .bind(new.informant_rut.as_ref().map(Rut::as_str))
+            .bind(new.level_sensor_depth_m)
+    }};
+}
+
 /// Creates an active point.
 pub async fn create(db: &Db, new: &NewPoint) -> Result<Point, PointError> {
     new.validate()?;
     let now = Utc::now();
     let id: i64 = each_db!(db, |p, to_db, _from| {
-        sqlx::query_scalar(
+        let insert = sqlx::query_scalar(
             "INSERT INTO catchment_points (name, obra_code, kind, latitude, longitude, \
              authorized_flow_lps, annual_volume_m3, dga_standard, informant_rut, \
              level_sensor_depth_m, active, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, TRUE, $11, $11) RETURNING id",
-        )
-        .bind(&new.name)
-        .bind(new.obra_code.as_ref().map(ObraCode::as_str))
-        .bind(new.kind.as_str())
-        .bind(new.latitude)
-        .bind(new.longitude)
-        .bind(new.authorized_flow_lps)
-        .bind(new.annual_volume_m3)
-        .bind(new.dga_standard.map(DgaStandard::as_str))
-        .bind(new.informant_rut.as_ref().map(Rut::as_str))
-        .bind(new.level_sensor_depth_m)
-        .bind(to_db(now))
-        .fetch_one(p)
-        .await
-        .map_err(|e| unique(e, new.obra_code.as_ref()))?
+        );
+        bind_fields!(insert, new)
+            .bind(to_db(now))
+            .fetch_one(p)
+            .await
+            .map_err(|e| unique(e, new.obra_code.as_ref()))?
     });
     get(db, id).await?.ok_or(PointError::NotFound(id))
 }
@@ -377,28 +386,18 @@ pub async fn update(db: &Db, id: i64, patch: PointPatch) -> Result<Point, PointE
     new.validate()?;
     let now = Utc::now();
     each_db!(db, |p, to_db, _from| {
-        sqlx::query(
+        let update = sqlx::query(
             "UPDATE catchment_points SET name = $2, obra_code = $3, kind = $4, latitude = $5, \
              longitude = $6, authorized_flow_lps = $7, annual_volume_m3 = $8, \
              dga_standard = $9, informant_rut = $10, level_sensor_depth_m = $11, \
              active = $12, updated_at = $13 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(&new.name)
-        .bind(new.obra_code.as_ref().map(ObraCode::as_str))
-        .bind(new.kind.as_str())
-        .bind(new.latitude)
-        .bind(new.longitude)
-        .bind(new.authorized_flow_lps)
-        .bind(new.annual_volume_m3)
-        .bind(new.dga_standard.map(DgaStandard::as_str))
-        .bind(new.informant_rut.as_ref().map(Rut::as_str))
-        .bind(new.level_sensor_depth_m)
-        .bind(active)
-        .bind(to_db(now))
-        .execute(p)
-        .await
-        .map_err(|e| unique(e, new.obra_code.as_ref()))?;
+        );
+        bind_fields!(update.bind(id), &new)
+            .bind(active)
+            .bind(to_db(now))
+            .execute(p)
+            .await
+            .map_err(|e| unique(e, new.obra_code.as_ref()))?;
     });
     get(db, id).await?.ok_or(PointError::NotFound(id))
 }
