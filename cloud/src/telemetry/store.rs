@@ -18,7 +18,7 @@
 //! transaction (taking the write lock up front, so concurrent writers wait on the busy timeout
 //! instead of failing to upgrade).
 
-use crate::core::db::{Db, each_db, from_sqlite_time, sqlite_time};
+use crate::core::db::{Backend, Db, each_db, from_sqlite_time, pg_time, sqlite_time};
 use caudal_common::{Batch, BatchError, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -132,7 +132,7 @@ pub async fn store_batches(
     };
     match db {
         Db::Sqlite(p) => {
-            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+            let mut tx = p.begin_write().await?;
             let mut active = std::collections::HashMap::with_capacity(sites.len());
             for site in sites {
                 let a: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
@@ -155,7 +155,7 @@ pub async fn store_batches(
             Ok(GroupStored { stored, outcomes })
         }
         Db::Postgres(p) => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let rows: Vec<(String, bool)> =
                 sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
                     .bind(&sites)
@@ -186,12 +186,87 @@ impl Stored {
     }
 }
 
+/// A write transaction as every write here opens it: SQLite takes its write lock up front
+/// (`BEGIN IMMEDIATE`), so concurrent writers wait on the busy timeout instead of failing to
+/// upgrade; PostgreSQL's plain `BEGIN` suffices.
+trait BeginWrite {
+    type Database: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Transaction<'static, Self::Database>, sqlx::Error>>
+    + Send;
+}
+
+impl BeginWrite for sqlx::SqlitePool {
+    type Database = Sqlite;
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for sqlx::PgPool {
+    type Database = Postgres;
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
 fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
     match active {
         None => Err(StoreError::UnknownSite(site.clone())),
         Some(false) => Err(StoreError::InactiveSite(site.clone())),
         Some(true) => Ok(()),
     }
+}
+
+/// Inserts a batch's events and gaps row by row (they are few), each once on `(site, seq)`,
+/// adding what was new to `$stored`; `$received` is the arrival time as the column holds it and
+/// `$to_db` converts the records' times likewise (a macro: the transaction type differs per
+/// backend, the statements do not).
+macro_rules! insert_events_and_gaps {
+    ($tx:expr, $batch:expr, $received:expr, $to_db:path, $stored:expr) => {{
+        let site = $batch.site.as_str();
+        for e in &$batch.events {
+            $stored.events += sqlx::query(
+                "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
+                 wrap, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (site, seq) DO NOTHING",
+            )
+            .bind(site)
+            .bind(seq_col(e.seq))
+            .bind($to_db(e.ts))
+            .bind(e.device.as_ref().map(|d| d.as_str()))
+            .bind(event_kind(e))
+            .bind(&e.message)
+            .bind(e.previous)
+            .bind(e.current)
+            .bind(e.wrap)
+            .bind($received)
+            .execute(&mut **$tx)
+            .await?
+            .rows_affected();
+        }
+        for g in &$batch.gaps {
+            $stored.gaps += sqlx::query(
+                "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, \
+                 cause, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (site, seq) DO NOTHING",
+            )
+            .bind(site)
+            .bind(seq_col(g.seq))
+            .bind(g.device.as_ref().map(|d| d.as_str()))
+            .bind($to_db(g.from))
+            .bind($to_db(g.to))
+            .bind(gap_col(g, |r| r.from))
+            .bind(gap_col(g, |r| r.to))
+            .bind(clamp_i64(g.count))
+            .bind(gap_cause(g.cause))
+            .bind($received)
+            .execute(&mut **$tx)
+            .await?
+            .rows_affected();
+        }
+    }};
 }
 
 /// Writes one batch whose site and rules were checked ([`check_site`], [`Batch::check`]).
@@ -229,46 +304,7 @@ async fn sqlite_batch(
         stored.readings += qb.build().execute(&mut **tx).await?.rows_affected();
     }
 
-    for e in &batch.events {
-        stored.events += sqlx::query(
-            "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-             wrap, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (site, seq) DO NOTHING",
-        )
-        .bind(site)
-        .bind(seq_col(e.seq))
-        .bind(sqlite_time(e.ts))
-        .bind(e.device.as_ref().map(|d| d.as_str()))
-        .bind(event_kind(e))
-        .bind(&e.message)
-        .bind(e.previous)
-        .bind(e.current)
-        .bind(e.wrap)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
-
-    for g in &batch.gaps {
-        stored.gaps += sqlx::query(
-            "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, cause, \
-             received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
-        )
-        .bind(site)
-        .bind(seq_col(g.seq))
-        .bind(g.device.as_ref().map(|d| d.as_str()))
-        .bind(sqlite_time(g.from))
-        .bind(sqlite_time(g.to))
-        .bind(gap_col(g, |r| r.from))
-        .bind(gap_col(g, |r| r.to))
-        .bind(clamp_i64(g.count))
-        .bind(gap_cause(g.cause))
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
+    insert_events_and_gaps!(tx, batch, now, sqlite_time, stored);
 
     sqlx::query(
         "INSERT INTO site_status (site, online, last_seen, updated_at) VALUES (?, 1, ?, ?) \
@@ -344,47 +380,7 @@ async fn pg_batches(
     }
 
     for (batch, at) in group {
-        let site = batch.site.as_str();
-        for e in &batch.events {
-            stored.events += sqlx::query(
-                "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-                 wrap, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (site, seq) DO NOTHING",
-            )
-            .bind(site)
-            .bind(seq_col(e.seq))
-            .bind(e.ts)
-            .bind(e.device.as_ref().map(|d| d.as_str()))
-            .bind(event_kind(e))
-            .bind(&e.message)
-            .bind(e.previous)
-            .bind(e.current)
-            .bind(e.wrap)
-            .bind(at)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-        }
-        for g in &batch.gaps {
-            stored.gaps += sqlx::query(
-                "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, \
-                 cause, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (site, seq) DO NOTHING",
-            )
-            .bind(site)
-            .bind(seq_col(g.seq))
-            .bind(g.device.as_ref().map(|d| d.as_str()))
-            .bind(g.from)
-            .bind(g.to)
-            .bind(gap_col(g, |r| r.from))
-            .bind(gap_col(g, |r| r.to))
-            .bind(clamp_i64(g.count))
-            .bind(gap_cause(g.cause))
-            .bind(at)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-        }
+        insert_events_and_gaps!(tx, batch, *at, pg_time, stored);
     }
 
     // One row per site (an upsert may not touch a row twice), seen at its latest batch.
@@ -425,35 +421,40 @@ pub async fn store_status(
     let backlog = status.backlog.map(clamp_i64);
     let age = status.oldest_unsent_age_s.map(clamp_i64);
     let evicted = status.evicted.map(clamp_i64);
-    match db {
-        Db::Sqlite(p) => {
-            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-            let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
-                .bind(site)
-                .fetch_optional(&mut *tx)
-                .await?;
-            check_site(&status.site, active)?;
-            sqlx::query(
-                "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
-                 oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, \
-                 devices, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
-                 last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
-                 status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
-                 backlog = COALESCE(excluded.backlog, site_status.backlog), \
-                 oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
-                                                site_status.oldest_unsent_age_s), \
-                 clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
-                 evicted = COALESCE(excluded.evicted, site_status.evicted), \
-                 agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
-                 config_version = COALESCE(excluded.config_version, site_status.config_version), \
-                 devices = COALESCE(excluded.devices, site_status.devices), \
-                 updated_at = excluded.updated_at",
-            )
+    // PostgreSQL keeps the device map as `jsonb`, SQLite as its text.
+    let devices_param = match db.backend() {
+        Backend::Postgres => "$11::jsonb",
+        Backend::Sqlite => "$11",
+    };
+    let upsert = format!(
+        "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
+         oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, devices, \
+         updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, {devices_param}, $12) \
+         ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
+         last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
+         status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
+         backlog = COALESCE(excluded.backlog, site_status.backlog), \
+         oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
+                                        site_status.oldest_unsent_age_s), \
+         clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
+         evicted = COALESCE(excluded.evicted, site_status.evicted), \
+         agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
+         config_version = COALESCE(excluded.config_version, site_status.config_version), \
+         devices = COALESCE(excluded.devices, site_status.devices), \
+         updated_at = excluded.updated_at"
+    );
+    each_db!(db, |pool, to_db, from_row| {
+        let mut tx = pool.begin_write().await?;
+        let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
+            .bind(site)
+            .fetch_optional(&mut *tx)
+            .await?;
+        check_site(&status.site, active)?;
+        sqlx::query(sqlx::AssertSqlSafe(upsert))
             .bind(site)
             .bind(status.online)
-            .bind(last_seen.map(sqlite_time))
-            .bind(status.ts.map(sqlite_time))
+            .bind(last_seen.map(to_db))
+            .bind(status.ts.map(to_db))
             .bind(backlog)
             .bind(age)
             .bind(status.clock_synced)
@@ -461,53 +462,11 @@ pub async fn store_status(
             .bind(&status.agent_version)
             .bind(&status.config_version)
             .bind(devices)
-            .bind(sqlite_time(received_at))
+            .bind(to_db(received_at))
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-        }
-        Db::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
-                .bind(site)
-                .fetch_optional(&mut *tx)
-                .await?;
-            check_site(&status.site, active)?;
-            sqlx::query(
-                "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
-                 oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, \
-                 devices, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12) \
-                 ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
-                 last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
-                 status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
-                 backlog = COALESCE(excluded.backlog, site_status.backlog), \
-                 oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
-                                                site_status.oldest_unsent_age_s), \
-                 clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
-                 evicted = COALESCE(excluded.evicted, site_status.evicted), \
-                 agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
-                 config_version = COALESCE(excluded.config_version, site_status.config_version), \
-                 devices = COALESCE(excluded.devices, site_status.devices), \
-                 updated_at = excluded.updated_at",
-            )
-            .bind(site)
-            .bind(status.online)
-            .bind(last_seen)
-            .bind(status.ts)
-            .bind(backlog)
-            .bind(age)
-            .bind(status.clock_synced)
-            .bind(evicted)
-            .bind(&status.agent_version)
-            .bind(&status.config_version)
-            .bind(devices)
-            .bind(received_at)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
-    }
+        tx.commit().await?;
+    });
     Ok(())
 }
 
@@ -521,34 +480,19 @@ pub async fn dead_letter(
     received_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let site = site.map(SiteId::as_str);
-    match db {
-        Db::Sqlite(p) => {
-            sqlx::query(
-                "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(topic)
-            .bind(site)
-            .bind(payload)
-            .bind(reason)
-            .bind(sqlite_time(received_at))
-            .execute(p)
-            .await?;
-        }
-        Db::Postgres(p) => {
-            sqlx::query(
-                "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(topic)
-            .bind(site)
-            .bind(payload)
-            .bind(reason)
-            .bind(received_at)
-            .execute(p)
-            .await?;
-        }
-    }
+    each_db!(db, |pool, to_db, from_row| {
+        sqlx::query(
+            "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(topic)
+        .bind(site)
+        .bind(payload)
+        .bind(reason)
+        .bind(to_db(received_at))
+        .execute(pool)
+        .await?;
+    });
     Ok(())
 }
 
@@ -653,28 +597,16 @@ pub struct RecordCounts {
 /// Counts the records stored for `site`.
 pub async fn record_counts(db: &Db, site: &SiteId) -> Result<RecordCounts, sqlx::Error> {
     let site = site.as_str();
-    let (readings, events, gaps) = match db {
-        Db::Sqlite(p) => {
-            sqlx::query_as(
-                "SELECT (SELECT count(*) FROM readings WHERE site = ?1), \
-                        (SELECT count(*) FROM events WHERE site = ?1), \
-                        (SELECT count(*) FROM gaps WHERE site = ?1)",
-            )
-            .bind(site)
-            .fetch_one(p)
-            .await?
-        }
-        Db::Postgres(p) => {
-            sqlx::query_as(
-                "SELECT (SELECT count(*) FROM readings WHERE site = $1), \
-                        (SELECT count(*) FROM events WHERE site = $1), \
-                        (SELECT count(*) FROM gaps WHERE site = $1)",
-            )
-            .bind(site)
-            .fetch_one(p)
-            .await?
-        }
-    };
+    let (readings, events, gaps) = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM readings WHERE site = $1), \
+                    (SELECT count(*) FROM events WHERE site = $1), \
+                    (SELECT count(*) FROM gaps WHERE site = $1)",
+        )
+        .bind(site)
+        .fetch_one(pool)
+        .await?
+    });
     Ok(RecordCounts {
         readings,
         events,
@@ -759,26 +691,15 @@ pub struct DeadLetter {
 /// The most recent dead letters, newest first.
 pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
     type Row = (i64, String, Option<String>, Vec<u8>, String);
-    let rows: Vec<Row> = match db {
-        Db::Sqlite(p) => {
-            sqlx::query_as(
-                "SELECT id, topic, site, payload, reason FROM dead_letters \
-                 ORDER BY id DESC LIMIT ?",
-            )
-            .bind(limit)
-            .fetch_all(p)
-            .await?
-        }
-        Db::Postgres(p) => {
-            sqlx::query_as(
-                "SELECT id, topic, site, payload, reason FROM dead_letters \
-                 ORDER BY id DESC LIMIT $1",
-            )
-            .bind(limit)
-            .fetch_all(p)
-            .await?
-        }
-    };
+    let rows: Vec<Row> = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_as(
+            "SELECT id, topic, site, payload, reason FROM dead_letters \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(pool)
+        .await?
+    });
     Ok(rows
         .into_iter()
         .map(|(id, topic, site, payload, reason)| DeadLetter {
