@@ -5,7 +5,8 @@
 //! returns an error (never panics) on arbitrary bytes. Floats round-trip exactly (shortest
 //! representation on encode, correctly rounded parse on decode), which matters for totalizers.
 //! What a batch must satisfy beyond its shape (every seq fits, none twice, no text the cloud's
-//! databases cannot store, …) is [`Batch::check`], in `rules`; [`decode`] applies it.
+//! databases cannot store, …) is [`Batch::check`], in `rules`; [`decode`] applies the part
+//! about each record on its own, [`Batch::check_records`].
 
 use crate::id::{DeviceId, SiteId};
 use crate::quality::Quality;
@@ -218,7 +219,7 @@ impl Batch {
 
 impl Payload for Batch {
     fn check(&self) -> Result<(), DecodeError> {
-        Ok(Batch::check(self)?)
+        Ok(self.check_records()?)
     }
 }
 

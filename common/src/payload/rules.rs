@@ -1,7 +1,8 @@
 //! The rules a [`Batch`] must satisfy beyond its JSON shape, in one place: [`Batch::check`].
 //!
-//! [`decode`](super::decode) applies them, so every reader of a batch (the cloud's ingest, a
-//! test receiver) refuses the same batches for the same reason; the cloud's store applies them
+//! [`decode`](super::decode) applies the rules about each record on its own
+//! ([`Batch::check_records`]), so every reader of a batch refuses such a record for the same
+//! reason; the cloud's ingest applies them all once the batch's site is known, and its store
 //! again before it writes, whoever calls it. Each [`BatchError`] names the record (its kind and
 //! seq) and the field at fault; its text is what a `rejected` ack and a dead letter carry.
 
@@ -53,33 +54,7 @@ pub enum BatchError {
 impl Batch {
     /// Checks every rule; the error names the first record and field that breaks one.
     pub fn check(&self) -> Result<(), BatchError> {
-        for r in &self.readings {
-            r.check()?;
-        }
-        for e in &self.events {
-            if let Some(w) = e.wrap
-                && !(w.is_finite() && w > 0.0)
-            {
-                return Err(BatchError::Wrap { seq: e.seq });
-            }
-        }
-        for g in &self.gaps {
-            if let Some(s) = g.seqs
-                && s.from > s.to
-            {
-                return Err(BatchError::GapSeqsReversed { seq: g.seq });
-            }
-            if g.from > g.to {
-                return Err(BatchError::GapTimesReversed { seq: g.seq });
-            }
-        }
-        let records = (self.events.iter().map(|e| (RecordKind::Event, e.seq)))
-            .chain(self.gaps.iter().map(|g| (RecordKind::Gap, g.seq)));
-        for (record, seq) in records {
-            if !seq.is_valid() {
-                return Err(BatchError::SeqLayout { record, seq });
-            }
-        }
+        self.check_records()?;
         if let Some(w) = self.seqs().windows(2).find(|w| w[0] == w[1]) {
             return Err(BatchError::Repeated { seq: w[0] });
         }
@@ -93,7 +68,36 @@ impl Batch {
         {
             return Err(BatchError::NulInExtraName { seq: r.seq });
         }
+        Ok(())
+    }
+
+    /// The rules each record satisfies on its own: finite channel values, seqs that fit the
+    /// layout, an event's wrap, a gap's ordered ranges. The decoder applies these and no more:
+    /// a record is judged before its seq is allocated (the agent's drafts all carry seq 0, so
+    /// a batch of drafts repeats seqs), and text the cloud's databases cannot store is the
+    /// cloud's to refuse, with [`Batch::check`].
+    pub fn check_records(&self) -> Result<(), BatchError> {
+        for r in &self.readings {
+            r.check()?;
+        }
+        for e in &self.events {
+            layout(RecordKind::Event, e.seq)?;
+            if let Some(w) = e.wrap
+                && !(w.is_finite() && w > 0.0)
+            {
+                return Err(BatchError::Wrap { seq: e.seq });
+            }
+        }
         for g in &self.gaps {
+            layout(RecordKind::Gap, g.seq)?;
+            if let Some(s) = g.seqs
+                && s.from > s.to
+            {
+                return Err(BatchError::GapSeqsReversed { seq: g.seq });
+            }
+            if g.from > g.to {
+                return Err(BatchError::GapTimesReversed { seq: g.seq });
+            }
             let Some(range) = g.seqs else { continue };
             for (end, seq) in [("from", range.from), ("to", range.to)] {
                 if !seq.is_valid() {
@@ -106,6 +110,14 @@ impl Batch {
             }
         }
         Ok(())
+    }
+}
+
+/// A record's seq fits the layout (bit 63 clear).
+fn layout(record: RecordKind, seq: Seq) -> Result<(), BatchError> {
+    match seq.is_valid() {
+        true => Ok(()),
+        false => Err(BatchError::SeqLayout { record, seq }),
     }
 }
 
@@ -125,13 +137,7 @@ impl Reading {
         for (k, v) in &self.extra {
             finite(&format!("extra.{k}"), Some(*v))?;
         }
-        if !self.seq.is_valid() {
-            return Err(BatchError::SeqLayout {
-                record: RecordKind::Reading,
-                seq: self.seq,
-            });
-        }
-        Ok(())
+        layout(RecordKind::Reading, self.seq)
     }
 }
 
@@ -151,6 +157,16 @@ mod tests {
                 "events":[{"seq":5,"ts":"2026-01-01T00:00:00Z","kind":"agent_started"}]}"#,
         );
         assert!(b.check().is_err());
+    }
+
+    #[test]
+    fn a_batch_of_drafts_decodes_but_is_not_stored() {
+        // The agent decodes its own drafts, whose seqs are not allocated yet (all 0).
+        let json = r#"{"v":1,"site":"s","batch":"b","sent_at":"2026-01-01T00:00:00Z",
+            "readings":[{"seq":0,"device":"d","ts":"2026-01-01T00:00:00Z"}],
+            "events":[{"seq":0,"ts":"2026-01-01T00:00:00Z","kind":"frozen"}]}"#;
+        let b: Batch = crate::payload::decode(json.as_bytes()).expect("drafts decode");
+        assert_eq!(b.check(), Err(BatchError::Repeated { seq: Seq(0) }));
     }
 
     #[test]

@@ -177,11 +177,17 @@ impl Worker {
                 return None;
             }
         };
-        if batch.site != site {
-            let r = Rejection::SiteMismatch {
+        let refused = if batch.site != site {
+            Some(Rejection::SiteMismatch {
                 topic: site.clone(),
                 payload: batch.site.clone(),
-            };
+            })
+        } else {
+            // The decoder judged each record on its own; the rules across records and of
+            // storage are checked here, so a refused batch gets its reason before the store.
+            batch.check().err().map(|e| Rejection::Rule(e.to_string()))
+        };
+        if let Some(r) = refused {
             self.reject(&topic, Some(&site), Some(&batch.batch), &msg, r)
                 .await;
             return None;
