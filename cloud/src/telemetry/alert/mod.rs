@@ -16,6 +16,7 @@
 //! several telemetry processes evaluating at once cannot double an alert; their reconciliations
 //! are serialised (PostgreSQL advisory lock, SQLite's write lock) and each sees what the other
 //! wrote. A rule that fails (database error) is counted and logged, and leaves its alerts as
+//! they were: an alert is never closed because its rule could not be evaluated.
 //!
 //! The module's parts: [`rules`] (what fires now, one function per kind), [`reconcile`] (what
 //! that does to the open alerts: the one-open-per-subject rule), [`evaluator`] (the background
