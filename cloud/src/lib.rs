@@ -31,8 +31,7 @@ use crate::core::config::{CloudConfig, ConfigError, Service};
 use crate::core::db::{Db, DbError};
 use crate::core::metrics::Metrics;
 use crate::core::{Shutdown, ShutdownTrigger};
-use crate::telemetry::alert::{AlertMetrics, Evaluator};
-use crate::telemetry::ingest::{Ingest, IngestError, IngestMetrics};
+use crate::telemetry::ingest::IngestError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -115,23 +114,7 @@ impl Cloud {
                     url
                 }
             };
-            let options = telemetry::ingest::mqtt_options(&url, &config.mqtt)?;
-            let metrics = IngestMetrics::register(&mut registry);
-            let ingest = Ingest::new(options, config.ingest.clone(), db.clone(), metrics);
-            let sd = shutdown.clone();
-            tasks.spawn(async move {
-                ingest.run(sd).await;
-                Ok(())
-            });
-            if config.alerts.enabled {
-                let metrics = AlertMetrics::register(&mut registry);
-                let evaluator = Evaluator::new(config.alerts.clone(), db.clone(), metrics);
-                let sd = shutdown.clone();
-                tasks.spawn(async move {
-                    evaluator.run(sd).await;
-                    Ok(())
-                });
-            }
+            telemetry::start(&config, &url, &db, &mut registry, &shutdown, &mut tasks)?;
         }
 
         let api_state = ApiState {
@@ -150,9 +133,7 @@ impl Cloud {
             api = api.merge(catchment::routes());
         }
         if services.contains(Service::Telemetry) {
-            api = api
-                .merge(telemetry::routes())
-                .merge(telemetry::alert::routes());
+            api = api.merge(telemetry::routes());
         }
         let (router, paths) = core::http::core_routes(db.clone(), metrics)
             .merge(api.with_state(api_state))

@@ -14,8 +14,8 @@ pub mod units;
 
 pub use id::{DeviceId, IdError, SiteId};
 pub use payload::{
-    Ack, AckStatus, Batch, Command, CommandKind, CommandResult, DecodeError, DesiredConfig,
-    DeviceState, Event, EventKind, Gap, GapCause, Reading, SCHEMA_VERSION, Status,
+    Ack, AckStatus, Batch, BatchError, Command, CommandKind, CommandResult, DecodeError,
+    DesiredConfig, DeviceState, Event, EventKind, Gap, GapCause, Reading, SCHEMA_VERSION, Status,
 };
 pub use quality::{Flag, Quality};
 pub use seq::{Seq, SeqRange};

@@ -4,6 +4,9 @@
 //! else, so a v2 payload gets "unsupported schema version 2", not a confusing field error, and it
 //! returns an error (never panics) on arbitrary bytes. Floats round-trip exactly (shortest
 //! representation on encode, correctly rounded parse on decode), which matters for totalizers.
+//! What a batch must satisfy beyond its shape (every seq fits, none twice, no text the cloud's
+//! databases cannot store, …) is [`Batch::check`], in `rules`; [`decode`] applies the part
+//! about each record on its own, [`Batch::check_records`].
 
 use crate::id::{DeviceId, SiteId};
 use crate::quality::Quality;
@@ -12,6 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+mod rules;
+pub use rules::BatchError;
 
 /// The schema version this crate writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -27,6 +33,9 @@ pub enum DecodeError {
     Invalid(serde_json::Error),
     #[error("invalid v{SCHEMA_VERSION} payload: {0}")]
     Rule(String),
+    /// A batch breaks one of the rules of [`Batch::check`].
+    #[error("invalid v{SCHEMA_VERSION} payload: {0}")]
+    Batch(#[from] BatchError),
 }
 
 #[derive(Deserialize)]
@@ -37,7 +46,7 @@ struct Header {
 /// A payload of the v1 contract.
 pub trait Payload: Serialize + DeserializeOwned {
     /// Checks rules that serde cannot express (finite numbers, ordered ranges, ...).
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), DecodeError> {
         Ok(())
     }
 
@@ -55,7 +64,7 @@ pub fn decode<T: Payload>(bytes: &[u8]) -> Result<T, DecodeError> {
         return Err(DecodeError::UnsupportedVersion(h.v));
     }
     let t: T = serde_json::from_slice(bytes).map_err(DecodeError::Invalid)?;
-    t.check().map_err(DecodeError::Rule)?;
+    t.check()?;
     Ok(t)
 }
 
@@ -86,28 +95,6 @@ pub struct Reading {
     /// Named extra channels (velocity, temperature, battery, ...), in the unit the profile names.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, f64>,
-}
-
-impl Reading {
-    fn check(&self) -> Result<(), String> {
-        let finite = |name: &str, v: Option<f64>| match v {
-            Some(x) if !x.is_finite() => Err(format!(
-                "reading seq {} device {}: {name} is not finite",
-                self.seq, self.device
-            )),
-            _ => Ok(()),
-        };
-        finite("flow_lps", self.flow_lps)?;
-        finite("total_m3", self.total_m3)?;
-        finite("level_m", self.level_m)?;
-        for (k, v) in &self.extra {
-            finite(&format!("extra.{k}"), Some(*v))?;
-        }
-        if !self.seq.is_valid() {
-            return Err(format!("reading seq {} has bit 63 set", self.seq.0));
-        }
-        Ok(())
-    }
 }
 
 /// Something the agent noticed: a totalizer reset, a device that stopped answering, ...
@@ -231,31 +218,8 @@ impl Batch {
 }
 
 impl Payload for Batch {
-    fn check(&self) -> Result<(), String> {
-        for r in &self.readings {
-            r.check()?;
-        }
-        for e in &self.events {
-            if let Some(w) = e.wrap
-                && !(w.is_finite() && w > 0.0)
-            {
-                return Err(format!(
-                    "event seq {}: wrap is not a finite positive number",
-                    e.seq
-                ));
-            }
-        }
-        for g in &self.gaps {
-            if let Some(s) = g.seqs
-                && s.from > s.to
-            {
-                return Err(format!("gap seq {}: seqs.from is after seqs.to", g.seq));
-            }
-            if g.from > g.to {
-                return Err(format!("gap seq {}: from is after to", g.seq));
-            }
-        }
-        Ok(())
+    fn check(&self) -> Result<(), DecodeError> {
+        Ok(self.check_records()?)
     }
 }
 
@@ -322,6 +286,15 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
+    /// `reading`, `event` or `gap`, as errors name a record.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Reading => "reading",
+            RecordKind::Event => "event",
+            RecordKind::Gap => "gap",
+        }
+    }
+
     pub fn from_u8(v: u8) -> Option<RecordKind> {
         match v {
             0 => Some(RecordKind::Reading),
@@ -329,6 +302,12 @@ impl RecordKind {
             2 => Some(RecordKind::Gap),
             _ => None,
         }
+    }
+}
+
+impl std::fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -352,9 +331,12 @@ pub struct Ack {
 }
 
 impl Payload for Ack {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), DecodeError> {
         match self.seqs.iter().find(|r| r.from > r.to) {
-            Some(r) => Err(format!("ack range {}..{} is reversed", r.from.0, r.to.0)),
+            Some(r) => Err(DecodeError::Rule(format!(
+                "ack range {}..{} is reversed",
+                r.from.0, r.to.0
+            ))),
             None => Ok(()),
         }
     }

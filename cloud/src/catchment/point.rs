@@ -18,6 +18,7 @@
 use super::obra::ObraCode;
 use super::rut::Rut;
 use crate::core::db::{Db, each_db};
+use caudal_common::SiteId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -339,31 +340,40 @@ fn unique(e: sqlx::Error, code: Option<&ObraCode>) -> PointError {
     }
 }
 
+/// Binds the ten stored fields of a [`NewPoint`] to `q`, in the order both the `INSERT` and
+/// the `UPDATE` name them (a macro: the query type differs per backend).
+macro_rules! bind_fields {
+    ($q:expr, $new:expr) => {{
+        let new = $new;
+        $q.bind(&new.name)
+            .bind(new.obra_code.as_ref().map(ObraCode::as_str))
+            .bind(new.kind.as_str())
+            .bind(new.latitude)
+            .bind(new.longitude)
+            .bind(new.authorized_flow_lps)
+            .bind(new.annual_volume_m3)
+            .bind(new.dga_standard.map(DgaStandard::as_str))
+            .bind(new.informant_rut.as_ref().map(Rut::as_str))
+            .bind(new.level_sensor_depth_m)
+    }};
+}
+
 /// Creates an active point.
 pub async fn create(db: &Db, new: &NewPoint) -> Result<Point, PointError> {
     new.validate()?;
     let now = Utc::now();
     let id: i64 = each_db!(db, |p, to_db, _from| {
-        sqlx::query_scalar(
+        let insert = sqlx::query_scalar(
             "INSERT INTO catchment_points (name, obra_code, kind, latitude, longitude, \
              authorized_flow_lps, annual_volume_m3, dga_standard, informant_rut, \
              level_sensor_depth_m, active, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, TRUE, $11, $11) RETURNING id",
-        )
-        .bind(&new.name)
-        .bind(new.obra_code.as_ref().map(ObraCode::as_str))
-        .bind(new.kind.as_str())
-        .bind(new.latitude)
-        .bind(new.longitude)
-        .bind(new.authorized_flow_lps)
-        .bind(new.annual_volume_m3)
-        .bind(new.dga_standard.map(DgaStandard::as_str))
-        .bind(new.informant_rut.as_ref().map(Rut::as_str))
-        .bind(new.level_sensor_depth_m)
-        .bind(to_db(now))
-        .fetch_one(p)
-        .await
-        .map_err(|e| unique(e, new.obra_code.as_ref()))?
+        );
+        bind_fields!(insert, new)
+            .bind(to_db(now))
+            .fetch_one(p)
+            .await
+            .map_err(|e| unique(e, new.obra_code.as_ref()))?
     });
     get(db, id).await?.ok_or(PointError::NotFound(id))
 }
@@ -376,28 +386,18 @@ pub async fn update(db: &Db, id: i64, patch: PointPatch) -> Result<Point, PointE
     new.validate()?;
     let now = Utc::now();
     each_db!(db, |p, to_db, _from| {
-        sqlx::query(
+        let update = sqlx::query(
             "UPDATE catchment_points SET name = $2, obra_code = $3, kind = $4, latitude = $5, \
              longitude = $6, authorized_flow_lps = $7, annual_volume_m3 = $8, \
              dga_standard = $9, informant_rut = $10, level_sensor_depth_m = $11, \
              active = $12, updated_at = $13 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(&new.name)
-        .bind(new.obra_code.as_ref().map(ObraCode::as_str))
-        .bind(new.kind.as_str())
-        .bind(new.latitude)
-        .bind(new.longitude)
-        .bind(new.authorized_flow_lps)
-        .bind(new.annual_volume_m3)
-        .bind(new.dga_standard.map(DgaStandard::as_str))
-        .bind(new.informant_rut.as_ref().map(Rut::as_str))
-        .bind(new.level_sensor_depth_m)
-        .bind(active)
-        .bind(to_db(now))
-        .execute(p)
-        .await
-        .map_err(|e| unique(e, new.obra_code.as_ref()))?;
+        );
+        bind_fields!(update.bind(id), &new)
+            .bind(active)
+            .bind(to_db(now))
+            .execute(p)
+            .await
+            .map_err(|e| unique(e, new.obra_code.as_ref()))?;
     });
     get(db, id).await?.ok_or(PointError::NotFound(id))
 }
@@ -422,6 +422,73 @@ pub async fn list(db: &Db) -> Result<Vec<Point>, PointError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(p).await?;
         point_rows!(rows, from_row)
     })
+}
+
+/// A water right a point may hold: what it may extract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    /// `authorized_flow_lps`, L/s.
+    AuthorizedFlow,
+    /// `annual_volume_m3`, m³ in a DGA year.
+    AnnualVolume,
+}
+
+impl Right {
+    fn column(self) -> &'static str {
+        match self {
+            Right::AuthorizedFlow => "authorized_flow_lps",
+            Right::AnnualVolume => "annual_volume_m3",
+        }
+    }
+}
+
+/// An active point's right, with the devices that measure it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeasuredRight {
+    pub id: i64,
+    pub name: String,
+    pub obra_code: Option<String>,
+    /// The right's value, in its unit.
+    pub limit: f64,
+    /// `(site, device)` of each active device on an active site linked to the point, by site
+    /// then device.
+    pub devices: Vec<(SiteId, String)>,
+}
+
+/// Active points holding `right` and measured by at least one active device on an active
+/// site, by id.
+pub async fn measured_rights(db: &Db, right: Right) -> Result<Vec<MeasuredRight>, PointError> {
+    let column = right.column();
+    let sql = format!(
+        "SELECT p.id, p.name, p.obra_code, p.{column} AS limit_value, d.site, d.id AS device \
+         FROM catchment_points p \
+         JOIN devices d ON d.point_id = p.id AND d.active \
+         JOIN sites s ON s.id = d.site AND s.active \
+         WHERE p.active AND p.{column} IS NOT NULL ORDER BY p.id, d.site, d.id"
+    );
+    let rows: Vec<(i64, String, Option<String>, f64, String, String)> =
+        each_db!(db, |p, _to, _from| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(p)
+                .await?
+        });
+    let mut out: Vec<MeasuredRight> = Vec::new();
+    for (id, name, obra_code, limit, site, device) in rows {
+        let Ok(site) = SiteId::new(&site) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(p) if p.id == id => p.devices.push((site, device)),
+            _ => out.push(MeasuredRight {
+                id,
+                name,
+                obra_code,
+                limit,
+                devices: vec![(site, device)],
+            }),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! `#[utoipa::path]` to the document as it adds the route to the router, so a route served
 //! through it is documented by construction. Each module returns an `OpenApiRouter` from its
 //! `routes()`; [`document`] completes the merged document with what every route shares (title,
-//! the bearer scheme, the error body).
+//! the bearer scheme, the error body). What the routes' annotations would otherwise repeat is
+//! defined once here: the [`Unauthorized`], [`Forbidden`] and [`SiteNotFound`] answers and the
+//! [`SitePath`] and [`DevicePath`] parameters.
 
 use crate::core::api::ErrorBody;
 use axum::Router;
@@ -56,6 +58,42 @@ impl Modify for BearerScheme {
     modifiers(&BearerScheme),
 )]
 struct Base;
+
+/// The 401 of every route behind a bearer token (`responses(Unauthorized, …)`).
+#[derive(utoipa::IntoResponses)]
+#[response(status = 401, description = "No valid bearer token")]
+pub struct Unauthorized(pub ErrorBody);
+
+/// The 403 of every route a role may be refused.
+#[derive(utoipa::IntoResponses)]
+#[response(status = 403, description = "The role may not do this")]
+pub struct Forbidden(pub ErrorBody);
+
+/// The 404 of a route under `/api/v1/sites/{site}` when the site is not registered.
+#[derive(utoipa::IntoResponses)]
+#[response(status = 404, description = "No such site")]
+pub struct SiteNotFound(pub ErrorBody);
+
+/// The `{site}` segment of a route's path (`params(SitePath, …)`).
+#[derive(utoipa::IntoParams)]
+#[into_params(names("site"), parameter_in = Path)]
+pub struct SitePath(
+    /// Site id
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub String,
+);
+
+/// The `{site}` and `{device}` segments of a route's path.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("site", "device"), parameter_in = Path)]
+pub struct DevicePath(
+    /// Site id
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub String,
+    /// Device id
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub String,
+);
 
 /// The full document: the routes' paths merged into the shared parts.
 pub fn document(paths: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {

@@ -18,11 +18,12 @@
 //! transaction (taking the write lock up front, so concurrent writers wait on the busy timeout
 //! instead of failing to upgrade).
 
-use crate::core::db::{Db, from_sqlite_time, sqlite_time};
-use caudal_common::{Batch, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
+use crate::core::db::{Backend, Db, each_db, from_sqlite_time, pg_time, sqlite_time};
+use caudal_common::{Batch, BatchError, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder, Row, Sqlite, Transaction};
+use std::collections::HashMap;
 
 /// Readings per SQLite `INSERT` statement: 10 columns each, well under SQLite's 32766 bound
 /// parameters.
@@ -35,6 +36,10 @@ pub enum StoreError {
     UnknownSite(SiteId),
     #[error("site {0} is not active")]
     InactiveSite(SiteId),
+    /// The batch breaks a rule of the contract (`Batch::check`); nothing of it was written.
+    #[error("{0}")]
+    Batch(#[from] BatchError),
+    /// What is stored cannot be read back.
     #[error("{0}")]
     Invalid(String),
     #[error("database: {0}")]
@@ -49,17 +54,12 @@ pub struct Stored {
     pub gaps: u64,
 }
 
-fn seq_i64(kind: &str, s: Seq) -> Result<i64, StoreError> {
-    i64::try_from(s.0)
-        .map_err(|_| StoreError::Invalid(format!("{kind} seq {} has bit 63 set", s.0)))
-}
-
-/// A seq that [`fits`] already checked, as the database column holds it.
+/// A seq as the database column holds it; [`Batch::check`] has refused any that does not fit.
 fn seq_col(s: Seq) -> i64 {
     i64::try_from(s.0).unwrap_or(i64::MAX)
 }
 
-/// A gap's seq range end, checked by [`fits`].
+/// A gap's seq range end, checked by [`Batch::check`].
 fn gap_col(g: &Gap, end: impl Fn(&caudal_common::SeqRange) -> Seq) -> Option<i64> {
     g.seqs.as_ref().map(|r| seq_col(end(r)))
 }
@@ -107,7 +107,7 @@ pub struct GroupStored {
     /// Records newly stored by the group's accepted batches together (duplicates not counted).
     pub stored: Stored,
     /// One outcome per batch, in the group's order: stored and committed, or refused (unknown or
-    /// inactive site, a seq that does not fit) with nothing of it written.
+    /// inactive site, a broken rule of the contract) with nothing of it written.
     pub outcomes: Vec<Result<(), StoreError>>,
 }
 
@@ -118,7 +118,12 @@ pub async fn store_batches(
     db: &Db,
     group: &[(&Batch, DateTime<Utc>)],
 ) -> Result<GroupStored, sqlx::Error> {
-    let mut outcomes: Vec<Result<(), StoreError>> = group.iter().map(|(b, _)| fits(b)).collect();
+    // The ingest decoded each batch with these rules already; checked again here because the
+    // columns depend on them whoever calls.
+    let mut outcomes: Vec<Result<(), StoreError>> = group
+        .iter()
+        .map(|(b, _)| b.check().map_err(StoreError::from))
+        .collect();
     let sites: Vec<&str> = {
         let mut v: Vec<&str> = group.iter().map(|(b, _)| b.site.as_str()).collect();
         v.sort_unstable();
@@ -127,7 +132,7 @@ pub async fn store_batches(
     };
     match db {
         Db::Sqlite(p) => {
-            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+            let mut tx = p.begin_write().await?;
             let mut active = std::collections::HashMap::with_capacity(sites.len());
             for site in sites {
                 let a: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
@@ -150,7 +155,7 @@ pub async fn store_batches(
             Ok(GroupStored { stored, outcomes })
         }
         Db::Postgres(p) => {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let rows: Vec<(String, bool)> =
                 sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
                     .bind(&sites)
@@ -181,20 +186,29 @@ impl Stored {
     }
 }
 
-/// Every seq of the batch fits the database's signed 64-bit column.
-fn fits(b: &Batch) -> Result<(), StoreError> {
-    for r in &b.readings {
-        seq_i64("reading", r.seq)?;
+/// A write transaction as every write here opens it: SQLite takes its write lock up front
+/// (`BEGIN IMMEDIATE`), so concurrent writers wait on the busy timeout instead of failing to
+/// upgrade; PostgreSQL's plain `BEGIN` suffices.
+trait BeginWrite {
+    type Database: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Transaction<'static, Self::Database>, sqlx::Error>>
+    + Send;
+}
+
+impl BeginWrite for sqlx::SqlitePool {
+    type Database = Sqlite;
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
     }
-    for e in &b.events {
-        seq_i64("event", e.seq)?;
+}
+
+impl BeginWrite for sqlx::PgPool {
+    type Database = Postgres;
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.begin().await
     }
-    for g in &b.gaps {
-        seq_i64("gap", g.seq)?;
-        gap_range(g, |r| r.from)?;
-        gap_range(g, |r| r.to)?;
-    }
-    Ok(())
 }
 
 fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
@@ -205,7 +219,57 @@ fn check_site(site: &SiteId, active: Option<bool>) -> Result<(), StoreError> {
     }
 }
 
-/// Writes one batch whose site and seqs were checked ([`fits`], [`check_site`]).
+/// Inserts a batch's events and gaps row by row (they are few), each once on `(site, seq)`,
+/// adding what was new to `$stored`; `$received` is the arrival time as the column holds it and
+/// `$to_db` converts the records' times likewise (a macro: the transaction type differs per
+/// backend, the statements do not).
+macro_rules! insert_events_and_gaps {
+    ($tx:expr, $batch:expr, $received:expr, $to_db:path, $stored:expr) => {{
+        let site = $batch.site.as_str();
+        for e in &$batch.events {
+            $stored.events += sqlx::query(
+                "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
+                 wrap, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (site, seq) DO NOTHING",
+            )
+            .bind(site)
+            .bind(seq_col(e.seq))
+            .bind($to_db(e.ts))
+            .bind(e.device.as_ref().map(|d| d.as_str()))
+            .bind(event_kind(e))
+            .bind(&e.message)
+            .bind(e.previous)
+            .bind(e.current)
+            .bind(e.wrap)
+            .bind($received)
+            .execute(&mut **$tx)
+            .await?
+            .rows_affected();
+        }
+        for g in &$batch.gaps {
+            $stored.gaps += sqlx::query(
+                "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, \
+                 cause, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (site, seq) DO NOTHING",
+            )
+            .bind(site)
+            .bind(seq_col(g.seq))
+            .bind(g.device.as_ref().map(|d| d.as_str()))
+            .bind($to_db(g.from))
+            .bind($to_db(g.to))
+            .bind(gap_col(g, |r| r.from))
+            .bind(gap_col(g, |r| r.to))
+            .bind(clamp_i64(g.count))
+            .bind(gap_cause(g.cause))
+            .bind($received)
+            .execute(&mut **$tx)
+            .await?
+            .rows_affected();
+        }
+    }};
+}
+
+/// Writes one batch whose site and rules were checked ([`check_site`], [`Batch::check`]).
 async fn sqlite_batch(
     tx: &mut Transaction<'static, Sqlite>,
     batch: &Batch,
@@ -240,46 +304,7 @@ async fn sqlite_batch(
         stored.readings += qb.build().execute(&mut **tx).await?.rows_affected();
     }
 
-    for e in &batch.events {
-        stored.events += sqlx::query(
-            "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-             wrap, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (site, seq) DO NOTHING",
-        )
-        .bind(site)
-        .bind(seq_col(e.seq))
-        .bind(sqlite_time(e.ts))
-        .bind(e.device.as_ref().map(|d| d.as_str()))
-        .bind(event_kind(e))
-        .bind(&e.message)
-        .bind(e.previous)
-        .bind(e.current)
-        .bind(e.wrap)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
-
-    for g in &batch.gaps {
-        stored.gaps += sqlx::query(
-            "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, cause, \
-             received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, seq) DO NOTHING",
-        )
-        .bind(site)
-        .bind(seq_col(g.seq))
-        .bind(g.device.as_ref().map(|d| d.as_str()))
-        .bind(sqlite_time(g.from))
-        .bind(sqlite_time(g.to))
-        .bind(gap_col(g, |r| r.from))
-        .bind(gap_col(g, |r| r.to))
-        .bind(clamp_i64(g.count))
-        .bind(gap_cause(g.cause))
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    }
+    insert_events_and_gaps!(tx, batch, now, sqlite_time, stored);
 
     sqlx::query(
         "INSERT INTO site_status (site, online, last_seen, updated_at) VALUES (?, 1, ?, ?) \
@@ -292,16 +317,6 @@ async fn sqlite_batch(
     .execute(&mut **tx)
     .await?;
     Ok(stored)
-}
-
-fn gap_range(
-    g: &Gap,
-    end: impl Fn(&caudal_common::SeqRange) -> Seq,
-) -> Result<Option<i64>, StoreError> {
-    g.seqs
-        .as_ref()
-        .map(|r| seq_i64("gap range", end(r)))
-        .transpose()
 }
 
 /// Writes the accepted batches of a group (sites and seqs checked): all their readings in one
@@ -365,47 +380,7 @@ async fn pg_batches(
     }
 
     for (batch, at) in group {
-        let site = batch.site.as_str();
-        for e in &batch.events {
-            stored.events += sqlx::query(
-                "INSERT INTO events (site, seq, ts, device, kind, message, previous, current, \
-                 wrap, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (site, seq) DO NOTHING",
-            )
-            .bind(site)
-            .bind(seq_col(e.seq))
-            .bind(e.ts)
-            .bind(e.device.as_ref().map(|d| d.as_str()))
-            .bind(event_kind(e))
-            .bind(&e.message)
-            .bind(e.previous)
-            .bind(e.current)
-            .bind(e.wrap)
-            .bind(at)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-        }
-        for g in &batch.gaps {
-            stored.gaps += sqlx::query(
-                "INSERT INTO gaps (site, seq, device, from_ts, to_ts, seq_from, seq_to, count, \
-                 cause, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (site, seq) DO NOTHING",
-            )
-            .bind(site)
-            .bind(seq_col(g.seq))
-            .bind(g.device.as_ref().map(|d| d.as_str()))
-            .bind(g.from)
-            .bind(g.to)
-            .bind(gap_col(g, |r| r.from))
-            .bind(gap_col(g, |r| r.to))
-            .bind(clamp_i64(g.count))
-            .bind(gap_cause(g.cause))
-            .bind(at)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected();
-        }
+        insert_events_and_gaps!(tx, batch, *at, pg_time, stored);
     }
 
     // One row per site (an upsert may not touch a row twice), seen at its latest batch.
@@ -446,35 +421,40 @@ pub async fn store_status(
     let backlog = status.backlog.map(clamp_i64);
     let age = status.oldest_unsent_age_s.map(clamp_i64);
     let evicted = status.evicted.map(clamp_i64);
-    match db {
-        Db::Sqlite(p) => {
-            let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-            let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
-                .bind(site)
-                .fetch_optional(&mut *tx)
-                .await?;
-            check_site(&status.site, active)?;
-            sqlx::query(
-                "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
-                 oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, \
-                 devices, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
-                 last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
-                 status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
-                 backlog = COALESCE(excluded.backlog, site_status.backlog), \
-                 oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
-                                                site_status.oldest_unsent_age_s), \
-                 clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
-                 evicted = COALESCE(excluded.evicted, site_status.evicted), \
-                 agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
-                 config_version = COALESCE(excluded.config_version, site_status.config_version), \
-                 devices = COALESCE(excluded.devices, site_status.devices), \
-                 updated_at = excluded.updated_at",
-            )
+    // PostgreSQL keeps the device map as `jsonb`, SQLite as its text.
+    let devices_param = match db.backend() {
+        Backend::Postgres => "$11::jsonb",
+        Backend::Sqlite => "$11",
+    };
+    let upsert = format!(
+        "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
+         oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, devices, \
+         updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, {devices_param}, $12) \
+         ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
+         last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
+         status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
+         backlog = COALESCE(excluded.backlog, site_status.backlog), \
+         oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
+                                        site_status.oldest_unsent_age_s), \
+         clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
+         evicted = COALESCE(excluded.evicted, site_status.evicted), \
+         agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
+         config_version = COALESCE(excluded.config_version, site_status.config_version), \
+         devices = COALESCE(excluded.devices, site_status.devices), \
+         updated_at = excluded.updated_at"
+    );
+    each_db!(db, |pool, to_db, from_row| {
+        let mut tx = pool.begin_write().await?;
+        let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
+            .bind(site)
+            .fetch_optional(&mut *tx)
+            .await?;
+        check_site(&status.site, active)?;
+        sqlx::query(sqlx::AssertSqlSafe(upsert))
             .bind(site)
             .bind(status.online)
-            .bind(last_seen.map(sqlite_time))
-            .bind(status.ts.map(sqlite_time))
+            .bind(last_seen.map(to_db))
+            .bind(status.ts.map(to_db))
             .bind(backlog)
             .bind(age)
             .bind(status.clock_synced)
@@ -482,53 +462,11 @@ pub async fn store_status(
             .bind(&status.agent_version)
             .bind(&status.config_version)
             .bind(devices)
-            .bind(sqlite_time(received_at))
+            .bind(to_db(received_at))
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-        }
-        Db::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            let active: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = $1")
-                .bind(site)
-                .fetch_optional(&mut *tx)
-                .await?;
-            check_site(&status.site, active)?;
-            sqlx::query(
-                "INSERT INTO site_status (site, online, last_seen, status_ts, backlog, \
-                 oldest_unsent_age_s, clock_synced, evicted, agent_version, config_version, \
-                 devices, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12) \
-                 ON CONFLICT (site) DO UPDATE SET online = excluded.online, \
-                 last_seen = COALESCE(excluded.last_seen, site_status.last_seen), \
-                 status_ts = COALESCE(excluded.status_ts, site_status.status_ts), \
-                 backlog = COALESCE(excluded.backlog, site_status.backlog), \
-                 oldest_unsent_age_s = COALESCE(excluded.oldest_unsent_age_s, \
-                                                site_status.oldest_unsent_age_s), \
-                 clock_synced = COALESCE(excluded.clock_synced, site_status.clock_synced), \
-                 evicted = COALESCE(excluded.evicted, site_status.evicted), \
-                 agent_version = COALESCE(excluded.agent_version, site_status.agent_version), \
-                 config_version = COALESCE(excluded.config_version, site_status.config_version), \
-                 devices = COALESCE(excluded.devices, site_status.devices), \
-                 updated_at = excluded.updated_at",
-            )
-            .bind(site)
-            .bind(status.online)
-            .bind(last_seen)
-            .bind(status.ts)
-            .bind(backlog)
-            .bind(age)
-            .bind(status.clock_synced)
-            .bind(evicted)
-            .bind(&status.agent_version)
-            .bind(&status.config_version)
-            .bind(devices)
-            .bind(received_at)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
-    }
+        tx.commit().await?;
+    });
     Ok(())
 }
 
@@ -542,34 +480,19 @@ pub async fn dead_letter(
     received_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let site = site.map(SiteId::as_str);
-    match db {
-        Db::Sqlite(p) => {
-            sqlx::query(
-                "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(topic)
-            .bind(site)
-            .bind(payload)
-            .bind(reason)
-            .bind(sqlite_time(received_at))
-            .execute(p)
-            .await?;
-        }
-        Db::Postgres(p) => {
-            sqlx::query(
-                "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(topic)
-            .bind(site)
-            .bind(payload)
-            .bind(reason)
-            .bind(received_at)
-            .execute(p)
-            .await?;
-        }
-    }
+    each_db!(db, |pool, to_db, from_row| {
+        sqlx::query(
+            "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(topic)
+        .bind(site)
+        .bind(payload)
+        .bind(reason)
+        .bind(to_db(received_at))
+        .execute(pool)
+        .await?;
+    });
     Ok(())
 }
 
@@ -649,6 +572,20 @@ pub async fn site_status(db: &Db, site: &SiteId) -> Result<Option<SiteStatus>, S
     }
 }
 
+/// When each site's agent was last heard (a status from the agent, or a batch), by site id;
+/// a site never heard from is absent.
+pub async fn last_seen(db: &Db) -> Result<HashMap<String, DateTime<Utc>>, sqlx::Error> {
+    let sql = "SELECT site, last_seen FROM site_status WHERE last_seen IS NOT NULL";
+    Ok(each_db!(db, |pool, to_db, from_row| {
+        let rows = sqlx::query(sql).fetch_all(pool).await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            out.insert(r.try_get("site")?, from_row(r, "last_seen")?);
+        }
+        out
+    }))
+}
+
 /// How many records of each kind are stored for a site.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct RecordCounts {
@@ -660,28 +597,16 @@ pub struct RecordCounts {
 /// Counts the records stored for `site`.
 pub async fn record_counts(db: &Db, site: &SiteId) -> Result<RecordCounts, sqlx::Error> {
     let site = site.as_str();
-    let (readings, events, gaps) = match db {
-        Db::Sqlite(p) => {
-            sqlx::query_as(
-                "SELECT (SELECT count(*) FROM readings WHERE site = ?1), \
-                        (SELECT count(*) FROM events WHERE site = ?1), \
-                        (SELECT count(*) FROM gaps WHERE site = ?1)",
-            )
-            .bind(site)
-            .fetch_one(p)
-            .await?
-        }
-        Db::Postgres(p) => {
-            sqlx::query_as(
-                "SELECT (SELECT count(*) FROM readings WHERE site = $1), \
-                        (SELECT count(*) FROM events WHERE site = $1), \
-                        (SELECT count(*) FROM gaps WHERE site = $1)",
-            )
-            .bind(site)
-            .fetch_one(p)
-            .await?
-        }
-    };
+    let (readings, events, gaps) = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM readings WHERE site = $1), \
+                    (SELECT count(*) FROM events WHERE site = $1), \
+                    (SELECT count(*) FROM gaps WHERE site = $1)",
+        )
+        .bind(site)
+        .fetch_one(pool)
+        .await?
+    });
     Ok(RecordCounts {
         readings,
         events,
@@ -766,26 +691,15 @@ pub struct DeadLetter {
 /// The most recent dead letters, newest first.
 pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
     type Row = (i64, String, Option<String>, Vec<u8>, String);
-    let rows: Vec<Row> = match db {
-        Db::Sqlite(p) => {
-            sqlx::query_as(
-                "SELECT id, topic, site, payload, reason FROM dead_letters \
-                 ORDER BY id DESC LIMIT ?",
-            )
-            .bind(limit)
-            .fetch_all(p)
-            .await?
-        }
-        Db::Postgres(p) => {
-            sqlx::query_as(
-                "SELECT id, topic, site, payload, reason FROM dead_letters \
-                 ORDER BY id DESC LIMIT $1",
-            )
-            .bind(limit)
-            .fetch_all(p)
-            .await?
-        }
-    };
+    let rows: Vec<Row> = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_as(
+            "SELECT id, topic, site, payload, reason FROM dead_letters \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(pool)
+        .await?
+    });
     Ok(rows
         .into_iter()
         .map(|(id, topic, site, payload, reason)| DeadLetter {
