@@ -7,7 +7,7 @@
 mod e2e_support;
 
 use caudal_common::Seq;
-use caudal_tests::receiver::AckMode;
+use caudal_testkit::receiver::AckMode;
 use e2e_support::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@
 
 mod e2e_support;
 
-use caudal_tests::receiver::AckMode;
+use caudal_testkit::receiver::AckMode;
 use e2e_support::*;
 use std::time::{Duration, Instant};
 

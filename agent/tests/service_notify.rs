@@ -3,9 +3,11 @@
 //! while its only meter never answers and its broker refuses connections (both loops are alive,
 //! only waiting), and say `STOPPING=1` on SIGTERM.
 
+use caudal_testkit::process::{command, send_signal};
 use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// The watchdog period the test asks for: pets every 0.5 s, loops stale after 1 s.
@@ -46,20 +48,17 @@ fn ready_watchdog_and_stopping_reach_the_service_manager() {
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, toml).unwrap();
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_caudal-agent"));
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("run")
-        .env("NOTIFY_SOCKET", &sock_path)
+    let args = [
+        "--config".to_string(),
+        config.display().to_string(),
+        "run".into(),
+    ];
+    let mut cmd = command(Path::new(env!("CARGO_BIN_EXE_caudal-agent")), &args);
+    cmd.env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string())
         .env_remove("WATCHDOG_PID")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("agent.stderr")).unwrap());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CAUDAL_") {
-            cmd.env_remove(k);
-        }
-    }
     let mut child = cmd.spawn().unwrap();
 
     let started = Instant::now();
@@ -118,18 +117,4 @@ fn ready_watchdog_and_stopping_reach_the_service_manager() {
     assert!(stopping, "no STOPPING=1 after SIGTERM; log:\n{stderr}");
     assert!(status.success(), "agent exit {status}; log:\n{stderr}");
     drop(silent_meter);
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers; `pid` is our child, not yet reaped, so it cannot
-    // name another process.
-    let r = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        r,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
 }

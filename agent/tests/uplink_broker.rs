@@ -17,8 +17,8 @@ use caudal_common::{
     Command, CommandKind, CommandResult, DesiredConfig, DeviceId, DeviceState, Reading,
     SCHEMA_VERSION, Seq, SiteId, Status,
 };
-use caudal_tests::broker::{Broker, BrokerOptions, BrokerTls};
-use caudal_tests::receiver::{AckMode, Receiver};
+use caudal_testkit::broker::{Broker, BrokerOptions, BrokerTls};
+use caudal_testkit::receiver::{AckMode, Receiver};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use rusqlite::{Connection, OpenFlags};
 use std::collections::{BTreeMap, BTreeSet};
@@ -261,13 +261,7 @@ impl Agent {
 }
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "caudal_agent=info".into()),
-        )
-        .try_init();
+    caudal_testkit::log::init("caudal_agent=info");
 }
 
 struct Cloud {

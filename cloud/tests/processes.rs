@@ -7,7 +7,8 @@ mod support;
 use caudal_cloud::core::db::Db;
 use caudal_cloud::telemetry::store;
 use caudal_common::{AckStatus, SiteId};
-use std::net::{SocketAddr, TcpListener};
+use caudal_testkit::loopback::free_addr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,11 +16,6 @@ use support::{Agent, TestDb, http_get, wait_metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_caudal-cloud");
 const BATCH: &str = include_str!("../../docs/examples/batch.json");
-
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 fn command(db: &TestDb, dir: &Path, services: &str) -> Command {
     let mut c = Command::new(BIN);

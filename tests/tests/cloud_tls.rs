@@ -14,7 +14,7 @@ use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_common::payload::{self, Payload};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, DeviceId, Quality, Reading, Seq, SiteId};
-use caudal_tests::broker::{Broker, BrokerOptions, BrokerTls};
+use caudal_testkit::broker::{Broker, BrokerOptions, BrokerTls};
 use chrono::Utc;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;

@@ -1,28 +1,32 @@
-//! The end-to-end rig shared by the `e2e_*` scenarios: the real `caudal-agent` binary as a child
-//! process, polling simulated meters over Modbus TCP and syncing to the embedded broker, where an
-//! acknowledging receiver stores every `(site, seq)` in SQLite. And the proof every scenario ends
-//! with: every record the agent ever committed reached the receiver (or is covered by an
-//! eviction gap), nothing else did.
+//! The end-to-end rig shared by the scenarios of this binary: the real `caudal-agent` binary as a
+//! child process, polling simulated meters over Modbus TCP and syncing to the embedded broker,
+//! where an acknowledging receiver stores every `(site, seq)` in SQLite. And the proof every
+//! scenario ends with: every record the agent ever committed reached the receiver (or is covered
+//! by an eviction gap), nothing else did. The pieces (processes, broker, receiver, the outbox
+//! view, the proof's accounting) are `caudal-testkit`'s, shared with the whole-system rig.
 //!
 //! Each agent run writes its stdout and stderr to `agent-N.{stdout,stderr}` in the rig's
-//! directory; a failing test prints them. Every wait is a bounded poll with a deadline.
+//! directory; a failing test prints them. Every wait is a bounded poll with a deadline. A rig
+//! holds a turn while it lives, so rigs of concurrent tests run one after another.
 
 #![allow(dead_code)]
 
-use caudal_agent::config::{AgentConfig, Site};
-use caudal_agent::outbox::{Inspection, inspect};
-use caudal_agent::simulator::{Model, SimHandle, SimulatedMeter, Simulator};
+use caudal_agent::config::Site;
+use caudal_agent::outbox::Inspection;
+use caudal_agent::simulator::{Model, SimHandle};
 use caudal_common::payload::decode;
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{GapCause, Seq, SiteId, Status};
-use caudal_tests::broker::Broker;
-use caudal_tests::receiver::Receiver;
+use caudal_testkit::broker::Broker;
+use caudal_testkit::outbox::OutboxWatch;
+use caudal_testkit::process::{Proc, Turn, command, take_turn};
+use caudal_testkit::receiver::Receiver;
+use caudal_testkit::{meters, proof};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -83,11 +87,7 @@ reconnect_min_ms = 100
 reconnect_max_ms = 1000
 status_interval_s = 1"#;
 
-/// A running agent process.
-struct AgentProcess {
-    child: Child,
-    run: usize,
-}
+const AGENT_BIN: &str = env!("CARGO_BIN_EXE_caudal-agent");
 
 /// The whole scene: broker, receiver, simulator, configuration, and at most one agent process.
 pub struct Rig {
@@ -97,19 +97,21 @@ pub struct Rig {
     pub config_path: PathBuf,
     pub site: Site,
     pub meters: Vec<Meter>,
-    agent: Option<AgentProcess>,
-    runs: usize,
-    /// Every epoch seen in the outbox during the scenario.
-    epochs: BTreeSet<u32>,
+    /// The agent: at most one process runs at a time.
+    agent: Proc,
+    /// The outbox, and every epoch seen in it during the scenario.
+    outbox: OutboxWatch,
     sim_task: JoinHandle<()>,
     dir: tempfile::TempDir,
+    _turn: Turn,
 }
 
 impl Rig {
     /// Starts the broker, the receiver and the simulated `meters`, and writes the agent's
     /// configuration. No agent runs yet.
     pub async fn start(meters: Vec<Meter>) -> Rig {
-        init_tracing();
+        let turn = take_turn().await;
+        caudal_testkit::log::init("warn,rumqttd=off");
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = Broker::start().expect("broker starts");
         let receiver = Receiver::start(broker.v4_addr(), &dir.path().join("cloud.db"))
@@ -142,34 +144,30 @@ impl Rig {
         std::fs::write(&config_path, &toml).expect("config written");
 
         // The simulator serves exactly the points the agent will read.
-        let config = AgentConfig::load(&config_path).expect("config loads");
-        let profiles = config.load_profiles().expect("profiles load");
-        let site = config.resolve(&profiles).expect("config resolves");
-        let mut sim = Simulator::new();
-        for d in &site.buses[0].devices {
-            let m = meters.iter().find(|m| m.id == d.id.as_str()).unwrap();
-            sim = sim.with_unit(
-                d.unit,
-                SimulatedMeter::new(d.points.clone(), m.model.clone()),
-            );
-        }
-        let handle = sim.handle();
-        let sim_task = tokio::spawn(async move {
-            let _ = sim.serve(listener, std::future::pending()).await;
+        let site = meters::resolve(&config_path);
+        let (handle, sim_task) = meters::serve(&site, listener, |id| {
+            meters.iter().find(|m| m.id == id).unwrap().model.clone()
         });
+        let cfg = config_path.display().to_string();
+        let agent = Proc::new(
+            "agent",
+            dir.path(),
+            Path::new(AGENT_BIN),
+            &["--config", &cfg, "run"],
+        );
 
         Rig {
             broker,
             receiver,
             sim: handle,
             config_path,
+            outbox: OutboxWatch::new(&site.outbox_path),
             site,
             meters,
-            agent: None,
-            runs: 0,
-            epochs: BTreeSet::new(),
+            agent,
             sim_task,
             dir,
+            _turn: turn,
         }
     }
 
@@ -186,45 +184,18 @@ impl Rig {
         self.meters.iter().find(|m| m.id == id).unwrap().unit
     }
 
-    fn agent_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_caudal-agent"));
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .env("NO_COLOR", "1");
-        // Only the file configures the agent.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CAUDAL_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd
-    }
-
     /// Starts `caudal-agent run`; panics if one is already running.
     pub fn spawn_agent(&mut self) {
-        assert!(self.agent.is_none(), "an agent is already running");
-        self.runs += 1;
-        let run = self.runs;
-        let out = std::fs::File::create(self.dir().join(format!("agent-{run}.stdout"))).unwrap();
-        let err = std::fs::File::create(self.dir().join(format!("agent-{run}.stderr"))).unwrap();
-        let child = self
-            .agent_command(&["run"])
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("caudal-agent starts");
-        self.agent = Some(AgentProcess { child, run });
+        self.agent.spawn();
     }
 
     /// How many agent processes were started.
     pub fn runs(&self) -> usize {
-        self.runs
+        self.agent.runs()
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(|a| a.child.id())
+        self.agent.pid()
     }
 
     /// Sends SIGTERM and waits for the agent to exit; returns how it exited.
@@ -238,29 +209,10 @@ impl Rig {
     }
 
     async fn signal_and_reap(&mut self, sig: libc::c_int) -> ExitStatus {
-        let mut a = self.agent.take().expect("an agent is running");
-        if let Some(status) = a.child.try_wait().expect("try_wait") {
-            self.agent = Some(a);
-            self.fail(&format!(
-                "agent exited on its own before the signal: {status}"
-            ));
-        }
-        send_signal(a.child.id(), sig);
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            if let Some(status) = a.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = a.child.kill();
-                let _ = a.child.wait();
-                self.fail(&format!(
-                    "agent run {} did not exit within {EXIT_TIMEOUT:?} of signal {sig}",
-                    a.run
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Waits on this thread: the receiver and the simulator run on the runtime's workers.
+        self.agent
+            .signal_and_reap(sig, EXIT_TIMEOUT)
+            .unwrap_or_else(|e| self.fail(&e))
     }
 
     /// Panics with `what` after printing every agent log.
@@ -270,23 +222,12 @@ impl Rig {
 
     /// What the latest agent run has logged so far.
     pub fn agent_stderr(&self) -> String {
-        std::fs::read_to_string(self.dir().join(format!("agent-{}.stderr", self.runs)))
-            .unwrap_or_default()
+        self.agent.stderr()
     }
 
     /// Every agent run's stdout and stderr.
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        for run in 1..=self.runs {
-            for stream in ["stdout", "stderr"] {
-                let p = self.dir().join(format!("agent-{run}.{stream}"));
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                if !text.is_empty() {
-                    let _ = writeln!(s, "---- agent run {run} {stream} ----\n{text}");
-                }
-            }
-        }
-        s
+        self.agent.logs()
     }
 
     /// Runs a one-shot command of the binary (`status`, `check-config`) against the rig's
@@ -294,8 +235,12 @@ impl Rig {
     pub async fn cli(&self, args: &[&str]) -> (ExitStatus, String) {
         let out = self.dir().join("cli.stdout");
         let err = self.dir().join("cli.stderr");
-        let mut child = self
-            .agent_command(args)
+        let mut all = vec![
+            "--config".to_string(),
+            self.config_path.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut child = command(Path::new(AGENT_BIN), &all)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())
@@ -326,11 +271,7 @@ impl Rig {
     /// Reads the outbox read-only (as `caudal-agent status` does); `None` while the file does
     /// not exist or cannot be read yet. Remembers the epoch.
     pub fn inspect(&mut self) -> Option<Inspection> {
-        let i = inspect(&self.site.outbox_path).ok()?;
-        if i.last_seq.is_some() {
-            self.epochs.insert(i.epoch);
-        }
-        Some(i)
+        self.outbox.inspect()
     }
 
     /// Polls `f` until it returns `Some`, failing after `within` or as soon as a running agent
@@ -343,9 +284,7 @@ impl Rig {
     ) -> T {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(a) = self.agent.as_mut()
-                && let Some(status) = a.child.try_wait().expect("try_wait")
-            {
+            if let Some(status) = self.agent.exited() {
                 self.fail(&format!(
                     "waiting for {what}: the agent exited with {status}"
                 ));
@@ -384,30 +323,13 @@ impl Rig {
 
     /// The seqs still in the outbox (sendable or held), read-only.
     pub fn outbox_seqs(&self) -> BTreeSet<u64> {
-        let conn = Connection::open_with_flags(
-            &self.site.outbox_path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .expect("outbox opens read-only");
-        let mut st = conn
-            .prepare("SELECT seq FROM records UNION ALL SELECT seq FROM held")
-            .unwrap();
-        st.query_map([], |r| r.get::<_, i64>(0))
-            .unwrap()
-            .map(|s| s.unwrap() as u64)
-            .collect()
+        self.outbox.seqs()
     }
 
     /// `PRAGMA integrity_check` of the outbox; the agent must be stopped.
     pub fn integrity_check(&self) -> String {
-        assert!(self.agent.is_none(), "stop the agent first");
-        let conn = Connection::open_with_flags(
-            &self.site.outbox_path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .expect("outbox opens read-only");
-        conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap()
+        assert!(!self.agent.is_running(), "stop the agent first");
+        self.outbox.integrity_check()
     }
 
     /// The end of every scenario: with the agent stopped, checks that every seq the agent ever
@@ -416,12 +338,12 @@ impl Rig {
     /// seqs committed after `drained`, the last seq of an observed empty backlog) still waiting in
     /// the outbox for the next start; and that the receiver holds nothing else.
     pub fn prove(&mut self, drained: Seq) -> Proof {
-        assert!(self.agent.is_none(), "stop the agent before the proof");
+        assert!(!self.agent.is_running(), "stop the agent before the proof");
         let i = self.inspect().expect("outbox readable");
         let last = i.last_seq.expect("the agent committed records");
         assert_eq!(
-            self.epochs,
-            BTreeSet::from([i.epoch]),
+            self.outbox.epochs(),
+            &BTreeSet::from([i.epoch]),
             "the outbox kept one epoch across every restart"
         );
         assert_eq!(
@@ -432,9 +354,7 @@ impl Rig {
         );
         assert_eq!(drained.epoch(), i.epoch);
         assert!(drained <= last);
-        let committed: BTreeSet<u64> = (1..=last.counter())
-            .map(|c| Seq::new(i.epoch, c).0)
-            .collect();
+        let committed = proof::committed(i.epoch, last);
 
         let stored = self.receiver.stored_seqs(SITE).expect("receiver readable");
         let foreign: Vec<u64> = stored.difference(&committed).copied().collect();
@@ -461,18 +381,15 @@ impl Rig {
             .filter_map(|g| g.seqs)
             .collect();
         let waiting = self.outbox_seqs();
-        let mut missing = Vec::new();
-        let mut left = 0usize;
-        for &s in &committed {
-            if stored.contains(&s) || evicted.iter().any(|r| r.contains(Seq(s))) {
-                continue;
-            }
-            if s > drained.0 && waiting.contains(&s) {
-                left += 1;
-                continue;
-            }
-            missing.push(Seq(s).to_string());
-        }
+        let accounted = proof::account(
+            &committed,
+            |s| stored.contains(&s),
+            &evicted,
+            &waiting,
+            drained,
+        );
+        let left = accounted.left_in_outbox;
+        let missing: Vec<String> = accounted.missing.iter().map(Seq::to_string).collect();
         if !missing.is_empty() {
             self.fail(&format!(
                 "{} of {} committed records neither stored nor covered by a gap (drained up to \
@@ -494,7 +411,7 @@ impl Rig {
             committed: committed.len() as u64,
             stored: stored.len() as u64,
             evicted: evicted.iter().map(|r| r.len()).sum(),
-            left_in_outbox: left as u64,
+            left_in_outbox: left,
             duplicates: arrived.saturating_sub(stored.len()) as u64,
         }
     }
@@ -502,10 +419,7 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.child.kill();
-            let _ = a.child.wait();
-        }
+        // The agent is killed when `self.agent` is dropped, after this.
         self.sim_task.abort();
         if std::thread::panicking() {
             eprintln!("rig directory {}\n{}", self.dir().display(), self.logs());
@@ -527,30 +441,6 @@ pub struct Proof {
     pub left_in_outbox: u64,
     /// Deliveries the receiver stored that were repeats of a record it already had.
     pub duplicates: u64,
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers; `pid` is our child, not yet reaped, so it cannot
-    // name another process.
-    let r = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        r,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
-        )
-        .try_init();
 }
 
 /// An MQTT subscriber to the site's retained status.

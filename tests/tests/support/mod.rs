@@ -10,30 +10,39 @@
 //! - cloud: `e2e-cloud run` (the `caudal-cloud` entry point) on a SQLite file in the scene's
 //!   directory, or on a fresh PostgreSQL schema when `CAUDAL_TEST_DATABASE_URL` is set;
 //! - broker: the cloud's embedded one ([`BrokerChoice::Embedded`]), or one that can stop on its
-//!   own ([`BrokerChoice::Separate`]: `caudal_tests::broker::Broker` with the cloud pointed at it
+//!   own ([`BrokerChoice::Separate`]: `caudal_testkit::broker::Broker` with the cloud pointed at it
 //!   by URL). When `CAUDAL_TEST_MQTT_URL` is set (a local Mosquitto), both choices use that
 //!   broker, and a separate one is reached through a loopback relay the scene can cut.
 //!
 //! Every scene uses site ids and an ingest group of its own, so scenes sharing one Mosquitto
-//! (or another cloud on it) do not see each other's records. Every process logs to a file in the
-//! scene's directory; a failing scenario prints them all. Every wait is a bounded poll.
+//! (or another cloud on it) do not see each other's records. Every process logs to files in the
+//! scene's directory; a failing scenario prints them all. Every wait is a bounded poll. A scene
+//! holds a turn while it lives, so scenes of concurrent tests run one after another. The pieces
+//! (processes, the test broker, the database, the outbox view, the proof's accounting) are
+//! `caudal-testkit`'s, shared with the agent's own rig.
 
 #![allow(dead_code)]
 
-use caudal_agent::config::AgentConfig;
-use caudal_agent::outbox::{Inspection, inspect};
-use caudal_agent::simulator::{Model, SimHandle, SimulatedMeter, Simulator};
+use caudal_agent::outbox::Inspection;
+use caudal_agent::simulator::{Model, SimHandle};
 use caudal_cloud::core::db::Db;
 use caudal_common::{Seq, SeqRange};
-use caudal_tests::broker::Broker;
+use caudal_testkit::broker::Broker;
+use caudal_testkit::database::TestDb;
+use caudal_testkit::meters;
+use caudal_testkit::outbox::OutboxWatch;
+use caudal_testkit::process::{Proc, Turn, command, take_turn};
+use caudal_testkit::proof::{account, committed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::task::{JoinHandle, JoinSet};
+
+pub use caudal_testkit::loopback::free_addr;
 
 pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_e2e-agent");
 pub const CLOUD_BIN: &str = env!("CARGO_BIN_EXE_e2e-cloud");
@@ -41,144 +50,6 @@ pub const CLOUD_BIN: &str = env!("CARGO_BIN_EXE_e2e-cloud");
 const POLL: Duration = Duration::from_millis(100);
 /// How long a signalled process may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process started again and again with the same command; each run logs to
-/// `<name>-<run>.log` in the scene's directory.
-pub struct Proc {
-    pub name: String,
-    dir: PathBuf,
-    program: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-    runs: usize,
-}
-
-impl Proc {
-    fn new(name: &str, dir: &Path, program: &str, args: &[&str]) -> Proc {
-        Proc {
-            name: name.to_string(),
-            dir: dir.to_path_buf(),
-            program: program.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            child: None,
-            runs: 0,
-        }
-    }
-
-    fn command(program: &Path, args: &[String]) -> Command {
-        let mut c = Command::new(program);
-        c.args(args).env("NO_COLOR", "1").env_remove("RUST_LOG");
-        // Only the configuration file configures the binaries.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CAUDAL_") {
-                c.env_remove(k);
-            }
-        }
-        c
-    }
-
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).expect("log file");
-        let child = Proc::command(&self.program, &self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{} starts: {e}", self.name));
-        self.child = Some(child);
-    }
-
-    fn log_path(&self, run: usize) -> PathBuf {
-        self.dir.join(format!("{}-{run}.log", self.name))
-    }
-
-    pub fn runs(&self) -> usize {
-        self.runs
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// `Some(status)` when the process was started and has exited on its own.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut()?.try_wait().expect("try_wait")
-    }
-
-    /// Sends `sig` and waits for the exit; `Err` names what went wrong.
-    fn signal_and_reap(&mut self, sig: libc::c_int) -> Result<ExitStatus, String> {
-        let mut child = self
-            .child
-            .take()
-            .ok_or(format!("{} is not running", self.name))?;
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Err(format!(
-                "{} exited on its own before the signal: {status}",
-                self.name
-            ));
-        }
-        send_signal(child.id(), sig);
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{} did not exit within {EXIT_TIMEOUT:?} of signal {sig}",
-                    self.name
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Every run's log.
-    pub fn logs(&self) -> String {
-        let mut s = String::new();
-        for run in 1..=self.runs {
-            let text = std::fs::read_to_string(self.log_path(run)).unwrap_or_default();
-            let _ = writeln!(s, "---- {} run {run} ----\n{text}", self.name);
-        }
-        s
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers; `pid` is our child, not yet reaped, so it cannot
-    // name another process.
-    let r = unsafe { libc::kill(pid, sig) };
-    assert_eq!(
-        r,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// A loopback address whose port was free a moment ago.
-pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local address")
-}
 
 /// A short random tag that keeps ids of concurrent scenes apart.
 fn tag() -> String {
@@ -188,12 +59,10 @@ fn tag() -> String {
 // ---------------------------------------------------------------------------------------------
 // The cloud's database
 
-/// The cloud's database for one scene: a SQLite file, or a fresh PostgreSQL schema dropped at
-/// the end.
+/// The cloud's database for one scene (a SQLite file, or a fresh PostgreSQL schema dropped at
+/// the end), read back through the cloud's own database access.
 pub struct CloudDb {
-    pub url: String,
-    pub backend: &'static str,
-    pg_schema: Option<(String, String)>,
+    test_db: TestDb,
     db: Option<Db>,
 }
 
@@ -238,38 +107,26 @@ macro_rules! fetch {
 
 impl CloudDb {
     async fn create(dir: &Path) -> CloudDb {
-        match std::env::var("CAUDAL_TEST_DATABASE_URL") {
-            Ok(base) if !base.is_empty() => {
-                let schema = format!("caudal_e2e_{}_{}", std::process::id(), tag());
-                let pool = sqlx::PgPool::connect(&base)
-                    .await
-                    .expect("CAUDAL_TEST_DATABASE_URL is set but PostgreSQL does not answer");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&pool)
-                    .await
-                    .expect("create schema");
-                pool.close().await;
-                let sep = if base.contains('?') { '&' } else { '?' };
-                CloudDb {
-                    url: format!("{base}{sep}options[search_path]={schema}"),
-                    backend: "postgres",
-                    pg_schema: Some((base, schema)),
-                    db: None,
-                }
-            }
-            _ => CloudDb {
-                url: format!("sqlite://{}?mode=rwc", dir.join("cloud.db").display()),
-                backend: "sqlite",
-                pg_schema: None,
-                db: None,
-            },
+        CloudDb {
+            test_db: TestDb::postgres_or_sqlite_file(&dir.join("cloud.db")).await,
+            db: None,
         }
+    }
+
+    /// What the cloud's `database.url` is set to.
+    pub fn url(&self) -> &str {
+        &self.test_db.url
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        self.test_db.name
     }
 
     async fn db(&mut self) -> &Db {
         if self.db.is_none() {
             self.db = Some(
-                Db::connect(&self.url, 2)
+                Db::connect(&self.test_db.url, 2)
                     .await
                     .expect("cloud database opens"),
             );
@@ -314,31 +171,6 @@ impl CloudDb {
             *s.dead_letters.entry(site.unwrap_or_default()).or_default() += 1;
         }
         s
-    }
-}
-
-impl Drop for CloudDb {
-    fn drop(&mut self) {
-        let Some((base, schema)) = self.pg_schema.take() else {
-            return;
-        };
-        // Drop runs inside the test's runtime: clean up on a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(pool) = sqlx::PgPool::connect(&base).await {
-                    let _ =
-                        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                            .execute(&pool)
-                            .await;
-                    pool.close().await;
-                }
-            });
-        })
-        .join();
     }
 }
 
@@ -526,8 +358,8 @@ pub struct Site {
     pub outbox_path: PathBuf,
     pub config_path: PathBuf,
     pub sim: SimHandle,
-    /// Epochs seen in the outbox during the scene.
-    epochs: BTreeSet<u32>,
+    /// The outbox, and the epochs seen in it during the scene.
+    outbox: OutboxWatch,
     /// The last seq of an observed empty backlog, if any.
     drained: Option<Seq>,
     sim_task: JoinHandle<()>,
@@ -573,38 +405,24 @@ impl Site {
         std::fs::write(&config_path, &toml).expect("agent config written");
 
         // The simulator serves exactly the points the agent will read.
-        let config = AgentConfig::load(&config_path).expect("agent config loads");
-        let profiles = config.load_profiles().expect("profiles load");
-        let resolved = config.resolve(&profiles).expect("agent config resolves");
-        let mut sim = Simulator::new();
-        for d in resolved.buses.iter().flat_map(|b| &b.devices) {
-            let m = spec
-                .meters
-                .iter()
-                .find(|m| m.id == d.id.as_str())
-                .expect("meter of device");
-            sim = sim.with_unit(
-                d.unit,
-                SimulatedMeter::new(d.points.clone(), m.model.clone()),
-            );
-        }
-        let handle = sim.handle();
-        let sim_task = tokio::spawn(async move {
-            let _ = sim.serve(listener, std::future::pending()).await;
+        let resolved = meters::resolve(&config_path);
+        let (handle, sim_task) = meters::serve(&resolved, listener, |id| {
+            let m = spec.meters.iter().find(|m| m.id == id);
+            m.expect("meter of device").model.clone()
         });
         let cfg = config_path.display().to_string();
         Site {
             agent: Proc::new(
                 &format!("agent-{id}"),
                 dir,
-                AGENT_BIN,
+                Path::new(AGENT_BIN),
                 &["--config", &cfg, "run"],
             ),
             id,
             outbox_path: resolved.outbox_path.clone(),
+            outbox: OutboxWatch::new(&resolved.outbox_path),
             config_path,
             sim: handle,
-            epochs: BTreeSet::new(),
             drained: None,
             sim_task,
         }
@@ -613,27 +431,12 @@ impl Site {
     /// Reads the outbox read-only (as `caudal-agent status` does); `None` while it does not
     /// exist yet. Remembers the epoch.
     pub fn inspect(&mut self) -> Option<Inspection> {
-        let i = inspect(&self.outbox_path).ok()?;
-        if i.last_seq.is_some() {
-            self.epochs.insert(i.epoch);
-        }
-        Some(i)
+        self.outbox.inspect()
     }
 
     /// Seqs still in the outbox (sendable or held).
     pub fn outbox_seqs(&self) -> BTreeSet<u64> {
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.outbox_path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .expect("outbox opens read-only");
-        let mut st = conn
-            .prepare("SELECT seq FROM records UNION ALL SELECT seq FROM held")
-            .expect("outbox query");
-        st.query_map([], |r| r.get::<_, i64>(0))
-            .expect("outbox rows")
-            .map(|s| s.expect("seq") as u64)
-            .collect()
+        self.outbox.seqs()
     }
 }
 
@@ -657,6 +460,7 @@ pub struct Scene {
     cloud_config: PathBuf,
     started: Instant,
     dir: tempfile::TempDir,
+    _turn: Turn,
 }
 
 impl Scene {
@@ -664,6 +468,7 @@ impl Scene {
     /// the cloud's configuration with every site registered. Nothing runs yet but the
     /// simulators (and a separate broker).
     pub async fn new(name: &'static str, broker: BrokerChoice, sites: &[SiteSpec]) -> Scene {
+        let turn = take_turn().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = CloudDb::create(dir.path()).await;
         let external = std::env::var("CAUDAL_TEST_MQTT_URL")
@@ -706,12 +511,17 @@ impl Scene {
              [log]\nlevel = \"info,sqlx=warn,rumqttd=warn,rumqttd::server::broker=off\"\n\n\
              [mqtt]\nclient_id = \"caudal-cloud-e2e-{run}\"\nkeep_alive_s = 5\n{}",
             dir.path().join("cloud").display(),
-            db.url,
+            db.url(),
             mqtt.cloud_toml(),
         );
         std::fs::write(&cloud_config, toml).expect("cloud config written");
         let cfg = cloud_config.display().to_string();
-        let cloud = Proc::new("cloud", dir.path(), CLOUD_BIN, &["--config", &cfg, "run"]);
+        let cloud = Proc::new(
+            "cloud",
+            dir.path(),
+            Path::new(CLOUD_BIN),
+            &["--config", &cfg, "run"],
+        );
         let scene = Scene {
             name,
             db,
@@ -722,6 +532,7 @@ impl Scene {
             cloud_config,
             started: Instant::now(),
             dir,
+            _turn: turn,
         };
         for s in &scene.sites {
             scene.cloud_cli(&["site", "add", "--id", &s.id, "--name", &s.id]);
@@ -729,7 +540,7 @@ impl Scene {
         eprintln!(
             "{name}: {} sites, database {}, broker {}, directory {}",
             scene.sites.len(),
-            scene.db.backend,
+            scene.db.backend(),
             scene.mqtt.agent_url(),
             scene.dir().display()
         );
@@ -752,7 +563,7 @@ impl Scene {
             self.cloud_config.display().to_string(),
         ];
         all.extend(args.iter().map(|a| a.to_string()));
-        let out = Proc::command(Path::new(CLOUD_BIN), &all)
+        let out = command(Path::new(CLOUD_BIN), &all)
             .stdin(Stdio::null())
             .output()
             .expect("caudal-cloud starts");
@@ -787,7 +598,7 @@ impl Scene {
     pub fn kill_cloud(&mut self) {
         let status = self
             .cloud
-            .signal_and_reap(libc::SIGKILL)
+            .signal_and_reap(libc::SIGKILL, EXIT_TIMEOUT)
             .unwrap_or_else(|e| self.fail(&e));
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
@@ -800,7 +611,7 @@ impl Scene {
     pub fn stop_cloud(&mut self) {
         let status = self
             .cloud
-            .signal_and_reap(libc::SIGTERM)
+            .signal_and_reap(libc::SIGTERM, EXIT_TIMEOUT)
             .unwrap_or_else(|e| self.fail(&e));
         if !status.success() {
             self.fail(&format!("the cloud stopped with {status}"));
@@ -817,7 +628,7 @@ impl Scene {
     pub fn kill_agent(&mut self, i: usize) {
         let status = self.sites[i]
             .agent
-            .signal_and_reap(libc::SIGKILL)
+            .signal_and_reap(libc::SIGKILL, EXIT_TIMEOUT)
             .unwrap_or_else(|e| self.fail(&e));
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
@@ -834,7 +645,7 @@ impl Scene {
             }
             let status = self.sites[i]
                 .agent
-                .signal_and_reap(libc::SIGTERM)
+                .signal_and_reap(libc::SIGTERM, EXIT_TIMEOUT)
                 .unwrap_or_else(|e| self.fail(&e));
             if status.code() != Some(0) {
                 self.fail(&format!("agent {i} stopped with {status}"));
@@ -1004,15 +815,14 @@ impl Scene {
             let site = &mut self.sites[i];
             let ins = site.inspect().expect("outbox readable");
             let last = ins.last_seq.expect("the agent committed records");
-            if site.epochs != BTreeSet::from([ins.epoch]) {
+            if site.outbox.epochs() != &BTreeSet::from([ins.epoch]) {
                 problems.push(format!(
                     "{}: epochs {:?}, expected one",
-                    site.id, site.epochs
+                    site.id,
+                    site.outbox.epochs()
                 ));
             }
-            let committed: BTreeSet<u64> = (1..=last.counter())
-                .map(|c| Seq::new(ins.epoch, c).0)
-                .collect();
+            let committed = committed(ins.epoch, last);
             let mut seen: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
             for r in stored.rows.iter().filter(|r| r.0 == site.id) {
                 seen.entry(r.1).or_default().push(r.2);
@@ -1038,19 +848,18 @@ impl Scene {
             }
             let evicted = stored.evicted.get(&site.id).cloned().unwrap_or_default();
             let waiting = site.outbox_seqs();
-            let drained = site.drained.map(|d| d.0).unwrap_or(0);
-            let mut missing = Vec::new();
-            for &s in &committed {
-                if seen.contains_key(&s) {
-                    proof.stored += 1;
-                } else if evicted.iter().any(|r| r.contains(Seq(s))) {
-                    proof.evicted += 1;
-                } else if s > drained && waiting.contains(&s) {
-                    proof.left_in_outbox += 1;
-                } else {
-                    missing.push(Seq(s).to_string());
-                }
-            }
+            let drained = site.drained.unwrap_or(Seq(0));
+            let accounted = account(
+                &committed,
+                |s| seen.contains_key(&s),
+                &evicted,
+                &waiting,
+                drained,
+            );
+            proof.stored += accounted.stored;
+            proof.evicted += accounted.evicted;
+            proof.left_in_outbox += accounted.left_in_outbox;
+            let missing: Vec<String> = accounted.missing.iter().map(Seq::to_string).collect();
             if !missing.is_empty() {
                 problems.push(format!(
                     "{}: {} of {} committed records neither stored nor covered by a gap \
@@ -1058,7 +867,7 @@ impl Scene {
                     site.id,
                     missing.len(),
                     committed.len(),
-                    Seq(drained),
+                    drained,
                     missing
                 ));
             }

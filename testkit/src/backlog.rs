@@ -1,8 +1,9 @@
 //! What the backlog benches (the agent's `drain`, the whole system's `pipeline`) feed the real
-//! outbox and uplink with: readings shaped like a flow meter's, and the uplink settings as
-//! shipped with the backlog rate lifted, so both benches measure the same thing.
+//! outbox and uplink with: readings shaped like a flow meter's, the outbox settings as shipped,
+//! and the uplink settings as shipped with the backlog rate lifted, so both benches measure the
+//! same thing. The agent's `outbox` and `footprint` benches take their readings from here too.
 
-use caudal_agent::config::UplinkConfig;
+use caudal_agent::config::{OutboxConfig, Synchronous, UplinkConfig};
 use caudal_agent::outbox::{ClockStamp, Stamped};
 use caudal_common::{DeviceId, Quality, Reading, Seq};
 use chrono::{DateTime, Utc};
@@ -31,6 +32,16 @@ pub fn uplink_config(broker: &str, client_id: Option<String>) -> UplinkConfig {
         reconnect_min_ms: 500,
         reconnect_max_ms: 60_000,
         status_interval_s: 60,
+    }
+}
+
+/// `[outbox]` as shipped: every acknowledgement's delete is fsynced.
+pub fn outbox_config() -> OutboxConfig {
+    OutboxConfig {
+        path: None,
+        disk_budget_mb: 1024,
+        synchronous: Synchronous::Full,
+        commit_interval_ms: 200,
     }
 }
 

@@ -9,7 +9,6 @@
 //! decoded ([`Receiver::readings`], [`Receiver::events`], [`Receiver::gaps`]), so a scenario can
 //! check values, events and gap records as the cloud would see them.
 
-use anyhow::Context;
 use caudal_common::payload::decode;
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, Event as RecordEvent, Gap, Reading, SeqRange};
@@ -23,6 +22,32 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+/// Why the receiver did not start, or what it stored could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error("receiver database {}: {source}", path.display())]
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("receiver: no SUBACK within 10 s")]
+    NotSubscribed,
+    #[error("receiver stopped")]
+    Stopped,
+    #[error("receiver: stored {kind} {json}: {source}")]
+    Stored {
+        kind: &'static str,
+        json: String,
+        source: serde_json::Error,
+    },
+    #[error("receiver stored {stored} records within {within:?}, expected {expected}")]
+    TooFew {
+        stored: u64,
+        expected: u64,
+        within: Duration,
+    },
+}
 
 /// How the receiver answers a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -73,7 +98,7 @@ pub struct Receiver {
 impl Receiver {
     /// Connects to the broker at `broker` (MQTT v4, no credentials), subscribes, and returns once
     /// the subscription is acknowledged. Records go to the SQLite file `db` (created if absent).
-    pub async fn start(broker: SocketAddr, db: &Path) -> anyhow::Result<Receiver> {
+    pub async fn start(broker: SocketAddr, db: &Path) -> Result<Receiver, ReceiverError> {
         let conn = open(db)?;
         let shared = Arc::new(Shared::default());
         static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -93,7 +118,9 @@ impl Receiver {
         let (sub_tx, mut sub_rx) = watch::channel(0u64);
         // The running total starts from what the file already holds (a receiver restarted on
         // it); each batch then adds what it newly stored, without counting the table again.
-        let already: i64 = conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
+        let already: i64 = conn
+            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .map_err(|source| database(db, source))?;
         let (stored_tx, stored) = watch::channel(already as u64);
         let events = tokio::spawn(drive(eventloop, client.clone(), batch_tx, sub_tx));
         let handler = tokio::spawn(handle(conn, client, batch_rx, shared.clone(), stored_tx));
@@ -105,8 +132,8 @@ impl Receiver {
         };
         tokio::time::timeout(Duration::from_secs(10), sub_rx.wait_for(|n| *n > 0))
             .await
-            .context("receiver: no SUBACK within 10 s")?
-            .context("receiver: event loop stopped")?;
+            .map_err(|_| ReceiverError::NotSubscribed)?
+            .map_err(|_| ReceiverError::Stopped)?;
         Ok(r)
     }
 
@@ -141,60 +168,68 @@ impl Receiver {
     }
 
     /// The sequence numbers stored for `site`, read back from the SQLite file.
-    pub fn stored_seqs(&self, site: &str) -> anyhow::Result<BTreeSet<u64>> {
-        let conn = Connection::open(&self.db)?;
-        let mut st = conn.prepare("SELECT seq FROM records WHERE site = ?1")?;
-        let rows = st.query_map(params![site], |r| r.get::<_, i64>(0))?;
-        let mut out = BTreeSet::new();
-        for r in rows {
-            out.insert(r? as u64);
-        }
-        Ok(out)
+    pub fn stored_seqs(&self, site: &str) -> Result<BTreeSet<u64>, ReceiverError> {
+        let read = || -> rusqlite::Result<BTreeSet<u64>> {
+            let conn = Connection::open(&self.db)?;
+            let mut st = conn.prepare("SELECT seq FROM records WHERE site = ?1")?;
+            let rows = st.query_map(params![site], |r| r.get::<_, i64>(0))?;
+            rows.map(|r| r.map(|s| s as u64)).collect()
+        };
+        read().map_err(|source| database(&self.db, source))
     }
 
     /// The readings stored for `site`, ascending by seq.
-    pub fn readings(&self, site: &str) -> anyhow::Result<Vec<Reading>> {
-        self.stored_json(site, "reading")?
-            .iter()
-            .map(|j| serde_json::from_str(j).with_context(|| format!("stored reading {j}")))
-            .collect()
+    pub fn readings(&self, site: &str) -> Result<Vec<Reading>, ReceiverError> {
+        self.decoded(site, "reading")
     }
 
     /// The events stored for `site`, ascending by seq.
-    pub fn events(&self, site: &str) -> anyhow::Result<Vec<RecordEvent>> {
-        self.stored_json(site, "event")?
-            .iter()
-            .map(|j| serde_json::from_str(j).with_context(|| format!("stored event {j}")))
-            .collect()
+    pub fn events(&self, site: &str) -> Result<Vec<RecordEvent>, ReceiverError> {
+        self.decoded(site, "event")
     }
 
     /// The gap records stored for `site`, ascending by seq.
-    pub fn gaps(&self, site: &str) -> anyhow::Result<Vec<Gap>> {
-        self.stored_json(site, "gap")?
-            .iter()
-            .map(|j| serde_json::from_str(j).with_context(|| format!("stored gap {j}")))
+    pub fn gaps(&self, site: &str) -> Result<Vec<Gap>, ReceiverError> {
+        self.decoded(site, "gap")
+    }
+
+    /// Every record of `kind` stored for `site`, decoded from its wire JSON, ascending by seq.
+    fn decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        site: &str,
+        kind: &'static str,
+    ) -> Result<Vec<T>, ReceiverError> {
+        let read = || -> rusqlite::Result<Vec<String>> {
+            let conn = Connection::open(&self.db)?;
+            let mut st = conn
+                .prepare("SELECT json FROM records WHERE site = ?1 AND kind = ?2 ORDER BY seq")?;
+            let rows = st.query_map(params![site, kind], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        };
+        read()
+            .map_err(|source| database(&self.db, source))?
+            .into_iter()
+            .map(|json| {
+                serde_json::from_str(&json).map_err(|source| ReceiverError::Stored {
+                    kind,
+                    json,
+                    source,
+                })
+            })
             .collect()
     }
 
-    /// The wire JSON of every record of `kind` stored for `site`, ascending by seq.
-    fn stored_json(&self, site: &str, kind: &str) -> anyhow::Result<Vec<String>> {
-        let conn = Connection::open(&self.db)?;
-        let mut st =
-            conn.prepare("SELECT json FROM records WHERE site = ?1 AND kind = ?2 ORDER BY seq")?;
-        let rows = st.query_map(params![site, kind], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// Waits until at least `n` distinct records are stored.
-    pub async fn wait_stored(&self, n: u64, within: Duration) -> anyhow::Result<()> {
+    pub async fn wait_stored(&self, n: u64, within: Duration) -> Result<(), ReceiverError> {
         let mut rx = self.stored.clone();
         match tokio::time::timeout(within, rx.wait_for(|s| *s >= n)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => anyhow::bail!("receiver stopped"),
-            Err(_) => anyhow::bail!(
-                "receiver stored {} records within {within:?}, expected {n}",
-                self.stored_count()
-            ),
+            Ok(Err(_)) => Err(ReceiverError::Stopped),
+            Err(_) => Err(ReceiverError::TooFew {
+                stored: self.stored_count(),
+                expected: n,
+                within,
+            }),
         }
     }
 }
@@ -211,9 +246,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn open(db: &Path) -> anyhow::Result<Connection> {
-    let conn =
-        Connection::open(db).with_context(|| format!("receiver database {}", db.display()))?;
+fn database(path: &Path, source: rusqlite::Error) -> ReceiverError {
+    ReceiverError::Database {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open(db: &Path) -> Result<Connection, ReceiverError> {
+    let conn = Connection::open(db).map_err(|source| database(db, source))?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
@@ -225,7 +266,8 @@ fn open(db: &Path) -> anyhow::Result<Connection> {
              json TEXT NOT NULL,
              PRIMARY KEY (site, seq)
          );",
-    )?;
+    )
+    .map_err(|source| database(db, source))?;
     Ok(conn)
 }
 
