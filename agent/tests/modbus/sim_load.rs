@@ -1,7 +1,7 @@
 //! Load figure (not an assertion): one bus client polling 32 simulated meters once a second
 //! over Modbus TCP, both in this process. Prints CPU time per wall second.
 //!
-//! `cargo test -p caudal-agent --test modbus_sim_load -- --ignored --nocapture`
+//! `cargo test -p caudal-agent --test modbus sim_load -- --ignored --nocapture`
 
 use caudal_agent::config::Link;
 use caudal_agent::modbus::BusClient;

@@ -4,7 +4,7 @@
 //! ingest stops acknowledging: batches reach it (the broker PUBACKs them) yet every record stays
 //! in the outbox until the ingest resumes. Then the proof: every committed record arrived once.
 
-mod e2e_support;
+use crate::support as e2e_support;
 
 use caudal_common::Seq;
 use caudal_testkit::receiver::AckMode;

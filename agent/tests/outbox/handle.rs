@@ -1,7 +1,7 @@
 //! The outbox handle and its worker thread on a real SQLite file: concurrent appends through
 //! group commits, the `Spool` seam, shutdown, and inspection while the writer runs.
 
-mod outbox_support;
+use crate::support as outbox_support;
 
 use caudal_agent::config::OutboxConfig;
 use caudal_agent::outbox::{Outbox, OutboxError, OutboxHandle, Spool, inspect};

@@ -4,7 +4,7 @@
 //! error; the cloud receives a `device_unreachable` event for each, and once the faults clear a
 //! `device_recovered` event and a `device_unreachable` gap covering the silence. Then the proof.
 
-mod e2e_support;
+use crate::support as e2e_support;
 
 use caudal_agent::simulator::{Fault, Model};
 use caudal_common::{EventKind, GapCause};

@@ -1,7 +1,7 @@
 //! Clock hold-back on a real SQLite file: records taken with an untrusted clock wait, and are
 //! re-stamped (this boot) or marked time-unknown (earlier boots) when the clock is trusted.
 
-mod outbox_support;
+use crate::support as outbox_support;
 
 use caudal_agent::outbox::{Outbox, Restamped, Stamped};
 use caudal_common::payload::RecordKind;

@@ -1,7 +1,7 @@
 //! The synchronous outbox on real SQLite files: sequence assignment, atomic appends, pending,
 //! acknowledgements, device rows, schema versions.
 
-mod outbox_support;
+use crate::support as outbox_support;
 
 use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{Draft, Outbox, OutboxError, Stamped};

@@ -4,7 +4,7 @@
 //! the retained status turned offline. Then the proof: every committed record arrived once.
 //! A SIGTERM that comes while the agent is still starting stops it cleanly too.
 
-mod e2e_support;
+use crate::support as e2e_support;
 
 use caudal_common::{Flag, SiteId, Status};
 use e2e_support::*;

@@ -1,7 +1,7 @@
 //! The disk budget and the full disk on real SQLite files: what eviction deletes, the gap
 //! records that report it, and the file size.
 
-mod outbox_support;
+use crate::support as outbox_support;
 
 use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{Outbox, OutboxError, Stamped};

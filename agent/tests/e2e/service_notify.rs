@@ -3,7 +3,7 @@
 //! while its only meter never answers and its broker refuses connections (both loops are alive,
 //! only waiting), and say `STOPPING=1` on SIGTERM.
 
-use caudal_testkit::process::{command, send_signal};
+use caudal_testkit::process::{command, send_signal, take_turn_blocking};
 use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -18,6 +18,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 #[test]
 fn ready_watchdog_and_stopping_reach_the_service_manager() {
+    let _turn = take_turn_blocking();
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();

@@ -8,7 +8,7 @@
 //! absorbed. The random moments come from a seed printed at the start (set `CAUDAL_E2E_SEED` to
 //! replay one).
 
-mod e2e_support;
+use crate::support as e2e_support;
 
 use caudal_testkit::receiver::AckMode;
 use e2e_support::*;
