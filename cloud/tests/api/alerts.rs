@@ -4,7 +4,7 @@
 //! tokens, roles and parameters. On a SQLite file, and on PostgreSQL when
 //! `CAUDAL_TEST_DATABASE_URL` is set.
 
-mod support;
+use crate::support;
 
 use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;

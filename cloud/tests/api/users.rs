@@ -2,7 +2,7 @@
 //! the role check of every route, account administration, and the `user add` command. Each test
 //! runs on a SQLite file, and on PostgreSQL when `CAUDAL_TEST_DATABASE_URL` is set.
 
-mod support;
+use crate::support;
 
 use caudal_cloud::Cloud;
 use caudal_cloud::core::auth::{Claims, Role, TokenKeys};

@@ -5,7 +5,7 @@
 //! Mosquitto (skipped, with a note, where `/usr/sbin/mosquitto` is not installed). Each API test
 //! runs on a SQLite file, and on PostgreSQL when `CAUDAL_TEST_DATABASE_URL` is set.
 
-mod support;
+use crate::support;
 
 use caudal_cloud::Cloud;
 use caudal_cloud::core::auth::Role;
@@ -754,7 +754,7 @@ async fn the_embedded_broker_logs_agents_in_with_their_site_credential() {
             "caudal/v1/pozo-norte/telemetry",
             QoS::AtLeastOnce,
             false,
-            include_str!("../../docs/examples/batch.json")
+            include_str!("../../../docs/examples/batch.json")
                 .as_bytes()
                 .to_vec(),
         )

@@ -2,7 +2,7 @@
 //! the other `telemetry` (embedded broker and ingest). A site registered through the CLI is
 //! listed by the core process and accepted by the telemetry process.
 
-mod support;
+use crate::support;
 
 use caudal_cloud::core::db::Db;
 use caudal_cloud::telemetry::store;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use support::{Agent, TestDb, http_get, wait_metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_caudal-cloud");
-const BATCH: &str = include_str!("../../docs/examples/batch.json");
+const BATCH: &str = include_str!("../../../docs/examples/batch.json");
 
 fn command(db: &TestDb, dir: &Path, services: &str) -> Command {
     let mut c = Command::new(BIN);

@@ -2,7 +2,7 @@
 //! stand-in publishing over MQTT v3.1.1, and the database (a SQLite file, and PostgreSQL when
 //! `CAUDAL_TEST_DATABASE_URL` is set).
 
-mod support;
+use crate::support;
 
 use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;
@@ -12,8 +12,8 @@ use caudal_common::{AckStatus, Batch, SeqRange, SiteId, Status};
 use std::time::Duration;
 use support::{Agent, TestDb, config, http_get, metric, wait_metric};
 
-const BATCH: &str = include_str!("../../docs/examples/batch.json");
-const STATUS: &str = include_str!("../../docs/examples/status.json");
+const BATCH: &str = include_str!("../../../docs/examples/batch.json");
+const STATUS: &str = include_str!("../../../docs/examples/status.json");
 
 fn example_batch() -> Batch {
     payload::decode(BATCH.as_bytes()).expect("the example batch decodes")

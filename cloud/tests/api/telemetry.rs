@@ -4,7 +4,7 @@
 //! events, bad parameters, role checks, and the OpenAPI document against the routes served.
 //! Each test runs on a SQLite file, and on PostgreSQL when `CAUDAL_TEST_DATABASE_URL` is set.
 
-mod support;
+use crate::support;
 
 use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;
