@@ -4,7 +4,7 @@
 //! and is sent again after the ack timeout. When the cloud is back the backlog drains, and every
 //! `(site, seq)` committed is in the cloud exactly once.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::*;

@@ -4,7 +4,7 @@
 //! the gaps travel like any record: in the cloud, every `(site, seq)` the agent committed is
 //! stored exactly once or covered by an eviction gap's seq range.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::*;

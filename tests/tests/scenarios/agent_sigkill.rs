@@ -4,7 +4,7 @@
 //! epoch per site without holes. The moments come from a seed printed at the start (set
 //! `CAUDAL_E2E_SEED` to replay one).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::*;

@@ -6,7 +6,7 @@
 //! Before the cloud named its TLS crypto provider, its ingest task panicked on the first
 //! `mqtts://` connection: two providers are compiled into the binary and rustls refused to guess.
 
-mod support;
+use crate::support;
 
 use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;
@@ -15,6 +15,7 @@ use caudal_common::payload::{self, Payload};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, DeviceId, Quality, Reading, Seq, SiteId};
 use caudal_testkit::broker::{Broker, BrokerOptions, BrokerTls};
+use caudal_testkit::process::take_turn;
 use chrono::Utc;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
@@ -81,6 +82,8 @@ async fn wait_metric(addr: SocketAddr, line: &str) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ingest_stores_and_acks_through_a_mutual_tls_broker() {
+    // A turn like every scene: the cloud runs in this process, yet it competes for the CPU.
+    let _turn = take_turn().await;
     let broker = tls_broker();
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = Cloud::start(cloud_config(&dir, &broker, "ca.pem"))
@@ -169,6 +172,8 @@ async fn the_ingest_stores_and_acks_through_a_mutual_tls_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_certificate_from_another_ca_keeps_the_ingest_out() {
+    // A turn like every scene: the cloud runs in this process, yet it competes for the CPU.
+    let _turn = take_turn().await;
     let broker = tls_broker();
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = Cloud::start(cloud_config(&dir, &broker, "other-ca.pem"))

@@ -4,7 +4,7 @@
 //! later stopped with SIGTERM and started again. Batches it stored but could not acknowledge are
 //! sent again and absorbed; in the end every `(site, seq)` committed is in the cloud exactly once.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::*;

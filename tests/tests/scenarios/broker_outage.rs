@@ -4,7 +4,7 @@
 //! When the broker is back, agents and cloud reconnect on their own, the backlogs drain, and
 //! every `(site, seq)` committed is in the cloud exactly once.
 
-mod support;
+use crate::support;
 
 use caudal_common::Seq;
 use std::time::Duration;

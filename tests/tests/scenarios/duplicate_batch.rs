@@ -3,7 +3,7 @@
 //! publishes the very same bytes again: the cloud acknowledges it again with the same seqs and
 //! stores nothing new. Then every `(site, seq)` committed is in the cloud exactly once.
 
-mod support;
+use crate::support;
 
 use caudal_common::payload::decode;
 use caudal_common::topic::{self, TopicKind};

@@ -3,7 +3,7 @@
 //! readings stored and its backlog drained, every `(site, seq)` the agents committed is in the
 //! cloud's database exactly once and nothing else is.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::*;
