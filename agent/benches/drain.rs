@@ -7,14 +7,13 @@
 //! `backlog_rate`, which is raised so the rate limit is not what is measured; the bench prints
 //! every setting it used.
 
-use caudal_agent::config::{OutboxConfig, Synchronous};
 use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{Outbox, OutboxHandle};
 use caudal_agent::uplink::Uplink;
 use caudal_common::{DeviceState, SiteId};
-use caudal_tests::backlog::{reading, uplink_config};
-use caudal_tests::broker::Broker;
-use caudal_tests::receiver::Receiver;
+use caudal_testkit::backlog::{outbox_config, reading, uplink_config};
+use caudal_testkit::broker::Broker;
+use caudal_testkit::receiver::Receiver;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,16 +23,6 @@ const RUNS: usize = 3;
 const BACKLOG: usize = 200_000;
 /// A run that has not drained by then is reported as such (the bench stays bounded).
 const RUN_LIMIT: Duration = Duration::from_secs(120);
-
-fn outbox_config() -> OutboxConfig {
-    // The shipped defaults: every ack's delete is fsynced.
-    OutboxConfig {
-        path: None,
-        disk_budget_mb: 1024,
-        synchronous: Synchronous::Full,
-        commit_interval_ms: 200,
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -6,17 +6,18 @@
 //! profile (the release settings) and hands the bench its path, so the process measured is the
 //! release binary in `target/release/`. The meters are the agent's own `simulator` served from
 //! this process on free loopback ports (4 buses of 8 meters, Modbus TCP); the broker for the
-//! idle phase is the embedded one of `caudal-tests`. Memory is `VmRSS` sampled once a second
+//! idle phase is the test broker of `caudal-testkit`. Memory is `VmRSS` sampled once a second
 //! from `/proc/<pid>/status` (median and maximum) and the kernel's `VmHWM` peak; CPU is
 //! `utime + stime` of `/proc/<pid>/stat` (all threads, in USER_HZ = 100 ticks per second) over
 //! the window. `CAUDAL_BENCH_SECS` shortens or lengthens each window (default 60).
 
 use caudal_agent::config::{AgentConfig, OutboxConfig, Synchronous};
-use caudal_agent::outbox::{ClockStamp, Outbox, Stamped};
+use caudal_agent::outbox::{Outbox, Stamped};
 use caudal_agent::simulator::{Model, SimHandle, SimulatedMeter, Simulator};
 use caudal_common::{DeviceId, Quality, Reading, Seq};
-use caudal_tests::broker::Broker;
-use caudal_tests::receiver::Receiver;
+use caudal_testkit::backlog::stamp;
+use caudal_testkit::broker::Broker;
+use caudal_testkit::receiver::Receiver;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -78,14 +79,6 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
     Some((utime + stime) / USER_HZ)
-}
-
-fn stamp() -> ClockStamp {
-    ClockStamp {
-        trusted: true,
-        boot_id: "2f1a9c1e-93a4-4c36-9d55-6f0d3c1b2a77".into(),
-        boottime_ms: 123_456_789,
-    }
 }
 
 /// A queued reading of one of the configured meters.

@@ -6,10 +6,10 @@
 //! `cargo bench -p caudal-agent --bench outbox`; each figure is the median of 3 runs.
 
 use caudal_agent::config::{OutboxConfig, Synchronous};
-use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
-use caudal_common::{DeviceId, Quality, Reading, Seq, SeqRange};
-use chrono::{DateTime, Utc};
-use std::collections::BTreeMap;
+use caudal_agent::outbox::{Outbox, OutboxHandle, Stamped};
+use caudal_common::{Seq, SeqRange};
+// A reading like a flow meter's: ~150 bytes of JSON, the same the backlog benches queue.
+use caudal_testkit::backlog::reading;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,32 +25,6 @@ fn cfg(sync: Synchronous) -> OutboxConfig {
         synchronous: sync,
         commit_interval_ms: 0,
     }
-}
-
-fn stamp() -> ClockStamp {
-    ClockStamp {
-        trusted: true,
-        boot_id: "2f1a9c1e-93a4-4c36-9d55-6f0d3c1b2a77".into(),
-        boottime_ms: 123_456_789,
-    }
-}
-
-/// A reading like a flow meter's: ~150 bytes of JSON with its seq.
-fn reading(i: usize) -> Stamped {
-    let devices = ["pozo-norte-fm1", "pozo-norte-fm2", "pozo-sur-lvl1"];
-    let ts: DateTime<Utc> =
-        DateTime::from_timestamp_millis(1_750_000_000_000 + i as i64 * 1_003).unwrap_or_default();
-    let r = Reading {
-        seq: Seq(0),
-        device: DeviceId::new(devices[i % 3]).expect("valid id"),
-        ts,
-        q: Quality::GOOD,
-        flow_lps: Some(12.0 + (i % 1000) as f64 * 0.013),
-        total_m3: Some(1_234_567.0 + i as f64 * 0.037),
-        level_m: Some(23.0 + (i % 97) as f64 * 0.011),
-        extra: BTreeMap::new(),
-    };
-    Stamped::new(r, stamp())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

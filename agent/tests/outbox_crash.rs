@@ -6,6 +6,7 @@
 //! The child is this same test binary started again with `CAUDAL_OUTBOX_CRASH_CHILD` set (the
 //! file has its own `main`: `harness = false`).
 
+#[path = "outbox/support.rs"]
 mod outbox_support;
 
 use caudal_agent::config::{OutboxConfig, Synchronous};

@@ -20,17 +20,17 @@ use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;
 use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_cloud::core::db::Db;
-use caudal_common::payload::{self, Payload};
-use caudal_common::topic::{self, TopicKind};
+use caudal_common::payload::Payload;
 use caudal_common::{Ack, AckStatus, Batch, DeviceId, Quality, Reading, Seq, SiteId};
+use caudal_testkit::database::TestDb;
+use caudal_testkit::http;
+use caudal_testkit::metrics::{sample, wait_metric};
+use caudal_testkit::stand_in::{Agent, StandIn};
 use chrono::{DateTime, TimeZone, Utc};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 /// Seq epoch of the measured readings; warm-up batches use the next one.
 const EPOCH: u32 = 90_000_000;
@@ -122,61 +122,6 @@ impl Args {
     }
 }
 
-/// The database of one run, removed afterwards.
-enum RunDb {
-    Sqlite(tempfile::TempDir),
-    Postgres { base: String, schema: String },
-}
-
-impl RunDb {
-    async fn new(pg: Option<&str>) -> RunDb {
-        match pg {
-            None => RunDb::Sqlite(tempfile::tempdir().expect("tempdir")),
-            Some(base) => {
-                let schema = format!(
-                    "caudal_bench_{}_{:08x}",
-                    std::process::id(),
-                    fastrand::u32(..)
-                );
-                let admin = sqlx::PgPool::connect(base).await.expect("postgres");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&admin)
-                    .await
-                    .expect("create schema");
-                admin.close().await;
-                RunDb::Postgres {
-                    base: base.to_string(),
-                    schema,
-                }
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        match self {
-            RunDb::Sqlite(dir) => format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("bench.db").display()
-            ),
-            RunDb::Postgres { base, schema } => {
-                let sep = if base.contains('?') { '&' } else { '?' };
-                format!("{base}{sep}options[search_path]={schema}")
-            }
-        }
-    }
-
-    async fn drop_schema(self) {
-        if let RunDb::Postgres { base, schema } = self
-            && let Ok(admin) = sqlx::PgPool::connect(&base).await
-        {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&admin)
-                .await;
-            admin.close().await;
-        }
-    }
-}
-
 /// One site's batches, encoded before the clock starts.
 struct SitePlan {
     site: SiteId,
@@ -246,94 +191,35 @@ fn plan(args: &Args, prefix: &str) -> Vec<SitePlan> {
         .collect()
 }
 
-/// A simulated agent: MQTT v3.1.1 like the real one, subscribed to its site's acks.
-struct Agent {
-    client: AsyncClient,
-    acks: mpsc::Receiver<Vec<u8>>,
-    task: tokio::task::JoinHandle<()>,
+/// A simulated agent (MQTT v3.1.1 like the real one, subscribed to its site's acks) with
+/// `inflight` batches in flight at once.
+async fn connect(broker: SocketAddr, site: &SiteId, inflight: usize) -> Agent {
+    let how = StandIn {
+        keep_alive: Duration::from_secs(30),
+        max_packet_bytes: 4 << 20,
+        inflight: Some(inflight.clamp(1, u16::MAX as usize) as u16),
+        ..StandIn::default()
+    };
+    Agent::connect_with(broker, site, &how).await
 }
 
-impl Agent {
-    async fn connect(broker: SocketAddr, site: &SiteId, inflight: usize) -> Agent {
-        let mut o = MqttOptions::new(
-            format!("bench-{site}-{:06x}", fastrand::u32(..1 << 24)),
-            broker.ip().to_string(),
-            broker.port(),
-        );
-        o.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(4 << 20, 4 << 20)
-            .set_inflight(inflight.clamp(1, u16::MAX as usize) as u16);
-        let (client, mut eventloop) = AsyncClient::new(o, 2 * inflight + 8);
-        let (tx, acks) = mpsc::channel(4 * inflight + 8);
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let ack_topic = topic::topic(site, TopicKind::Ack);
-        client
-            .subscribe(ack_topic.clone(), QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
-        let task = tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                        if tx.send(p.payload.to_vec()).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        eprintln!("agent connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+/// The next ack. Acks from another ingest on a shared broker (rejecting a site it does not
+/// know) are counted in `foreign` and skipped.
+/// `None` when no ack came within [`ACK_TIMEOUT`].
+async fn accepted(agent: &mut Agent, foreign: &mut u64) -> Option<Ack> {
+    loop {
+        let ack = agent.ack_within(ACK_TIMEOUT).await?;
+        match ack.status {
+            AckStatus::Accepted => return Some(ack),
+            AckStatus::Rejected
+                if ack
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("not registered")) =>
+            {
+                *foreign += 1
             }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("agent subscribed in time")
-            .expect("agent event loop alive");
-        Agent { client, acks, task }
-    }
-
-    async fn publish(&self, site: &SiteId, payload: Vec<u8>) {
-        self.client
-            .publish(
-                topic::topic(site, TopicKind::Telemetry),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-            )
-            .await
-            .expect("publish");
-    }
-
-    /// The next ack. Acks from another ingest on a shared broker (rejecting a site it does not
-    /// know) are counted in `foreign` and skipped.
-    /// `None` when no ack came within [`ACK_TIMEOUT`].
-    async fn ack(&mut self, foreign: &mut u64) -> Option<Ack> {
-        loop {
-            let bytes = tokio::time::timeout(ACK_TIMEOUT, self.acks.recv())
-                .await
-                .ok()?
-                .expect("agent alive");
-            let ack: Ack = payload::decode(&bytes).expect("a valid ack");
-            match ack.status {
-                AckStatus::Accepted => return Some(ack),
-                AckStatus::Rejected
-                    if ack
-                        .reason
-                        .as_deref()
-                        .is_some_and(|r| r.contains("not registered")) =>
-                {
-                    *foreign += 1
-                }
-                AckStatus::Rejected => panic!("batch {} rejected: {:?}", ack.batch, ack.reason),
-            }
+            AckStatus::Rejected => panic!("batch {} rejected: {:?}", ack.batch, ack.reason),
         }
     }
 }
@@ -350,48 +236,21 @@ async fn drive(mut agent: Agent, plan: SitePlan, inflight: usize) -> Result<u64,
                 break;
             };
             waiting.insert(id);
-            agent.publish(&plan.site, payload).await;
+            agent.publish(None, payload).await;
         }
         if waiting.is_empty() {
             break;
         }
-        let Some(ack) = agent.ack(&mut foreign).await else {
-            agent.task.abort();
+        let Some(ack) = accepted(&mut agent, &mut foreign).await else {
+            agent.kill();
             let mut ids: Vec<String> = waiting.into_iter().collect();
             ids.sort();
             return Err(ids);
         };
         waiting.remove(&ack.batch);
     }
-    agent.task.abort();
+    agent.kill();
     Ok(foreign)
-}
-
-/// `GET /metrics` until a line starts with `line`.
-async fn wait_metric(addr: SocketAddr, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.expect("write");
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.expect("read");
-        if body.lines().any(|l| l.starts_with(line)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{line:?} never appeared");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The body of `GET /metrics`.
-async fn get_metrics(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read");
-    body
 }
 
 /// Figures of one run.
@@ -463,8 +322,11 @@ async fn pg_copy(url: &str, plans: &[SitePlan]) -> f64 {
 }
 
 async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: usize) -> RunResult {
-    let db = RunDb::new(pg).await;
-    let url = db.url();
+    let db = match pg {
+        Some(base) => TestDb::postgres_at(base).await.expect("postgres"),
+        None => TestDb::sqlite(),
+    };
+    let url = db.url.clone();
     let prefix = format!(
         "bench-{:x}-{run}-{:04x}",
         std::process::id(),
@@ -503,9 +365,11 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
     let mut foreign = 0;
     for p in &plans {
         site::add(cloud.db(), &p.site, "").await.expect("add site");
-        let mut a = Agent::connect(broker, &p.site, args.inflight).await;
-        a.publish(&p.site, p.warmup.clone()).await;
-        let ack = a.ack(&mut foreign).await.expect("warm-up ack in time");
+        let mut a = connect(broker, &p.site, args.inflight).await;
+        a.publish(None, p.warmup.clone()).await;
+        let ack = accepted(&mut a, &mut foreign)
+            .await
+            .expect("warm-up ack in time");
         assert_eq!(ack.batch, "warmup");
         agents.push(a);
     }
@@ -533,7 +397,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
     }
     if !late.is_empty() {
         // Leave what the ingest knew for whoever reads the failure.
-        let metrics = get_metrics(cloud.http_addr()).await;
+        let (_, metrics) = http::get(cloud.http_addr(), "/metrics").await;
         for l in metrics
             .lines()
             .filter(|l| l.starts_with("caudal_cloud_ingest"))
@@ -549,15 +413,9 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
         args.readings + args.sites,
         "every reading (and one warm-up reading per site) stored exactly once"
     );
-    let metrics = get_metrics(cloud.http_addr()).await;
-    let field = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let groups = field("caudal_cloud_ingest_group_batches_count");
-    let batches = field("caudal_cloud_ingest_group_batches_sum");
+    let (_, metrics) = http::get(cloud.http_addr(), "/metrics").await;
+    let groups = sample(&metrics, "caudal_cloud_ingest_group_batches_count");
+    let batches = sample(&metrics, "caudal_cloud_ingest_group_batches_sum");
     let mut group_note = format!(
         "{:.1} batches/transaction",
         if groups > 0.0 { batches / groups } else { 0.0 }
@@ -570,7 +428,8 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
         Some(_) => Some(pg_copy(&url, &copies).await),
         None => None,
     };
-    db.drop_schema().await;
+    // The schema (PostgreSQL) goes with `db`, after the COPY.
+    drop(db);
     RunResult {
         ingest: args.readings as f64 / secs,
         copy,

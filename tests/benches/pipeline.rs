@@ -22,7 +22,6 @@
 //! ingest workers), so a stage's summed time can exceed the wall time: the share printed is
 //! summed time / wall time and stages do not add up to 100 %.
 
-use caudal_agent::config::{OutboxConfig, Synchronous};
 use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{Outbox, OutboxHandle};
 use caudal_agent::uplink::Uplink;
@@ -31,12 +30,13 @@ use caudal_cloud::catchment::site;
 use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_cloud::core::db::Db;
 use caudal_common::{DeviceState, SiteId};
-use caudal_tests::backlog::{reading, uplink_config};
+use caudal_testkit::backlog::{outbox_config, reading, uplink_config};
+use caudal_testkit::database::TestDb;
+use caudal_testkit::http;
+use caudal_testkit::metrics::{sample, wait_metric};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A run that has not drained by then is reported as broken (the bench stays bounded).
@@ -98,88 +98,6 @@ impl Args {
     }
 }
 
-/// The cloud database of one run, removed afterwards.
-enum RunDb {
-    Sqlite(tempfile::TempDir),
-    Postgres { base: String, schema: String },
-}
-
-impl RunDb {
-    async fn new(pg: Option<&str>) -> anyhow::Result<RunDb> {
-        Ok(match pg {
-            None => RunDb::Sqlite(tempfile::tempdir()?),
-            Some(base) => {
-                let schema = format!(
-                    "caudal_pipeline_{}_{:08x}",
-                    std::process::id(),
-                    fastrand::u32(..)
-                );
-                let admin = sqlx::PgPool::connect(base).await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&admin)
-                    .await?;
-                admin.close().await;
-                RunDb::Postgres {
-                    base: base.to_string(),
-                    schema,
-                }
-            }
-        })
-    }
-
-    fn url(&self) -> String {
-        match self {
-            RunDb::Sqlite(dir) => format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("cloud.db").display()
-            ),
-            RunDb::Postgres { base, schema } => {
-                let sep = if base.contains('?') { '&' } else { '?' };
-                format!("{base}{sep}options[search_path]={schema}")
-            }
-        }
-    }
-
-    async fn drop_schema(self) {
-        if let RunDb::Postgres { base, schema } = self
-            && let Ok(admin) = sqlx::PgPool::connect(&base).await
-        {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&admin)
-                .await;
-            admin.close().await;
-        }
-    }
-}
-
-/// The agent's shipped outbox settings: every ack's delete is fsynced.
-fn outbox_config() -> OutboxConfig {
-    OutboxConfig {
-        path: None,
-        disk_budget_mb: 1024,
-        synchronous: Synchronous::Full,
-        commit_interval_ms: 200,
-    }
-}
-
-/// `GET /metrics` of the cloud.
-async fn cloud_metrics(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// The value of the first sample named exactly `name` (no labels), 0 when absent.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// CPU seconds (user + system) used by this process so far: agents, outboxes and cloud. From
 /// `/proc/self/stat`, whose times are in USER_HZ ticks, fixed at 100 per second on Linux; 0
 /// where there is no `/proc`.
@@ -238,7 +156,10 @@ struct Run {
 }
 
 async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>) -> anyhow::Result<Run> {
-    let db = RunDb::new(pg).await?;
+    let db = match pg {
+        Some(base) => TestDb::postgres_at(base).await?,
+        None => TestDb::sqlite(),
+    };
     let prefix = format!(
         "pipe-{:x}-{:06x}",
         std::process::id(),
@@ -249,7 +170,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>) -> any
         ..Default::default()
     };
     c.http.listen = "127.0.0.1:0".parse()?;
-    c.database.url = Some(Secret::new(db.url()));
+    c.database.url = Some(Secret::new(&db.url));
     c.mqtt.embedded.listen = "127.0.0.1:0".parse()?;
     c.mqtt.embedded.listen_v5 = "127.0.0.1:0".parse()?;
     if let Some(m) = mosquitto {
@@ -257,18 +178,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>) -> any
         c.ingest.group = format!("{prefix}-ingest");
     }
     let cloud = Cloud::start(c).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sample(
-        &cloud_metrics(cloud.http_addr()).await?,
-        "caudal_cloud_ingest_subscribed",
-    ) != 1.0
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the cloud's ingest never subscribed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
     let broker = match mosquitto {
         Some(m) => m.to_string(),
         None => cloud
@@ -355,7 +265,7 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>) -> any
         "the cloud stored {stored} readings, expected exactly {}",
         args.sites * args.readings
     );
-    let m = cloud_metrics(cloud.http_addr()).await?;
+    let (_, m) = http::get(cloud.http_addr(), "/metrics").await;
     let groups = sample(&m, "caudal_cloud_ingest_group_batches_count");
     let grouped = sample(&m, "caudal_cloud_ingest_group_batches_sum");
     let run = Run {
@@ -369,7 +279,8 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>) -> any
         cpu_secs,
     };
     cloud.stop().await;
-    db.drop_schema().await;
+    // The schema (PostgreSQL) goes with `db`.
+    drop(db);
     Ok(run)
 }
 

@@ -1,0 +1,3 @@
+//! The uplink over MQTT. One test binary for the area.
+
+mod broker;

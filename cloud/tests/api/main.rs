@@ -1,0 +1,11 @@
+//! The cloud's API over real HTTP, one module per area (alerts, catchment, telemetry, users),
+//! in one test binary: each area's tests used to be a binary of their own, each linking the
+//! whole cloud.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod alerts;
+mod catchment;
+mod telemetry;
+mod users;

@@ -1,0 +1,9 @@
+//! The cloud service running: its ingest over MQTT with the embedded broker (and an external one
+//! when `CAUDAL_TEST_MQTT_URL` is set), and `caudal-cloud` processes of different presets on one
+//! database. One test binary for the area.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod ingest;
+mod processes;
