@@ -279,3 +279,99 @@ fn a_missing_profile_directory_is_an_error() {
         [ConfigError::Profile(e)] if matches!(&**e, ProfileError::Io { path, .. } if path.ends_with("no-such-dir"))
     ));
 }
+
+/// A site of one Modbus TCP bus with one device, `device` being the lines of its
+/// `[[bus.device]]` table and any `[bus.device.points.*]` below it.
+fn one_device(device: &str) -> String {
+    format!(
+        "[site]\nid = \"s\"\n[uplink]\nbroker = \"mqtt://h:1883\"\n[[bus]]\nname = \"b\"\nkind = \"tcp\"\naddress = \"h:502\"\n[[bus.device]]\nid = \"fm1\"\nunit = 1\n{device}"
+    )
+}
+
+fn resolve_text(text: &str) -> Result<caudal_agent::config::Site, Vec<ConfigError>> {
+    let config = AgentConfig::from_source(SourceText::new("agent.toml", text.to_string()), [])
+        .map_err(|e| vec![e])?;
+    config.resolve(&ProfileSet::builtin().unwrap())
+}
+
+fn shown(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn an_extra_in_bar_stays_in_bar() {
+    let site = resolve_text(&one_device(
+        "profile = \"generic\"\n[bus.device.points.pressure]\nfc = 3\naddress = 50\ntype = \"f32\"\nunit = \"bar\"\n",
+    ))
+    .unwrap();
+    let points = &site.buses[0].devices[0].points;
+    let pressure = points
+        .iter()
+        .find(|p| p.channel == Channel::Extra("pressure".into()))
+        .unwrap();
+    // 2.5 bar = 0x40200000: an extra is kept as read, not turned into metres of water.
+    assert_eq!(pressure.decode(&[0x4020, 0x0000]), Ok(2.5));
+    // A scaled extra keeps its scale: 1234 × 0.01 bar.
+    let scaled = caudal_agent::register::Point {
+        data_type: DataType::U16,
+        scale: 0.01,
+        ..pressure.clone()
+    };
+    assert_eq!(scaled.decode(&[1234]), Ok(12.34));
+    // Only flow, total and level become canonical: a level in bar is a water column in m.
+    let level = caudal_agent::register::Point {
+        channel: Channel::Level,
+        ..pressure.clone()
+    };
+    let column = level.decode(&[0x4020, 0x0000]).unwrap();
+    assert!((column - 25.493).abs() < 1e-3, "{column}");
+}
+
+/// Promag 800 (battery): the profile note's settings are accepted and a register dump as the
+/// meter answers two-register reads decodes to what its display shows.
+#[test]
+fn promag_800_reads_its_totalizer_in_halves() {
+    let text = one_device("profile = \"endress-promag\"\nmax_regs_per_read = 2\n");
+    let site = resolve_text(&text).unwrap_or_else(|e| panic!("{}", shown(&e)));
+    let device = &site.buses[0].devices[0];
+    assert_eq!(device.max_regs_per_read, 2);
+    let total = device
+        .points
+        .iter()
+        .position(|p| p.channel == Channel::Total)
+        .unwrap();
+    let flow = device
+        .points
+        .iter()
+        .position(|p| p.channel == Channel::Flow)
+        .unwrap();
+    let blocks = caudal_agent::register::plan_reads(&device.points, 2);
+    assert!(blocks.iter().all(|b| b.count <= 2), "{blocks:?}");
+    // The meter's registers (word-swapped floats, CDAB): flow 2009 = 45.0 m3/h (0x42340000),
+    // totalizer 1 SUM 2610 = 1234.5 m3 (0x449A5000), OVERFLOW 2612 = 2E7 (0x4B989680).
+    let dump = |address: u16| -> Option<u16> {
+        Some(match address {
+            2008 => 0x0000,
+            2009 => 0x4234,
+            2609 => 0x5000,
+            2610 => 0x449A,
+            2611 => 0x9680,
+            2612 => 0x4B98,
+            2731 => 0,
+            _ => return None,
+        })
+    };
+    let replies: Vec<Option<Vec<u16>>> = blocks
+        .iter()
+        .map(|b| (0..b.count).map(|i| dump(b.address + i)).collect())
+        .collect();
+    let words = caudal_agent::register::assemble(device.points.len(), &blocks, &replies);
+    let value = |i: usize| device.points[i].decode(words[i].as_ref().unwrap()).unwrap();
+    // Display: totalizer 1 = 20 001 234.5 m3, volume flow 45 m3/h = 12.5 L/s.
+    assert_eq!(value(total), 20_001_234.5);
+    assert!((value(flow) - 12.5).abs() < 1e-9);
+}
