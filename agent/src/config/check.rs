@@ -129,6 +129,14 @@ impl<'a> Place<'a> {
         }
     }
 
+    /// This place, printed as `key` of the table instead (a key the file lacks, found at the
+    /// line of one it has).
+    pub(super) fn shown_as(mut self, key: &str) -> Place<'a> {
+        let table = self.key.rsplit_once('.').map_or("", |(t, _)| t);
+        self.key = format!("{table}.{key}");
+        self
+    }
+
     /// A key of this table, or a table below it.
     pub(super) fn child<'b>(&self, key: &'b str) -> Place<'b>
     where

@@ -291,7 +291,14 @@ fn resolve_device(
     check_point_sizes(place, &points, max_regs, p);
     if let Some(pr) = profile {
         for (channel, unit) in pr.assumed_units(&dev.points) {
-            let at = place.child("points").child(&channel).child("unit");
+            // At the override's table when the device has one, else at its `profile` line.
+            let at = if dev.points.contains_key(&channel) {
+                place.child("points").child(&channel).child("unit")
+            } else {
+                place
+                    .child("profile")
+                    .shown_as(&format!("points.{channel}.unit"))
+            };
             let warning = Warning::UnitAssumed {
                 profile: pr.id.clone(),
                 channel: channel.clone(),
