@@ -133,8 +133,12 @@ impl fmt::Display for ProbeReport {
     }
 }
 
-/// The canonical unit's name for values of `unit`'s dimension.
-fn canonical_unit_name(unit: Unit) -> &'static str {
+/// The name of the unit `channel`'s values in `unit` are stored in: the canonical unit of the
+/// dimension for flow, total and level, the unit itself for every other channel (kept as read).
+fn stored_unit_name(channel: &Channel, unit: Unit) -> &'static str {
+    if !channel.is_canonical() {
+        return unit.name();
+    }
     match unit.dimension() {
         Dimension::Flow => "L/s",
         Dimension::Volume => "m3",
@@ -153,7 +157,8 @@ pub struct PointProbe {
     pub order: ByteOrder,
     /// The words read for the point (`None` when its read failed).
     pub words: Option<Vec<u16>>,
-    /// Value in the point's unit (what the display shows) and in canonical units, or why not.
+    /// Value in the point's unit (what the display shows) and as stored (canonical units for
+    /// flow, total and level), or why not.
     pub value: Result<(f64, f64), String>,
     pub unit: Unit,
 }
@@ -225,7 +230,7 @@ pub async fn probe_device(
 
 fn decode_point(p: &Point, words: &[u16]) -> Result<(f64, f64), String> {
     let in_unit = p.decode_in_unit(words).map_err(|e| e.to_string())?;
-    Ok((in_unit, p.unit.to_canonical(in_unit)))
+    Ok((in_unit, p.to_stored(in_unit)))
 }
 
 impl fmt::Display for DeviceProbe {
@@ -255,7 +260,7 @@ impl fmt::Display for DeviceProbe {
             )?;
             match &p.value {
                 Ok((in_unit, canonical)) => {
-                    let canonical_unit = canonical_unit_name(p.unit);
+                    let canonical_unit = stored_unit_name(&p.channel, p.unit);
                     write!(f, "{in_unit} {}", p.unit)?;
                     if canonical_unit != p.unit.name() {
                         write!(f, " = {canonical} {canonical_unit}")?;

@@ -10,15 +10,22 @@
 //! `[bus.device.points.<channel>]` table. [`Profile::resolve`] merges the two field by field and
 //! validates the result into [`Point`]s: the registers fit the address space, composite
 //! totalizers carry the fields they need, and the unit measures what the channel carries (flow a
-//! volume per time, total a volume, level a length or a pressure read as water column).
+//! volume per time, total a volume, level a length or a pressure read as water column). A level
+//! read as pressure states the water's density and, for an absolute cell, the air pressure
+//! ([`WaterColumn`]); a profile marks a unit it could only guess (`unit_assumed`), which
+//! `check-config` then warns about on every device that does not confirm it.
 
 use crate::position::{Location, SourceText};
-use crate::register::{ByteOrder, Channel, DataType, Fc, MAX_REGISTERS_PER_READ, Point};
+use crate::register::{
+    Atmosphere, ByteOrder, Channel, DataType, FRESH_WATER_DENSITY, Fc, MAX_REGISTERS_PER_READ,
+    Point, WaterColumn, is_pressure,
+};
 use caudal_common::units::{Dimension, Unit};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Not;
 use std::path::{Path, PathBuf};
 
 macro_rules! builtin {
@@ -167,8 +174,20 @@ pub struct PointSpec {
     pub overflow_factor: Option<f64>,
     /// `f32_u16_rollover` (required): address of the u16 rollover counter, same fc.
     pub overflow_address: Option<u16>,
-    /// For counters: the value (in `unit`) at which the register wraps to zero.
+    /// For counters: the value (in `unit`) at which the register wraps to zero, the modulus
+    /// (4294967296 for a u32 counter, not its largest value 4294967295).
     pub rollover_at: Option<f64>,
+    /// A level in a pressure unit: density of the water above the probe, kg/m³; default 1000.
+    pub water_density_kg_m3: Option<f64>,
+    /// A level in a pressure unit from an absolute cell: the site's altitude, m; the standard
+    /// atmosphere's pressure there is subtracted. Excludes `barometric_bar`.
+    pub altitude_m: Option<f64>,
+    /// A level in a pressure unit from an absolute cell: the air pressure measured on site,
+    /// bar, subtracted. Excludes `altitude_m`. Neither: a vented cell, nothing subtracted.
+    pub barometric_bar: Option<f64>,
+    /// In a profile: `unit` is a guess to confirm against the meter's display. `check-config`
+    /// warns on a device that uses it without stating `unit` itself.
+    pub unit_assumed: Option<bool>,
     /// `false` drops the point (e.g. a profile's level on a site without a level sensor).
     pub enabled: Option<bool>,
 }
@@ -187,6 +206,10 @@ impl PointSpec {
         "overflow_factor",
         "overflow_address",
         "rollover_at",
+        "water_density_kg_m3",
+        "altitude_m",
+        "barometric_bar",
+        "unit_assumed",
         "enabled",
     ];
 
@@ -233,6 +256,10 @@ impl PointSpec {
             "overflow_factor" => self.overflow_factor = parse(channel, field, value)?,
             "overflow_address" => self.overflow_address = parse(channel, field, value)?,
             "rollover_at" => self.rollover_at = parse(channel, field, value)?,
+            "water_density_kg_m3" => self.water_density_kg_m3 = parse(channel, field, value)?,
+            "altitude_m" => self.altitude_m = parse(channel, field, value)?,
+            "barometric_bar" => self.barometric_bar = parse(channel, field, value)?,
+            "unit_assumed" => self.unit_assumed = parse(channel, field, value)?,
             "enabled" => self.enabled = parse(channel, field, value)?,
             _ => {
                 return Err(PointError::UnknownField {
@@ -444,6 +471,8 @@ impl PointSpec {
             }
         };
 
+        let water_column = self.water_column(&ch, &channel_kind, unit, &mut errors);
+
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -460,7 +489,71 @@ impl PointSpec {
             overflow_factor,
             overflow_address: self.overflow_address,
             rollover_at: self.rollover_at,
+            water_column,
         }))
+    }
+
+    /// How a level in a pressure unit becomes a water column (`None` for every other point),
+    /// with the density and air-pressure settings checked: only on such a level, in range, and
+    /// at most one air pressure.
+    fn water_column(
+        &self,
+        ch: &str,
+        channel: &Channel,
+        unit: Unit,
+        errors: &mut Vec<PointError>,
+    ) -> Option<WaterColumn> {
+        let settings = [
+            ("water_density_kg_m3", self.water_density_kg_m3),
+            ("altitude_m", self.altitude_m),
+            ("barometric_bar", self.barometric_bar),
+        ];
+        let pressure_level = *channel == Channel::Level && is_pressure(unit);
+        if !pressure_level {
+            for (field, value) in settings {
+                if value.is_some() {
+                    errors.push(PointError::NeedsPressureLevel {
+                        channel: ch.to_string(),
+                        field,
+                        unit,
+                    });
+                }
+            }
+            return None;
+        }
+        for ((field, value), (range, expected)) in settings.into_iter().zip([
+            (900.0..=1300.0, "900-1300 kg/m³ (fresh water is 1000)"),
+            (-500.0..=6000.0, "-500-6000 m"),
+            (0.4..=1.1, "0.4-1.1 bar"),
+        ]) {
+            if let Some(v) = value
+                && !range.contains(&v)
+            {
+                errors.push(PointError::OutOfRange {
+                    channel: ch.to_string(),
+                    field,
+                    value: v,
+                    expected,
+                });
+            }
+        }
+        let air = match (self.altitude_m, self.barometric_bar) {
+            (Some(_), Some(_)) => {
+                errors.push(PointError::Excludes {
+                    channel: ch.to_string(),
+                    field: "barometric_bar",
+                    other: "altitude_m",
+                });
+                Atmosphere::Vented
+            }
+            (Some(h), None) => Atmosphere::Altitude(h),
+            (None, Some(b)) => Atmosphere::Barometric(b),
+            (None, None) => Atmosphere::Vented,
+        };
+        Some(WaterColumn {
+            density_kg_m3: self.water_density_kg_m3.unwrap_or(FRESH_WATER_DENSITY),
+            air,
+        })
     }
 }
 
@@ -553,6 +646,27 @@ pub enum PointError {
     },
     #[error("point `{channel}`: channel names use lowercase letters, digits and '_' (at most 32)")]
     BadChannelName { channel: String },
+    #[error(
+        "point `{channel}`: `{field}` only applies to a level read in a pressure unit (bar, mbar, kPa, MPa, psi, mH2O, cmH2O, mmH2O), not to `{channel}` in `{unit}`"
+    )]
+    NeedsPressureLevel {
+        channel: String,
+        field: &'static str,
+        unit: Unit,
+    },
+    #[error(
+        "point `{channel}`: `{field}` belongs in a profile; a device confirms the profile's unit by setting `unit`"
+    )]
+    ProfileOnly {
+        channel: String,
+        field: &'static str,
+    },
+    #[error("point `{channel}`: `{field}` and `{other}` exclude each other; give one air pressure")]
+    Excludes {
+        channel: String,
+        field: &'static str,
+        other: &'static str,
+    },
 }
 
 impl PointError {
@@ -570,7 +684,10 @@ impl PointError {
             | PointError::RolloverNotCounter { channel }
             | PointError::UnitDimension { channel, .. }
             | PointError::UnitRequired { channel, .. }
-            | PointError::BadChannelName { channel } => channel,
+            | PointError::BadChannelName { channel }
+            | PointError::NeedsPressureLevel { channel, .. }
+            | PointError::Excludes { channel, .. }
+            | PointError::ProfileOnly { channel, .. } => channel,
         }
     }
 
@@ -583,7 +700,10 @@ impl PointError {
             PointError::Missing { field, .. }
             | PointError::NotApplicable { field, .. }
             | PointError::DoesNotFit { field, .. }
-            | PointError::OutOfRange { field, .. } => Some(field),
+            | PointError::OutOfRange { field, .. }
+            | PointError::NeedsPressureLevel { field, .. }
+            | PointError::Excludes { field, .. }
+            | PointError::ProfileOnly { field, .. } => Some(field),
             PointError::Overlaps { .. } => Some("overflow_address"),
             PointError::BitsNeedBool { .. } => Some("type"),
             PointError::RolloverNotCounter { .. } => Some("rollover_at"),
@@ -755,14 +875,14 @@ impl Profile {
                 Ok(Some(point)) => {
                     if let Some(max) = self.timing.max_regs_per_read
                         && !point.fc.is_bits()
-                        && point.data_type.registers() > max
+                        && point.data_type.smallest_read() > max
                     {
                         errors.push(invalid(
                             &["timing", "max_regs_per_read"],
                             format!(
                                 "point `{channel}` ({}) needs {} registers in one read, more than max_regs_per_read = {max}",
                                 point.data_type,
-                                point.data_type.registers()
+                                point.data_type.smallest_read()
                             ),
                         ));
                     }
@@ -800,6 +920,13 @@ impl Profile {
             if let Err(e) = spec.merge(channel, table) {
                 errors.extend(e);
             }
+            // A device confirms a guessed unit by stating `unit`, not by unmarking it.
+            if table.contains_key("unit_assumed") {
+                errors.push(PointError::ProfileOnly {
+                    channel: channel.clone(),
+                    field: "unit_assumed",
+                });
+            }
         }
         let mut points = Vec::new();
         for (channel, spec) in &specs {
@@ -814,6 +941,31 @@ impl Profile {
         }
         points.sort_by(|a, b| a.channel.cmp(&b.channel));
         Ok(points)
+    }
+}
+
+impl Profile {
+    /// The points whose unit the profile only assumed (`unit_assumed = true`) and a device with
+    /// these `overrides` still reads in that unit: the device neither states `unit` for the
+    /// point nor disables it. (channel, assumed unit), in channel order.
+    pub fn assumed_units(&self, overrides: &BTreeMap<String, toml::Table>) -> Vec<(String, Unit)> {
+        self.points
+            .iter()
+            .filter(|(_, spec)| spec.unit_assumed == Some(true))
+            .filter_map(|(channel, spec)| {
+                let own = overrides.get(channel);
+                let stated = own.is_some_and(|t| t.contains_key("unit"));
+                let disabled = own
+                    .and_then(|t| t.get("enabled"))
+                    .and_then(toml::Value::as_bool)
+                    .unwrap_or(spec.enabled.unwrap_or(true))
+                    .not();
+                match spec.unit {
+                    Some(unit) if !stated && !disabled => Some((channel.clone(), unit)),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 }
 

@@ -2,8 +2,11 @@
 //!
 //! A [`Point`] names the function code, the 0-based wire (PDU) address, the data type, the
 //! byte/word order, scale, offset and unit of one value, and the [`Channel`] it feeds. Decoding
-//! turns the raw registers of a point into an `f64` in canonical units; encoding (for the meter
-//! simulator and tests) does the reverse. Byte orders use A = most significant byte, as gateways
+//! turns the raw registers of a point into the `f64` the agent stores: flow, total and level in
+//! canonical units (L/s, m³, m; a level read as pressure becomes a water column at the point's
+//! [`WaterColumn`] density, less its air pressure), every other channel exactly as read (raw ×
+//! scale + offset, in the point's unit). Encoding (for the meter simulator and tests) does the
+//! reverse. Byte orders use A = most significant byte, as gateways
 //! and the research notes do: `ABCD` big-endian, `CDAB` word-swapped (low word first), `BADC`
 //! bytes swapped in each word, `DCBA` fully little-endian; for 64-bit types the same four
 //! patterns extend to eight bytes (`ABCD` = ABCDEFGH, `DCBA` = HGFEDCBA, `CDAB` = GHEFCDAB,
@@ -149,6 +152,14 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// Flow, total and level are stored in canonical units (L/s, m³, m); every other channel is
+    /// kept as read, in the unit its profile names.
+    pub fn is_canonical(&self) -> bool {
+        matches!(self, Channel::Flow | Channel::Total | Channel::Level)
+    }
+}
+
+impl Channel {
     pub fn name(&self) -> &str {
         match self {
             Channel::Flow => "flow",
@@ -184,7 +195,8 @@ pub struct Point {
     pub address: u16,
     pub data_type: DataType,
     pub order: ByteOrder,
-    /// value = raw × scale + offset, then converted from `unit` to the canonical unit.
+    /// value = raw × scale + offset, in `unit`; flow, total and level are then converted to
+    /// their canonical unit, other channels stored as they are.
     pub scale: f64,
     pub offset: f64,
     pub unit: Unit,
@@ -194,9 +206,105 @@ pub struct Point {
     pub overflow_factor: f64,
     /// For [`DataType::F32U16Rollover`]: where the rollover counter lives (same fc).
     pub overflow_address: Option<u16>,
-    /// For totalizers: the value at which the register wraps to zero, in `unit` (e.g.
-    /// 4 294 967 295 × scale for a u32 counter). Used to tell a rollover from a reset.
+    /// For totalizers: the value at which the register wraps to zero, in `unit`: the modulus,
+    /// one count above the largest value it holds (2^32 = 4 294 967 296 × scale for a u32
+    /// counter). Used to tell a rollover from a reset.
     pub rollover_at: Option<f64>,
+    /// For a level read in a pressure unit: how pressure becomes a water column. `None` for
+    /// every other point (a level in a length unit is already a column).
+    pub water_column: Option<WaterColumn>,
+}
+
+/// Standard gravity, m/s²: the value [`Unit::to_canonical`] turns pressure into a water column
+/// with.
+pub const STANDARD_GRAVITY: f64 = 9.806_65;
+
+/// The water density [`Unit::to_canonical`] turns pressure into a water column with (fresh
+/// water), kg/m³; a [`WaterColumn`] states its own.
+pub const FRESH_WATER_DENSITY: f64 = 1000.0;
+
+/// Sea-level pressure of the standard atmosphere (ISO 2533), bar.
+pub const SEA_LEVEL_BAR: f64 = 1.013_25;
+
+/// How a level read in a pressure unit becomes the height of water above the probe:
+/// column = (pressure − air pressure) / (density × g).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WaterColumn {
+    /// Density of the water above the probe, kg/m³ ([`FRESH_WATER_DENSITY`] unless set).
+    pub density_kg_m3: f64,
+    /// What the cell reads besides the water.
+    pub air: Atmosphere,
+}
+
+impl Default for WaterColumn {
+    fn default() -> Self {
+        WaterColumn {
+            density_kg_m3: FRESH_WATER_DENSITY,
+            air: Atmosphere::Vented,
+        }
+    }
+}
+
+/// The air pressure a level probe's cell reads on top of the water.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Atmosphere {
+    /// A vented (gauge, PR) cell: the air pressure is already taken out.
+    Vented,
+    /// An absolute (PAA) cell at this altitude, m: the standard atmosphere's pressure there is
+    /// subtracted ([`Atmosphere::bar`]).
+    Altitude(f64),
+    /// An absolute cell with the air pressure measured on site, bar.
+    Barometric(f64),
+}
+
+impl Atmosphere {
+    /// The air pressure subtracted, bar: 0 for a vented cell; at an altitude h the ISO 2533
+    /// standard atmosphere's 1.01325 × (1 − 2.25577e-5 × h)^5.25588 (0.9546 bar at 500 m,
+    /// where sea-level pressure would leave 0.6 m of air in the level).
+    pub fn bar(self) -> f64 {
+        match self {
+            Atmosphere::Vented => 0.0,
+            Atmosphere::Altitude(h) => SEA_LEVEL_BAR * (1.0 - 2.255_77e-5 * h).powf(5.255_88),
+            Atmosphere::Barometric(b) => b,
+        }
+    }
+}
+
+impl WaterColumn {
+    /// Metres of water above the probe from `pressure` in `unit` (a pressure unit).
+    fn metres(&self, unit: Unit, pressure: f64) -> f64 {
+        let pascal = pressure * pascal_per(unit) - self.air.bar() * pascal_per(Unit::Bar);
+        pascal / (self.density_kg_m3 * STANDARD_GRAVITY)
+    }
+
+    /// The pressure in `unit` that [`WaterColumn::metres`] turns into `metres`.
+    fn pressure(&self, unit: Unit, metres: f64) -> f64 {
+        let pascal =
+            metres * self.density_kg_m3 * STANDARD_GRAVITY + self.air.bar() * pascal_per(Unit::Bar);
+        pascal / pascal_per(unit)
+    }
+}
+
+/// Pascal per `unit` for a pressure unit: [`Unit::to_canonical`] gives the column of fresh
+/// water, which times [`FRESH_WATER_DENSITY`] × g is the pressure again.
+fn pascal_per(unit: Unit) -> f64 {
+    unit.to_canonical(1.0) * FRESH_WATER_DENSITY * STANDARD_GRAVITY
+}
+
+/// Whether `unit` measures pressure (what a level probe reads), not a length: bar, mbar, kPa,
+/// MPa, psi and the conventional water-column units (mH2O = 9 806.65 Pa).
+pub fn is_pressure(unit: Unit) -> bool {
+    matches!(
+        unit,
+        Unit::Bar
+            | Unit::Millibar
+            | Unit::Kilopascal
+            | Unit::Megapascal
+            | Unit::Psi
+            | Unit::MetreWaterColumn
+            | Unit::CentimetreWaterColumn
+            | Unit::MillimetreWaterColumn
+    )
 }
 
 // ---- Byte orders ----
@@ -314,6 +422,27 @@ impl DataType {
             self,
             DataType::I32Fraction | DataType::I32F32Fraction | DataType::F32Overflow
         )
+    }
+
+    /// The fewest registers one request must carry to read this type: a composite totalizer
+    /// can be read in its two 2-register halves ([`plan_reads`]), every other value needs all
+    /// its registers at once.
+    pub fn smallest_read(self) -> u16 {
+        if self.is_composite() {
+            2
+        } else {
+            self.registers()
+        }
+    }
+
+    /// For a composite totalizer: where (0 or 2, in words) its half that changes only when the
+    /// other wraps starts: the overflow of an `f32_overflow` total, the integer part of an
+    /// `i32_fraction` or `i32_f32_fraction` one.
+    pub fn steady_half(self) -> u16 {
+        match self {
+            DataType::F32Overflow => 2,
+            _ => 0,
+        }
     }
 }
 
@@ -500,13 +629,38 @@ impl Point {
         Ok(self.decode_raw(words)? * self.scale + self.offset)
     }
 
-    /// The value in the canonical unit of its dimension (L/s, m³, m; other units as read).
+    /// The value as the agent stores it ([`Point::to_stored`] of [`Point::decode_in_unit`]).
     pub fn decode(&self, words: &[u16]) -> Result<f64, DecodeError> {
-        Ok(self.unit.to_canonical(self.decode_in_unit(words)?))
+        Ok(self.to_stored(self.decode_in_unit(words)?))
     }
 
-    /// The words that [`Point::decode`] turns back into `canonical` (within the type's
-    /// resolution). Integers round to nearest; composites split as the meter would: an
+    /// The value the agent stores for `in_unit` (the point's scaled value in its unit): flow,
+    /// total and level in the canonical unit of their dimension (a pressure level as a water
+    /// column, [`WaterColumn`]); every other channel exactly as read, in its own unit. The
+    /// field-fidelity rule "extras are kept as read" is enforced here: a `bar` extra stays bar.
+    pub fn to_stored(&self, in_unit: f64) -> f64 {
+        if !self.channel.is_canonical() {
+            return in_unit;
+        }
+        match &self.water_column {
+            Some(w) if is_pressure(self.unit) => w.metres(self.unit, in_unit),
+            _ => self.unit.to_canonical(in_unit),
+        }
+    }
+
+    /// The value in the point's unit that [`Point::to_stored`] turns into `stored`.
+    pub fn from_stored(&self, stored: f64) -> f64 {
+        if !self.channel.is_canonical() {
+            return stored;
+        }
+        match &self.water_column {
+            Some(w) if is_pressure(self.unit) => w.pressure(self.unit, stored),
+            _ => self.unit.from_canonical(stored),
+        }
+    }
+
+    /// The words that [`Point::decode`] turns back into `canonical` (the stored value, within
+    /// the type's resolution). Integers round to nearest; composites split as the meter would: an
     /// [`DataType::F32Overflow`] total wraps its value every 1e7 units, an
     /// [`DataType::F32U16Rollover`] total every `overflow_factor` units.
     pub fn encode(&self, canonical: f64) -> Result<Vec<u16>, EncodeError> {
@@ -518,7 +672,7 @@ impl Point {
                 scale: self.scale,
             });
         }
-        let raw = (self.unit.from_canonical(canonical) - self.offset) / self.scale;
+        let raw = (self.from_stored(canonical) - self.offset) / self.scale;
         let out_of_range = || EncodeError::OutOfRange {
             channel: self.channel.clone(),
             fc: self.fc,
@@ -676,7 +830,8 @@ pub struct Piece {
     /// Where the piece starts in the block's reply.
     pub offset: u16,
     pub len: u16,
-    /// Where the piece goes in the point's words (see [`Point::word_count`]).
+    /// Where the piece goes in the point's words (see [`Point::word_count`]). Two pieces of one
+    /// point with the same `at` read the same registers twice and must agree ([`assemble`]).
     pub at: u16,
 }
 
@@ -686,11 +841,17 @@ pub struct Piece {
 /// [`MAX_HOLE`] registers after the block's end and the block stays within
 /// `max_regs_per_read` (itself capped at [`MAX_REGISTERS_PER_READ`]; bit reads use
 /// [`MAX_BITS_PER_READ`]). A value is never split: all words of a 16/32/64-bit value come from
-/// one request, so a value larger than the limit gets a block of its own size. The one
-/// exception is a composite totalizer (two 32-bit halves) on a meter that reads fewer than 4
-/// registers at a time (Promag 800): its halves are read separately, which can tear at the
-/// instant the low half wraps; validation sees that as a step. The rollover counter of an
-/// [`DataType::F32U16Rollover`] point joins whichever block is near it.
+/// one request, so a value larger than the limit gets a block of its own size. The rollover
+/// counter of an [`DataType::F32U16Rollover`] point joins whichever block is near it.
+///
+/// The one exception is a composite totalizer (two 32-bit halves) on a meter that reads fewer
+/// than 4 registers at a time (Promag 800). Its halves come from separate requests, and a total
+/// read in halves can tear: if the low half wraps between the two reads, value and overflow
+/// belong to different instants and the total is off by a whole wrap (1e7 on an E+H). So the
+/// half that changes only at a wrap ([`DataType::steady_half`]: the overflow, or the integer
+/// part) is read before and again after the other half, in three requests of their own, in that
+/// order; [`assemble`] keeps the total only when both reads of it agree, which proves no wrap
+/// fell between them.
 pub fn plan_reads(points: &[Point], max_regs_per_read: u16) -> Vec<ReadBlock> {
     struct Span {
         fc: Fc,
@@ -701,24 +862,27 @@ pub fn plan_reads(points: &[Point], max_regs_per_read: u16) -> Vec<ReadBlock> {
     }
     let reg_limit = max_regs_per_read.clamp(1, MAX_REGISTERS_PER_READ);
     let mut spans = Vec::with_capacity(points.len() + 1);
+    let mut halves = Vec::new();
     for (i, p) in points.iter().enumerate() {
         let start = u32::from(p.address);
         let regs = p.data_type.registers();
         if p.data_type.is_composite() && !p.fc.is_bits() && reg_limit < regs {
-            spans.push(Span {
-                fc: p.fc,
-                start,
-                len: 2,
-                point: i,
-                at: 0,
-            });
-            spans.push(Span {
-                fc: p.fc,
-                start: start + 2,
-                len: 2,
-                point: i,
-                at: 2,
-            });
+            let steady = p.data_type.steady_half();
+            let moving = 2 - steady;
+            // Steady, moving, steady again: the order the poller sends them in.
+            for at in [steady, moving, steady] {
+                halves.push(ReadBlock {
+                    fc: p.fc,
+                    address: p.address.saturating_add(at),
+                    count: 2,
+                    pieces: vec![Piece {
+                        point: i,
+                        offset: 0,
+                        len: 2,
+                        at,
+                    }],
+                });
+            }
         } else {
             spans.push(Span {
                 fc: p.fc,
@@ -790,13 +954,16 @@ pub fn plan_reads(points: &[Point], max_regs_per_read: u16) -> Vec<ReadBlock> {
                 })
                 .collect(),
         })
+        .chain(halves)
         .collect()
 }
 
 /// Puts each point's words together from the replies to its blocks (`replies[i]` answers
 /// `blocks[i]`; `None` for a failed read). A point is `None` when any block it needs failed or
-/// answered short; otherwise it gets the words [`Point::decode`] takes (fewer if its profile
-/// lacks an `overflow_address`, which decoding then reports).
+/// answered short, or when two pieces for the same words (a composite's steady half, read
+/// before and after its other half) disagree: the total is torn and no total is better than a
+/// wrong one. Otherwise it gets the words [`Point::decode`] takes (fewer if its profile lacks
+/// an `overflow_address`, which decoding then reports).
 pub fn assemble(
     point_count: usize,
     blocks: &[ReadBlock],
@@ -821,8 +988,16 @@ pub fn assemble(
         }
     }
     for (slot, mut p) in words.iter_mut().zip(parts) {
+        // Stable: the two reads of a steady half stay in read order, side by side.
+        p.sort_by_key(|(at, _)| *at);
+        let torn = p
+            .windows(2)
+            .any(|pair| pair[0].0 == pair[1].0 && pair[0].1 != pair[1].1);
+        if torn {
+            *slot = None;
+        }
         if let Some(w) = slot {
-            p.sort_by_key(|(at, _)| *at);
+            p.dedup_by_key(|(at, _)| *at);
             for (_, part) in p {
                 w.extend_from_slice(part);
             }
@@ -850,6 +1025,7 @@ mod tests {
             overflow_factor: 1.0,
             overflow_address: (data_type == DataType::F32U16Rollover).then_some(231),
             rollover_at: None,
+            water_column: None,
         }
     }
 
@@ -1247,12 +1423,17 @@ mod tests {
         let points = [flow, total.clone(), f64_point];
         let blocks = plan_reads(&points, 2);
         let spans: Vec<_> = blocks.iter().map(|b| (b.address, b.count)).collect();
-        assert_eq!(spans, [(100, 4), (2008, 2), (2609, 2), (2611, 2)]);
+        // The overflow (2611) is read before and after the value (2609).
+        assert_eq!(
+            spans,
+            [(100, 4), (2008, 2), (2611, 2), (2609, 2), (2611, 2)]
+        );
 
         let enc = total.encode(20_000_001.0).unwrap();
         let replies = vec![
             Some(vec![0; 4]),
             Some(vec![0, 0]),
+            Some(enc[2..].to_vec()),
             Some(enc[..2].to_vec()),
             Some(enc[2..].to_vec()),
         ];
@@ -1263,6 +1444,115 @@ mod tests {
         let mut failed = replies.clone();
         failed[3] = None;
         assert_eq!(assemble(points.len(), &blocks, &failed)[1], None);
+    }
+
+    #[test]
+    fn a_total_read_in_halves_across_a_wrap_is_torn_not_wrong() {
+        // E+H: SUM wraps from just below 1e7 to 0 while OVERFLOW steps 1e7 -> 2e7.
+        let total = Point {
+            address: 2609,
+            ..point(DataType::F32Overflow, ByteOrder::CDAB)
+        };
+        let blocks = plan_reads(std::slice::from_ref(&total), 2);
+        let before = total.encode(19_999_999.0).unwrap();
+        let after = total.encode(20_000_000.5).unwrap();
+        // OVERFLOW before the wrap, SUM after it: 1e7 + 0.5 would lose a whole wrap.
+        let torn = [
+            Some(before[2..].to_vec()),
+            Some(after[..2].to_vec()),
+            Some(after[2..].to_vec()),
+        ];
+        assert_eq!(assemble(1, &blocks, &torn), [None]);
+        // No wrap between the two reads of OVERFLOW: the value read between them is its own.
+        let whole = [
+            Some(after[2..].to_vec()),
+            Some(after[..2].to_vec()),
+            Some(after[2..].to_vec()),
+        ];
+        let words = assemble(1, &blocks, &whole);
+        assert_eq!(total.decode(words[0].as_ref().unwrap()), Ok(20_000_000.5));
+
+        // MAG 8000 int + fraction: the integer part is the steady half, read first and last.
+        let mag = Point {
+            address: 3017,
+            ..point(DataType::I32Fraction, ByteOrder::ABCD)
+        };
+        let blocks = plan_reads(std::slice::from_ref(&mag), 3);
+        let spans: Vec<_> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(spans, [(3017, 2), (3019, 2), (3017, 2)]);
+        // Four registers at once are never split.
+        assert_eq!(plan_reads(&[mag], 4).len(), 1);
+    }
+
+    #[test]
+    fn extras_are_stored_as_read_and_only_flow_total_level_are_canonical() {
+        let extra = |unit: Unit| Point {
+            channel: Channel::Extra("pressure".into()),
+            unit,
+            ..point(DataType::F32, ByteOrder::ABCD)
+        };
+        // 2.5 bar = 0x40200000.
+        assert_eq!(extra(Unit::Bar).decode(&[0x4020, 0x0000]), Ok(2.5));
+        assert_eq!(extra(Unit::Bar).encode(2.5), Ok(vec![0x4020, 0x0000]));
+        assert_eq!(
+            extra(Unit::CubicMetrePerHour).decode(&[0x4020, 0x0000]),
+            Ok(2.5)
+        );
+        let direction = Point {
+            channel: Channel::Direction,
+            ..extra(Unit::Percent)
+        };
+        assert_eq!(direction.decode(&[0x3F80, 0x0000]), Ok(1.0));
+        let level = Point {
+            channel: Channel::Level,
+            ..extra(Unit::Bar)
+        };
+        let column = level.decode(&[0x4020, 0x0000]).unwrap();
+        assert!((column - 25.492_9).abs() < 1e-4, "{column}");
+    }
+
+    #[test]
+    fn a_pressure_level_uses_its_density_and_air_pressure() {
+        let level = |water_column: WaterColumn| Point {
+            channel: Channel::Level,
+            unit: Unit::Bar,
+            water_column: Some(water_column),
+            ..point(DataType::F32, ByteOrder::ABCD)
+        };
+        // The default is fresh water on a vented cell: what Unit::to_canonical gives.
+        let vented = level(WaterColumn::default());
+        let p = 2.0_f64; // bar, 0x40000000
+        assert_eq!(vented.decode(&[0x4000, 0]), Ok(Unit::Bar.to_canonical(p)));
+        assert!((Unit::Bar.to_canonical(1.0) - 1e5 / (1000.0 * 9.80665)).abs() < 1e-12);
+        // Brackish water at 1025 kg/m3 stands lower for the same pressure.
+        let brackish = level(WaterColumn {
+            density_kg_m3: 1025.0,
+            ..WaterColumn::default()
+        });
+        let m = brackish.decode(&[0x4000, 0]).unwrap();
+        assert!((m - 2e5 / (1025.0 * 9.80665)).abs() < 1e-9, "{m}");
+        // An absolute cell at 500 m reads 0.9546 bar of air; sea level would leave 0.6 m.
+        assert!((Atmosphere::Altitude(500.0).bar() - 0.954_61).abs() < 1e-5);
+        assert!((Atmosphere::Altitude(0.0).bar() - SEA_LEVEL_BAR).abs() < 1e-12);
+        let at_500 = level(WaterColumn {
+            density_kg_m3: 1000.0,
+            air: Atmosphere::Altitude(500.0),
+        });
+        let sea_level = level(WaterColumn {
+            density_kg_m3: 1000.0,
+            air: Atmosphere::Barometric(SEA_LEVEL_BAR),
+        });
+        let words = [0x4000, 0];
+        let gap = at_500.decode(&words).unwrap() - sea_level.decode(&words).unwrap();
+        assert!((gap - 0.598).abs() < 1e-3, "{gap}");
+        let m = at_500.decode(&words).unwrap();
+        assert!(
+            (m - (2.0 - 0.954_61) * 1e5 / (1000.0 * 9.80665)).abs() < 1e-3,
+            "{m}"
+        );
+        // Encoding is the inverse, so the simulator serves what the probe would read.
+        let enc = at_500.encode(10.0).unwrap();
+        assert!((at_500.decode(&enc).unwrap() - 10.0).abs() < 1e-5);
     }
 
     #[test]

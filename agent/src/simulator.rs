@@ -307,9 +307,7 @@ impl UnitState {
         for p in self.meter.points.iter().filter(|p| p.fc == fc) {
             let mut value = self.value(&snap, &p.channel);
             if let Some(wrap) = p.rollover_at.filter(|w| *w > 0.0) {
-                value = p
-                    .unit
-                    .to_canonical(p.unit.from_canonical(value).rem_euclid(wrap));
+                value = p.to_stored(p.from_stored(value).rem_euclid(wrap));
             }
             let encoded = p.encode(value).map_err(|e| {
                 tracing::warn!(error = %e, "simulated meter cannot encode its value");
@@ -795,6 +793,7 @@ mod tests {
             overflow_factor: 1.0,
             overflow_address: None,
             rollover_at: None,
+            water_column: None,
         }
     }
 

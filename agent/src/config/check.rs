@@ -6,6 +6,7 @@ use crate::position::{Seg, SourceText};
 use crate::profile::{PointError, UnknownProfile};
 use crate::register::{MAX_REGISTERS_PER_READ, Point};
 use caudal_common::DeviceId;
+use caudal_common::units::Unit;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -65,6 +66,33 @@ pub enum Problem {
     Value(String),
 }
 
+/// Something `check-config` reports without refusing the configuration: the agent runs, but a
+/// person should look (see [`ConfigWarning`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Warning {
+    #[error(
+        "profile `{profile}` assumes `{unit}` for point `{channel}`, a guess: compare a reading with the meter's display on site and set points.{channel}.unit (also when `{unit}` is right)"
+    )]
+    UnitAssumed {
+        profile: String,
+        channel: String,
+        unit: Unit,
+    },
+}
+
+/// A [`Warning`] at its place in the file: `agent.toml:12:1: bus[b].device[fm1].points.total.unit: warning: …`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigWarning {
+    pub at: Location,
+    pub warning: Warning,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: warning: {}", self.at, self.warning)
+    }
+}
+
 /// A table of the file that problems are found in (`uplink`, a bus, a device, a device's
 /// `limits`): its path in the TOML tree, to find the line it is on, and its dotted name, to
 /// print (`bus[rs485].device[fm1]`).
@@ -101,6 +129,14 @@ impl<'a> Place<'a> {
         }
     }
 
+    /// This place, printed as `key` of the table instead (a key the file lacks, found at the
+    /// line of one it has).
+    pub(super) fn shown_as(mut self, key: &str) -> Place<'a> {
+        let table = self.key.rsplit_once('.').map_or("", |(t, _)| t);
+        self.key = format!("{table}.{key}");
+        self
+    }
+
     /// A key of this table, or a table below it.
     pub(super) fn child<'b>(&self, key: &'b str) -> Place<'b>
     where
@@ -115,10 +151,11 @@ impl<'a> Place<'a> {
     }
 }
 
-/// Collects problems with their positions while resolving.
+/// Collects problems (and warnings) with their positions while resolving.
 pub(super) struct Problems<'a> {
     source: Option<&'a SourceText>,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigWarning>,
 }
 
 impl<'a> Problems<'a> {
@@ -127,6 +164,7 @@ impl<'a> Problems<'a> {
         Problems {
             source,
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -135,19 +173,18 @@ impl<'a> Problems<'a> {
         self.errors.len()
     }
 
-    /// Every problem recorded, if there is one.
-    pub(super) fn finish(self) -> Result<(), Vec<ConfigError>> {
+    /// The warnings, when no problem was recorded; else every problem.
+    pub(super) fn finish(self) -> Result<Vec<ConfigWarning>, Vec<ConfigError>> {
         if self.errors.is_empty() {
-            Ok(())
+            Ok(self.warnings)
         } else {
             Err(self.errors)
         }
     }
 
-    /// Records `problem` at `place` itself.
-    pub(super) fn at(&mut self, place: &Place<'_>, problem: Problem) {
+    fn locate(&self, place: &Place<'_>) -> Location {
         let key = place.key.clone();
-        let at = match self.source {
+        match self.source {
             Some(s) => s.locate(&place.path, key),
             None => Location {
                 file: PathBuf::new(),
@@ -155,11 +192,22 @@ impl<'a> Problems<'a> {
                 column: None,
                 key,
             },
-        };
+        }
+    }
+
+    /// Records `problem` at `place` itself.
+    pub(super) fn at(&mut self, place: &Place<'_>, problem: Problem) {
+        let at = self.locate(place);
         self.errors.push(ConfigError::Invalid {
             at,
             problem: Box::new(problem),
         });
+    }
+
+    /// Records `warning` at `place` (or the nearest table above it that the file has).
+    pub(super) fn warn(&mut self, place: &Place<'_>, warning: Warning) {
+        let at = self.locate(place);
+        self.warnings.push(ConfigWarning { at, warning });
     }
 
     /// Records `problem` at `key` of `place`.
@@ -314,8 +362,10 @@ pub(super) fn check_polling(
 }
 
 /// Every register point of a device fits in one read of `max_regs_per_read` registers, since a
-/// value is never split across requests (bit points are read apart). An out-of-range
-/// `max_regs_per_read` is [`check_polling`]'s to report.
+/// value is never split across requests (bit points are read apart), except a composite
+/// totalizer, which is read in its 2-register halves and checked for tearing
+/// ([`crate::register::plan_reads`]). An out-of-range `max_regs_per_read` is
+/// [`check_polling`]'s to report.
 pub(super) fn check_point_sizes(
     device: &Place<'_>,
     points: &[Point],
@@ -326,7 +376,7 @@ pub(super) fn check_point_sizes(
         return;
     }
     for point in points {
-        let registers = point.data_type.registers();
+        let registers = point.data_type.smallest_read();
         if !point.fc.is_bits() && registers > max_regs_per_read {
             p.push(
                 device,

@@ -18,7 +18,8 @@
 //! - `load`: reading the file and applying the environment over it.
 //! - `site`: the runtime model and the defaults resolution fills in.
 //! - `resolve`: the file format turned into the runtime model, with the profiles.
-//! - `check`: what can be wrong ([`Problem`]), the rules values obey, and where each problem is.
+//! - `check`: what can be wrong ([`Problem`]), what is only worth a look ([`Warning`]), the
+//!   rules values obey, and where each problem is.
 //! - `report`: what `caudal-agent check-config` prints.
 //!
 //! Positions in files come from [`crate::position`]; profiles, and the serial [`Parity`] they
@@ -33,7 +34,7 @@ mod site;
 
 pub use crate::position::{Location, SourceText};
 pub use crate::profile::Parity;
-pub use check::Problem;
+pub use check::{ConfigWarning, Problem, Warning};
 pub use file::{
     AgentConfig, BusConfig, ClockConfig, DeviceConfig, LimitsConfig, LinkKind, LogConfig,
     LogFormat, MetricsConfig, OutboxConfig, ProfilesConfig, Secret, SiteConfig, Synchronous,

@@ -58,6 +58,10 @@ impl fmt::Display for CheckReport {
             }
             Ok(site) => site,
         };
+        // Warnings first, like errors: each is a line naming the file, line and key to look at.
+        for w in &site.warnings {
+            writeln!(f, "{w}")?;
+        }
         let devices: usize = site.buses.iter().map(|b| b.devices.len()).sum();
         let points: usize = site
             .buses
@@ -115,6 +119,13 @@ impl fmt::Display for CheckReport {
                     }
                     if pt.offset != 0.0 {
                         write!(f, " offset {}", pt.offset)?;
+                    }
+                    if let Some(w) = &pt.water_column {
+                        write!(f, " water {} kg/m3", w.density_kg_m3)?;
+                        let air = w.air.bar();
+                        if air != 0.0 {
+                            write!(f, " less air {air:.5} bar")?;
+                        }
                     }
                     writeln!(f)?;
                 }

@@ -2,8 +2,8 @@
 //! and the defaults filled in; every problem found is collected, each at its place.
 
 use super::check::{
-    Place, Problems, check_limits, check_point_sizes, check_polling, check_serial, check_unit,
-    host_port,
+    Place, Problems, Warning, check_limits, check_point_sizes, check_polling, check_serial,
+    check_unit, host_port,
 };
 use super::{
     AgentConfig, Bus, BusConfig, ConfigError, DEFAULT_BAUD, DEFAULT_DATA_BITS, DEFAULT_PARITY,
@@ -81,7 +81,7 @@ impl AgentConfig {
             }
         }
 
-        p.finish()?;
+        let warnings = p.finish()?;
         Ok(Site {
             id: self.site.id.clone(),
             outbox_path: self
@@ -90,6 +90,7 @@ impl AgentConfig {
                 .clone()
                 .unwrap_or_else(|| self.site.data_dir.join("outbox.db")),
             buses,
+            warnings,
         })
     }
 }
@@ -288,6 +289,24 @@ fn resolve_device(
         p.push(place, "points", Problem::NoPoints);
     }
     check_point_sizes(place, &points, max_regs, p);
+    if let Some(pr) = profile {
+        for (channel, unit) in pr.assumed_units(&dev.points) {
+            // At the override's table when the device has one, else at its `profile` line.
+            let at = if dev.points.contains_key(&channel) {
+                place.child("points").child(&channel).child("unit")
+            } else {
+                place
+                    .child("profile")
+                    .shown_as(&format!("points.{channel}.unit"))
+            };
+            let warning = Warning::UnitAssumed {
+                profile: pr.id.clone(),
+                channel: channel.clone(),
+                unit,
+            };
+            p.warn(&at, warning);
+        }
+    }
 
     if p.count() > before {
         return None;

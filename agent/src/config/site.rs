@@ -2,7 +2,7 @@
 //! [`Site`], its [`Bus`]es and their [`Device`]s), and the defaults it fills in where neither
 //! the file nor a profile says.
 
-use super::{LimitsConfig, Parity};
+use super::{ConfigWarning, LimitsConfig, Parity};
 use crate::register::Point;
 use caudal_common::{DeviceId, SiteId};
 use std::fmt;
@@ -15,6 +15,8 @@ pub struct Site {
     pub id: SiteId,
     pub outbox_path: PathBuf,
     pub buses: Vec<Bus>,
+    /// What resolution found worth a look without refusing it (`check-config` prints them).
+    pub warnings: Vec<ConfigWarning>,
 }
 
 /// One physical bus and the devices on it.

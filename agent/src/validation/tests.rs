@@ -5,8 +5,9 @@ use caudal_common::payload::{Batch, Payload, decode};
 use caudal_common::{SCHEMA_VERSION, SiteId};
 use proptest::prelude::*;
 
-/// AquaMaster 3: a u32 counter of litres read with scale 0.001, so it wraps at 4 294 967.295 m³.
-const AQUAMASTER_WRAP_M3: f64 = 4_294_967_295.0 * 0.001;
+/// AquaMaster 3: a u32 counter of litres read with scale 0.001. It holds at most 4 294 967 295
+/// and the next count is 0, so it wraps at 2^32 counts: 4 294 967.296 m³.
+const AQUAMASTER_WRAP_M3: f64 = 4_294_967_296.0 * 0.001;
 
 fn dev() -> DeviceId {
     DeviceId::new("fm1").expect("device id")
@@ -304,20 +305,20 @@ fn an_aquamaster_u32_counter_rolls_over_and_the_volume_continues() {
     val.check(at(0, &ft(25.0, 4_294_955.600)));
     let before = val.check(at(300, &ft(25.0, 4_294_963.100)));
     assert!(before.quality.is_good());
-    // 25 L/s for 300 s is 7.5 m³: 4.195 m³ to the top, 3.305 m³ after the wrap.
-    let wrap = val.check(at(600, &ft(25.0, 3.305)));
+    // 25 L/s for 300 s is 7.5 m³: 4.196 m³ to the wrap, 3.304 m³ after it.
+    let wrap = val.check(at(600, &ft(25.0, 3.304)));
     assert_eq!(flags(&wrap), vec![Flag::TotalizerRollover]);
     assert_eq!(kinds(&wrap), vec![EventKind::TotalizerRollover]);
-    assert_eq!(wrap.total_m3, Some(3.305), "the value is kept as read");
+    assert_eq!(wrap.total_m3, Some(3.304), "the value is kept as read");
     assert!(close(wrap.volume_m3, 7.5), "{:?}", wrap.volume_m3);
     assert_eq!(wrap.events[0].previous, Some(4_294_963.100));
-    assert_eq!(wrap.events[0].current, Some(3.305));
+    assert_eq!(wrap.events[0].current, Some(3.304));
     assert_eq!(
         wrap.events[0].wrap,
         Some(AQUAMASTER_WRAP_M3),
         "the wrap travels in its own field"
     );
-    let after = val.check(at(900, &ft(25.0, 10.805)));
+    let after = val.check(at(900, &ft(25.0, 10.804)));
     assert!(after.quality.is_good(), "continues from the new value");
     assert!(close(after.volume_m3, 7.5));
 }
@@ -328,7 +329,7 @@ fn a_rollover_without_flow_information_uses_a_fraction_of_the_wrap() {
     val.check(at(0, &[(Channel::Total, 4_294_000.0)]));
     let v = val.check(at(86_400, &[(Channel::Total, 1_500.0)]));
     assert_eq!(flags(&v), vec![Flag::TotalizerRollover]);
-    assert!(close(v.volume_m3, 2_467.295));
+    assert!(close(v.volume_m3, 2_467.296), "{:?}", v.volume_m3);
 }
 
 #[test]
@@ -420,7 +421,7 @@ fn an_unsigned_net_counter_running_back_below_zero_wraps_to_the_top() {
         ]
     };
     val.check(at(0, &rev(0.2)));
-    let v = val.check(at(60, &rev(4_294_967.195)));
+    let v = val.check(at(60, &rev(4_294_967.196)));
     assert_eq!(flags(&v), vec![Flag::ReverseFlow]);
     assert!(close(v.volume_m3, -0.3), "{:?}", v.volume_m3);
 }

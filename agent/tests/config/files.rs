@@ -224,3 +224,26 @@ fn check_config_refuses_two_different_files() {
         );
     }
 }
+
+#[test]
+fn check_config_warns_of_guessed_units_and_still_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[site]\nid = \"s\"\n[uplink]\nbroker = \"mqtt://h:1883\"\n[[bus]]\nname = \"b\"\nkind = \"tcp\"\naddress = \"h:502\"\n[[bus.device]]\nid = \"fm1\"\nunit = 1\nprofile = \"endress-promag\"\nmax_regs_per_read = 2\n[bus.device.points.flow]\nunit = \"L/s\"\n",
+    )
+    .unwrap();
+    let out = agent(&["check-config", path.to_str().unwrap()], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a warning is not an error: {out:?}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(
+        warnings[0].contains(
+            ":12:1: bus[b].device[fm1].points.total.unit: warning: profile `endress-promag` assumes `m3`"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("OK: site s"), "{stdout}");
+}

@@ -279,3 +279,228 @@ fn a_missing_profile_directory_is_an_error() {
         [ConfigError::Profile(e)] if matches!(&**e, ProfileError::Io { path, .. } if path.ends_with("no-such-dir"))
     ));
 }
+
+/// A site of one Modbus TCP bus with one device, `device` being the lines of its
+/// `[[bus.device]]` table and any `[bus.device.points.*]` below it.
+fn one_device(device: &str) -> String {
+    format!(
+        "[site]\nid = \"s\"\n[uplink]\nbroker = \"mqtt://h:1883\"\n[[bus]]\nname = \"b\"\nkind = \"tcp\"\naddress = \"h:502\"\n[[bus.device]]\nid = \"fm1\"\nunit = 1\n{device}"
+    )
+}
+
+fn resolve_text(text: &str) -> Result<caudal_agent::config::Site, Vec<ConfigError>> {
+    let config = AgentConfig::from_source(SourceText::new("agent.toml", text.to_string()), [])
+        .map_err(|e| vec![e])?;
+    config.resolve(&ProfileSet::builtin().unwrap())
+}
+
+fn shown(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn an_extra_in_bar_stays_in_bar() {
+    let site = resolve_text(&one_device(
+        "profile = \"generic\"\n[bus.device.points.pressure]\nfc = 3\naddress = 50\ntype = \"f32\"\nunit = \"bar\"\n",
+    ))
+    .unwrap();
+    let points = &site.buses[0].devices[0].points;
+    let pressure = points
+        .iter()
+        .find(|p| p.channel == Channel::Extra("pressure".into()))
+        .unwrap();
+    // 2.5 bar = 0x40200000: an extra is kept as read, not turned into metres of water.
+    assert_eq!(pressure.decode(&[0x4020, 0x0000]), Ok(2.5));
+    // A scaled extra keeps its scale: 1234 × 0.01 bar.
+    let scaled = caudal_agent::register::Point {
+        data_type: DataType::U16,
+        scale: 0.01,
+        ..pressure.clone()
+    };
+    assert_eq!(scaled.decode(&[1234]), Ok(12.34));
+    // Only flow, total and level become canonical: a level in bar is a water column in m.
+    let level = caudal_agent::register::Point {
+        channel: Channel::Level,
+        ..pressure.clone()
+    };
+    let column = level.decode(&[0x4020, 0x0000]).unwrap();
+    assert!((column - 25.493).abs() < 1e-3, "{column}");
+}
+
+/// Promag 800 (battery): the profile note's settings are accepted and a register dump as the
+/// meter answers two-register reads decodes to what its display shows.
+#[test]
+fn promag_800_reads_its_totalizer_in_halves() {
+    let text = one_device("profile = \"endress-promag\"\nmax_regs_per_read = 2\n");
+    let site = resolve_text(&text).unwrap_or_else(|e| panic!("{}", shown(&e)));
+    let device = &site.buses[0].devices[0];
+    assert_eq!(device.max_regs_per_read, 2);
+    let total = device
+        .points
+        .iter()
+        .position(|p| p.channel == Channel::Total)
+        .unwrap();
+    let flow = device
+        .points
+        .iter()
+        .position(|p| p.channel == Channel::Flow)
+        .unwrap();
+    let blocks = caudal_agent::register::plan_reads(&device.points, 2);
+    assert!(blocks.iter().all(|b| b.count <= 2), "{blocks:?}");
+    // The meter's registers (word-swapped floats, CDAB): flow 2009 = 45.0 m3/h (0x42340000),
+    // totalizer 1 SUM 2610 = 1234.5 m3 (0x449A5000), OVERFLOW 2612 = 2E7 (0x4B989680).
+    let dump = |address: u16| -> Option<u16> {
+        Some(match address {
+            2008 => 0x0000,
+            2009 => 0x4234,
+            2609 => 0x5000,
+            2610 => 0x449A,
+            2611 => 0x9680,
+            2612 => 0x4B98,
+            2731 => 0,
+            _ => return None,
+        })
+    };
+    let replies: Vec<Option<Vec<u16>>> = blocks
+        .iter()
+        .map(|b| (0..b.count).map(|i| dump(b.address + i)).collect())
+        .collect();
+    let words = caudal_agent::register::assemble(device.points.len(), &blocks, &replies);
+    let value = |i: usize| device.points[i].decode(words[i].as_ref().unwrap()).unwrap();
+    // Display: totalizer 1 = 20 001 234.5 m3, volume flow 45 m3/h = 12.5 L/s.
+    assert_eq!(value(total), 20_001_234.5);
+    assert!((value(flow) - 12.5).abs() < 1e-9);
+}
+
+/// KELLER on an absolute (PAA) cell at 500 m, in brackish water: the air pressure of the
+/// standard atmosphere at the site and the stated density make the water column.
+#[test]
+fn keller_level_subtracts_the_air_at_the_site_altitude_with_its_density() {
+    let text = one_device(
+        "profile = \"keller-level\"\n[bus.device.points.level]\naltitude_m = 500\nwater_density_kg_m3 = 1025\n",
+    );
+    let site = resolve_text(&text).unwrap_or_else(|e| panic!("{}", shown(&e)));
+    assert!(site.warnings.is_empty(), "{:?}", site.warnings);
+    let points = &site.buses[0].devices[0].points;
+    let level = points.iter().find(|p| p.channel == Channel::Level).unwrap();
+    let temperature = points
+        .iter()
+        .find(|p| p.channel == Channel::Extra("temperature".into()))
+        .unwrap();
+    // Register dump (big-endian floats): P1 at 0x0002 = 1.25 bar (0x3FA00000), TOB1 at 0x0008
+    // = 16.5 degC (0x41840000).
+    assert_eq!(level.decode_in_unit(&[0x3FA0, 0x0000]), Ok(1.25));
+    let column = level.decode(&[0x3FA0, 0x0000]).unwrap();
+    // Standard atmosphere at 500 m: 1.01325 × (1 − 2.25577e-5 × 500)^5.25588 = 0.95461 bar.
+    let expected = (1.25 - 0.954_61) * 1e5 / (1025.0 * 9.806_65);
+    assert!((column - expected).abs() < 1e-3, "{column} vs {expected}");
+    assert_eq!(temperature.decode(&[0x4184, 0x0000]), Ok(16.5));
+
+    // A measured barometric value instead; and the profile's default, a vented cell in fresh
+    // water: P1 is the water alone.
+    let text = one_device(
+        "profile = \"keller-level\"\n[bus.device.points.level]\nbarometric_bar = 0.95\n",
+    );
+    let site = resolve_text(&text).unwrap_or_else(|e| panic!("{}", shown(&e)));
+    let level = &site.buses[0].devices[0].points[0];
+    let column = level.decode(&[0x3FA0, 0x0000]).unwrap();
+    assert!((column - 0.30 * 1e5 / 9_806.65).abs() < 1e-4, "{column}");
+    let site = resolve_text(&one_device("profile = \"keller-level\"\n")).unwrap();
+    let level = &site.buses[0].devices[0].points[0];
+    let column = level.decode(&[0x3FA0, 0x0000]).unwrap();
+    assert!((column - 12.746_5).abs() < 1e-4, "{column}");
+}
+
+#[test]
+fn keller_air_and_density_settings_are_checked_at_their_line() {
+    let text = one_device(
+        "profile = \"keller-level\"\n[bus.device.points.level]\naltitude_m = 9000\nbarometric_bar = 1.0\nwater_density_kg_m3 = 10\n[bus.device.points.temperature]\naltitude_m = 500\n",
+    );
+    let errors = resolve_text(&text).unwrap_err();
+    let shown = shown(&errors);
+    for want in [
+        "agent.toml:14:1: bus[b].device[fm1].points.level.altitude_m: profile `keller-level`: point `level`: `altitude_m` = 9000 must be -500-6000 m",
+        "agent.toml:15:1: bus[b].device[fm1].points.level.barometric_bar: profile `keller-level`: point `level`: `barometric_bar` and `altitude_m` exclude each other",
+        "agent.toml:16:1: bus[b].device[fm1].points.level.water_density_kg_m3: profile `keller-level`: point `level`: `water_density_kg_m3` = 10 must be 900-1300 kg/m³",
+        "agent.toml:18:1: bus[b].device[fm1].points.temperature.altitude_m: profile `keller-level`: point `temperature`: `altitude_m` only applies to a level read in a pressure unit",
+    ] {
+        assert!(
+            shown.lines().any(|s| s.starts_with(want)),
+            "missing {want:?} in\n{shown}"
+        );
+    }
+    assert_eq!(errors.len(), 4, "{shown}");
+}
+
+/// AquaMaster 3: the u32 totaliser wraps at 2^32 counts, and the validator counts the one
+/// count from 4294967295 to 0 as one count.
+#[test]
+fn aquamaster_total_wraps_at_two_to_the_32() {
+    use caudal_agent::config::LimitsConfig;
+    use caudal_agent::validation::{Sample, Validator};
+    let site = resolve_text(&one_device(
+        "profile = \"abb-aquamaster3\"\n[bus.device.points.total]\nunit = \"L\"\n",
+    ))
+    .unwrap();
+    let device = &site.buses[0].devices[0];
+    let total = device
+        .points
+        .iter()
+        .find(|p| p.channel == Channel::Total)
+        .unwrap();
+    assert_eq!(total.rollover_at, Some(4_294_967_296.0));
+    // Register dump (big-endian u32): the display's last litre before the wrap, then 1 L.
+    assert_eq!(total.decode_in_unit(&[0xFFFF, 0xFFFF]), Ok(4_294_967_295.0));
+    let top = total.decode(&[0xFFFF, 0xFFFF]).unwrap();
+    let after = total.decode(&[0x0000, 0x0001]).unwrap();
+    assert_eq!(after, 0.001);
+    // The poller hands the validator the wrap in m³.
+    let wrap = total.unit.to_canonical(total.rollover_at.unwrap());
+    let mut val = Validator::new(device.id.clone(), LimitsConfig::default(), Some(wrap));
+    let at = |secs: i64, v: f64| Sample {
+        ts: chrono::DateTime::from_timestamp(1_790_000_000 + secs, 0).unwrap(),
+        boottime_ms: Some(3_600_000 + u64::try_from(secs).unwrap() * 1000),
+        values: vec![(Channel::Total, v)],
+        missing: Vec::new(),
+    };
+    val.check(at(0, top));
+    let v = val.check(at(60, after));
+    let volume = v.volume_m3.unwrap();
+    assert!(
+        (volume - 0.002).abs() < 1e-9,
+        "two litres, not one: {volume}"
+    );
+}
+
+#[test]
+fn guessed_units_are_warnings_naming_device_and_key() {
+    let site = resolve_text(&one_device("profile = \"abb-aquamaster3\"\n")).unwrap();
+    let warnings: Vec<String> = site.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+    assert!(
+        warnings[1].starts_with(
+            "agent.toml:12:1: bus[b].device[fm1].points.total.unit: warning: profile `abb-aquamaster3` assumes `m3` for point `total`"
+        ),
+        "{warnings:#?}"
+    );
+    // Stating the unit confirms it, even the same one; a disabled point needs none.
+    let site = resolve_text(&one_device(
+        "profile = \"abb-aquamaster3\"\n[bus.device.points.total]\nunit = \"m3\"\n[bus.device.points.total_reverse]\nenabled = false\n[bus.device.points.flow]\nunit = \"L/s\"\n",
+    ))
+    .unwrap();
+    assert!(site.warnings.is_empty(), "{:?}", site.warnings);
+    // Only a profile may mark a unit as assumed.
+    let errors = resolve_text(&one_device(
+        "profile = \"abb-aquamaster3\"\n[bus.device.points.total]\nunit_assumed = false\n",
+    ))
+    .unwrap_err();
+    assert!(
+        shown(&errors).contains("points.total.unit_assumed: profile `abb-aquamaster3`: point `total`: `unit_assumed` belongs in a profile"),
+        "{}",
+        shown(&errors)
+    );
+}

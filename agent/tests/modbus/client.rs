@@ -33,6 +33,7 @@ fn point(
         overflow_factor: 1.0,
         overflow_address: None,
         rollover_at: None,
+        water_column: None,
     }
 }
 

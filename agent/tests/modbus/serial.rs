@@ -78,6 +78,7 @@ fn flow_point() -> Point {
         overflow_factor: 1.0,
         overflow_address: None,
         rollover_at: None,
+        water_column: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn point(channel: Channel, address: u16, data_type: DataType, unit: Unit) -> Poi
         overflow_factor: 1.0,
         overflow_address: None,
         rollover_at: None,
+        water_column: None,
     }
 }
 
