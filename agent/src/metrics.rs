@@ -27,6 +27,14 @@ pub struct PollLabels {
     pub result: String,
 }
 
+/// Labels of bytes discarded on a bus instead of taken as a reply.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscardLabels {
+    pub bus: String,
+    /// `stale`, `other_unit`, `other_function`, `noise` (see `modbus::rtu::Discard`).
+    pub cause: String,
+}
+
 /// Labels naming a device.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
@@ -54,6 +62,8 @@ pub struct Metrics {
     pub polls: Family<PollLabels, Counter>,
     /// Seconds one device poll took (all its register reads).
     pub poll_duration: Histogram,
+    /// Received bytes thrown away on RTU lines instead of taken as a reply, by bus and cause.
+    pub discarded: Family<DiscardLabels, Counter>,
     /// Quality flags raised by validation.
     pub flags: Family<FlagLabels, Counter>,
     /// Records committed to the outbox, by kind (reading, event, gap).
@@ -94,6 +104,7 @@ impl Metrics {
         let m = Metrics {
             polls: Family::default(),
             poll_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            discarded: Family::default(),
             flags: Family::default(),
             stored: Family::default(),
             store_errors: Family::default(),
@@ -113,6 +124,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("polls", "Device polls by result", m.polls.clone());
+        registry.register(
+            "rtu_discarded",
+            "Received bytes discarded on RTU lines instead of taken as a reply, by cause",
+            m.discarded.clone(),
+        );
         registry.register(
             "poll_duration_seconds",
             "Duration of one device poll",

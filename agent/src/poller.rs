@@ -5,10 +5,30 @@
 //! to the next device. Separate buses have separate tasks and run in parallel.
 //!
 //! Polls align to the wall clock: a device with a 60 s period is read at :00 of every minute,
-//! so readings of different devices and sites line up. A device that stops answering is backed
-//! off (its period doubles up to a cap) and, while failing, gets a single attempt per slot: it
-//! never delays the devices behind it by more than its own timeout. The link itself (TCP
-//! connection, serial port) is re-opened on the next poll after it fails.
+//! so readings of different devices and sites line up, and a poll that ran late does not shift
+//! the grid (the next one is due at the next boundary).
+//!
+//! **The bound on a dead device**: a request that gets no answer is never retried within the
+//! poll, and the device's remaining blocks are not asked, so a device that does not answer
+//! takes at most its configured timeout plus one inter-frame gap from the bus per poll, the
+//! first poll after start included. Healthy devices behind it on the same line are read at most
+//! that much after their slot. A failing device is also backed off (its period doubles up to a
+//! cap). Retries are spent only on answers that may come out right when asked again (a
+//! corrupted frame, a busy device). The link itself (TCP connection, serial port) is re-opened
+//! on the next poll after it fails.
+//!
+//! **Timestamps**: a reading's `ts` is when the first reply carrying its data arrived, not when
+//! the poll began (a slow device or a wait behind another one would make the value younger than
+//! its stamp). A poll that read its device at or after the next boundary of its period has
+//! slipped past its slot and its reading carries the `late` flag.
+//!
+//! **Every failed poll leaves a record**: a `poll_failed` event whose message starts with the
+//! cause (`timeout`, `exception`, `bad_frame`, `io`). After [`UNREACHABLE_AFTER`] failures in a
+//! row a `device_unreachable` event follows; when the device answers again, `device_recovered`
+//! and a gap covering the silent time.
+//!
+//! **Holes**: a device that refuses (exception 02) a block read spanning registers between its
+//! points is read point by point from then on ([`plan_reads_apart`]), logged once.
 //!
 //! Each poll produces a [`PollOutput`] for the store task: the reading (with the validator's
 //! flags), any events, and the device's status row. The output channel is bounded: when the
@@ -22,12 +42,13 @@
 
 use crate::clock::Clock;
 use crate::config::{Bus, Device};
-use crate::metrics::{Metrics, PollLabels};
+use crate::metrics::{DiscardLabels, FlagLabels, Metrics, PollLabels};
 use crate::modbus::{BusClient, ModbusError};
 use crate::outbox::{ClockStamp, DeviceStatusRow, Stamped};
-use crate::register::{Channel, ReadBlock, assemble, plan_reads};
+use crate::register::{Channel, ReadBlock, assemble, plan_reads, plan_reads_apart};
 use crate::validation::{Sample, Validator};
 use crate::watchdog::Heartbeat;
+use caudal_common::quality::Flag;
 use caudal_common::{DeviceId, DeviceState, Event, EventKind, Gap, GapCause, Reading, Seq};
 use chrono::{DateTime, TimeDelta, Utc};
 use std::collections::BTreeMap;
@@ -80,6 +101,8 @@ struct DeviceRun {
     /// Timestamp of the first failed poll of the current failure streak.
     failing_since: Option<DateTime<Utc>>,
     last_failed: Option<DateTime<Utc>>,
+    /// The device refused a block read across a hole: its points are read apart from now on.
+    apart: bool,
 }
 
 /// The scheduler of one bus.
@@ -96,15 +119,12 @@ pub struct BusPoller {
     heartbeat: Heartbeat,
 }
 
-/// How one device poll ended.
-enum Outcome {
-    /// At least one channel was read.
-    Read {
-        reading: Reading,
-        events: Vec<Event>,
-    },
-    /// Nothing could be read.
-    Failed(PollFailure),
+/// How one device poll ended, stamped when it ended: at the first reply that carried data (the
+/// moment the device was read), or when the poll gave up.
+struct Outcome {
+    ts: DateTime<Utc>,
+    stamp: ClockStamp,
+    result: Result<(Reading, Vec<Event>), PollFailure>,
 }
 
 /// Why a poll read nothing.
@@ -163,6 +183,7 @@ impl BusPoller {
                     failures: 0,
                     failing_since: None,
                     last_failed: None,
+                    apart: false,
                     device: d.clone(),
                 }
             })
@@ -221,7 +242,8 @@ impl BusPoller {
                 .collect();
             order.sort_by_key(|&i| self.devices[i].next_due);
             for i in order {
-                let output = self.poll_device(i).await;
+                let slot = self.devices[i].next_due;
+                let output = self.poll_device(i, Some(slot)).await;
                 let run = &mut self.devices[i];
                 let after = Utc::now();
                 run.next_due = if run.failures == 0 {
@@ -266,7 +288,7 @@ impl BusPoller {
             }));
             return true;
         };
-        let output = self.poll_device(i).await;
+        let output = self.poll_device(i, None).await;
         let answer = match &output.status.last_reading {
             Some(json) => serde_json::from_str(json).map_err(PollNowError::from),
             None => Err(PollNowError::Failed(
@@ -295,10 +317,10 @@ impl BusPoller {
         }
     }
 
-    async fn poll_device(&mut self, i: usize) -> PollOutput {
+    /// Polls device `i` for its `slot` (`None` for a `poll_now`, which has no slot).
+    async fn poll_device(&mut self, i: usize, slot: Option<DateTime<Utc>>) -> PollOutput {
         let started = Instant::now();
-        let (ts, stamp) = self.clock.stamp();
-        let outcome = self.read_device(i, ts, &stamp).await;
+        let Outcome { ts, stamp, result } = self.read_device(i).await;
         let elapsed = started.elapsed();
         self.metrics.poll_duration.observe(elapsed.as_secs_f64());
 
@@ -306,8 +328,8 @@ impl BusPoller {
         let run = &mut self.devices[i];
         let device = run.device.id.clone();
         let mut records = Vec::new();
-        let (result, last_error, last_reading) = match outcome {
-            Outcome::Read { reading, events } => {
+        let (result, last_error, last_reading) = match result {
+            Ok((mut reading, events)) => {
                 if run.failures >= UNREACHABLE_AFTER {
                     let from = run.failing_since.unwrap_or(ts);
                     let to = run.last_failed.unwrap_or(ts);
@@ -340,6 +362,16 @@ impl BusPoller {
                 run.failures = 0;
                 run.failing_since = None;
                 run.last_failed = None;
+                if slot.is_some_and(|slot| slipped(slot, run.device.period, ts)) {
+                    reading.q.set(Flag::Late);
+                    self.metrics
+                        .flags
+                        .get_or_create(&FlagLabels {
+                            device: device.to_string(),
+                            flag: Flag::Late.name().to_string(),
+                        })
+                        .inc();
+                }
                 let reading = Stamped::new(reading, stamp.clone());
                 let json = reading.wire_json(Seq(0)).ok();
                 records.push(reading);
@@ -348,11 +380,21 @@ impl BusPoller {
                 }
                 ("ok".to_string(), None, json)
             }
-            Outcome::Failed(failure) => {
+            Err(failure) => {
                 let message = failure.to_string();
                 run.failures = run.failures.saturating_add(1);
                 run.failing_since.get_or_insert(ts);
                 run.last_failed = Some(ts);
+                // Every failed poll leaves a record, so a short outage is seen in the cloud.
+                records.push(Stamped::new(
+                    event(
+                        &device,
+                        ts,
+                        EventKind::PollFailed,
+                        format!("{}: {message}", failure.label()),
+                    ),
+                    stamp.clone(),
+                ));
                 if run.failures == UNREACHABLE_AFTER {
                     tracing::warn!(%bus, %device, error = %message, "device unreachable; backing off");
                     records.push(Stamped::new(
@@ -399,48 +441,75 @@ impl BusPoller {
         }
     }
 
-    /// Reads every block of a device. A healthy device gets its configured retries per block; a
-    /// failing one gets a single attempt, and the first block that times out ends the poll, so
-    /// a dead device costs the bus at most one timeout.
-    async fn read_device(&mut self, i: usize, ts: DateTime<Utc>, stamp: &ClockStamp) -> Outcome {
-        let run = &self.devices[i];
-        let device = run.device.clone();
-        let blocks = run.blocks.clone();
-        let attempts = if run.failures == 0 {
-            device.retries + 1
-        } else {
-            1
-        };
-        let mut replies: Vec<Option<Vec<u16>>> = Vec::with_capacity(blocks.len());
-        let mut first_error: Option<ModbusError> = None;
-        for block in &blocks {
-            let mut reply = None;
-            for _ in 0..attempts {
-                let result = self.read_block(&device, block).await;
-                // A timeout is progress too: the loop is alive, the device is not.
-                self.heartbeat.beat();
-                match result {
-                    Ok(regs) => {
-                        reply = Some(regs);
-                        break;
-                    }
-                    Err(e) => {
-                        let give_up = e.is_link_down();
-                        first_error.get_or_insert(e);
-                        if give_up {
+    /// Reads every block of a device. A block gets the configured retries only after an
+    /// answer that may come out right when asked again ([`ModbusError::is_worth_retrying`]:
+    /// a corrupted frame, a busy device). A request that got no answer at all (or only line
+    /// noise) is not retried and ends the poll, so a dead device costs the bus its timeout
+    /// (plus the inter-frame gap) per poll and nothing more, first poll after start included.
+    ///
+    /// A device that refuses (exception 02) a block spanning a hole between its points gets
+    /// its points read apart from then on (logged once), and the poll is read again that way.
+    async fn read_device(&mut self, i: usize) -> Outcome {
+        let device = self.devices[i].device.clone();
+        let mut read_at: Option<(DateTime<Utc>, ClockStamp)> = None;
+        let mut replies: Vec<Option<Vec<u16>>>;
+        let mut first_error: Option<ModbusError>;
+        let mut blocks;
+        loop {
+            blocks = self.devices[i].blocks.clone();
+            replies = Vec::with_capacity(blocks.len());
+            first_error = None;
+            let mut refused_hole = false;
+            for block in &blocks {
+                let mut reply = None;
+                for _ in 0..=device.retries {
+                    let result = self.read_block(&device, block).await;
+                    // A timeout is progress too: the loop is alive, the device is not.
+                    self.heartbeat.beat();
+                    match result {
+                        Ok(regs) => {
+                            read_at.get_or_insert_with(|| self.clock.stamp());
+                            reply = Some(regs);
                             break;
+                        }
+                        Err(e) => {
+                            let retry = e.is_worth_retrying();
+                            if e.exception_code() == Some(0x02) && has_hole(block) {
+                                refused_hole = true;
+                            }
+                            first_error.get_or_insert(e);
+                            if !retry {
+                                break;
+                            }
                         }
                     }
                 }
+                let silent = reply.is_none()
+                    && first_error
+                        .as_ref()
+                        .is_some_and(|e| e.is_silent() || matches!(e, ModbusError::Noise { .. }));
+                replies.push(reply);
+                if silent || refused_hole {
+                    // Not answering at all: the remaining blocks would time out too.
+                    break;
+                }
             }
-            let silent =
-                reply.is_none() && first_error.as_ref().is_some_and(ModbusError::is_silent);
-            replies.push(reply);
-            if silent {
-                // Not answering at all: the remaining blocks would time out too.
-                break;
+            let run = &mut self.devices[i];
+            if refused_hole && !run.apart {
+                tracing::warn!(
+                    bus = %self.bus.name,
+                    device = %device.id,
+                    "device refuses reads across holes in its register map (exception 02); \
+                     reading its points apart from now on"
+                );
+                run.apart = true;
+                run.blocks = plan_reads_apart(&device.points, device.max_regs_per_read);
+                read_at = None;
+                continue;
             }
+            break;
         }
+        let (ts, stamp) = read_at.unwrap_or_else(|| self.clock.stamp());
         let words = assemble(device.points.len(), &blocks, &replies);
         let mut values: Vec<(Channel, f64)> = Vec::new();
         let mut missing: Vec<Channel> = Vec::new();
@@ -455,14 +524,19 @@ impl BusPoller {
             }
         }
         if values.is_empty() {
-            return Outcome::Failed(match first_error {
+            let failure = match first_error {
                 Some(e) => PollFailure::Modbus(e),
                 None => PollFailure::NothingDecoded {
                     bus: self.bus.name.clone(),
                     device: device.id.clone(),
                     unit: device.unit,
                 },
-            });
+            };
+            return Outcome {
+                ts,
+                stamp,
+                result: Err(failure),
+            };
         }
         let run = &mut self.devices[i];
         let verdict = run.validator.check(Sample {
@@ -472,8 +546,12 @@ impl BusPoller {
             missing,
         });
         verdict.count(&device.id, &self.metrics);
-        let (reading, events) = verdict.into_records(&device.id, ts);
-        Outcome::Read { reading, events }
+        let records = verdict.into_records(&device.id, ts);
+        Outcome {
+            ts,
+            stamp,
+            result: Ok(records),
+        }
     }
 
     /// Reads one block. The client is opened on first use and then kept: it re-opens its own
@@ -486,13 +564,21 @@ impl BusPoller {
         let client = match &mut self.client {
             Some(c) => c,
             None => {
-                let mut c =
-                    BusClient::connect(&self.bus.name, &self.bus.link, device.timeout).await?;
+                // A newly opened RTU line is drained for the longest timeout of its devices:
+                // a reply to a request sent before a restart can arrive until then.
+                let longest = self
+                    .bus
+                    .devices
+                    .iter()
+                    .map(|d| d.timeout)
+                    .max()
+                    .unwrap_or(device.timeout);
+                let mut c = BusClient::connect(&self.bus.name, &self.bus.link, longest).await?;
                 c.set_inter_frame_gap(self.bus.inter_frame_gap);
                 self.client.insert(c)
             }
         };
-        client
+        let result = client
             .read(
                 device.unit,
                 block.fc,
@@ -500,7 +586,17 @@ impl BusPoller {
                 block.count,
                 device.timeout,
             )
-            .await
+            .await;
+        for (cause, n) in client.take_discards().iter() {
+            self.metrics
+                .discarded
+                .get_or_create(&DiscardLabels {
+                    bus: self.bus.name.clone(),
+                    cause: cause.label().to_string(),
+                })
+                .inc_by(n);
+        }
+        result
     }
 }
 
@@ -515,6 +611,28 @@ fn event(device: &DeviceId, ts: DateTime<Utc>, kind: EventKind, message: String)
         current: None,
         wrap: None,
     }
+}
+
+/// Whether a poll for `slot` that read the device at `ts` slipped past its slot: it read at or
+/// after the next boundary of the device's period.
+fn slipped(slot: DateTime<Utc>, period: Duration, ts: DateTime<Utc>) -> bool {
+    let period = TimeDelta::from_std(period).unwrap_or(TimeDelta::MAX);
+    ts >= slot
+        .checked_add_signed(period)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Whether `block` reads registers that none of the device's points maps (a hole).
+fn has_hole(block: &ReadBlock) -> bool {
+    let mut covered = vec![false; usize::from(block.count)];
+    for piece in &block.pieces {
+        let from = usize::from(piece.offset);
+        let to = (from + usize::from(piece.len)).min(covered.len());
+        for c in covered.iter_mut().take(to).skip(from) {
+            *c = true;
+        }
+    }
+    covered.iter().any(|c| !c)
 }
 
 /// The totalizer's wrap value in m³, when its profile says where the register wraps.

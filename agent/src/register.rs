@@ -853,6 +853,17 @@ pub struct Piece {
 /// order; [`assemble`] keeps the total only when both reads of it agree, which proves no wrap
 /// fell between them.
 pub fn plan_reads(points: &[Point], max_regs_per_read: u16) -> Vec<ReadBlock> {
+    plan(points, max_regs_per_read, MAX_HOLE)
+}
+
+/// Like [`plan_reads`], but never across a hole: only points whose registers touch are read
+/// together. For a device that refuses (exception 02) a read spanning registers it does not
+/// map, although the points themselves exist.
+pub fn plan_reads_apart(points: &[Point], max_regs_per_read: u16) -> Vec<ReadBlock> {
+    plan(points, max_regs_per_read, 0)
+}
+
+fn plan(points: &[Point], max_regs_per_read: u16, max_hole: u16) -> Vec<ReadBlock> {
     struct Span {
         fc: Fc,
         start: u32,
@@ -920,7 +931,7 @@ pub fn plan_reads(points: &[Point], max_regs_per_read: u16) -> Vec<ReadBlock> {
         let end = s.start + u32::from(s.len);
         let joins = open.last().is_some_and(|b| {
             b.fc == s.fc
-                && s.start <= b.end + u32::from(MAX_HOLE)
+                && s.start <= b.end + u32::from(max_hole)
                 && b.end.max(end) - b.start <= limit
         });
         match open.last_mut() {

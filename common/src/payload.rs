@@ -139,6 +139,10 @@ pub enum EventKind {
     ClockSynced,
     /// A device stopped answering and is being backed off.
     DeviceUnreachable,
+    /// One poll of a device read nothing; `message` starts with the cause (`timeout`,
+    /// `exception`, `bad_frame`, `io`) and names the request. Every failed poll has one, so
+    /// even a short outage leaves a trace.
+    PollFailed,
     /// A device answers again after being unreachable.
     DeviceRecovered,
     /// The agent started; `message` holds its version.

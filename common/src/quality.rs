@@ -55,6 +55,10 @@ flags! {
     TimeUnknown = 10, "time_unknown";
     /// Some registers of the device could not be read this cycle; the missing channels are `null`.
     Partial = 11, "partial";
+    /// The poll slipped past its slot: the device was read at or after the next slot boundary
+    /// of its period (a slow or dead device ahead of it on the bus, a busy outbox). `ts` is
+    /// still when it was read.
+    Late = 12, "late";
 }
 
 /// A set of [`Flag`]s.

@@ -134,7 +134,7 @@ pub(super) struct ReadingsParams {
     /// Raw only: readings carrying any of these quality flags (comma-separated names), or
     /// `flagged` for any flag.
     #[param(
-        pattern = "^(flagged|not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|restamped|time_unknown|partial)(,(flagged|not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|restamped|time_unknown|partial))*$"
+        pattern = "^(flagged|not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|restamped|time_unknown|partial|late)(,(flagged|not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|restamped|time_unknown|partial|late))*$"
     )]
     quality: Option<String>,
 }
@@ -421,7 +421,7 @@ pub(super) struct EventsParams {
     to: Option<String>,
     /// Only these kinds (comma-separated), e.g. `totalizer_reset,meter_replaced`.
     #[param(
-        pattern = "^(not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|clock_synced|device_unreachable|device_recovered|agent_started)(,(not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|clock_synced|device_unreachable|device_recovered|agent_started))*$"
+        pattern = "^(not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|clock_synced|device_unreachable|poll_failed|device_recovered|agent_started)(,(not_finite|out_of_range|frozen|totalizer_backwards|totalizer_rollover|totalizer_reset|meter_replaced|reverse_flow|clock_unsynced|clock_synced|device_unreachable|poll_failed|device_recovered|agent_started))*$"
     )]
     kind: Option<String>,
     /// Only this device's events.

@@ -6,20 +6,22 @@
 //! outcome into a [`ModbusError`] a caller can match: the device said no (exception), it did not
 //! answer (timeout), it answered nonsense (bad frame), or the link itself failed (io).
 //!
-//! Resynchronisation: a request that timed out or got a bad frame leaves the transport in an
-//! unknown state: the answer may still arrive and would be taken for the answer to the next
-//! request (RTU frames carry no transaction id). So after a timeout, a bad frame or an I/O error
-//! the transport is dropped, and the next read opens a new one. On Modbus TCP that is enough: a
-//! late answer goes to the closed connection. On RTU links (serial, RTU-over-TCP through a
-//! converter that keeps its serial side) the late answer can still reach the new transport, so
-//! it is drained first: bytes are read and discarded until the line has been quiet for as long
-//! as the failed request's timeout (at least [`DRAIN_QUIET`], at most [`DRAIN_MAX`]). A device
-//! that answers later than that after the deadline would still be taken for the next answer;
-//! RTU has no transaction id to tell. Replies are also checked against the request (unit,
-//! function code and register count).
+//! Replies are tied to their requests. On Modbus TCP the MBAP transaction id does that, and a
+//! connection whose request failed (timeout, bad frame, I/O) is dropped, so a late answer goes
+//! to the closed socket. RTU frames have no transaction id, so RTU links (serial, RTU over TCP
+//! through a converter that keeps its serial side) use Caudal's own framing in [`rtu`]: the line
+//! is drained when it is opened (until quiet for the longest device timeout, see
+//! [`BusClient::connect`]), whatever it holds is discarded before every request, and a reply
+//! must match the request's unit, function, byte count and CRC; everything else is discarded
+//! and counted by cause ([`BusClient::take_discards`]). An RTU line stays open across timeouts
+//! and bad frames (those cost the request's timeout and nothing more); it is reopened, and
+//! drained again, only after the line itself failed.
+
+pub mod rtu;
 
 use crate::config::{Link, Parity};
 use crate::register::{Fc, MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ};
+use rtu::{Discards, Exchange, Line, RtuTransport};
 use std::io;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -29,10 +31,10 @@ use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{Request, Response, Slave};
 
-/// Shortest silence that tells a drained RTU line holds no late reply any more.
+/// Shortest silence that tells a newly opened RTU line holds no late reply any more.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(50);
 
-/// Longest silence a drain waits for, and longest it goes on discarding a chattering line.
+/// Longest silence an open drain waits for, and longest it goes on discarding a chattering line.
 pub const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// A read that failed, naming the bus, unit, function code and 0-based address.
@@ -79,6 +81,18 @@ pub enum ModbusError {
         address: u16,
         reason: String,
     },
+    /// Bytes came back within the timeout, but none formed a valid reply (RTU line noise).
+    #[error(
+        "bus {bus}: unit {unit} {fc} address {address}: no valid reply within {timeout:?}, {noise} bytes of line noise"
+    )]
+    Noise {
+        bus: String,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        timeout: Duration,
+        noise: usize,
+    },
     /// The transport failed while reading or writing.
     #[error("bus {bus}: unit {unit} {fc} address {address}: {source}")]
     Io {
@@ -119,7 +133,7 @@ impl ModbusError {
         match self {
             ModbusError::Timeout { .. } => "timeout",
             ModbusError::Exception { .. } | ModbusError::InvalidRequest { .. } => "exception",
-            ModbusError::BadFrame { .. } => "bad_frame",
+            ModbusError::BadFrame { .. } | ModbusError::Noise { .. } => "bad_frame",
             ModbusError::Connect { .. }
             | ModbusError::InvalidLink { .. }
             | ModbusError::Io { .. }
@@ -143,6 +157,18 @@ impl ModbusError {
     /// rest of the same poll would fail the same way, so a caller stops there.
     pub fn is_silent(&self) -> bool {
         matches!(self, ModbusError::Timeout { .. }) || self.is_link_down()
+    }
+
+    /// Whether sending the same request again at once may succeed: the answer came back
+    /// corrupted (bad frame), or the device said it is busy or failed for now (exceptions 04,
+    /// 05, 06). Not after silence or noise (that costs another whole timeout), nor after a
+    /// refusal that will not change (02 illegal address, 03 illegal value).
+    pub fn is_worth_retrying(&self) -> bool {
+        match self {
+            ModbusError::BadFrame { .. } => true,
+            ModbusError::Exception { code, .. } => matches!(code, 0x04..=0x06),
+            _ => false,
+        }
     }
 
     /// The exception code, when the device answered with one.
@@ -182,12 +208,25 @@ pub struct BusClient {
     link: Link,
     connect_timeout: Duration,
     /// `None` after a failure: the next read reconnects.
-    ctx: Option<Context>,
-    /// Silence to wait for on the new transport before the next request (RTU links only).
-    drain: Option<Duration>,
+    transport: Option<Transport>,
+    /// How long a newly opened RTU line must stay quiet before the first request.
+    open_quiet: Duration,
     inter_frame_gap: Duration,
     last_exchange: Option<Instant>,
     reconnects: u64,
+    /// Discards of transports already dropped, not taken yet.
+    discards: Discards,
+    /// The RTU unit (and function) whose last request timed out, and until when its late
+    /// reply may still come (one more timeout).
+    late_window: Option<(u8, Fc, Instant)>,
+}
+
+/// The open transport of a bus.
+enum Transport {
+    /// Modbus TCP, through tokio-modbus (MBAP transaction ids match replies to requests).
+    Tcp(Context),
+    /// RTU framing on a serial port or a converter's socket.
+    Rtu(RtuTransport),
 }
 
 impl std::fmt::Debug for BusClient {
@@ -195,13 +234,16 @@ impl std::fmt::Debug for BusClient {
         f.debug_struct("BusClient")
             .field("bus", &self.bus)
             .field("link", &describe_link(&self.link))
-            .field("connected", &self.ctx.is_some())
+            .field("connected", &self.transport.is_some())
             .finish()
     }
 }
 
 impl BusClient {
-    /// Opens the link; `timeout` bounds the TCP connect (and every later reconnect).
+    /// Opens the link. `timeout` bounds the TCP connect (and every later reconnect) and is how
+    /// long a newly opened RTU line must stay quiet before the first request (clamped to
+    /// [`DRAIN_QUIET`]..[`DRAIN_MAX`]): a reply to a request sent before the agent restarted
+    /// can arrive until then. Give the longest response timeout of the bus's devices.
     pub async fn connect(
         bus_name: &str,
         link: &Link,
@@ -211,13 +253,16 @@ impl BusClient {
             bus: bus_name.to_string(),
             link: link.clone(),
             connect_timeout: timeout,
-            ctx: None,
-            drain: None,
+            transport: None,
+            open_quiet: timeout.clamp(DRAIN_QUIET, DRAIN_MAX),
             inter_frame_gap: Duration::ZERO,
             last_exchange: None,
             reconnects: 0,
+            discards: Discards::default(),
+            late_window: None,
         };
-        client.ctx = Some(Self::open(bus_name, link, timeout, None).await?);
+        client.transport =
+            Some(Self::open(bus_name, link, client.connect_timeout, client.open_quiet).await?);
         Ok(client)
     }
 
@@ -237,6 +282,16 @@ impl BusClient {
         self.reconnects
     }
 
+    /// Received bytes thrown away since the last call, by cause (RTU links; always empty on
+    /// Modbus TCP).
+    pub fn take_discards(&mut self) -> Discards {
+        let mut all = std::mem::take(&mut self.discards);
+        if let Some(Transport::Rtu(t)) = &mut self.transport {
+            all.merge(t.take_discards());
+        }
+        all
+    }
+
     fn is_rtu(&self) -> bool {
         !matches!(self.link, Link::Tcp { .. })
     }
@@ -248,8 +303,8 @@ impl BusClient {
         bus: &str,
         link: &Link,
         connect_timeout: Duration,
-        drain: Option<Duration>,
-    ) -> Result<Context, ModbusError> {
+        open_quiet: Duration,
+    ) -> Result<Transport, ModbusError> {
         let connect_err = |source: io::Error| ModbusError::Connect {
             bus: bus.to_string(),
             target: describe_link(link),
@@ -260,16 +315,20 @@ impl BusClient {
                 let stream = tcp_connect(address, connect_timeout)
                     .await
                     .map_err(connect_err)?;
-                Ok(tokio_modbus::client::tcp::attach(stream))
+                Ok(Transport::Tcp(tokio_modbus::client::tcp::attach(stream)))
             }
             Link::RtuOverTcp { address } => {
                 let mut stream = tcp_connect(address, connect_timeout)
                     .await
                     .map_err(connect_err)?;
-                if let Some(quiet) = drain {
-                    drain_quiet(&mut stream, quiet).await.map_err(connect_err)?;
-                }
-                Ok(tokio_modbus::client::rtu::attach(stream))
+                let drained = drain_quiet(&mut stream, open_quiet)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(Transport::Rtu(rtu_transport(
+                    bus,
+                    Box::new(stream),
+                    drained,
+                )))
             }
             Link::Rtu {
                 port,
@@ -305,18 +364,24 @@ impl BusClient {
                     .parity(parity);
                 let mut stream = tokio_serial::SerialStream::open(&builder)
                     .map_err(|e| connect_err(io::Error::from(e)))?;
-                if let Some(quiet) = drain {
-                    drain_quiet(&mut stream, quiet).await.map_err(connect_err)?;
-                }
-                Ok(tokio_modbus::client::rtu::attach(stream))
+                // What the port buffered while nobody read it, then what is still on its way.
+                let flushed = stream.discard_pending().map_err(connect_err)?;
+                let drained = drain_quiet(&mut stream, open_quiet)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(Transport::Rtu(rtu_transport(
+                    bus,
+                    Box::new(stream),
+                    flushed + drained,
+                )))
             }
         }
     }
 
     /// Reads `count` registers (fc 03/04) or bits (fc 01/02, returned as 0/1 words) from
-    /// `unit`, starting at the 0-based `address`. `timeout` bounds the exchange. After a failed
-    /// read the transport is reopened first, bounded by the connect timeout, and on RTU links
-    /// drained for about the failed read's timeout (see the module doc).
+    /// `unit`, starting at the 0-based `address`. `timeout` bounds the exchange. After the
+    /// link failed the transport is reopened first, bounded by the connect timeout, and an RTU
+    /// line drained (see the module doc).
     pub async fn read(
         &mut self,
         unit: u8,
@@ -356,16 +421,64 @@ impl BusClient {
         {
             tokio::time::sleep_until(last + self.inter_frame_gap).await;
         }
-        let mut ctx = match self.ctx.take() {
-            Some(ctx) => ctx,
+        let transport = match self.transport.take() {
+            Some(t) => t,
             None => {
-                let ctx =
-                    Self::open(&self.bus, &self.link, self.connect_timeout, self.drain).await?;
-                self.drain = None;
+                let t = Self::open(&self.bus, &self.link, self.connect_timeout, self.open_quiet)
+                    .await?;
                 self.reconnects += 1;
-                ctx
+                t
             }
         };
+        let (transport, result) = match transport {
+            Transport::Tcp(ctx) => {
+                let (ctx, result) =
+                    Self::read_tcp(&self.bus, ctx, unit, fc, address, count, timeout).await;
+                (ctx.map(Transport::Tcp), result)
+            }
+            Transport::Rtu(mut rtu) => {
+                if let Some((late_unit, late_fc, until)) = self.late_window.take() {
+                    if late_unit == unit && Instant::now() < until {
+                        if let Err(e) = rtu.discard_late_reply(unit, late_fc.code(), until).await {
+                            self.discards.merge(rtu.take_discards());
+                            return Err(io_error(&self.bus, unit, fc, address, e));
+                        }
+                    }
+                }
+                let (mut rtu, result) =
+                    Self::read_rtu(&self.bus, rtu, unit, fc, address, count, timeout).await;
+                if matches!(result, Err(ModbusError::Timeout { .. })) {
+                    self.late_window = Some((unit, fc, Instant::now() + timeout));
+                }
+                if result.as_ref().is_err_and(ModbusError::is_link_down) {
+                    // The line failed: reopened (and drained) by the next read. What it
+                    // discarded is still counted.
+                    self.discards.merge(rtu.take_discards());
+                    (None, result)
+                } else {
+                    (Some(Transport::Rtu(rtu)), result)
+                }
+            }
+        };
+        self.last_exchange = Some(Instant::now());
+        if let (Err(e), None) = (&result, &transport) {
+            tracing::debug!(bus = %self.bus, unit, %fc, address, error = %e, "dropping transport");
+        }
+        self.transport = transport;
+        result
+    }
+
+    /// One Modbus TCP exchange; the context comes back unless the connection is in doubt (an
+    /// exception is a complete, well-formed exchange; anything else but success is not).
+    async fn read_tcp(
+        bus: &str,
+        mut ctx: Context,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        count: u16,
+        timeout: Duration,
+    ) -> (Option<Context>, Result<Vec<u16>, ModbusError>) {
         ctx.set_slave(Slave(unit));
         let request = match fc {
             Fc::Coils => Request::ReadCoils(address, count),
@@ -374,27 +487,18 @@ impl BusClient {
             Fc::Input => Request::ReadInputRegisters(address, count),
         };
         let outcome = tokio::time::timeout(timeout, ctx.call(request)).await;
-        self.last_exchange = Some(Instant::now());
-
         let bad_frame = |reason: String| ModbusError::BadFrame {
-            bus: self.bus.clone(),
+            bus: bus.to_string(),
             unit,
             fc,
             address,
             reason,
         };
         let result = match outcome {
-            Err(_elapsed) => Err(ModbusError::Timeout {
-                bus: self.bus.clone(),
-                unit,
-                fc,
-                address,
-                count,
-                timeout,
-            }),
+            Err(_elapsed) => Err(timeout_error(bus, unit, fc, address, count, timeout)),
             Ok(Ok(Ok(response))) => words_of(response, fc, count).map_err(bad_frame),
             Ok(Ok(Err(exception))) => Err(ModbusError::Exception {
-                bus: self.bus.clone(),
+                bus: bus.to_string(),
                 unit,
                 fc,
                 address,
@@ -405,37 +509,132 @@ impl BusClient {
                 io::ErrorKind::InvalidData
                 | io::ErrorKind::InvalidInput
                 | io::ErrorKind::UnexpectedEof => bad_frame(e.to_string()),
-                io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::NotConnected => ModbusError::Disconnected {
-                    bus: self.bus.clone(),
-                    unit,
-                    fc,
-                    address,
-                },
-                _ => ModbusError::Io {
-                    bus: self.bus.clone(),
-                    unit,
-                    fc,
-                    address,
-                    source: e,
-                },
+                _ => io_error(bus, unit, fc, address, e),
             }),
         };
-        // An exception is a complete, well-formed exchange; anything else but success leaves
-        // the transport in doubt, so it is dropped here and reopened by the next read.
         match &result {
-            Ok(_) | Err(ModbusError::Exception { .. }) => self.ctx = Some(ctx),
-            Err(e) => {
-                tracing::debug!(bus = %self.bus, unit, %fc, address, error = %e, "dropping transport");
-                if self.is_rtu() {
-                    self.drain = Some(timeout.clamp(DRAIN_QUIET, DRAIN_MAX));
-                }
-            }
+            Ok(_) | Err(ModbusError::Exception { .. }) => (Some(ctx), result),
+            Err(_) => (None, result),
         }
-        result
     }
+
+    /// One RTU exchange. The caller keeps the line after a timeout or a bad frame (the next
+    /// request discards whatever arrives late, see [`rtu`]) and drops it when the line failed.
+    async fn read_rtu(
+        bus: &str,
+        mut rtu: RtuTransport,
+        unit: u8,
+        fc: Fc,
+        address: u16,
+        count: u16,
+        timeout: Duration,
+    ) -> (RtuTransport, Result<Vec<u16>, ModbusError>) {
+        let want = if fc.is_bits() {
+            usize::from(count.div_ceil(8))
+        } else {
+            usize::from(count) * 2
+        };
+        let deadline = Instant::now() + timeout;
+        let bad_frame = |reason: String| ModbusError::BadFrame {
+            bus: bus.to_string(),
+            unit,
+            fc,
+            address,
+            reason,
+        };
+        let result = match rtu
+            .read(unit, fc.code(), address, count, want, deadline)
+            .await
+        {
+            Ok(Exchange::Data(bytes)) => Ok(if fc.is_bits() {
+                (0..usize::from(count))
+                    .map(|i| u16::from(bytes[i / 8] >> (i % 8) & 1))
+                    .collect()
+            } else {
+                bytes
+                    .chunks_exact(2)
+                    .map(|w| u16::from_be_bytes([w[0], w[1]]))
+                    .collect()
+            }),
+            Ok(Exchange::Exception(code)) => Err(ModbusError::Exception {
+                bus: bus.to_string(),
+                unit,
+                fc,
+                address,
+                code,
+            }),
+            Ok(Exchange::WrongLength { got, want }) => Err(bad_frame(format!(
+                "reply carries {got} data bytes for {want} asked"
+            ))),
+            Ok(Exchange::NoReply { noise: 0 }) => {
+                Err(timeout_error(bus, unit, fc, address, count, timeout))
+            }
+            Ok(Exchange::NoReply { noise }) => Err(ModbusError::Noise {
+                bus: bus.to_string(),
+                unit,
+                fc,
+                address,
+                timeout,
+                noise,
+            }),
+            Err(e) => Err(io_error(bus, unit, fc, address, e)),
+        };
+        (rtu, result)
+    }
+}
+
+fn timeout_error(
+    bus: &str,
+    unit: u8,
+    fc: Fc,
+    address: u16,
+    count: u16,
+    timeout: Duration,
+) -> ModbusError {
+    ModbusError::Timeout {
+        bus: bus.to_string(),
+        unit,
+        fc,
+        address,
+        count,
+        timeout,
+    }
+}
+
+fn io_error(bus: &str, unit: u8, fc: Fc, address: u16, e: io::Error) -> ModbusError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::NotConnected
+        | io::ErrorKind::UnexpectedEof => ModbusError::Disconnected {
+            bus: bus.to_string(),
+            unit,
+            fc,
+            address,
+        },
+        _ => ModbusError::Io {
+            bus: bus.to_string(),
+            unit,
+            fc,
+            address,
+            source: e,
+        },
+    }
+}
+
+/// An RTU transport on a newly opened line, counting what the open drain threw away.
+fn rtu_transport(bus: &str, line: Box<dyn Line>, drained: usize) -> RtuTransport {
+    let mut t = RtuTransport::new(line);
+    if drained > 0 {
+        tracing::info!(
+            bus,
+            bytes = drained,
+            "discarded bytes found on the line when it was opened"
+        );
+        t.count_stale();
+    }
+    t
 }
 
 /// The words of a response, checked against what was asked.
