@@ -14,6 +14,7 @@
 //! overridden channel values (NaN like an E+H meter on fault). Time is tokio time, so tests with
 //! paused time see the totalizer advance exactly with the clock.
 
+use crate::modbus::rtu::crc16;
 use crate::register::{Channel, Fc, MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ, Point};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::f64::consts::TAU;
@@ -111,7 +112,36 @@ pub enum Fault {
     Garbage,
     /// Answers correctly after this delay.
     Delay(Duration),
+    /// Answers only every other request (the first, the third, ...); silent on the others.
+    EveryOther,
+    /// Answers correctly but in the name of another unit id (RTU; a miswired or readdressed
+    /// device).
+    AnswerAs(u8),
+    /// Answers with a well-formed frame (valid CRC) carrying one register more than asked.
+    WrongLength,
+    /// Sends a burst of line noise, then the correct answer.
+    NoiseFirst,
 }
+
+/// One request a unit received and what it served, kept by the simulator (the last
+/// [`SERVED_KEPT`]) so a test can prove each stored value is what was served to its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub unit: u8,
+    /// When the request arrived, wall-clock.
+    pub received: chrono::DateTime<chrono::Utc>,
+    /// When the reply was written; `None` while delayed or when the unit stayed silent.
+    pub replied: Option<chrono::DateTime<chrono::Utc>>,
+    pub fc: Option<Fc>,
+    pub address: u16,
+    pub count: u16,
+    /// The canonical values the reply was made from; `None` when no data was served
+    /// (exception, silence, noise).
+    pub values: Option<Snapshot>,
+}
+
+/// How many [`Served`] entries a simulator keeps (the oldest go first).
+pub const SERVED_KEPT: usize = 100_000;
 
 /// How requests and replies are framed on the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,6 +220,8 @@ struct UnitState {
     overrides: HashMap<Channel, f64>,
     requests: u64,
     rng: fastrand::Rng,
+    /// The snapshot the last read was served from.
+    last_served: Option<Snapshot>,
 }
 
 /// Longest integration step of the totalizer; the sinusoid's period is minutes.
@@ -209,6 +241,7 @@ impl UnitState {
             frozen: None,
             overrides: HashMap::new(),
             requests: 0,
+            last_served: None,
         }
     }
 
@@ -298,6 +331,11 @@ impl UnitState {
         }
 
         let snap = self.snapshot();
+        self.last_served = Some(Snapshot {
+            flow_lps: self.value(&snap, &Channel::Flow),
+            total_m3: self.value(&snap, &Channel::Total),
+            level_m: self.value(&snap, &Channel::Level),
+        });
         let mut words = vec![0u16; usize::from(count)];
         let mut put = |a: u16, w: u16| {
             if let Some(i) = a.checked_sub(address).filter(|i| *i < count) {
@@ -352,10 +390,21 @@ enum Answer {
     Silent,
     Pdu(Vec<u8>),
     Garbage,
+    /// A PDU sent with another unit id (RTU).
+    As(u8, Vec<u8>),
+    /// Noise, then the PDU.
+    Noisy(Vec<u8>),
 }
 
 struct Shared {
     units: Mutex<BTreeMap<u8, UnitState>>,
+    served: Mutex<ServedLog>,
+}
+
+#[derive(Default)]
+struct ServedLog {
+    next_id: u64,
+    entries: std::collections::VecDeque<(u64, Served)>,
 }
 
 /// How a listener frames and whom it answers.
@@ -371,40 +420,94 @@ impl Shared {
         self.units.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The answer to a request PDU and how long to wait before giving it.
-    fn answer(&self, unit: u8, pdu: &[u8], serving: Serving) -> (Answer, Duration) {
+    fn served(&self) -> MutexGuard<'_, ServedLog> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The answer to a request PDU, how long to wait before giving it, and the id of its
+    /// [`Served`] entry (for [`Shared::replied`]).
+    fn answer(&self, unit: u8, pdu: &[u8], serving: Serving) -> (Answer, Duration, Option<u64>) {
+        let received = chrono::Utc::now();
         let mut units = self.units();
         let Some(state) = units.get_mut(&unit) else {
-            return match (serving.framing, serving.unknown_unit_exception, pdu.first()) {
-                (Framing::Tcp, Some(code), Some(fc)) => {
-                    (Answer::Pdu(vec![fc | 0x80, code]), Duration::ZERO)
-                }
-                _ => (Answer::Silent, Duration::ZERO),
+            let answer = match (serving.framing, serving.unknown_unit_exception, pdu.first()) {
+                (Framing::Tcp, Some(code), Some(fc)) => Answer::Pdu(vec![fc | 0x80, code]),
+                _ => Answer::Silent,
             };
+            return (answer, Duration::ZERO, None);
         };
         state.requests += 1;
+        state.last_served = None;
         let fc_byte = pdu.first().copied().unwrap_or(0);
+        let (address, count) = match pdu {
+            [_, a0, a1, c0, c1] => (
+                u16::from_be_bytes([*a0, *a1]),
+                u16::from_be_bytes([*c0, *c1]),
+            ),
+            _ => (0, 0),
+        };
         let exception = |code: u8| Answer::Pdu(vec![fc_byte | 0x80, code]);
-        let delay = match state.fault {
-            Fault::None => Duration::ZERO,
-            Fault::Delay(d) => d,
-            Fault::Silent => return (Answer::Silent, Duration::ZERO),
-            Fault::Exception(code) => return (exception(code), Duration::ZERO),
-            Fault::Garbage => return (Answer::Garbage, Duration::ZERO),
+        let read = |state: &mut UnitState| match (Fc::from_code(fc_byte), pdu.len()) {
+            (Some(fc), 5) => match state.read(fc, address, count) {
+                Ok(reply) => reply,
+                Err(code) => vec![fc_byte | 0x80, code],
+            },
+            (Some(_), _) => vec![fc_byte | 0x80, 0x03],
+            (None, _) => vec![fc_byte | 0x80, 0x01],
         };
-        let answer = match (Fc::from_code(fc_byte), pdu.len()) {
-            (Some(fc), 5) => {
-                let address = u16::from_be_bytes([pdu[1], pdu[2]]);
-                let count = u16::from_be_bytes([pdu[3], pdu[4]]);
-                match state.read(fc, address, count) {
-                    Ok(reply) => Answer::Pdu(reply),
-                    Err(code) => exception(code),
+        let (answer, delay) = match state.fault {
+            Fault::None => (Answer::Pdu(read(state)), Duration::ZERO),
+            Fault::Delay(d) => (Answer::Pdu(read(state)), d),
+            Fault::Silent => (Answer::Silent, Duration::ZERO),
+            Fault::Exception(code) => (exception(code), Duration::ZERO),
+            Fault::Garbage => (Answer::Garbage, Duration::ZERO),
+            Fault::EveryOther if state.requests % 2 == 0 => (Answer::Silent, Duration::ZERO),
+            Fault::EveryOther => (Answer::Pdu(read(state)), Duration::ZERO),
+            Fault::AnswerAs(other) => (Answer::As(other, read(state)), Duration::ZERO),
+            Fault::NoiseFirst => (Answer::Noisy(read(state)), Duration::ZERO),
+            Fault::WrongLength => {
+                let mut pdu = read(state);
+                if pdu.len() >= 2 && pdu[0] & 0x80 == 0 {
+                    pdu[1] = pdu[1].saturating_add(2);
+                    pdu.extend([0, 0]);
                 }
+                (Answer::Pdu(pdu), Duration::ZERO)
             }
-            (Some(_), _) => exception(0x03),
-            (None, _) => exception(0x01),
         };
-        (answer, delay)
+        let values = match answer {
+            Answer::Pdu(_) | Answer::As(..) | Answer::Noisy(_) => state.last_served,
+            Answer::Silent | Answer::Garbage => None,
+        };
+        drop(units);
+        let mut log = self.served();
+        let id = log.next_id;
+        log.next_id += 1;
+        if log.entries.len() >= SERVED_KEPT {
+            log.entries.pop_front();
+        }
+        log.entries.push_back((
+            id,
+            Served {
+                unit,
+                received,
+                replied: None,
+                fc: Fc::from_code(fc_byte),
+                address,
+                count,
+                values,
+            },
+        ));
+        (answer, delay, Some(id))
+    }
+
+    /// Notes when the reply of entry `id` was written.
+    fn replied(&self, id: Option<u64>) {
+        let Some(id) = id else { return };
+        let now = chrono::Utc::now();
+        let mut log = self.served();
+        if let Some((_, entry)) = log.entries.iter_mut().rev().find(|(i, _)| *i == id) {
+            entry.replied = Some(now);
+        }
     }
 }
 
@@ -435,6 +538,7 @@ impl Simulator {
         Simulator {
             shared: Arc::new(Shared {
                 units: Mutex::new(BTreeMap::new()),
+                served: Mutex::new(ServedLog::default()),
             }),
             serving: Serving {
                 framing: Framing::Tcp,
@@ -511,6 +615,76 @@ impl Simulator {
         }
     }
 
+    /// Serves RTU framing the way a transparent serial-to-Ethernet converter does: one serial
+    /// line behind the listener, shared by whichever TCP client is connected (a new client
+    /// replaces the old one). What the meters send while no client is connected is kept for the
+    /// next one, so a reply to a request of a client that went away (an agent killed mid-request)
+    /// reaches the client that connects next, as it does through many converters.
+    pub async fn serve_converter(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        /// Bytes kept for the next client; a converter's buffer is small.
+        const KEPT: usize = 4096;
+        self.serving.framing = Framing::Rtu;
+        let (line, meters) = tokio::io::duplex(KEPT);
+        let shared = Arc::clone(&self.shared);
+        let serving = self.serving;
+        let line_task = tokio::spawn(async move {
+            if let Err(e) = serve_connection(&shared, meters, serving).await {
+                tracing::debug!(error = %e, "converter line ended");
+            }
+        });
+        let _abort = AbortOnDrop(line_task);
+        let (mut from_meters, mut to_meters) = tokio::io::split(line);
+        let mut client: Option<tokio::net::TcpStream> = None;
+        let mut kept: Vec<u8> = Vec::new();
+        let mut meter_buf = [0u8; 512];
+        let mut client_buf = [0u8; 512];
+        tokio::pin!(shutdown);
+        loop {
+            let from_client = async {
+                match client.as_mut() {
+                    Some(c) => c.read(&mut client_buf).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => {
+                    let (mut stream, _) = accepted?;
+                    stream.set_nodelay(true)?;
+                    if !kept.is_empty() && stream.write_all(&kept).await.is_ok() {
+                        kept.clear();
+                    }
+                    client = Some(stream);
+                }
+                n = from_meters.read(&mut meter_buf) => {
+                    let n = n?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    let bytes = &meter_buf[..n];
+                    let sent = match client.as_mut() {
+                        Some(c) => c.write_all(bytes).await.is_ok(),
+                        None => false,
+                    };
+                    if !sent {
+                        client = None;
+                        kept.extend_from_slice(bytes);
+                        let excess = kept.len().saturating_sub(KEPT);
+                        kept.drain(..excess);
+                    }
+                }
+                n = from_client => match n {
+                    Ok(0) | Err(_) => client = None,
+                    Ok(n) => to_meters.write_all(&client_buf[..n]).await?,
+                },
+            }
+        }
+    }
+
     /// Binds 127.0.0.1 on a free port and serves there until the returned value is dropped.
     pub async fn start(self) -> io::Result<RunningSimulator> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -522,6 +696,14 @@ impl Simulator {
             }
         });
         Ok(RunningSimulator { addr, handle, task })
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -614,25 +796,20 @@ impl SimHandle {
     pub fn requests(&self, unit: u8) -> u64 {
         self.with(unit, |u| u.requests).unwrap_or(0)
     }
+
+    /// What the simulated units were asked and served, oldest first (the last
+    /// [`SERVED_KEPT`]).
+    pub fn served(&self) -> Vec<Served> {
+        self.shared
+            .served()
+            .entries
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
 }
 
 // ---- Framing ----
-
-/// Modbus CRC-16 (polynomial 0xA001 reflected, initial 0xFFFF), sent low byte first.
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc = 0xFFFF_u16;
-    for b in bytes {
-        crc ^= u16::from(*b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xA001
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    crc
-}
 
 /// Silence after which a partial RTU frame is thrown away (3.5 characters at slow bauds, with
 /// room for a converter's buffering).
@@ -670,13 +847,14 @@ async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
         let unit = header[6];
         let mut pdu = vec![0u8; len - 1];
         stream.read_exact(&mut pdu).await?;
-        let (answer, delay) = shared.answer(unit, &pdu, serving);
+        let (answer, delay, id) = shared.answer(unit, &pdu, serving);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let reply_pdu = match answer {
             Answer::Silent => continue,
-            Answer::Pdu(p) => p,
+            // MBAP carries the unit in its header, and a TCP stream has no line noise.
+            Answer::Pdu(p) | Answer::As(_, p) | Answer::Noisy(p) => p,
             // Claims 255 data bytes, carries one: no decoder can take it.
             Answer::Garbage => vec![pdu.first().copied().unwrap_or(3), 0xFF, 0x12],
         };
@@ -686,6 +864,7 @@ async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
         frame.push(unit);
         frame.extend(reply_pdu);
         stream.write_all(&frame).await?;
+        shared.replied(id);
     }
 }
 
@@ -749,24 +928,33 @@ async fn serve_rtu<S: AsyncRead + AsyncWrite + Unpin>(
                     if unit == 0 {
                         continue; // broadcast: never answered
                     }
-                    let (answer, delay) = shared.answer(unit, &frame[1..len - 2], serving);
+                    let (answer, delay, id) = shared.answer(unit, &frame[1..len - 2], serving);
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
+                    let rtu_frame = |unit: u8, pdu: Vec<u8>| {
+                        let mut f = Vec::with_capacity(pdu.len() + 3);
+                        f.push(unit);
+                        f.extend(pdu);
+                        let crc = crc16(&f);
+                        f.extend(crc.to_le_bytes());
+                        f
+                    };
+                    // Line noise: bytes no RTU decoder can frame.
+                    let noise = || (0xE0..=0xFF_u8).rev().collect::<Vec<u8>>();
                     let reply = match answer {
                         Answer::Silent => continue,
-                        // Line noise: bytes no RTU decoder can frame.
-                        Answer::Garbage => (0xE0..=0xFF_u8).rev().collect(),
-                        Answer::Pdu(pdu) => {
-                            let mut f = Vec::with_capacity(pdu.len() + 3);
-                            f.push(unit);
-                            f.extend(pdu);
-                            let crc = crc16(&f);
-                            f.extend(crc.to_le_bytes());
-                            f
+                        Answer::Garbage => noise(),
+                        Answer::Pdu(pdu) => rtu_frame(unit, pdu),
+                        Answer::As(other, pdu) => rtu_frame(other, pdu),
+                        Answer::Noisy(pdu) => {
+                            let mut bytes = noise();
+                            bytes.extend(rtu_frame(unit, pdu));
+                            bytes
                         }
                     };
                     stream.write_all(&reply).await?;
+                    shared.replied(id);
                 }
             }
         }

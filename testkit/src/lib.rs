@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod process;
 pub mod proof;
 pub mod receiver;
+pub mod serial;
 pub mod stand_in;
 
 #[cfg(feature = "agent")]

@@ -5,6 +5,7 @@
 mod broker_outage;
 mod crash;
 mod device_faults;
+mod fidelity;
 mod pipeline;
 mod service_notify;
 mod support;

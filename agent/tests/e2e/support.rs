@@ -13,7 +13,7 @@
 
 use caudal_agent::config::Site;
 use caudal_agent::outbox::Inspection;
-use caudal_agent::simulator::{Model, SimHandle};
+use caudal_agent::simulator::{Framing, Model, SimHandle};
 use caudal_common::payload::decode;
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{GapCause, Seq, SiteId, Status};
@@ -21,6 +21,7 @@ use caudal_testkit::broker::Broker;
 use caudal_testkit::outbox::OutboxWatch;
 use caudal_testkit::process::{Proc, Turn, command, take_turn};
 use caudal_testkit::receiver::Receiver;
+use caudal_testkit::serial::PtyPair;
 use caudal_testkit::{meters, proof};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::BTreeSet;
@@ -89,6 +90,18 @@ status_interval_s = 1"#;
 
 const AGENT_BIN: &str = env!("CARGO_BIN_EXE_caudal-agent");
 
+/// How the agent reaches the simulated meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusLine {
+    /// Modbus TCP.
+    ModbusTcp,
+    /// RTU through a transparent serial-to-Ethernet converter (`rtu_over_tcp`): one line shared
+    /// by the agent's successive connections.
+    Converter,
+    /// RTU on a serial port (a pty pair made by `socat`).
+    Serial,
+}
+
 /// The whole scene: broker, receiver, simulator, configuration, and at most one agent process.
 pub struct Rig {
     pub broker: Broker,
@@ -102,6 +115,7 @@ pub struct Rig {
     /// The outbox, and every epoch seen in it during the scenario.
     outbox: OutboxWatch,
     sim_task: JoinHandle<()>,
+    _pty: Option<PtyPair>,
     dir: tempfile::TempDir,
     _turn: Turn,
 }
@@ -110,6 +124,18 @@ impl Rig {
     /// Starts the broker, the receiver and the simulated `meters`, and writes the agent's
     /// configuration. No agent runs yet.
     pub async fn start(meters: Vec<Meter>) -> Rig {
+        Rig::start_on(meters, BusLine::ModbusTcp)
+            .await
+            .expect("Modbus TCP needs nothing installed")
+    }
+
+    /// Like [`Rig::start`] with the meters on `line`; `None` when the line cannot be made here
+    /// (no `socat` for a serial line).
+    pub async fn start_on(meters: Vec<Meter>, line: BusLine) -> Option<Rig> {
+        let pty = match line {
+            BusLine::Serial => Some(PtyPair::start()?),
+            _ => None,
+        };
         let turn = take_turn().await;
         caudal_testkit::log::init("warn,rumqttd=off");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -122,12 +148,22 @@ impl Rig {
             .expect("simulator binds");
         let sim_addr = listener.local_addr().expect("simulator address");
 
+        let bus = match (&pty, line) {
+            (Some(pty), _) => format!(
+                "kind = \"rtu\"\nport = \"{}\"\nbaud = 19200",
+                pty.agent_end.display()
+            ),
+            (None, BusLine::Converter) => {
+                format!("kind = \"rtu_over_tcp\"\naddress = \"{sim_addr}\"")
+            }
+            (None, _) => format!("kind = \"tcp\"\naddress = \"{sim_addr}\""),
+        };
         let mut toml = String::new();
         writeln!(
             toml,
             "[site]\nid = \"{SITE}\"\ndata_dir = \"{}\"\n\n[uplink]\nbroker = \"{}\"\n{UPLINK}\n\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\n[clock]\nrequire_ntp_sync = false\n\n\
-             [[bus]]\nname = \"sim\"\nkind = \"tcp\"\naddress = \"{sim_addr}\"",
+             [[bus]]\nname = \"sim\"\n{bus}",
             dir.path().join("data").display(),
             broker.url(),
         )
@@ -145,7 +181,12 @@ impl Rig {
 
         // The simulator serves exactly the points the agent will read.
         let site = meters::resolve(&config_path);
-        let (handle, sim_task) = meters::serve(&site, listener, |id| {
+        let sim_line = match (&pty, line) {
+            (Some(pty), _) => meters::Line::Serial(pty.meter_end.clone()),
+            (None, BusLine::Converter) => meters::Line::Converter(listener),
+            (None, _) => meters::Line::Listener(listener, Framing::Tcp),
+        };
+        let (handle, sim_task) = meters::serve_on(&site, sim_line, |id| {
             meters.iter().find(|m| m.id == id).unwrap().model.clone()
         });
         let cfg = config_path.display().to_string();
@@ -156,7 +197,7 @@ impl Rig {
             &["--config", &cfg, "run"],
         );
 
-        Rig {
+        Some(Rig {
             broker,
             receiver,
             sim: handle,
@@ -166,9 +207,10 @@ impl Rig {
             meters,
             agent,
             sim_task,
+            _pty: pty,
             dir,
             _turn: turn,
-        }
+        })
     }
 
     pub fn dir(&self) -> &Path {
