@@ -693,6 +693,45 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_after_the_next_boundary_slipped() {
+        let second = Duration::from_secs(1);
+        let slot = at(19, 0, 0, 0);
+        assert!(!slipped(slot, second, at(19, 0, 0, 0)));
+        assert!(!slipped(slot, second, at(19, 0, 0, 999)));
+        assert!(slipped(slot, second, at(19, 0, 1, 0)), "at the next boundary");
+        assert!(slipped(slot, second, at(19, 0, 5, 0)));
+        assert!(!slipped(slot, Duration::MAX, at(23, 0, 0, 0)), "no overflow");
+    }
+
+    #[test]
+    fn a_block_with_unmapped_registers_has_a_hole() {
+        let point = |address: u16| crate::register::Point {
+            channel: Channel::Flow,
+            fc: crate::register::Fc::Holding,
+            address,
+            data_type: crate::register::DataType::F32,
+            order: crate::register::ByteOrder::ABCD,
+            scale: 1.0,
+            offset: 0.0,
+            unit: caudal_common::units::Unit::LitrePerSecond,
+            fraction_scale: 1e-9,
+            overflow_factor: 1.0,
+            overflow_address: None,
+            rollover_at: None,
+            water_column: None,
+        };
+        let touching = plan_reads(&[point(100), point(102)], 125);
+        assert_eq!(touching.len(), 1);
+        assert!(!has_hole(&touching[0]));
+        let gapped = plan_reads(&[point(100), point(106)], 125);
+        assert_eq!((gapped.len(), gapped[0].count), (1, 8));
+        assert!(has_hole(&gapped[0]), "{gapped:?}");
+        let apart = plan_reads_apart(&[point(100), point(106)], 125);
+        assert_eq!(apart.len(), 2, "{apart:?}");
+        assert!(apart.iter().all(|b| !has_hole(b) && b.count == 2));
+    }
+
+    #[test]
     fn backoff_doubles_and_is_capped() {
         let p = Duration::from_secs(60);
         assert_eq!(backoff(p, 0), Duration::ZERO);

@@ -742,6 +742,12 @@ impl SimHandle {
         self.with(unit, |u| u.fault = fault).is_some()
     }
 
+    /// Makes the unit refuse (exception 02) any request touching a register it does not map,
+    /// from now on, as [`SimulatedMeter::strict_map`] does from the start.
+    pub fn set_strict_map(&self, unit: u8, strict: bool) -> bool {
+        self.with(unit, |u| u.meter.strict_map = strict).is_some()
+    }
+
     /// Presets the totalizer (0 for a reset, just below `rollover_at` to test a rollover); it
     /// keeps integrating from there.
     pub fn set_total(&self, unit: u8, total_m3: f64) -> bool {

@@ -268,3 +268,49 @@ async fn a_dead_meter_costs_its_timeout_and_every_failed_poll_is_recorded() {
         "a 2 s outage of fm2 left poll_failed events"
     );
 }
+
+/// A meter that refuses (exception 02) any read spanning registers it does not map, with a
+/// profile whose points are a few registers apart (the ARAD Octave's totals and flow): the
+/// agent notices on the first poll, logs it once, and reads that meter point by point from then
+/// on, instead of losing it as unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_that_refuses_reads_across_holes_is_read_point_by_point() {
+    let meters = vec![Meter::new(
+        "arad",
+        5,
+        "arad-octave",
+        Model::steady(4.0, 777.0, 0.0),
+    )];
+    let mut rig = Rig::start(meters).await;
+    assert!(rig.sim.set_strict_map(5, true));
+    rig.spawn_agent();
+    rig.wait_readings(4, Duration::from_secs(20)).await;
+    rig.stop_agent().await;
+
+    let readings = rig.receiver.readings(SITE).expect("readings");
+    for r in &readings {
+        let flow = r.flow_lps.expect("flow read");
+        assert!((flow - 4.0).abs() < 1e-6, "flow {flow}");
+        let total = r.total_m3.expect("total read");
+        assert!((777.0..800.0).contains(&total), "total {total}");
+    }
+    let stderr = rig.agent_stderr();
+    assert_eq!(
+        stderr.matches("reading its points apart").count(),
+        1,
+        "logged once:\n{stderr}"
+    );
+    let events = rig.receiver.events(SITE).expect("events");
+    assert!(
+        !events.iter().any(|e| e.kind == EventKind::DeviceUnreachable),
+        "{events:?}"
+    );
+    // Only the first poll's block read was refused; every read since fits the map.
+    let refused = rig
+        .sim
+        .served()
+        .iter()
+        .filter(|s| s.unit == 5 && s.values.is_none())
+        .count();
+    assert_eq!(refused, 1, "one refused read, then the points apart");
+}

@@ -2,6 +2,7 @@
 //! client, the technician's probe and scan, and the simulator under load. One test binary for
 //! the area.
 
+mod bad_input;
 mod client;
 mod probe;
 mod serial;

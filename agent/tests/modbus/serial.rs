@@ -7,62 +7,10 @@ use caudal_agent::modbus::BusClient;
 use caudal_agent::register::{ByteOrder, Channel, DataType, Fc, Point};
 use caudal_agent::simulator::{Fault, Framing, Model, SimulatedMeter, Simulator};
 use caudal_common::units::Unit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use caudal_testkit::serial::PtyPair;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_millis(300);
-
-/// A `socat` process joining two ptys; killed when dropped.
-struct PtyPair {
-    child: Child,
-    meter_end: PathBuf,
-    agent_end: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn pty_pair() -> Option<PtyPair> {
-    let dir = tempfile::tempdir().unwrap();
-    let meter_end = dir.path().join("meter");
-    let agent_end = dir.path().join("agent");
-    let child = Command::new("socat")
-        .arg(format!("pty,raw,echo=0,link={}", meter_end.display()))
-        .arg(format!("pty,raw,echo=0,link={}", agent_end.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("socat not available ({e}): serial test skipped");
-            return None;
-        }
-    };
-    let pair = PtyPair {
-        child,
-        meter_end,
-        agent_end,
-        _dir: dir,
-    };
-    for _ in 0..100 {
-        if exists(&pair.meter_end) && exists(&pair.agent_end) {
-            return Some(pair);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("socat did not create its ptys");
-}
-
-fn exists(p: &Path) -> bool {
-    p.symlink_metadata().is_ok()
-}
 
 fn flow_point() -> Point {
     Point {
@@ -84,7 +32,9 @@ fn flow_point() -> Point {
 
 #[tokio::test]
 async fn rtu_on_a_serial_port_survives_every_fault() {
-    let Some(pty) = pty_pair() else { return };
+    let Some(pty) = PtyPair::start() else {
+        return;
+    };
     let meter_port = tokio_serial::SerialStream::open(&tokio_serial::new(
         pty.meter_end.to_string_lossy(),
         19_200,
