@@ -698,9 +698,15 @@ mod tests {
         let slot = at(19, 0, 0, 0);
         assert!(!slipped(slot, second, at(19, 0, 0, 0)));
         assert!(!slipped(slot, second, at(19, 0, 0, 999)));
-        assert!(slipped(slot, second, at(19, 0, 1, 0)), "at the next boundary");
+        assert!(
+            slipped(slot, second, at(19, 0, 1, 0)),
+            "at the next boundary"
+        );
         assert!(slipped(slot, second, at(19, 0, 5, 0)));
-        assert!(!slipped(slot, Duration::MAX, at(23, 0, 0, 0)), "no overflow");
+        assert!(
+            !slipped(slot, Duration::MAX, at(23, 0, 0, 0)),
+            "no overflow"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! The fidelity proof: the simulator records every request it received and the values it
 //! served for it ([`Served`]). Each stored reading must equal the values of exactly one served
-//! request of its unit, and must be stamped when that reply arrived (within [`STAMP_SLACK`]). A
+//! request of its unit, and must be stamped by the poll that read that reply (within
+//! [`meters::STAMP_SLACK`] after it, [`meters::POLL_SPAN`] before it). A
 //! reading taken from an earlier request's late reply fails both: its value is the earlier
 //! request's, and it arrived long before the agent stamped it.
 //!
@@ -16,14 +17,10 @@ use crate::support as e2e_support;
 
 use caudal_agent::simulator::{Fault, Model, Served};
 use caudal_common::{EventKind, Flag, Reading};
-use chrono::{DateTime, TimeDelta, Utc};
+use caudal_testkit::meters;
+use chrono::{TimeDelta, Utc};
 use e2e_support::*;
 use std::time::Duration;
-
-/// How long after the reply was written the reading may be stamped: the agent stamps a value
-/// when its reply arrives, so on loopback this is scheduling noise. A stale reply is taken a
-/// whole poll after it was written.
-const STAMP_SLACK: TimeDelta = TimeDelta::milliseconds(150);
 
 /// The slow meter answers this late, well inside its timeout.
 const SLOW: Duration = Duration::from_millis(400);
@@ -36,46 +33,16 @@ fn noisy(flow: f64, total: f64) -> Model {
     }
 }
 
-/// Checks every stored reading of `unit`'s meter `id` against what the simulator served; returns
-/// how many were checked.
+/// The fidelity proof over the readings the receiver stored.
 fn prove_fidelity(readings: &[Reading], served: &[Served], id: &str, unit: u8) -> usize {
-    let mine: Vec<&Served> = served
-        .iter()
-        .filter(|s| s.unit == unit && s.values.is_some() && s.replied.is_some())
-        .collect();
-    let mut used = std::collections::BTreeSet::new();
-    let mut checked = 0;
-    for r in readings.iter().filter(|r| r.device.as_str() == id) {
-        let Some(flow) = r.flow_lps else { continue };
-        let matches: Vec<(usize, &&Served)> = mine
+    meters::prove_fidelity(
+        readings
             .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                let v = s.values.expect("filtered").flow_lps;
-                (v - flow).abs() <= 1e-5 * v.abs().max(1.0)
-            })
-            .collect();
-        assert_eq!(
-            matches.len(),
-            1,
-            "{id} reading at {} (flow {flow}) matches {} served values: {matches:?}",
-            r.ts,
-            matches.len()
-        );
-        let (i, s) = matches[0];
-        assert!(used.insert(i), "{id}: two readings of one served reply");
-        let replied: DateTime<Utc> = s.replied.expect("filtered");
-        let lag = r.ts - replied;
-        assert!(
-            lag >= -STAMP_SLACK && lag <= STAMP_SLACK,
-            "{id} reading stamped {} holds the value served at {replied} to the request received \
-             at {}: not the reply to its own request",
-            r.ts,
-            s.received
-        );
-        checked += 1;
-    }
-    checked
+            .map(|r| (r.device.as_str(), r.ts, r.flow_lps)),
+        served,
+        id,
+        unit,
+    )
 }
 
 async fn killed_with_a_reply_in_flight(line: BusLine) {
@@ -302,7 +269,9 @@ async fn a_meter_that_refuses_reads_across_holes_is_read_point_by_point() {
     );
     let events = rig.receiver.events(SITE).expect("events");
     assert!(
-        !events.iter().any(|e| e.kind == EventKind::DeviceUnreachable),
+        !events
+            .iter()
+            .any(|e| e.kind == EventKind::DeviceUnreachable),
         "{events:?}"
     );
     // Only the first poll's block read was refused; every read since fits the map.

@@ -24,15 +24,17 @@
 #![allow(dead_code)]
 
 use caudal_agent::outbox::Inspection;
-use caudal_agent::simulator::{Model, SimHandle};
+use caudal_agent::simulator::{Framing, Model, SimHandle};
 use caudal_cloud::core::db::Db;
-use caudal_common::{Seq, SeqRange};
+use caudal_cloud::telemetry::query::{EventView, ReadingView, events, raw_readings};
+use caudal_common::{Seq, SeqRange, SiteId};
 use caudal_testkit::broker::Broker;
 use caudal_testkit::database::TestDb;
 use caudal_testkit::meters;
 use caudal_testkit::outbox::OutboxWatch;
 use caudal_testkit::process::{Proc, Turn, command, take_turn};
 use caudal_testkit::proof::{account, committed};
+use caudal_testkit::serial::PtyPair;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -132,6 +134,47 @@ impl CloudDb {
             );
         }
         self.db.as_ref().expect("just opened")
+    }
+
+    /// Every reading the cloud stored for `site` (at most 10 000), through the telemetry
+    /// query the API serves.
+    pub async fn readings(&mut self, site: &str) -> Vec<ReadingView> {
+        let db = self.db().await;
+        let site = SiteId::new(site).expect("valid site id");
+        let page = raw_readings(
+            db,
+            &site,
+            None,
+            chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            chrono::DateTime::<chrono::Utc>::MAX_UTC,
+            None,
+            None,
+            10_000,
+        )
+        .await
+        .expect("readings read");
+        assert!(page.next_cursor.is_none(), "more than one page of readings");
+        page.readings
+    }
+
+    /// Every event the cloud stored for `site` (at most 10 000).
+    pub async fn events(&mut self, site: &str) -> Vec<EventView> {
+        let db = self.db().await;
+        let site = SiteId::new(site).expect("valid site id");
+        let page = events(
+            db,
+            &site,
+            None,
+            &[],
+            chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            chrono::DateTime::<chrono::Utc>::MAX_UTC,
+            None,
+            10_000,
+        )
+        .await
+        .expect("events read");
+        assert!(page.next_cursor.is_none(), "more than one page of events");
+        page.events
     }
 
     /// Reads every telemetry row, eviction gap and dead letter.
@@ -294,6 +337,8 @@ pub struct Meter {
     pub unit: u8,
     pub profile: &'static str,
     pub model: Model,
+    /// Extra TOML lines of its `[[bus.device]]` table (timeouts).
+    pub extra: &'static str,
 }
 
 /// `n` meters cycling through three profiles, each with a steady process.
@@ -310,6 +355,7 @@ pub fn meters(n: u8) -> Vec<Meter> {
                 unit,
                 profile,
                 model,
+                extra: "",
             }
         })
         .collect()
@@ -328,8 +374,23 @@ pub struct SiteSpec {
     /// `[uplink] batch_max_records`.
     pub batch_max_records: u32,
     /// Buses (TCP connections to the site's simulator) the meters are spread over, polled in
-    /// parallel.
+    /// parallel. Modbus TCP only: an RTU line is one bus.
     pub buses: usize,
+    /// How the agent reaches the meters.
+    pub line: MeterLine,
+}
+
+/// How a site's agent reaches its simulated meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MeterLine {
+    /// Modbus TCP.
+    #[default]
+    ModbusTcp,
+    /// RTU through a transparent serial-to-Ethernet converter (`rtu_over_tcp`): one line that
+    /// hands a reply to a client that went away to the next one.
+    Converter,
+    /// RTU on a serial port at 19200 8E1 (a pty pair made by `socat`).
+    Serial,
 }
 
 impl SiteSpec {
@@ -341,6 +402,7 @@ impl SiteSpec {
             bus: "",
             batch_max_records: 50,
             buses: 1,
+            line: MeterLine::ModbusTcp,
         }
     }
 }
@@ -363,6 +425,7 @@ pub struct Site {
     /// The last seq of an observed empty backlog, if any.
     drained: Option<Seq>,
     sim_task: JoinHandle<()>,
+    _pty: Option<PtyPair>,
 }
 
 impl Site {
@@ -385,18 +448,33 @@ impl Site {
             spec.uplink,
         )
         .expect("write");
+        assert!(
+            spec.buses == 1 || spec.line == MeterLine::ModbusTcp,
+            "an RTU line is one bus"
+        );
+        let pty = match spec.line {
+            MeterLine::Serial => Some(PtyPair::start().expect("socat makes the serial line")),
+            _ => None,
+        };
         for b in 0..spec.buses {
-            writeln!(
-                toml,
-                "\n[[bus]]\nname = \"sim{b}\"\nkind = \"tcp\"\naddress = \"{sim_addr}\"\n{}",
-                spec.bus
-            )
-            .expect("write");
+            let link = match (spec.line, &pty) {
+                (MeterLine::ModbusTcp, _) => format!("kind = \"tcp\"\naddress = \"{sim_addr}\""),
+                (MeterLine::Converter, _) => {
+                    format!("kind = \"rtu_over_tcp\"\naddress = \"{sim_addr}\"")
+                }
+                (MeterLine::Serial, Some(pty)) => format!(
+                    "kind = \"rtu\"\nport = \"{}\"\nbaud = 19200\nparity = \"even\"\n\
+                     data_bits = 8\nstop_bits = 1",
+                    pty.agent_end.display()
+                ),
+                (MeterLine::Serial, None) => unreachable!("made above"),
+            };
+            writeln!(toml, "\n[[bus]]\nname = \"sim{b}\"\n{link}\n{}", spec.bus).expect("write");
             for m in spec.meters.iter().skip(b).step_by(spec.buses) {
                 writeln!(
                     toml,
-                    "\n[[bus.device]]\nid = \"{}\"\nunit = {}\nprofile = \"{}\"\nperiod_s = 1",
-                    m.id, m.unit, m.profile
+                    "\n[[bus.device]]\nid = \"{}\"\nunit = {}\nprofile = \"{}\"\nperiod_s = 1\n{}",
+                    m.id, m.unit, m.profile, m.extra
                 )
                 .expect("write");
             }
@@ -406,7 +484,13 @@ impl Site {
 
         // The simulator serves exactly the points the agent will read.
         let resolved = meters::resolve(&config_path);
-        let (handle, sim_task) = meters::serve(&resolved, listener, |id| {
+        let line = match (spec.line, &pty) {
+            (MeterLine::ModbusTcp, _) => meters::Line::Listener(listener, Framing::Tcp),
+            (MeterLine::Converter, _) => meters::Line::Converter(listener),
+            (MeterLine::Serial, Some(pty)) => meters::Line::Serial(pty.meter_end.clone()),
+            (MeterLine::Serial, None) => unreachable!("made above"),
+        };
+        let (handle, sim_task) = meters::serve_on(&resolved, line, |id| {
             let m = spec.meters.iter().find(|m| m.id == id);
             m.expect("meter of device").model.clone()
         });
@@ -425,6 +509,7 @@ impl Site {
             sim: handle,
             drained: None,
             sim_task,
+            _pty: pty,
         }
     }
 
