@@ -8,7 +8,8 @@
 //! The usual proof (every committed record stored once, nothing else), plus the fidelity proof
 //! from the cloud's database: every stored flow is the value the simulator served to exactly
 //! one request of that meter, stamped when that reply was written; the dead unit left one
-//! `poll_failed` event per poll naming the timeout, and the meters behind it kept their slot
+//! `poll_failed` event per poll naming the timeout, which the cloud's completeness lists, and
+//! the meters behind it kept their slot
 //! within one timeout, flagged `late` when they slipped.
 
 use crate::support;
@@ -168,6 +169,21 @@ async fn fidelity_on(line: MeterLine, name: &'static str) {
     assert!(
         failed.iter().all(|e| e.message.starts_with("timeout: ")),
         "the cause leads the message"
+    );
+    // The cloud's completeness lists every one of them.
+    let c = scene.db.completeness(&id).await;
+    assert_eq!(
+        c.summary.failed_polls,
+        failed.len() as u64,
+        "{:?}",
+        c.summary
+    );
+    assert!(
+        c.failed_polls
+            .iter()
+            .all(|f| f.device.as_deref() == Some("dead") && f.cause == "timeout"),
+        "{:?}",
+        c.failed_polls
     );
     let bound = TimeDelta::milliseconds(DEAD_TIMEOUT_MS + 400);
     for r in readings.iter().filter(|r| r.device == "arad") {

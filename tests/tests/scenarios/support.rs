@@ -26,7 +26,9 @@
 use caudal_agent::outbox::Inspection;
 use caudal_agent::simulator::{Framing, Model, SimHandle};
 use caudal_cloud::core::db::Db;
-use caudal_cloud::telemetry::query::{EventView, ReadingView, events, raw_readings};
+use caudal_cloud::telemetry::query::{
+    Completeness, EventView, ReadingView, completeness, events, raw_readings,
+};
 use caudal_common::{Seq, SeqRange, SiteId};
 use caudal_testkit::broker::Broker;
 use caudal_testkit::database::TestDb;
@@ -155,6 +157,22 @@ impl CloudDb {
         .expect("readings read");
         assert!(page.next_cursor.is_none(), "more than one page of readings");
         page.readings
+    }
+
+    /// The completeness of `site` over the last day, as the API reports it.
+    pub async fn completeness(&mut self, site: &str) -> Completeness {
+        let db = self.db().await;
+        let site = SiteId::new(site).expect("valid site id");
+        let now = chrono::Utc::now();
+        completeness(
+            db,
+            &site,
+            now - chrono::TimeDelta::days(1),
+            now + chrono::TimeDelta::minutes(1),
+            None,
+        )
+        .await
+        .expect("completeness read")
     }
 
     /// Every event the cloud stored for `site` (at most 10 000).

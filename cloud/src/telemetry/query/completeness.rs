@@ -1,7 +1,9 @@
 //! Completeness: per epoch, the sequence numbers missing among a site's stored records (and how
-//! many eviction gap records account for); per device, stretches without readings; the gap
-//! records of the range.
+//! many eviction gap records account for); per device, stretches without readings and every
+//! failed poll (`poll_failed` events: a slot the meter was not read, however short the outage);
+//! the gap records of the range.
 
+use super::events::events;
 use super::scan::{Scan, scan_readings};
 use super::{LOOKBACK_DAYS, MAX_LISTED, QueryError, devices};
 use crate::core::db::{Db, each_db};
@@ -69,6 +71,17 @@ pub struct DeviceCadence {
     pub threshold_s: Option<f64>,
 }
 
+/// A poll that failed: the device was not read in that slot.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FailedPoll {
+    pub device: Option<String>,
+    /// The poll's slot.
+    pub ts: DateTime<Utc>,
+    /// `timeout`, `exception`, `bad_frame` or `io`: the message's lead.
+    pub cause: String,
+    pub message: String,
+}
+
 /// A gap record as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct GapView {
@@ -94,6 +107,8 @@ pub struct CompletenessSummary {
     pub unexplained: u64,
     pub time_gaps: u64,
     pub gap_records: u64,
+    /// Polls that failed (`poll_failed` events) in the range.
+    pub failed_polls: u64,
 }
 
 /// Completeness of a site over a time range.
@@ -108,6 +123,9 @@ pub struct Completeness {
     pub time_gaps_truncated: bool,
     pub gap_records: Vec<GapView>,
     pub gap_records_truncated: bool,
+    /// Every failed poll, oldest first (at most 1000 listed).
+    pub failed_polls: Vec<FailedPoll>,
+    pub failed_polls_truncated: bool,
 }
 
 const COUNTER_BITS: u32 = 32;
@@ -175,6 +193,8 @@ pub async fn completeness(
     }
     summary.time_gaps = gaps_total;
     summary.gap_records = gap_records.0;
+    let (failed_total, failed_polls) = failed_polls(db, site, from, to).await?;
+    summary.failed_polls = failed_total;
     Ok(Completeness {
         from,
         to,
@@ -185,7 +205,45 @@ pub async fn completeness(
         time_gaps,
         gap_records_truncated: gap_records.0 as usize > gap_records.1.len(),
         gap_records: gap_records.1,
+        failed_polls_truncated: failed_total as usize > failed_polls.len(),
+        failed_polls,
     })
+}
+
+/// How many polls failed in `[from, to)`, and the first [`MAX_LISTED`] of them.
+async fn failed_polls(
+    db: &Db,
+    site: &SiteId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<(u64, Vec<FailedPoll>), QueryError> {
+    let count: i64 = each_db!(db, |pool, to_db, from_row| {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM events WHERE site = $1 AND kind = 'poll_failed' \
+             AND ts >= $2 AND ts < $3",
+        )
+        .bind(site.as_str())
+        .bind(to_db(from))
+        .bind(to_db(to))
+        .fetch_one(pool)
+        .await?
+    });
+    let kinds = ["poll_failed".to_string()];
+    let page = events(db, site, None, &kinds, from, to, None, MAX_LISTED as i64).await?;
+    let listed = page
+        .events
+        .into_iter()
+        .map(|e| FailedPoll {
+            device: e.device,
+            ts: e.ts,
+            cause: e
+                .message
+                .split_once(": ")
+                .map_or_else(String::new, |(c, _)| c.to_string()),
+            message: e.message,
+        })
+        .collect();
+    Ok((u64::try_from(count).unwrap_or(0), listed))
 }
 
 /// The union of the site's records (readings by `ts`, events by `ts`, gaps by `from_ts`) in

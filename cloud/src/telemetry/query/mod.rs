@@ -23,7 +23,7 @@ mod scan;
 pub use aggregate::{Bucket, BucketView, Stats, aggregate};
 pub use completeness::{
     Completeness, CompletenessSummary, DEFAULT_GAP_FACTOR, DeviceCadence, EpochCompleteness,
-    GapView, Hole, TimeGap, completeness,
+    FailedPoll, GapView, Hole, TimeGap, completeness,
 };
 pub use events::{EventPage, EventView, events, events_since};
 pub use latest::{Channel, DeviceLatest, Latest, last_reading_at, latest, latest_value};
