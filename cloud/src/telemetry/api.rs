@@ -122,9 +122,14 @@ pub(super) struct ReadingsParams {
     /// End, exclusive (RFC 3339). Default: now.
     #[param(format = DateTime)]
     to: Option<String>,
-    /// `raw` (default), `minute`, `hour` or `day` (UTC-aligned). At most 10000 buckets.
+    /// `raw` (default), `minute`, `hour` or `day` (UTC-aligned unless `offset` says otherwise).
+    /// At most 10000 buckets.
     #[param(pattern = "^(raw|minute|hour|day)$")]
     bucket: Option<String>,
+    /// Buckets only: align them to this fixed UTC offset's wall clock, `±HH:MM` (default
+    /// `+00:00`); `-04:00` gives DGA days (fixed UTC-4, no daylight saving).
+    #[param(pattern = "^[+-][0-9]{2}:[0-9]{2}$")]
+    offset: Option<String>,
     /// Raw only: rows per page, 1..=10000 (default 1000).
     #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
@@ -212,6 +217,12 @@ pub(super) async fn readings(
     };
     match bucket {
         None => {
+            if p.offset.is_some() {
+                return Err(ApiError::bad(
+                    "offset",
+                    "offset applies to bucketed readings only".to_string(),
+                ));
+            }
             let quality = p
                 .quality
                 .as_deref()
@@ -245,10 +256,43 @@ pub(super) async fn readings(
                     ));
                 }
             }
-            answer.buckets = Some(query::aggregate(&state.db, &site, device, from, to, b).await?);
+            let offset = offset(p.offset.as_deref())?;
+            answer.buckets =
+                Some(query::aggregate_at(&state.db, &site, device, from, to, b, offset).await?);
         }
     }
     Ok(Json(answer))
+}
+
+/// A fixed UTC offset `±HH:MM`, at most 14 hours either way (UTC when absent).
+fn offset(raw: Option<&str>) -> Result<chrono::FixedOffset, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            "offset",
+            format!(
+                "{:?} is not a UTC offset: give ±HH:MM, at most 14:00 (e.g. -04:00)",
+                raw.unwrap_or_default()
+            ),
+        )
+    };
+    let Some(raw) = raw else {
+        return chrono::FixedOffset::east_opt(0).ok_or_else(bad);
+    };
+    let (sign, rest) = match raw.as_bytes().first() {
+        Some(b'+') => (1, &raw[1..]),
+        Some(b'-') => (-1, &raw[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+    if h.len() != 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let h: i32 = h.parse().map_err(|_| bad())?;
+    let m: i32 = m.parse().map_err(|_| bad())?;
+    if m >= 60 || h * 60 + m > 14 * 60 {
+        return Err(bad());
+    }
+    chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
 }
 
 /// What the cloud last heard from a site's agent.

@@ -352,6 +352,32 @@ async fn aggregates_count_volume_across_reset_rollover_and_replacement() {
         assert!(close(&bucket(&v, "fm1", FROM)["volume_m3"], 67.0), "{v}");
         assert!(close(&bucket(&v, "fm2", FROM)["volume_m3"], 40.0), "{v}");
 
+        // Days on a fixed offset's wall clock: at UTC-1 the first hour is the 27th's last.
+        let v = ok(&cloud, &token, &readings_path("&bucket=day&offset=-01:00")).await;
+        assert_eq!(v["buckets"].as_array().expect("buckets").len(), 4, "{v}");
+        for (device, start, volume) in [
+            ("fm1", "2026-11-27T01:00:00Z", 35.0),
+            ("fm1", "2026-11-28T01:00:00Z", 32.0),
+            ("fm2", "2026-11-27T01:00:00Z", 10.0),
+            ("fm2", "2026-11-28T01:00:00Z", 30.0),
+        ] {
+            let b = bucket(&v, device, start);
+            assert!(
+                close(&b["volume_m3"], volume),
+                "{}: {device} {start}: {b}",
+                db.name
+            );
+        }
+        // DGA days (UTC-4): all three hours are the 27th's evening.
+        let v = ok(&cloud, &token, &readings_path("&bucket=day&offset=-04:00")).await;
+        assert!(
+            close(
+                &bucket(&v, "fm1", "2026-11-27T04:00:00Z")["volume_m3"],
+                67.0
+            ),
+            "{v}"
+        );
+
         let v = ok(&cloud, &token, &readings_path("&bucket=minute&device=fm2")).await;
         assert_eq!(v["buckets"].as_array().expect("buckets").len(), 5);
         assert!(close(
@@ -525,6 +551,10 @@ async fn bad_parameters_are_400s_naming_the_parameter() {
                 "bucket",
             ),
             (format!("{r}?bucket=hour&limit=5"), "limit"),
+            (format!("{r}?offset=-04:00"), "offset"),
+            (format!("{r}?bucket=day&offset=-4"), "offset"),
+            (format!("{r}?bucket=day&offset=%2B15:00"), "offset"),
+            (format!("{r}?bucket=day&offset=-04:60"), "offset"),
             (format!("{r}?limit=0"), "limit"),
             (format!("{r}?limit=abc"), "limit"),
             (format!("{r}?cursor=xyz"), "cursor"),

@@ -1,13 +1,14 @@
 //! Aggregates: a site's readings in minute, hour or day buckets per device, with flow and level
 //! statistics and the volume extracted (totalizer steps across resets, replacements and
-//! rollovers, see [`crate::telemetry::volume`]).
+//! rollovers, see [`crate::telemetry::volume`]). Buckets align to UTC, or to a fixed offset's
+//! wall clock (`-04:00` for DGA days, which never follow daylight saving).
 
 use super::scan::{Scan, quality, scan_readings};
 use super::{LOOKBACK_DAYS, MAX_BUCKETS, MAX_SCAN, QueryError, devices};
 use crate::core::db::{Db, each_db};
 use crate::telemetry::volume::{self, Step, Totalizer};
 use caudal_common::SiteId;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, FixedOffset, Utc};
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::Row;
@@ -32,9 +33,16 @@ impl Bucket {
         }
     }
 
-    /// The start of the bucket holding `t` (UTC-aligned).
+    /// The start of the bucket holding `t` (UTC-aligned), µs since the epoch.
     pub fn start(self, t: DateTime<Utc>) -> i64 {
-        t.timestamp_micros().div_euclid(self.micros()) * self.micros()
+        self.start_at(t, utc())
+    }
+
+    /// The start of the bucket holding `t` on the wall clock of `offset` (a day bucket starts at
+    /// that offset's midnight), µs since the epoch.
+    pub fn start_at(self, t: DateTime<Utc>, offset: FixedOffset) -> i64 {
+        let shift = i64::from(offset.local_minus_utc()) * 1_000_000;
+        (t.timestamp_micros() + shift).div_euclid(self.micros()) * self.micros() - shift
     }
 }
 
@@ -84,7 +92,8 @@ impl Acc {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct BucketView {
     pub device: String,
-    /// Start of the bucket (UTC-aligned); it covers `[start, start + width)`.
+    /// Start of the bucket (aligned to UTC or to the requested offset, shown in UTC); it covers
+    /// `[start, start + width)`.
     pub start: DateTime<Utc>,
     /// Readings in the bucket.
     pub readings: u64,
@@ -131,8 +140,12 @@ impl Building {
     }
 }
 
-/// Aggregates of `site` (one device or each) in `[from, to)` by `bucket`: only buckets holding
-/// readings, by device then start.
+fn utc() -> FixedOffset {
+    FixedOffset::east_opt(0).expect("zero is a valid offset")
+}
+
+/// Aggregates of `site` (one device or each) in `[from, to)` by `bucket`, UTC-aligned: only
+/// buckets holding readings, by device then start.
 pub async fn aggregate(
     db: &Db,
     site: &SiteId,
@@ -141,7 +154,20 @@ pub async fn aggregate(
     to: DateTime<Utc>,
     bucket: Bucket,
 ) -> Result<Vec<BucketView>, QueryError> {
-    let span = (bucket.start(to) - bucket.start(from)) / bucket.micros() + 1;
+    aggregate_at(db, site, device, from, to, bucket, utc()).await
+}
+
+/// Like [`aggregate`], with buckets aligned to the wall clock of `offset`.
+pub async fn aggregate_at(
+    db: &Db,
+    site: &SiteId,
+    device: Option<&str>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    bucket: Bucket,
+    offset: FixedOffset,
+) -> Result<Vec<BucketView>, QueryError> {
+    let span = (bucket.start_at(to, offset) - bucket.start_at(from, offset)) / bucket.micros() + 1;
     if span > MAX_BUCKETS {
         return Err(QueryError::TooLarge {
             field: "bucket",
@@ -175,7 +201,7 @@ pub async fn aggregate(
                     ),
                 });
             }
-            let start = bucket.start(r.ts);
+            let start = bucket.start_at(r.ts, offset);
             if cur.as_ref().is_none_or(|b| b.start != start) {
                 finished.extend(cur.take());
                 cur = Some(Building {
@@ -266,4 +292,39 @@ async fn rollover_wraps(
         }
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn day_buckets_start_at_the_offsets_midnight() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).expect("valid").to_utc();
+        let dga = FixedOffset::west_opt(4 * 3600).expect("valid");
+        let start = |s: &str, o| DateTime::from_timestamp_micros(Bucket::Day.start_at(t(s), o));
+        // 02:30 UTC on the 28th is 22:30 on the 27th in UTC-4.
+        assert_eq!(
+            start("2026-11-28T02:30:00Z", dga),
+            Some(t("2026-11-27T04:00:00Z"))
+        );
+        assert_eq!(
+            start("2026-11-28T04:00:00Z", dga),
+            Some(t("2026-11-28T04:00:00Z"))
+        );
+        assert_eq!(
+            start("2026-11-28T02:30:00Z", utc()),
+            Some(t("2026-11-28T00:00:00Z"))
+        );
+        let plus = FixedOffset::east_opt(5 * 3600 + 1800).expect("valid");
+        assert_eq!(
+            start("2026-11-28T02:30:00Z", plus),
+            Some(t("2026-11-27T18:30:00Z"))
+        );
+        // An hour bucket on a half-hour offset starts at the half hour.
+        assert_eq!(
+            DateTime::from_timestamp_micros(Bucket::Hour.start_at(t("2026-11-28T02:10:00Z"), plus)),
+            Some(t("2026-11-28T01:30:00Z"))
+        );
+    }
 }

@@ -20,7 +20,7 @@ mod latest;
 mod readings;
 mod scan;
 
-pub use aggregate::{Bucket, BucketView, Stats, aggregate};
+pub use aggregate::{Bucket, BucketView, Stats, aggregate, aggregate_at};
 pub use completeness::{
     Completeness, CompletenessSummary, DEFAULT_GAP_FACTOR, DeviceCadence, EpochCompleteness,
     FailedPoll, GapView, Hole, TimeGap, completeness,
