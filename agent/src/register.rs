@@ -842,7 +842,9 @@ pub struct Piece {
 /// `max_regs_per_read` (itself capped at [`MAX_REGISTERS_PER_READ`]; bit reads use
 /// [`MAX_BITS_PER_READ`]). A value is never split: all words of a 16/32/64-bit value come from
 /// one request, so a value larger than the limit gets a block of its own size. The rollover
-/// counter of an [`DataType::F32U16Rollover`] point joins whichever block is near it.
+/// counter of an [`DataType::F32U16Rollover`] point joins whichever block is near it; when
+/// that is not its value's block, the counter is read a second time on the value's other side
+/// and the two reads must agree (no wrap between them), as for a composite read in halves.
 ///
 /// The one exception is a composite totalizer (two 32-bit halves) on a meter that reads fewer
 /// than 4 registers at a time (Promag 800). Its halves come from separate requests, and a total
@@ -947,7 +949,8 @@ fn plan(points: &[Point], max_regs_per_read: u16, max_hole: u16) -> Vec<ReadBloc
             }),
         }
     }
-    open.into_iter()
+    let mut blocks: Vec<ReadBlock> = open
+        .into_iter()
         .map(|b| ReadBlock {
             fc: b.fc,
             // Spans start at a u16 address; only the end may pass 65535, and a block reaching
@@ -965,8 +968,53 @@ fn plan(points: &[Point], max_regs_per_read: u16, max_hole: u16) -> Vec<ReadBloc
                 })
                 .collect(),
         })
-        .chain(halves)
-        .collect()
+        .collect();
+    recheck_rollover_counters(points, &mut blocks);
+    blocks.extend(halves);
+    blocks
+}
+
+/// A rollover counter read in another request than its value can tear: if the value wraps
+/// between the two requests, the counter and the value belong to different sides of the wrap
+/// and the total is off by a whole `overflow_factor`. So when they are in different blocks,
+/// the counter is read once more on its own, on the other side of the value's block (first
+/// when its own block comes after the value's, last otherwise); [`assemble`] keeps the total
+/// only when both reads of the counter agree, which proves no wrap fell between them.
+fn recheck_rollover_counters(points: &[Point], blocks: &mut Vec<ReadBlock>) {
+    let mut before = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        let (DataType::F32U16Rollover, Some(counter)) = (p.data_type, p.overflow_address) else {
+            continue;
+        };
+        let holding = |at: u16| {
+            blocks
+                .iter()
+                .position(|b| b.pieces.iter().any(|pc| pc.point == i && pc.at == at))
+        };
+        let (Some(value), Some(count)) = (holding(0), holding(2)) else {
+            continue;
+        };
+        if value == count {
+            continue;
+        }
+        let again = ReadBlock {
+            fc: p.fc,
+            address: counter,
+            count: 1,
+            pieces: vec![Piece {
+                point: i,
+                offset: 0,
+                len: 1,
+                at: 2,
+            }],
+        };
+        if count > value {
+            before.push(again);
+        } else {
+            blocks.push(again);
+        }
+    }
+    blocks.splice(0..0, before);
 }
 
 /// Puts each point's words together from the replies to its blocks (`replies[i]` answers
@@ -1567,7 +1615,7 @@ mod tests {
     }
 
     #[test]
-    fn rollover_counter_joins_a_nearby_block() {
+    fn rollover_counter_joins_a_nearby_block_and_is_read_twice_across_requests() {
         // Badger M2000: T+ f32 at 207, its rollover counter at 231, flow at 237.
         let total = Point {
             address: 207,
@@ -1583,12 +1631,42 @@ mod tests {
         let points = [total.clone(), flow];
         let blocks = plan_reads(&points, 125);
         let spans: Vec<_> = blocks.iter().map(|b| (b.address, b.count)).collect();
-        assert_eq!(spans, [(207, 2), (231, 8)]);
+        // The counter is in another request than the value: read before it, and again after.
+        assert_eq!(spans, [(231, 1), (207, 2), (231, 8)]);
         let enc = total.encode(2_000_100.0).unwrap();
         let mut second = vec![0u16; 8];
         second[0] = enc[2];
-        let words = assemble(2, &blocks, &[Some(enc[..2].to_vec()), Some(second)]);
+        let words = assemble(
+            2,
+            &blocks,
+            &[
+                Some(vec![enc[2]]),
+                Some(enc[..2].to_vec()),
+                Some(second.clone()),
+            ],
+        );
         assert_eq!(total.decode(words[0].as_ref().unwrap()), Ok(2_000_100.0));
+        assert!(words[1].is_some(), "the flow is read as ever");
+
+        // The value wrapped between the two reads of the counter: no total rather than a
+        // total off by 1e6.
+        let before_wrap = vec![enc[2] - 1];
+        let words = assemble(
+            2,
+            &blocks,
+            &[Some(before_wrap), Some(enc[..2].to_vec()), Some(second)],
+        );
+        assert_eq!(words[0], None, "torn total refused");
+        assert!(words[1].is_some());
+
+        // Counter next to its value: one request, nothing read twice.
+        let near = Point {
+            overflow_address: Some(209),
+            ..total
+        };
+        let blocks = plan_reads(&[near], 125);
+        let spans: Vec<_> = blocks.iter().map(|b| (b.address, b.count)).collect();
+        assert_eq!(spans, [(207, 3)]);
     }
 
     #[test]
