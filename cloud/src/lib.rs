@@ -20,6 +20,7 @@
 
 pub mod catchment;
 pub mod cli;
+pub mod console;
 pub mod core;
 pub mod telemetry;
 pub mod users;
@@ -136,9 +137,15 @@ impl Cloud {
             api = api.merge(telemetry::routes());
         }
         let (router, paths) = core::http::core_routes(db.clone(), metrics)
-            .merge(api.with_state(api_state))
+            .merge(api.with_state(api_state.clone()))
             .split_for_parts();
-        let app = router.merge(core::openapi::routes(&core::openapi::document(paths)));
+        let mut app = router.merge(core::openapi::routes(&core::openapi::document(paths)));
+        if services.contains(Service::Users) {
+            app = app.merge(console::routes(console::Console {
+                api: api_state,
+                secure_cookies: config.http.secure_cookies,
+            }));
+        }
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| StartError::Http {

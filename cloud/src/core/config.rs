@@ -111,6 +111,11 @@ pub struct HttpConfig {
     /// Address of the HTTP server (`/healthz`, `/metrics`, the API). Port 0 picks a free port.
     #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// Whether the console's cookies are marked `Secure` (sent over HTTPS only): `true` always,
+    /// `false` never (plain HTTP, e.g. a test or a trusted LAN); unset, when a proxy in front
+    /// says the request came over HTTPS (`X-Forwarded-Proto: https`).
+    #[serde(default)]
+    pub secure_cookies: Option<bool>,
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -121,6 +126,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_http_listen(),
+            secure_cookies: None,
         }
     }
 }

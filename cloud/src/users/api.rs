@@ -5,7 +5,6 @@ use super::account::{self, AccountError, Change, User};
 use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::{self, Permission, Role};
 use crate::core::config::Secret;
-use crate::core::metrics::KindLabels;
 use crate::core::openapi::{Forbidden, Unauthorized};
 use axum::Json;
 use axum::extract::State;
@@ -59,23 +58,6 @@ pub(super) struct LoginResponse {
     user: User,
 }
 
-/// A hash of a random password, checked when the email is unknown so that an unknown email and
-/// a wrong password take the same time.
-fn dummy_hash() -> String {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY
-        .get_or_init(|| {
-            let mut pw = [0u8; 24];
-            argon2::password_hash::rand_core::RngCore::fill_bytes(
-                &mut argon2::password_hash::rand_core::OsRng,
-                &mut pw,
-            );
-            let pw: String = pw.iter().map(|b| format!("{b:02x}")).collect();
-            auth::hash_password(&Secret::new(pw)).unwrap_or_default()
-        })
-        .clone()
-}
-
 /// Signs in: a bearer token for the other routes.
 #[utoipa::path(
     post,
@@ -92,39 +74,8 @@ pub(super) async fn login(
     State(state): State<ApiState>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
-    let found = account::by_email(&state.db, &req.email).await?;
-    let stored = found.as_ref().map(|(_, h)| h.clone());
-    let password = req.password;
-    let matches = tokio::task::spawn_blocking(move || {
-        let hash = stored.unwrap_or_else(dummy_hash);
-        auth::verify_password(&password, &hash)
-    })
-    .await
-    .map_err(|e| ApiError::corrupt("checking a password", &e))?;
-    let count = |kind: &str| {
-        state
-            .auth_metrics
-            .logins
-            .get_or_create(&KindLabels::new(kind))
-            .inc();
-    };
-    let user = match found {
-        Some((u, _)) if matches && u.active => u,
-        Some((u, _)) if matches && !u.active => {
-            count("inactive");
-            return Err(ApiError::Unauthorized("account is deactivated".into()));
-        }
-        _ => {
-            count("wrong_credentials");
-            return Err(ApiError::Unauthorized("email or password is wrong".into()));
-        }
-    };
-    let (token, expires_at) = state
-        .keys
-        .issue(user.id, user.session_version, user.role, Utc::now())
-        .map_err(|e| ApiError::corrupt("signing a token", &e))?;
-    count("ok");
-    tracing::info!(user = user.id, role = %user.role, "signed in");
+    let (user, token, expires_at) =
+        super::session::sign_in(&state, &req.email, req.password).await?;
     Ok(Json(LoginResponse {
         token,
         token_type: "Bearer",

@@ -15,11 +15,13 @@
 //! or deactivated, so the deployment never locks itself out.
 //!
 //! Anatomy (ARCHITECTURE.md, the cloud): this file holds the routes; the handlers are in
-//! `api`, the access check in `caller`, the accounts' SQL in [`account`].
+//! `api`, the access check in `caller`, signing in and tokens in [`session`] (shared with the
+//! console), the accounts' SQL in [`account`].
 
 pub mod account;
 mod api;
 mod caller;
+pub mod session;
 
 pub use caller::Caller;
 

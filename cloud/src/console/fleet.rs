@@ -1,0 +1,148 @@
+//! The fleet overview's data: every site with what the operator asks first (is it online,
+//! when was it last heard, what is it holding back, what did each device read last, which
+//! alerts are open). Read through the catchment, telemetry and alert functions the API uses.
+
+use crate::catchment::site;
+use crate::core::db::Db;
+use crate::telemetry::alert::{self, AlertState, Filter};
+use crate::telemetry::{query, store};
+use chrono::{DateTime, Utc};
+
+/// One site's row.
+#[derive(Debug, Clone)]
+pub struct SiteRow {
+    pub id: String,
+    pub name: String,
+    pub active: bool,
+    /// `None` until the agent has sent anything.
+    pub online: Option<bool>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub backlog: Option<i64>,
+    pub oldest_unsent_age_s: Option<i64>,
+    pub devices: Vec<DeviceCell>,
+    pub open_alerts: usize,
+}
+
+/// A device's latest reading, as the overview shows it.
+#[derive(Debug, Clone)]
+pub struct DeviceCell {
+    pub device: String,
+    pub ts: DateTime<Utc>,
+    /// `12.50 L/s · 1 234.5 m³`: the channels the reading holds.
+    pub values: String,
+    pub flagged: bool,
+}
+
+/// How the rows are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sort {
+    #[default]
+    Site,
+    /// Longest silent first.
+    LastSeen,
+    /// Largest backlog first.
+    Backlog,
+}
+
+impl Sort {
+    pub fn parse(s: Option<&str>) -> Sort {
+        match s {
+            Some("last_seen") => Sort::LastSeen,
+            Some("backlog") => Sort::Backlog,
+            _ => Sort::Site,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Sort::Site => "site",
+            Sort::LastSeen => "last_seen",
+            Sort::Backlog => "backlog",
+        }
+    }
+}
+
+/// Why the overview could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("sites: {0}")]
+    Sites(#[from] site::SiteError),
+    #[error("site status: {0}")]
+    Status(#[from] store::StoreError),
+    #[error("latest values: {0}")]
+    Latest(#[from] query::QueryError),
+    #[error("alerts: {0}")]
+    Alerts(#[from] alert::AlertError),
+}
+
+/// The sites whose id or name contains `filter` (case-insensitive), in `sort` order.
+pub async fn rows(db: &Db, filter: &str, sort: Sort) -> Result<Vec<SiteRow>, FleetError> {
+    let needle = filter.trim().to_lowercase();
+    let mut out = Vec::new();
+    for s in site::list(db).await? {
+        if !needle.is_empty()
+            && !s.id.as_str().to_lowercase().contains(&needle)
+            && !s.name.to_lowercase().contains(&needle)
+        {
+            continue;
+        }
+        let status = store::site_status(db, &s.id).await?;
+        let devices = query::latest(db, &s.id)
+            .await?
+            .into_iter()
+            .map(|d| DeviceCell {
+                values: values(&d),
+                flagged: !d.last_reading.quality.is_empty(),
+                ts: d.last_reading.ts,
+                device: d.device,
+            })
+            .collect();
+        let open_alerts = alert::list(
+            db,
+            &Filter {
+                state: Some(AlertState::Open),
+                kind: None,
+                site: Some(s.id.as_str().to_string()),
+                before: None,
+                limit: i64::MAX,
+            },
+        )
+        .await?
+        .len();
+        out.push(SiteRow {
+            id: s.id.as_str().to_string(),
+            name: s.name,
+            active: s.active,
+            online: status.as_ref().map(|st| st.online),
+            last_seen: status.as_ref().and_then(|st| st.last_seen),
+            backlog: status.as_ref().and_then(|st| st.backlog),
+            oldest_unsent_age_s: status.as_ref().and_then(|st| st.oldest_unsent_age_s),
+            devices,
+            open_alerts,
+        });
+    }
+    match sort {
+        Sort::Site => out.sort_by(|a, b| a.id.cmp(&b.id)),
+        Sort::LastSeen => out.sort_by(|a, b| a.last_seen.cmp(&b.last_seen).then(a.id.cmp(&b.id))),
+        Sort::Backlog => out.sort_by(|a, b| b.backlog.cmp(&a.backlog).then(a.id.cmp(&b.id))),
+    }
+    Ok(out)
+}
+
+fn values(d: &query::DeviceLatest) -> String {
+    let r = &d.last_reading;
+    let mut parts = Vec::new();
+    if let Some(f) = r.flow_lps {
+        parts.push(format!("{f:.2} L/s"));
+    }
+    if let Some(t) = r.total_m3 {
+        parts.push(format!("{t:.1} m³"));
+    }
+    if let Some(l) = r.level_m {
+        parts.push(format!("{l:.2} m"));
+    }
+    for (k, v) in &r.extra {
+        parts.push(format!("{k} {v}"));
+    }
+    parts.join(" · ")
+}

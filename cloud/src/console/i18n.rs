@@ -1,0 +1,207 @@
+//! The console's languages: Spanish (the default) and English. A page's language is the
+//! `lang` cookie (the switch in every page's header), else the browser's `Accept-Language`,
+//! else Spanish.
+
+use axum::http::HeaderMap;
+
+/// A language the console speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    Es,
+    En,
+}
+
+impl Lang {
+    pub fn code(self) -> &'static str {
+        match self {
+            Lang::Es => "es",
+            Lang::En => "en",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<Lang> {
+        match code.trim().to_ascii_lowercase().as_str() {
+            "es" => Some(Lang::Es),
+            "en" => Some(Lang::En),
+            _ => None,
+        }
+    }
+
+    /// The request's language: its `lang` cookie, else the first of its `Accept-Language`
+    /// entries (by weight) that the console speaks, else Spanish.
+    pub fn of(headers: &HeaderMap) -> Lang {
+        if let Some(l) = super::session::cookie(headers, super::session::LANG_COOKIE)
+            .as_deref()
+            .and_then(Lang::parse)
+        {
+            return l;
+        }
+        let Some(accept) = headers
+            .get(axum::http::header::ACCEPT_LANGUAGE)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Lang::Es;
+        };
+        let mut choices: Vec<(f32, Lang)> = accept
+            .split(',')
+            .filter_map(|part| {
+                let mut it = part.split(';');
+                let tag = it.next()?.trim();
+                let primary = tag.split('-').next()?;
+                let lang = Lang::parse(primary)?;
+                let q = it
+                    .find_map(|p| p.trim().strip_prefix("q="))
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .unwrap_or(1.0);
+                Some((q, lang))
+            })
+            .collect();
+        choices.sort_by(|a, b| b.0.total_cmp(&a.0));
+        choices.first().map_or(Lang::Es, |c| c.1)
+    }
+
+    /// The texts of the pages in this language.
+    pub fn texts(self) -> &'static Texts {
+        match self {
+            Lang::Es => &ES,
+            Lang::En => &EN,
+        }
+    }
+}
+
+/// Every text the pages show, in one language.
+#[derive(Debug)]
+pub struct Texts {
+    pub product: &'static str,
+    pub sign_in: &'static str,
+    pub sign_out: &'static str,
+    pub email: &'static str,
+    pub password: &'static str,
+    pub wrong_credentials: &'static str,
+    pub session_expired: &'static str,
+    pub form_expired: &'static str,
+    pub language: &'static str,
+    pub fleet: &'static str,
+    pub fleet_lead: &'static str,
+    pub filter: &'static str,
+    pub filter_placeholder: &'static str,
+    pub sort: &'static str,
+    pub sort_site: &'static str,
+    pub sort_last_seen: &'static str,
+    pub sort_backlog: &'static str,
+    pub apply: &'static str,
+    pub site: &'static str,
+    pub state: &'static str,
+    pub online: &'static str,
+    pub offline: &'static str,
+    pub never_seen: &'static str,
+    pub inactive: &'static str,
+    pub last_seen: &'static str,
+    pub backlog: &'static str,
+    pub oldest_unsent: &'static str,
+    pub devices: &'static str,
+    pub open_alerts: &'static str,
+    pub no_sites: &'static str,
+    pub updated_live: &'static str,
+    pub ago: &'static str,
+    pub signed_in_as: &'static str,
+}
+
+static ES: Texts = Texts {
+    product: "Caudal",
+    sign_in: "Ingresar",
+    sign_out: "Salir",
+    email: "Correo electrónico",
+    password: "Contraseña",
+    wrong_credentials: "El correo o la contraseña no son correctos.",
+    session_expired: "Su sesión terminó: ingrese de nuevo.",
+    form_expired: "El formulario expiró: vuelva a enviarlo.",
+    language: "Idioma",
+    fleet: "Puntos de captación",
+    fleet_lead: "Cada sitio con su estado, su último dato y sus alertas abiertas.",
+    filter: "Filtrar",
+    filter_placeholder: "sitio o nombre",
+    sort: "Ordenar por",
+    sort_site: "sitio",
+    sort_last_seen: "última conexión",
+    sort_backlog: "pendientes",
+    apply: "Aplicar",
+    site: "Sitio",
+    state: "Estado",
+    online: "en línea",
+    offline: "sin conexión",
+    never_seen: "nunca conectado",
+    inactive: "inactivo",
+    last_seen: "Última conexión",
+    backlog: "Pendientes",
+    oldest_unsent: "Más antiguo sin enviar",
+    devices: "Último dato por equipo",
+    open_alerts: "Alertas abiertas",
+    no_sites: "Ningún sitio coincide.",
+    updated_live: "Se actualiza solo cada 5 s.",
+    ago: "hace",
+    signed_in_as: "Sesión de",
+};
+
+static EN: Texts = Texts {
+    product: "Caudal",
+    sign_in: "Sign in",
+    sign_out: "Sign out",
+    email: "Email",
+    password: "Password",
+    wrong_credentials: "The email or the password is wrong.",
+    session_expired: "Your session ended: sign in again.",
+    form_expired: "The form expired: send it again.",
+    language: "Language",
+    fleet: "Catchment points",
+    fleet_lead: "Every site with its state, its latest data and its open alerts.",
+    filter: "Filter",
+    filter_placeholder: "site or name",
+    sort: "Sort by",
+    sort_site: "site",
+    sort_last_seen: "last seen",
+    sort_backlog: "backlog",
+    apply: "Apply",
+    site: "Site",
+    state: "State",
+    online: "online",
+    offline: "offline",
+    never_seen: "never seen",
+    inactive: "inactive",
+    last_seen: "Last seen",
+    backlog: "Backlog",
+    oldest_unsent: "Oldest unsent",
+    devices: "Latest per device",
+    open_alerts: "Open alerts",
+    no_sites: "No site matches.",
+    updated_live: "Updates by itself every 5 s.",
+    ago: "ago",
+    signed_in_as: "Signed in as",
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn with(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn the_cookie_then_the_browser_then_spanish() {
+        assert_eq!(Lang::of(&HeaderMap::new()), Lang::Es);
+        assert_eq!(
+            Lang::of(&with("accept-language", "en-GB,en;q=0.9")),
+            Lang::En
+        );
+        assert_eq!(
+            Lang::of(&with("accept-language", "de-DE,en;q=0.5,es;q=0.8")),
+            Lang::Es
+        );
+        assert_eq!(Lang::of(&with("accept-language", "fr, de")), Lang::Es);
+        assert_eq!(Lang::of(&with("cookie", "x=1; caudal_lang=en")), Lang::En);
+    }
+}

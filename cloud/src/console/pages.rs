@@ -1,0 +1,375 @@
+//! The console's page handlers: signing in and out, the language switch, the fleet overview
+//! and its live rows. Each page checks the session first; a request without one goes to the
+//! login page and comes back after.
+
+use super::Console;
+use super::fleet::{self, SiteRow, Sort};
+use super::i18n::{Lang, Texts};
+use super::session::{self, SESSION_COOKIE};
+use crate::core::api::ApiError;
+use crate::core::auth::Permission;
+use crate::core::config::Secret;
+use crate::users::account::User;
+use askama::Template;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+/// The signed-in account of a page request, or the response that sends it to sign in (or
+/// refuses it: 403 when its role may not `need`).
+async fn viewer(
+    console: &Console,
+    headers: &HeaderMap,
+    uri: &Uri,
+    need: Permission,
+) -> Result<User, Response> {
+    let token = session::cookie(headers, SESSION_COOKIE);
+    match crate::users::session::account_of(&console.api, token.as_deref()).await {
+        Ok(u) if u.role.allows(need) => Ok(u),
+        Ok(_) => Err(StatusCode::FORBIDDEN.into_response()),
+        Err(ApiError::Unauthorized(_)) => Err(session::to_login(headers, uri)),
+        Err(e) => Err(e.into_response()),
+    }
+}
+
+fn page(html: Result<String, askama::Error>, cookies: &[Option<HeaderValue>]) -> Response {
+    let mut r = match html {
+        Ok(h) => Html(h).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering a console page");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    };
+    for c in cookies.iter().flatten() {
+        r.headers_mut().append(header::SET_COOKIE, c.clone());
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+#[derive(Template)]
+#[template(path = "console/login.html")]
+struct LoginPage<'a> {
+    t: &'a Texts,
+    lang: &'a str,
+    csrf: &'a str,
+    next: &'a str,
+    email: &'a str,
+    error: Option<&'a str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct LoginQuery {
+    next: Option<String>,
+    expired: Option<String>,
+}
+
+pub(super) async fn login_form(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    let lang = Lang::of(&headers);
+    let t = lang.texts();
+    let (csrf, set) = session::csrf(&console, &headers);
+    let next = session::safe_next(q.next.as_deref());
+    let error = q.expired.as_ref().map(|_| t.session_expired);
+    page(
+        LoginPage {
+            t,
+            lang: lang.code(),
+            csrf: &csrf,
+            next: &next,
+            email: "",
+            error,
+        }
+        .render(),
+        &[set],
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoginForm {
+    email: String,
+    password: Secret,
+    csrf: String,
+    next: Option<String>,
+}
+
+pub(super) async fn login(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    let lang = Lang::of(&headers);
+    let t = lang.texts();
+    let next = session::safe_next(f.next.as_deref());
+    let again = |status: StatusCode, error: &str| {
+        let (csrf, set) = session::csrf(&console, &headers);
+        let mut r = page(
+            LoginPage {
+                t,
+                lang: lang.code(),
+                csrf: &csrf,
+                next: &next,
+                email: &f.email,
+                error: Some(error),
+            }
+            .render(),
+            &[set],
+        );
+        *r.status_mut() = status;
+        r
+    };
+    if !session::csrf_ok(&headers, &f.csrf) {
+        return again(StatusCode::FORBIDDEN, t.form_expired);
+    }
+    match crate::users::session::sign_in(&console.api, &f.email, f.password).await {
+        Ok((_, token, expires_at)) => {
+            let age = (expires_at - Utc::now()).num_seconds().max(0);
+            let mut r = Redirect::to(&next).into_response();
+            if let Some(c) =
+                session::set_cookie(&console, &headers, SESSION_COOKIE, &token, Some(age))
+            {
+                r.headers_mut().append(header::SET_COOKIE, c);
+            }
+            r
+        }
+        Err(ApiError::Unauthorized(_)) => again(StatusCode::UNAUTHORIZED, t.wrong_credentials),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct CsrfForm {
+    csrf: String,
+}
+
+pub(super) async fn logout(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !session::csrf_ok(&headers, &f.csrf) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let mut r = Redirect::to("/login").into_response();
+    if let Some(c) = session::set_cookie(&console, &headers, SESSION_COOKIE, "", Some(0)) {
+        r.headers_mut().append(header::SET_COOKIE, c);
+    }
+    r
+}
+
+#[derive(Deserialize)]
+pub(super) struct LangForm {
+    lang: String,
+    csrf: String,
+    back: Option<String>,
+}
+
+/// The language switch: remembers the choice for a year, back to the page it was made on.
+pub(super) async fn set_lang(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Form(f): Form<LangForm>,
+) -> Response {
+    if !session::csrf_ok(&headers, &f.csrf) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let Some(lang) = Lang::parse(&f.lang) else {
+        return (StatusCode::BAD_REQUEST, "lang: one of es, en").into_response();
+    };
+    let mut r = Redirect::to(&session::safe_next(f.back.as_deref())).into_response();
+    if let Some(c) = session::set_cookie(
+        &console,
+        &headers,
+        session::LANG_COOKIE,
+        lang.code(),
+        Some(365 * 86_400),
+    ) {
+        r.headers_mut().append(header::SET_COOKIE, c);
+    }
+    r
+}
+
+/// One row as the template shows it (times already put in words).
+struct RowView {
+    id: String,
+    name: String,
+    /// `online`, `offline`, `never` or `inactive`: the CSS class and the state's text.
+    state: &'static str,
+    state_text: &'static str,
+    last_seen: String,
+    last_seen_iso: String,
+    backlog: String,
+    oldest_unsent: String,
+    devices: Vec<DeviceView>,
+    open_alerts: usize,
+}
+
+struct DeviceView {
+    device: String,
+    values: String,
+    age: String,
+    flagged: bool,
+}
+
+fn age(t: &Texts, s: i64) -> String {
+    let s = s.max(0);
+    let words = if s < 120 {
+        format!("{s} s")
+    } else if s < 7200 {
+        format!("{} min", s / 60)
+    } else if s < 2 * 86_400 {
+        format!("{} h", s / 3600)
+    } else {
+        format!("{} d", s / 86_400)
+    };
+    match t.ago {
+        "hace" => format!("hace {words}"),
+        ago => format!("{words} {ago}"),
+    }
+}
+
+fn view(t: &Texts, r: SiteRow, now: DateTime<Utc>) -> RowView {
+    let (state, state_text) = match (r.active, r.online) {
+        (false, _) => ("inactive", t.inactive),
+        (true, None) => ("never", t.never_seen),
+        (true, Some(true)) => ("online", t.online),
+        (true, Some(false)) => ("offline", t.offline),
+    };
+    RowView {
+        state,
+        state_text,
+        last_seen: r
+            .last_seen
+            .map_or_else(|| "—".into(), |l| age(t, (now - l).num_seconds())),
+        last_seen_iso: r.last_seen.map(|l| l.to_rfc3339()).unwrap_or_default(),
+        backlog: r.backlog.map_or_else(|| "—".into(), |b| b.to_string()),
+        oldest_unsent: r
+            .oldest_unsent_age_s
+            .filter(|a| *a > 0)
+            .map_or_else(|| "—".into(), |a| age(t, a)),
+        devices: r
+            .devices
+            .into_iter()
+            .map(|d| DeviceView {
+                age: age(t, (now - d.ts).num_seconds()),
+                device: d.device,
+                values: d.values,
+                flagged: d.flagged,
+            })
+            .collect(),
+        open_alerts: r.open_alerts,
+        id: r.id,
+        name: r.name,
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/fleet.html")]
+struct FleetPage<'a> {
+    t: &'a Texts,
+    lang: &'a str,
+    csrf: &'a str,
+    user: &'a str,
+    back: &'a str,
+    q: &'a str,
+    sort: &'a str,
+    rows_url: &'a str,
+    rows: Vec<RowView>,
+}
+
+#[derive(Template)]
+#[template(path = "console/fleet_rows.html")]
+struct FleetRows<'a> {
+    t: &'a Texts,
+    rows: Vec<RowView>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct FleetQuery {
+    q: Option<String>,
+    sort: Option<String>,
+}
+
+async fn fleet_rows(
+    console: &Console,
+    t: &Texts,
+    q: &FleetQuery,
+) -> Result<Vec<RowView>, Response> {
+    let sort = Sort::parse(q.sort.as_deref());
+    let rows = fleet::rows(&console.api.db, q.q.as_deref().unwrap_or(""), sort)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading the fleet overview");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database does not answer",
+            )
+                .into_response()
+        })?;
+    let now = Utc::now();
+    Ok(rows.into_iter().map(|r| view(t, r, now)).collect())
+}
+
+/// `/`: the fleet overview.
+pub(super) async fn fleet(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<FleetQuery>,
+) -> Response {
+    let user = match viewer(&console, &headers, &uri, Permission::Read).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let lang = Lang::of(&headers);
+    let t = lang.texts();
+    let (csrf, set) = session::csrf(&console, &headers);
+    let rows = match fleet_rows(&console, t, &q).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let sort = Sort::parse(q.sort.as_deref()).code();
+    let filter = q.q.clone().unwrap_or_default();
+    let rows_url = format!("/fleet/rows?q={}&sort={sort}", session::url_escape(&filter));
+    let back = uri
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    page(
+        FleetPage {
+            t,
+            lang: lang.code(),
+            csrf: &csrf,
+            user: &user.name,
+            back: &back,
+            q: &filter,
+            sort,
+            rows_url: &rows_url,
+            rows,
+        }
+        .render(),
+        &[set],
+    )
+}
+
+/// `/fleet/rows`: the overview's table body, fetched again every few seconds by the page.
+pub(super) async fn fleet_live(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<FleetQuery>,
+) -> Response {
+    if let Err(r) = viewer(&console, &headers, &uri, Permission::Read).await {
+        return r;
+    }
+    let t = Lang::of(&headers).texts();
+    match fleet_rows(&console, t, &q).await {
+        Ok(rows) => page(FleetRows { t, rows }.render(), &[]),
+        Err(r) => r,
+    }
+}
