@@ -14,15 +14,18 @@
 //! | `POST /lang` | the language switch |
 //! | `GET /` | the fleet overview: every site, filtered and sorted, its rows live |
 //! | `GET /fleet/rows` | the overview's rows (what the page fetches every 5 s) |
+//! | `GET /sites/{site}?range=hour\|day\|week\|month\|year` | one site: status, devices, charts, events, completeness |
 //! | `GET /static/{file}` | the console's own stylesheet and the vendored scripts |
 //!
 //! Anatomy (ARCHITECTURE.md, the cloud): this file holds the routes and the static files; the
-//! handlers are in `pages`, what the overview reads in `fleet`.
+//! handlers are in `pages`, what the overview reads in `fleet`, what a site page reads in
+//! `site_page`.
 
 mod fleet;
 pub mod i18n;
 mod pages;
 pub mod session;
+mod site_page;
 
 use crate::core::api::ApiState;
 use axum::Router;
@@ -59,6 +62,7 @@ pub fn routes(console: Console) -> Router {
     Router::new()
         .route("/", get(pages::fleet))
         .route("/fleet/rows", get(pages::fleet_live))
+        .route("/sites/{site}", get(pages::site))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/lang", post(pages::set_lang))
@@ -78,6 +82,11 @@ const ASSETS: &[Asset] = &[
         name: "console.css",
         content_type: "text/css; charset=utf-8",
         body: include_bytes!("static/console.css"),
+    },
+    Asset {
+        name: "console.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("static/console.js"),
     },
     Asset {
         name: "htmx-2.0.11.min.js",

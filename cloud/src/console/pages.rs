@@ -373,3 +373,184 @@ pub(super) async fn fleet_live(
         Err(r) => r,
     }
 }
+
+struct RangeLink {
+    code: &'static str,
+    text: &'static str,
+    current: bool,
+}
+
+struct DeviceStatusView {
+    device: String,
+    last_poll: String,
+    result: String,
+    ok: bool,
+}
+
+struct ChartView {
+    device: String,
+    /// The chart's data as JSON, for the page's script.
+    json: String,
+    points: usize,
+    has_flow: bool,
+    has_level: bool,
+    volume_total: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/site.html")]
+struct SitePage<'a> {
+    t: &'a Texts,
+    lang: &'a str,
+    csrf: &'a str,
+    user: &'a str,
+    back: &'a str,
+    id: &'a str,
+    name: &'a str,
+    row: RowView,
+    agent_version: String,
+    ranges: Vec<RangeLink>,
+    /// The range shown, `from – to` in UTC.
+    span: String,
+    devices: Vec<DeviceStatusView>,
+    charts: Vec<ChartView>,
+    events: Vec<super::site_page::EventLine>,
+    summary: crate::telemetry::query::CompletenessSummary,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct SiteQuery {
+    range: Option<String>,
+}
+
+/// `/sites/{site}`: one site over a range.
+pub(super) async fn site(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<SiteQuery>,
+) -> Response {
+    use super::site_page::{self, Range};
+    let user = match viewer(&console, &headers, &uri, Permission::Read).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let lang = Lang::of(&headers);
+    let t = lang.texts();
+    let Ok(sid) = caudal_common::SiteId::new(&id) else {
+        return (StatusCode::NOT_FOUND, t.not_found).into_response();
+    };
+    let range = Range::parse(q.range.as_deref());
+    let data = match site_page::read(&console.api.db, &sid, range).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return (StatusCode::NOT_FOUND, t.not_found).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, site = %sid, "reading a site page");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database does not answer",
+            )
+                .into_response();
+        }
+    };
+    let (csrf, set) = session::csrf(&console, &headers);
+    let now = Utc::now();
+    let status = data.status.clone();
+    let row = view(
+        t,
+        SiteRow {
+            id: data.site.id.as_str().to_string(),
+            name: data.site.name.clone(),
+            active: data.site.active,
+            online: status.as_ref().map(|s| s.online),
+            last_seen: status.as_ref().and_then(|s| s.last_seen),
+            backlog: status.as_ref().and_then(|s| s.backlog),
+            oldest_unsent_age_s: status.as_ref().and_then(|s| s.oldest_unsent_age_s),
+            devices: Vec::new(),
+            open_alerts: 0,
+        },
+        now,
+    );
+    let devices = status
+        .as_ref()
+        .and_then(|s| s.devices.as_ref())
+        .and_then(|d| d.as_object())
+        .map(|m| {
+            m.iter()
+                .map(|(device, v)| {
+                    let result = v["result"].as_str().unwrap_or("—").to_string();
+                    DeviceStatusView {
+                        device: device.clone(),
+                        last_poll: v["last_poll"].as_str().unwrap_or("—").to_string(),
+                        ok: result == "ok",
+                        result: match v["last_error"].as_str() {
+                            Some(e) => format!("{result}: {e}"),
+                            None => result,
+                        },
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let ranges = Range::ALL
+        .iter()
+        .map(|r| RangeLink {
+            code: r.code(),
+            text: match r {
+                Range::Hour => t.range_hour,
+                Range::Day => t.range_day,
+                Range::Week => t.range_week,
+                Range::Month => t.range_month,
+                Range::Year => t.range_year,
+            },
+            current: *r == range,
+        })
+        .collect();
+    let charts = data
+        .charts
+        .iter()
+        .map(|c| ChartView {
+            device: c.device.clone(),
+            json: serde_json::to_string(c)
+                .unwrap_or_default()
+                // Inside <script>: a "</" in a string must not close it.
+                .replace("</", "<\\/"),
+            points: c.x.len(),
+            has_flow: c.has_flow(),
+            has_level: c.has_level(),
+            volume_total: format!("{:.1}", c.volume_total()),
+        })
+        .collect();
+    let back = uri
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    page(
+        SitePage {
+            t,
+            lang: lang.code(),
+            csrf: &csrf,
+            user: &user.name,
+            back: &back,
+            id: data.site.id.as_str(),
+            name: &data.site.name,
+            row,
+            agent_version: status
+                .as_ref()
+                .and_then(|s| s.agent_version.clone())
+                .unwrap_or_else(|| "—".into()),
+            ranges,
+            span: format!(
+                "{} – {} UTC",
+                data.from.format("%Y-%m-%d %H:%M"),
+                data.to.format("%Y-%m-%d %H:%M")
+            ),
+            devices,
+            charts,
+            events: data.events.iter().map(site_page::EventLine::of).collect(),
+            summary: data.completeness.summary,
+        }
+        .render(),
+        &[set],
+    )
+}

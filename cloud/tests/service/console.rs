@@ -17,7 +17,7 @@ use caudal_cloud::catchment::site;
 use caudal_cloud::core::auth::{Role, hash_password};
 use caudal_cloud::core::config::Secret;
 use caudal_common::payload;
-use caudal_common::{SiteId, Status};
+use caudal_common::{Batch, Reading, Seq, SiteId, Status};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +25,9 @@ use std::time::Duration;
 use support::{Agent, TestDb, config, wait_metric};
 
 const STATUS: &str = include_str!("../../../docs/examples/status.json");
+const BATCH: &str = include_str!("../../../docs/examples/batch.json");
+/// Readings of the site's meter: one a minute over the last half hour.
+const READINGS: u32 = 30;
 const AXE: &str = include_str!("../vendor/axe-core-4.14.1.min.js");
 const PASSWORD: &str = "a long enough password";
 
@@ -260,7 +263,58 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
     wait_for(&c, "tr[data-site='pozo-norte'][data-state='online']").await;
     assert_eq!(text(&c, "#site-pozo-norte td.state").await, "en línea");
     assert_eq!(text(&c, "#site-pozo-norte td:nth-of-type(3)").await, "12");
+
+    // Half an hour of one-minute readings arrives: the row shows the latest, the site page
+    // draws one point per minute.
+    let mut batch: Batch = payload::decode(BATCH.as_bytes()).expect("example batch");
+    let template = batch.readings[0].clone();
+    let now = chrono::Utc::now();
+    batch.events.clear();
+    batch.gaps.clear();
+    batch.batch = "console-1".into();
+    batch.readings = (0..READINGS)
+        .map(|i| Reading {
+            seq: Seq::new(60_000_000, i + 1),
+            ts: now - chrono::TimeDelta::minutes(i64::from(READINGS - i)),
+            flow_lps: Some(10.0 + f64::from(i)),
+            total_m3: Some(1000.0 + f64::from(i) * 0.6),
+            extra: Default::default(),
+            ..template.clone()
+        })
+        .collect();
+    agent
+        .publish(None, serde_json::to_vec(&batch).expect("batch encodes"))
+        .await;
+    wait_for(&c, "#site-pozo-norte .devices li").await;
+    assert!(
+        text(&c, "#site-pozo-norte .devices li")
+            .await
+            .starts_with("fm1 39.00 L/s"),
+        "{}",
+        text(&c, "#site-pozo-norte .devices li").await
+    );
     shot(&c, "fleet-online").await;
+    c.find(Locator::Css("#site-pozo-norte a"))
+        .await
+        .expect("link")
+        .click()
+        .await
+        .expect("clicked");
+    wait_for(&c, "#chart-flow-fm1[data-drawn]").await;
+    let drawn = c
+        .find(Locator::Css("#chart-flow-fm1"))
+        .await
+        .expect("chart")
+        .attr("data-drawn")
+        .await
+        .expect("attribute");
+    assert_eq!(drawn.as_deref(), Some("30"), "one point per minute");
+    wait_for(&c, "#chart-volume-fm1[data-drawn='30'] canvas").await;
+    assert!(text(&c, "#chart-volume-fm1 h3").await.contains("17.4 m³"));
+    assert_eq!(text(&c, "#site-state .state").await, "en línea");
+    shot(&c, "site").await;
+    c.back().await.expect("back");
+    wait_for(&c, "#fleet").await;
 
     // Its connection dies: the broker's last will turns it offline, still without a reload.
     agent.kill();
