@@ -15,6 +15,7 @@
 //! | `GET /` | the fleet overview: every site, filtered and sorted, its rows live |
 //! | `GET /fleet/rows` | the overview's rows (what the page fetches every 5 s) |
 //! | `GET /sites/{site}?range=hour\|day\|week\|month\|year` | one site: status, devices, charts, events, completeness |
+//! | `GET /alerts?state=open\|closed\|all&site=…`, `POST /alerts/{id}/close` | alerts; closing one with a note (the roles that manage catchment, as in the API) |
 //! | `GET /static/{file}` | the console's own stylesheet and the vendored scripts |
 //!
 //! Anatomy (ARCHITECTURE.md, the cloud): this file holds the routes and the static files; the
@@ -63,6 +64,8 @@ pub fn routes(console: Console) -> Router {
         .route("/", get(pages::fleet))
         .route("/fleet/rows", get(pages::fleet_live))
         .route("/sites/{site}", get(pages::site))
+        .route("/alerts", get(pages::alerts))
+        .route("/alerts/{id}/close", post(pages::close_alert))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/lang", post(pages::set_lang))

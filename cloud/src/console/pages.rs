@@ -554,3 +554,200 @@ pub(super) async fn site(
         &[set],
     )
 }
+
+struct AlertRow {
+    id: i64,
+    kind: &'static str,
+    site: String,
+    device: String,
+    since: String,
+    message: String,
+    open: bool,
+    closed_by: String,
+    close_note: String,
+}
+
+struct StateLink {
+    code: &'static str,
+    text: &'static str,
+    current: bool,
+}
+
+#[derive(Template)]
+#[template(path = "console/alerts.html")]
+struct AlertsPage<'a> {
+    t: &'a Texts,
+    lang: &'a str,
+    csrf: &'a str,
+    user: &'a str,
+    back: &'a str,
+    states: Vec<StateLink>,
+    site: &'a str,
+    may_close: bool,
+    error: Option<&'a str>,
+    rows: Vec<AlertRow>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct AlertsQuery {
+    state: Option<String>,
+    site: Option<String>,
+    error: Option<String>,
+}
+
+/// `/alerts`: the fleet's alerts, open by default; a closing form on each open one for the
+/// roles that may close alerts.
+pub(super) async fn alerts(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<AlertsQuery>,
+) -> Response {
+    use crate::telemetry::alert::{self, AlertState, Filter};
+    let user = match viewer(&console, &headers, &uri, Permission::Read).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let lang = Lang::of(&headers);
+    let t = lang.texts();
+    let state = match q.state.as_deref() {
+        Some("closed") => Some(AlertState::Closed),
+        Some("all") => None,
+        _ => Some(AlertState::Open),
+    };
+    let site = q.site.clone().filter(|s| !s.trim().is_empty());
+    let list = alert::list(
+        &console.api.db,
+        &Filter {
+            state,
+            kind: None,
+            site: site.clone(),
+            before: None,
+            limit: 500,
+        },
+    )
+    .await;
+    let list = match list {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "reading alerts");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database does not answer",
+            )
+                .into_response();
+        }
+    };
+    let rows = list
+        .into_iter()
+        .map(|a| AlertRow {
+            id: a.id,
+            kind: a.kind.as_str(),
+            site: a.site.unwrap_or_default(),
+            device: a.device.unwrap_or_default(),
+            since: a.since.format("%Y-%m-%d %H:%M").to_string(),
+            message: a.message,
+            open: a.state == AlertState::Open,
+            closed_by: a.closed_by.unwrap_or_default(),
+            close_note: a.close_note,
+        })
+        .collect();
+    let current = match state {
+        Some(AlertState::Open) => "open",
+        Some(AlertState::Closed) => "closed",
+        None => "all",
+    };
+    let states = [
+        ("open", t.state_open),
+        ("closed", t.state_closed),
+        ("all", t.state_all),
+    ]
+    .into_iter()
+    .map(|(code, text)| StateLink {
+        code,
+        text,
+        current: code == current,
+    })
+    .collect();
+    let error = match q.error.as_deref() {
+        Some("note") => Some(t.note_too_long),
+        Some("closed") => Some(t.already_closed),
+        _ => None,
+    };
+    let (csrf, set) = session::csrf(&console, &headers);
+    let back = uri
+        .path_and_query()
+        .map_or("/alerts".to_string(), |p| p.as_str().to_string());
+    page(
+        AlertsPage {
+            t,
+            lang: lang.code(),
+            csrf: &csrf,
+            user: &user.name,
+            back: &back,
+            states,
+            site: site.as_deref().unwrap_or(""),
+            may_close: user.role.allows(Permission::ManageCatchment),
+            error,
+            rows,
+        }
+        .render(),
+        &[set],
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct CloseForm {
+    csrf: String,
+    note: String,
+    back: Option<String>,
+}
+
+/// `POST /alerts/{id}/close`: closes an open alert with a note, as the API does.
+pub(super) async fn close_alert(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Form(f): Form<CloseForm>,
+) -> Response {
+    use crate::telemetry::alert::{self, AlertError};
+    let t = Lang::of(&headers).texts();
+    if !session::csrf_ok(&headers, &f.csrf) {
+        return (StatusCode::FORBIDDEN, t.form_expired).into_response();
+    }
+    let user = match viewer(&console, &headers, &uri, Permission::ManageCatchment).await {
+        Ok(u) => u,
+        Err(r) if r.status() == StatusCode::FORBIDDEN => {
+            return (StatusCode::FORBIDDEN, t.forbidden).into_response();
+        }
+        Err(r) => return r,
+    };
+    let Ok(id) = id.parse::<i64>() else {
+        return (StatusCode::NOT_FOUND, "no such alert").into_response();
+    };
+    let back = session::safe_next(f.back.as_deref());
+    let with_error = |code: &str| {
+        let sep = if back.contains('?') { '&' } else { '?' };
+        Redirect::to(&format!("{back}{sep}error={code}")).into_response()
+    };
+    if f.note.chars().count() > 2000 {
+        return with_error("note");
+    }
+    match alert::close(&console.api.db, id, &user.email, f.note.trim(), Utc::now()).await {
+        Ok(_) => {
+            tracing::info!(alert = id, by = %user.email, "alert closed from the console");
+            Redirect::to(&back).into_response()
+        }
+        Err(AlertError::Closed(_)) => with_error("closed"),
+        Err(AlertError::NotFound(_)) => (StatusCode::NOT_FOUND, "no such alert").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, alert = id, "closing an alert");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database does not answer",
+            )
+                .into_response()
+        }
+    }
+}

@@ -2,8 +2,9 @@
 //! (WebDriver, from Rust with fantoccini), against a cloud on loopback with its embedded broker
 //! and a stand-in agent. Signing in (a wrong password shows the error on the form), the fleet
 //! overview turning a site from "never seen" to online and then offline without a reload when
-//! its agent's connection dies, the language switch, signing out, and a page asked without a
-//! session going to the login page and back after it. A screenshot of every page is kept in
+//! its agent's connection dies, the site page's charts, closing an alert with a note, the
+//! language switch, signing out, a viewer who gets no closing form and whose forged POST is
+//! refused, and a page asked without a session going to the login page and back after it. A screenshot of every page is kept in
 //! `target/tmp/console-screenshots/`, and every page is checked with axe-core (vendored in
 //! `cloud/tests/vendor`): no serious or critical WCAG 2.1 A/AA violation.
 //!
@@ -167,6 +168,22 @@ async fn wait_for(c: &Client, css: &str) {
         .for_element(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("waiting for {css}: {e}"));
+}
+
+/// Waits (up to 20 s) until exactly `n` elements match `css` (a page replaced by another).
+async fn wait_count(c: &Client, css: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = c.find_all(Locator::Css(css)).await.map_or(0, |v| v.len());
+        if found == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{css}: {found} elements, {n} expected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn sign_in(c: &Client, email: &str, password: &str) {
@@ -340,6 +357,60 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
     assert_eq!(text(&c, "#site-pozo-norte td.state").await, "offline");
     shot(&c, "fleet-en").await;
 
+    // Alerts: an operator closes one with a note; what it is about links to its site.
+    use caudal_cloud::telemetry::alert::{self, AlertKind, Firing};
+    let firing = |device: &str| Firing {
+        subject: format!("pozo-norte/{device}"),
+        site: Some("pozo-norte".into()),
+        device: Some(device.into()),
+        point_id: None,
+        since: chrono::Utc::now(),
+        value: Some(0.0),
+        threshold: None,
+        message: format!("{device}: total fell from 1017.4 to 0.0 m3"),
+    };
+    alert::reconcile(
+        cloud.db(),
+        AlertKind::TotalizerBackwards,
+        &[firing("fm1"), firing("fm2")],
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("alerts raised");
+    c.goto(&format!("{base}/alerts")).await.expect("goto");
+    wait_for(&c, "#alerts tr[data-state='open']").await;
+    let open = c
+        .find_all(Locator::Css("#alerts tr[data-state='open']"))
+        .await
+        .expect("rows");
+    assert_eq!(open.len(), 2);
+    shot(&c, "alerts").await;
+    let first = open[0].attr("id").await.expect("id").expect("an id");
+    let id = first.trim_start_matches("alert-").to_string();
+    c.find(Locator::Id(&format!("note-{id}")))
+        .await
+        .expect("note")
+        .send_keys("contador reemplazado en terreno")
+        .await
+        .expect("typed");
+    c.find(Locator::Id(&format!("close-{id}")))
+        .await
+        .expect("close")
+        .click()
+        .await
+        .expect("clicked");
+    wait_count(&c, "#alerts tr[data-state='open']", 1).await;
+    c.goto(&format!("{base}/alerts?state=closed"))
+        .await
+        .expect("goto");
+    wait_for(&c, &format!("#alert-{id}[data-state='closed']")).await;
+    assert!(
+        text(&c, &format!("#alert-{id} td:nth-of-type(5)"))
+            .await
+            .contains("ana@x.cl: contador reemplazado en terreno")
+    );
+    shot(&c, "alerts-closed").await;
+
     // Signing out ends the session: the overview asks to sign in again.
     c.find(Locator::Id("sign-out"))
         .await
@@ -350,6 +421,45 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
     wait_for(&c, "#sign-in").await;
     c.goto(&format!("{base}/")).await.expect("goto");
     assert_eq!(c.current_url().await.expect("url").path(), "/login");
+
+    // A viewer sees the open alert but no form to close it, and a forged POST is refused.
+    caudal_cloud::users::account::create(cloud.db(), "vera@x.cl", "Vera", Role::Viewer, &hash)
+        .await
+        .expect("viewer account");
+    sign_in(&c, "vera@x.cl", PASSWORD).await;
+    wait_for(&c, "#fleet").await;
+    c.goto(&format!("{base}/alerts")).await.expect("goto");
+    wait_for(&c, "#alerts tr[data-state='open']").await;
+    assert!(
+        c.find_all(Locator::Css("#alerts form"))
+            .await
+            .expect("forms")
+            .is_empty(),
+        "no closing form for a viewer"
+    );
+    let open_id = c
+        .find(Locator::Css("#alerts tr[data-state='open']"))
+        .await
+        .expect("row")
+        .attr("id")
+        .await
+        .expect("id")
+        .expect("an id");
+    let status = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; \
+             const csrf = document.querySelector('input[name=csrf]').value; \
+             fetch('/alerts/' + arguments[0] + '/close', { method: 'POST', \
+               body: new URLSearchParams({ csrf: csrf, note: 'x' }) }) \
+               .then(r => done(r.status));",
+            vec![serde_json::Value::from(
+                open_id.trim_start_matches("alert-"),
+            )],
+        )
+        .await
+        .expect("posted");
+    assert_eq!(status, 403, "a viewer may not close an alert");
+    shot(&c, "alerts-viewer").await;
 
     c.close().await.expect("browser closes");
     cloud.stop().await;
