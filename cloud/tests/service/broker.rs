@@ -191,7 +191,7 @@ async fn a_site_publishes_and_reads_only_its_own_topics() {
         "caudal/v1/pozo-a/ack",
         QoS::AtLeastOnce,
         false,
-        r#"{"v":1,"batch":"forged-1","status":"accepted","seqs":[[0,9223372036854775807]]}"#,
+        r#"{"v":1,"site":"pozo-a","batch":"forged-1","status":"accepted","seqs":[{"from":0,"to":9223372036854775807}]}"#,
     )
     .await
     .expect("publish");
@@ -245,5 +245,109 @@ async fn a_site_publishes_and_reads_only_its_own_topics() {
         "B was refused nothing:\n{body}"
     );
     drop((a, b));
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_broker_beyond_loopback_needs_authentication() {
+    let db = TestDb::sqlite();
+    for (key, addr) in [
+        ("mqtt.embedded.listen", "0.0.0.0:0"),
+        ("mqtt.embedded.listen_v5", "[::]:0"),
+        ("mqtt.embedded.listen", "192.0.2.1:1883"),
+    ] {
+        let mut c = config(&db);
+        let addr: SocketAddr = addr.parse().expect("addr");
+        if key.ends_with("v5") {
+            c.mqtt.embedded.listen_v5 = addr;
+        } else {
+            c.mqtt.embedded.listen = addr;
+        }
+        // Refused before anything is bound: this test listens on nothing but loopback.
+        let err = Cloud::start(c).await.expect_err("refused").to_string();
+        assert!(
+            err.contains(&format!("{addr} ({key})"))
+                && err.contains("mqtt.embedded.authenticate = true"),
+            "{err}"
+        );
+    }
+    // On loopback, no login is needed (the demo, tests).
+    let cloud = Cloud::start(config(&db)).await.expect("loopback starts");
+    cloud.stop().await;
+}
+
+/// Connects with `o` and returns the CONNACK's code (or why there was none).
+async fn connack_of(o: MqttOptions) -> Result<ConnectReturnCode, String> {
+    let (_client, mut eventloop) = AsyncClient::new(o, 4);
+    tokio::time::timeout(BOUND, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a.code),
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Ok(code),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no answer".to_string())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_will_and_a_client_id_are_checked_at_connect() {
+    let db = TestDb::sqlite();
+    let mut c = config(&db);
+    c.mqtt.embedded.authenticate = true;
+    c.mqtt.username = Some(CLOUD_USER.to_string());
+    c.mqtt.password = Some(Secret::new(CLOUD_PASSWORD));
+    let cloud = Cloud::start(c).await.expect("cloud starts");
+    let http = cloud.http_addr();
+    wait_metric(http, "caudal_cloud_ingest_subscribed 1").await;
+    let broker = cloud.broker().expect("embedded broker").v4_addr();
+    let password = register(&cloud, "pozo-a").await;
+    let options = |id: &str, will: &str| {
+        let mut o = MqttOptions::new(id, broker.ip().to_string(), broker.port());
+        o.set_credentials("pozo-a", &password)
+            .set_last_will(rumqttc::LastWill::new(
+                will,
+                r#"{"v":1,"online":false}"#,
+                QoS::AtLeastOnce,
+                true,
+            ));
+        o
+    };
+    assert_eq!(
+        connack_of(options("a-1", "caudal/v1/pozo-b/status")).await,
+        Ok(ConnectReturnCode::NotAuthorized),
+        "a will on another site's status"
+    );
+    // rumqttd refuses such ids only after registering the connection, and panics at the next
+    // one: twice, then the broker still answers.
+    for _ in 0..2 {
+        assert_eq!(
+            connack_of(options("a/1", "caudal/v1/pozo-a/status")).await,
+            Ok(ConnectReturnCode::BadClientId),
+        );
+    }
+    assert_eq!(
+        connack_of(options("a-1", "caudal/v1/pozo-a/status")).await,
+        Ok(ConnectReturnCode::Success),
+        "its own status as will"
+    );
+    let mut wrong = options("a-2", "caudal/v1/pozo-a/status");
+    wrong.set_credentials("pozo-a", "wrong");
+    assert_eq!(
+        connack_of(wrong).await,
+        Ok(ConnectReturnCode::BadUserNamePassword)
+    );
+    let (_, body) = http_get(http, "/metrics").await;
+    assert_eq!(
+        sample(
+            &body,
+            r#"caudal_cloud_mqtt_refused_total{action="will",reason="other_site",site="pozo-a"}"#
+        ),
+        1.0,
+        "{body}"
+    );
     cloud.stop().await;
 }
