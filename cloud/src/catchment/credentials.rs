@@ -15,10 +15,9 @@
 //!   effect at the next connect, whichever process changed it) and answers yes or no. When the
 //!   channel is full, connects wait; when the database fails, the login is refused and counted.
 //!
-//! The embedded broker authenticates but does not authorize topics (rumqttd 0.20 has no ACLs):
-//! an agent could publish under another site's topic. The ingest refuses a batch whose payload
-//! site differs from its topic, but isolation between sites needs an external broker with an
-//! ACL (`docs/operations.md`).
+//! What a logged-in site may publish and read is not decided here: the embedded broker's gate
+//! enforces it (`core::broker`, ADR 007), and [`mosquitto_acl_file`] writes the same rules for
+//! Mosquitto (`caudal-cloud site mosquitto-acl`).
 
 use crate::core::Shutdown;
 use crate::core::config::Secret;

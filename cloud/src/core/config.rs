@@ -232,11 +232,12 @@ impl Default for MqttConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedBrokerConfig {
-    /// MQTT v3.1.1 listener, for agents. Port 0 picks a free port.
+    /// MQTT v3.1.1 listener, for agents. Port 0 picks a free port. Only a loopback address
+    /// without `authenticate`.
     #[serde(default = "default_embedded_v4")]
     pub listen: SocketAddr,
     /// MQTT v5 listener (the broker serves one protocol per port); the ingest connects here.
-    /// Port 0 picks a free port.
+    /// Port 0 picks a free port. Only a loopback address without `authenticate`.
     #[serde(default = "default_embedded_v5")]
     pub listen_v5: SocketAddr,
     /// Largest accepted MQTT payload, bytes.
@@ -246,7 +247,8 @@ pub struct EmbeddedBrokerConfig {
     #[serde(default = "default_max_connections_broker")]
     pub max_connections: usize,
     /// Require a login: agents with their site's credential (username = site id), the cloud's
-    /// ingest with `mqtt.username` and `mqtt.password` (then required).
+    /// ingest with `mqtt.username` and `mqtt.password` (then required). Each site's login then
+    /// publishes and reads only its own site's topics (`core::broker`).
     #[serde(default)]
     pub authenticate: bool,
 }

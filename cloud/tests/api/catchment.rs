@@ -985,11 +985,12 @@ async fn mosquitto_checks_the_exported_password_and_acl_files() {
         ])
         .await
         .expect("subscribe");
-    let codes = suback(&mut north_loop).await;
+    // Mosquitto 2.0 grants every filter and checks each message against the ACL when it
+    // would deliver it: what pozo-norte receives below is what counts.
     assert_eq!(
-        codes[0],
+        suback(&mut north_loop).await[0],
         rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
-        "its own acks: {codes:?}"
+        "its own acks"
     );
 
     // pozo-norte publishes a batch in pozo-este's name, and an ack on its own ack topic; then
