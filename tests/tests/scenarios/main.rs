@@ -11,4 +11,5 @@ mod cloud_tls;
 mod disk_budget;
 mod duplicate_batch;
 mod normal_flow;
+mod site_isolation;
 mod support;
