@@ -413,10 +413,44 @@ impl Session<'_> {
         let Some(refused) = refused else {
             return Ok(raw.freeze());
         };
-        for i in refused {
-            let i = i.min(ack.return_codes.len());
-            ack.return_codes.insert(i, SubscribeReasonCode::Failure);
-        }
+        splice_failures(&mut ack.return_codes, &refused);
         encode(Packet::SubAck(ack, None))
+    }
+}
+
+/// Puts a failure code at each of `refused` (ascending positions in the client's SUBSCRIBE) into
+/// the codes the broker answered for the other filters, in their order.
+fn splice_failures(codes: &mut Vec<SubscribeReasonCode>, refused: &[usize]) {
+    for &i in refused {
+        let i = i.min(codes.len());
+        codes.insert(i, SubscribeReasonCode::Failure);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::QoS;
+
+    #[test]
+    fn refused_filters_get_their_places_back() {
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        let no = SubscribeReasonCode::Failure;
+        // Filters 0..5, refused 0, 2 and 4: the broker answered for 1 and 3.
+        let mut codes = vec![ok, SubscribeReasonCode::Success(QoS::AtMostOnce)];
+        splice_failures(&mut codes, &[0, 2, 4]);
+        assert_eq!(
+            codes,
+            [
+                no,
+                ok,
+                no,
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                no
+            ]
+        );
+        let mut codes = vec![ok];
+        splice_failures(&mut codes, &[1, 2]);
+        assert_eq!(codes, [ok, no, no]);
     }
 }

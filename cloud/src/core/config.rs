@@ -601,8 +601,21 @@ impl CloudConfig {
                          at the embedded broker"
                     .to_string(),
             };
-            if self.mqtt.username.as_deref().is_none_or(str::is_empty) {
+            let Some(user) = self.mqtt.username.as_deref().filter(|u| !u.is_empty()) else {
                 return Err(required("username"));
+            };
+            // The gate prefixes client ids with the login and rumqttd refuses these in one.
+            if let Some(c) = user
+                .chars()
+                .find(|c| matches!(c, '+' | '$' | '#' | '/' | ':'))
+            {
+                return Err(ConfigError::Mqtt {
+                    key: "username",
+                    reason: format!(
+                        "{user:?} contains {c:?}, which the embedded broker cannot take in a \
+                         login (mqtt.embedded.authenticate)"
+                    ),
+                });
             }
             if self
                 .mqtt
@@ -754,6 +767,18 @@ mod tests {
         )
         .expect("valid");
         assert!(c.mqtt.embedded.authenticate);
+        let e = CloudConfig::load(
+            None,
+            env(&[
+                on,
+                ("CAUDAL_MQTT__USERNAME", "caudal/cloud"),
+                ("CAUDAL_MQTT__PASSWORD", "a long secret"),
+            ]),
+        );
+        assert!(
+            matches!(&e, Err(ConfigError::Mqtt { key: "username", reason }) if reason.contains("'/'")),
+            "{e:?}"
+        );
     }
 
     #[test]
