@@ -6,7 +6,8 @@
 //! are `caudal-broker`'s (shared with the test broker, since rumqttd's own `Broker::start` blocks
 //! forever and cannot be stopped): [`EmbeddedBroker::stop`] closes the sockets and every
 //! connection; rumqttd's router thread never exits and idles until the process ends. A listener
-//! is ready once it answers an MQTT CONNECT (logged in as the cloud when there is a login).
+//! is ready once it answers an MQTT CONNECT (with a login: as the cloud on v5 and through the
+//! gate, with the gate's secret on the v3.1.1 listener behind it).
 //!
 //! The broker keeps nothing on disk: sessions and retained messages are lost when the process
 //! stops. That is safe for telemetry (agents re-send whatever the cloud did not acknowledge and
@@ -226,7 +227,8 @@ impl std::fmt::Debug for EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts the broker and waits until both listeners accept connections. A port of 0 is
-    /// replaced by a port that was free a moment before. Any client may connect.
+    /// replaced by a port that was free a moment before. Any client may connect, so both
+    /// addresses must be loopback ones.
     pub fn start(cfg: &EmbeddedBrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
         EmbeddedBroker::start_with_login(cfg, None)
     }
@@ -238,6 +240,8 @@ impl EmbeddedBroker {
         cfg: &EmbeddedBrokerConfig,
         login: Option<BrokerLogin>,
     ) -> Result<EmbeddedBroker, BrokerError> {
+        // Without a login there is no site to authorize: anyone who reached the broker could
+        // publish in any site's name. So only loopback, where only this machine reaches it.
         if login.is_none() {
             for (addr, key) in [(cfg.listen, "listen"), (cfg.listen_v5, "listen_v5")] {
                 if !addr.ip().is_loopback() {
