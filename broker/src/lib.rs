@@ -18,6 +18,9 @@
 //! are gone with it. Whether that is acceptable is the caller's to say (the cloud says why it is
 //! for telemetry).
 
+pub mod gate;
+
+pub use gate::{Action, Authority, GatePlan};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::{LinkType, Router, RouterConfig, Server, ServerSettings};
@@ -193,6 +196,51 @@ impl Broker {
             }
         }
         Ok(broker)
+    }
+
+    /// Starts `plan`'s gate (an authorizing layer in front of one of this broker's v3.1.1
+    /// listeners, [`gate`]) on a thread of its own, and waits until it answers a CONNECT with
+    /// `probe` (a login its authority accepts). A gate that fails stops the whole broker.
+    pub fn start_gate(&mut self, plan: GatePlan, probe: (&str, &str)) -> Result<(), ListenerError> {
+        let addr = plan.listen;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = thread::Builder::new()
+            .name(format!("mqtt-gate-{}", addr.port()))
+            .spawn(move || -> Result<(), String> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let r = rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::select! {
+                        r = gate::serve(listener, plan) => r,
+                        _ = stop_rx => Ok(()),
+                    }
+                });
+                // Dropping the runtime drops every connection through the gate.
+                drop(rt);
+                r
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                self.stop();
+                return Err(ListenerError::Thread(e));
+            }
+        };
+        self.listeners.push(Listener {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        });
+        let ready = Ready::AnswersConnect { login: Some(probe) };
+        if let Err(e) = self.wait_ready(addr, Protocol::V4, ready) {
+            self.stop();
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Whether the listeners run (not yet stopped).

@@ -7,14 +7,16 @@
 //!
 //! ```text
 //! cargo bench -p caudal-cloud --bench ingest -- [--pg URL] [--mosquitto [URL]] [--no-sqlite]
-//!     [--no-embedded] [--runs 3] [--readings 300000] [--sites 20] [--batch 500] [--inflight 8]
+//!     [--no-embedded] [--gate] [--runs 3] [--readings 300000] [--sites 20] [--batch 500] [--inflight 8]
 //!     [--workers 4] [--pool 8] [--group-bytes 4194304]
 //! ```
 //!
 //! PostgreSQL runs when `--pg` or `CAUDAL_TEST_DATABASE_URL` names a database; each run gets a
 //! schema of its own, dropped at the end. `--mosquitto` (or `CAUDAL_BENCH_MOSQUITTO=1`) also runs
 //! through an external broker (default `mqtt://127.0.0.1:1883`) with site names, client ids and
-//! a shared-subscription group unique to the run.
+//! a shared-subscription group unique to the run. `--gate` also runs through the embedded broker
+//! with `mqtt.embedded.authenticate`: the agents log in with their sites' credentials and pass
+//! the gate that authorizes their topics.
 
 use caudal_cloud::Cloud;
 use caudal_cloud::catchment::site;
@@ -43,6 +45,7 @@ struct Args {
     mosquitto: Option<String>,
     sqlite: bool,
     embedded: bool,
+    gate: bool,
     runs: usize,
     readings: usize,
     sites: usize,
@@ -65,6 +68,7 @@ impl Args {
                 .map(|_| "mqtt://127.0.0.1:1883".to_string()),
             sqlite: true,
             embedded: true,
+            gate: false,
             runs: 3,
             readings: 300_000,
             sites: 20,
@@ -101,6 +105,7 @@ impl Args {
                 }
                 "--no-sqlite" => a.sqlite = false,
                 "--no-embedded" => a.embedded = false,
+                "--gate" => a.gate = true,
                 "--runs" => a.runs = number(value(&mut i, "--runs"), "--runs").max(1),
                 "--readings" => a.readings = number(value(&mut i, "--readings"), "--readings"),
                 "--sites" => a.sites = number(value(&mut i, "--sites"), "--sites").max(1),
@@ -193,11 +198,17 @@ fn plan(args: &Args, prefix: &str) -> Vec<SitePlan> {
 
 /// A simulated agent (MQTT v3.1.1 like the real one, subscribed to its site's acks) with
 /// `inflight` batches in flight at once.
-async fn connect(broker: SocketAddr, site: &SiteId, inflight: usize) -> Agent {
+async fn connect(
+    broker: SocketAddr,
+    site: &SiteId,
+    inflight: usize,
+    login: Option<(String, String)>,
+) -> Agent {
     let how = StandIn {
         keep_alive: Duration::from_secs(30),
         max_packet_bytes: 4 << 20,
         inflight: Some(inflight.clamp(1, u16::MAX as usize) as u16),
+        login,
         ..StandIn::default()
     };
     Agent::connect_with(broker, site, &how).await
@@ -321,7 +332,13 @@ async fn pg_copy(url: &str, plans: &[SitePlan]) -> f64 {
     rows as f64 / secs
 }
 
-async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: usize) -> RunResult {
+async fn run_once(
+    args: &Args,
+    pg: Option<&str>,
+    mosquitto: Option<&str>,
+    gate: bool,
+    run: usize,
+) -> RunResult {
     let db = match pg {
         Some(base) => TestDb::postgres_at(base).await.expect("postgres"),
         None => TestDb::sqlite(),
@@ -350,6 +367,11 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
         c.mqtt.url = Some(m.to_string());
         c.ingest.group = format!("{prefix}-ingest");
     }
+    if gate {
+        c.mqtt.embedded.authenticate = true;
+        c.mqtt.username = Some("caudal-cloud".to_string());
+        c.mqtt.password = Some(Secret::new("the bench's cloud password"));
+    }
     let cloud = Cloud::start(c).await.expect("cloud starts");
     wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
     let broker: SocketAddr = match mosquitto {
@@ -364,8 +386,12 @@ async fn run_once(args: &Args, pg: Option<&str>, mosquitto: Option<&str>, run: u
     let mut agents = Vec::with_capacity(plans.len());
     let mut foreign = 0;
     for p in &plans {
-        site::add(cloud.db(), &p.site, "").await.expect("add site");
-        let mut a = connect(broker, &p.site, args.inflight).await;
+        let issued = caudal_cloud::catchment::credentials::issue();
+        site::create(cloud.db(), &p.site, "", 900, Some(&issued.hash))
+            .await
+            .expect("add site");
+        let login = gate.then(|| (p.site.to_string(), issued.password.expose().to_string()));
+        let mut a = connect(broker, &p.site, args.inflight, login).await;
         a.publish(None, p.warmup.clone()).await;
         let ack = accepted(&mut a, &mut foreign)
             .await
@@ -442,12 +468,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn bench(args: &Args, name: &str, pg: Option<&str>, mosquitto: Option<&str>) {
+async fn bench(args: &Args, name: &str, pg: Option<&str>, mosquitto: Option<&str>, gate: bool) {
     let mut ingest = Vec::new();
     let mut copy = Vec::new();
     let mut ratio = Vec::new();
     for run in 0..args.runs {
-        let r = run_once(args, pg, mosquitto, run).await;
+        let r = run_once(args, pg, mosquitto, gate, run).await;
         let mut line = format!("  {name} run {}: {:.0} readings/s", run + 1, r.ingest);
         if let Some(c) = r.copy {
             let _ = write!(line, ", COPY {c:.0} readings/s, ratio {:.2}", r.ingest / c);
@@ -512,19 +538,29 @@ fn main() {
         );
         let mut brokers = Vec::new();
         if args.embedded {
-            brokers.push(("embedded rumqttd", None));
+            brokers.push(("embedded rumqttd", None, false));
+        }
+        if args.gate {
+            brokers.push(("embedded rumqttd behind the gate", None, true));
         }
         if let Some(m) = &args.mosquitto {
-            brokers.push(("mosquitto", Some(m.as_str())));
+            brokers.push(("mosquitto", Some(m.as_str()), false));
         }
-        for (broker, url) in brokers {
+        for (broker, url, gate) in brokers {
             if args.sqlite {
-                bench(&args, &format!("sqlite via {broker}"), None, url).await;
+                bench(&args, &format!("sqlite via {broker}"), None, url, gate).await;
             }
             if let Some(pg) = &args.pg {
                 let sc = synchronous_commit(pg).await;
                 println!("postgres synchronous_commit = {sc}");
-                bench(&args, &format!("postgres via {broker}"), Some(pg), url).await;
+                bench(
+                    &args,
+                    &format!("postgres via {broker}"),
+                    Some(pg),
+                    url,
+                    gate,
+                )
+                .await;
             }
         }
     });

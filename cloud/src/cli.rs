@@ -157,6 +157,14 @@ enum SiteCommand {
     },
     /// Print a Mosquitto password file (`password_file`) with every active site's credential.
     MosquittoPasswd,
+    /// Print a Mosquitto ACL file (`acl_file`) with the embedded broker's rules: each site
+    /// publishes and reads only its own topics, only the cloud publishes acks, commands and
+    /// desired configuration.
+    MosquittoAcl {
+        /// The cloud's username at Mosquitto; default `mqtt.username`.
+        #[arg(long)]
+        cloud_user: Option<String>,
+    },
     /// List registered sites.
     List,
     /// Print what the cloud stored last for each of a site's devices: its latest flow,
@@ -231,6 +239,20 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
                             hashes.iter().map(|(s, h)| (s.as_str(), h.as_str()))
                         )
                     );
+                }
+                SiteCommand::MosquittoAcl { cloud_user } => {
+                    let Some(user) = cloud_user.or(config.mqtt.username.clone()) else {
+                        anyhow::bail!(
+                            "site mosquitto-acl: the cloud's username is unknown: pass \
+                             --cloud-user or set mqtt.username"
+                        );
+                    };
+                    if user.is_empty() || user.contains(char::is_whitespace) {
+                        anyhow::bail!(
+                            "site mosquitto-acl: cloud user {user:?} cannot be written in an ACL file"
+                        );
+                    }
+                    print!("{}", credentials::mosquitto_acl_file(&user));
                 }
                 SiteCommand::List => {
                     for s in site::list(&db).await? {

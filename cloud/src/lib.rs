@@ -250,6 +250,7 @@ fn broker_login(
             let logins = logins.clone();
             Box::pin(async move { logins.check(site, password).await })
         }),
+        refusals: core::broker::RefusalMetrics::register(registry),
     })
 }
 

@@ -109,6 +109,87 @@ impl fmt::Display for Topic {
     }
 }
 
+/// Who publishes on a kind's topics; the other side only subscribes to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publisher {
+    /// The site's agent: `telemetry`, `status`, `command/result`.
+    Agent,
+    /// The cloud: `ack`, `command`, `config/desired`.
+    Cloud,
+}
+
+impl TopicKind {
+    /// Who publishes on this kind's topics (`docs/protocol.md`).
+    pub fn publisher(self) -> Publisher {
+        match self {
+            TopicKind::Telemetry | TopicKind::Status | TopicKind::CommandResult => Publisher::Agent,
+            TopicKind::Ack | TopicKind::Command | TopicKind::DesiredConfig => Publisher::Cloud,
+        }
+    }
+}
+
+/// Why a site's login may not publish on a topic or subscribe to a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("not a {PREFIX} topic of a known kind")]
+    Foreign,
+    #[error("the topic is another site's")]
+    OtherSite,
+    #[error("only the cloud publishes on {0:?} topics")]
+    CloudOnly(&'static str),
+    #[error("only the site's agent publishes on {0:?} topics; the cloud reads them")]
+    AgentOnly(&'static str),
+    #[error("a site subscribes to its own topics by name, without wildcards")]
+    Wildcard,
+}
+
+impl Denied {
+    /// A short name for metric labels: `foreign`, `other_site`, `cloud_only`, `agent_only`,
+    /// `wildcard`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Denied::Foreign => "foreign",
+            Denied::OtherSite => "other_site",
+            Denied::CloudOnly(_) => "cloud_only",
+            Denied::AgentOnly(_) => "agent_only",
+            Denied::Wildcard => "wildcard",
+        }
+    }
+}
+
+/// Whether the login of `site` (its MQTT username) may publish on `topic`: only on its own
+/// topics that its agent publishes ([`Publisher::Agent`]). The cloud's own login may publish
+/// anywhere and is not checked here.
+pub fn site_may_publish(site: &str, topic: &str) -> Result<TopicKind, Denied> {
+    let t = own_topic(site, topic)?;
+    match t.kind.publisher() {
+        Publisher::Agent => Ok(t.kind),
+        Publisher::Cloud => Err(Denied::CloudOnly(t.kind.suffix())),
+    }
+}
+
+/// Whether the login of `site` may subscribe to `filter`: only to its own topics that the cloud
+/// publishes ([`Publisher::Cloud`]), each by its full name (no `+`, `#` or `$share/`), so what
+/// a site can read is exactly what the cloud sends it.
+pub fn site_may_subscribe(site: &str, filter: &str) -> Result<TopicKind, Denied> {
+    if filter.contains(['+', '#']) || filter.starts_with('$') {
+        return Err(Denied::Wildcard);
+    }
+    let t = own_topic(site, filter)?;
+    match t.kind.publisher() {
+        Publisher::Cloud => Ok(t.kind),
+        Publisher::Agent => Err(Denied::AgentOnly(t.kind.suffix())),
+    }
+}
+
+fn own_topic(site: &str, topic: &str) -> Result<Topic, Denied> {
+    let t = Topic::parse(topic).map_err(|_| Denied::Foreign)?;
+    if t.site.as_str() != site {
+        return Err(Denied::OtherSite);
+    }
+    Ok(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +234,52 @@ mod tests {
         assert_eq!(
             shared("ingest", TopicKind::Telemetry),
             "$share/ingest/caudal/v1/+/telemetry"
+        );
+    }
+
+    #[test]
+    fn a_site_publishes_and_reads_only_its_own_topics() {
+        let own = |k| topic(&SiteId::new("pozo-a").expect("valid"), k);
+        for k in TopicKind::ALL.iter().copied() {
+            let agent = k.publisher() == Publisher::Agent;
+            assert_eq!(site_may_publish("pozo-a", &own(k)).is_ok(), agent, "{k:?}");
+            assert_eq!(
+                site_may_subscribe("pozo-a", &own(k)).is_ok(),
+                !agent,
+                "{k:?}"
+            );
+            let other = topic(&SiteId::new("pozo-b").expect("valid"), k);
+            assert_eq!(site_may_publish("pozo-a", &other), Err(Denied::OtherSite));
+            assert_eq!(site_may_subscribe("pozo-a", &other), Err(Denied::OtherSite));
+        }
+        assert_eq!(
+            site_may_publish("pozo-a", "caudal/v1/pozo-a/ack"),
+            Err(Denied::CloudOnly("ack"))
+        );
+        for f in [
+            "caudal/v1/#",
+            "caudal/v1/+/ack",
+            "caudal/v1/pozo-a/#",
+            "$share/g/caudal/v1/pozo-a/ack",
+        ] {
+            assert_eq!(
+                site_may_subscribe("pozo-a", f),
+                Err(Denied::Wildcard),
+                "{f}"
+            );
+        }
+        for t in [
+            "x",
+            "caudal/v1/pozo-a",
+            "caudal/v1/pozo-a/ack/x",
+            "caudal/v1/pozo-a/",
+        ] {
+            assert_eq!(site_may_publish("pozo-a", t), Err(Denied::Foreign), "{t}");
+        }
+        // A site id is a whole path segment: no prefix tricks.
+        assert_eq!(
+            site_may_publish("pozo", "caudal/v1/pozo-a/telemetry"),
+            Err(Denied::OtherSite)
         );
     }
 }

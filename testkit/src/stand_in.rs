@@ -24,6 +24,8 @@ pub struct StandIn {
     /// Unacknowledged publishes at once (rumqttc's own default when `None`); the client's
     /// request and ack queues grow with it.
     pub inflight: Option<u16>,
+    /// Username and password, for a broker that requires a login.
+    pub login: Option<(String, String)>,
 }
 
 impl Default for StandIn {
@@ -33,6 +35,7 @@ impl Default for StandIn {
             keep_alive: Duration::from_secs(5),
             max_packet_bytes: 1 << 20,
             inflight: None,
+            login: None,
         }
     }
 }
@@ -80,6 +83,9 @@ impl Agent {
             .set_max_packet_size(how.max_packet_bytes, how.max_packet_bytes);
         if let Some(n) = how.inflight {
             o.set_inflight(n.max(1));
+        }
+        if let Some((user, password)) = &how.login {
+            o.set_credentials(user, password);
         }
         if how.will {
             o.set_last_will(LastWill::new(

@@ -15,10 +15,9 @@
 //!   effect at the next connect, whichever process changed it) and answers yes or no. When the
 //!   channel is full, connects wait; when the database fails, the login is refused and counted.
 //!
-//! The embedded broker authenticates but does not authorize topics (rumqttd 0.20 has no ACLs):
-//! an agent could publish under another site's topic. The ingest refuses a batch whose payload
-//! site differs from its topic, but isolation between sites needs an external broker with an
-//! ACL (`docs/operations.md`).
+//! What a logged-in site may publish and read is not decided here: the embedded broker's gate
+//! enforces it (`core::broker`, ADR 007), and [`mosquitto_acl_file`] writes the same rules for
+//! Mosquitto (`caudal-cloud site mosquitto-acl`).
 
 use crate::core::Shutdown;
 use crate::core::config::Secret;
@@ -141,6 +140,36 @@ pub fn mosquitto_password_file<'a>(sites: impl IntoIterator<Item = (&'a str, &'a
         .into_iter()
         .map(|(user, hash)| format!("{user}:{hash}\n"))
         .collect()
+}
+
+/// A Mosquitto `acl_file` with the embedded broker's rules (`core::broker`): a site's agent
+/// (username = site id) publishes only its own `telemetry`, `status` and `command/result` and
+/// reads only its own `ack`, `command` and `config/desired`; `cloud_user` reads every site's
+/// agent topics and alone publishes acks, commands and desired configuration. Built from
+/// [`TopicKind::publisher`], the rule the embedded broker enforces, so the two cannot drift.
+/// It names no site: `%u` patterns cover every site in the password file.
+pub fn mosquitto_acl_file(cloud_user: &str) -> String {
+    use caudal_common::topic::{PREFIX, Publisher, TopicKind};
+    let mut agents = String::new();
+    let mut cloud = String::new();
+    for kind in TopicKind::ALL {
+        let suffix = kind.suffix();
+        let (agent, by_cloud) = match kind.publisher() {
+            Publisher::Agent => ("write", "read"),
+            Publisher::Cloud => ("read", "write"),
+        };
+        agents.push_str(&format!("pattern {agent} {PREFIX}/%u/{suffix}\n"));
+        cloud.push_str(&format!("topic {by_cloud} {PREFIX}/+/{suffix}\n"));
+    }
+    format!(
+        "# Caudal's topic rules for Mosquitto (>= 2.0), written by `caudal-cloud site mosquitto-acl`.\n\
+         # Agents log in with their site id as username (the password file of\n\
+         # `caudal-cloud site mosquitto-passwd`); `%u` is that site id.\n\
+         {agents}\n\
+         # The cloud's own login (mqtt.username).\n\
+         user {cloud_user}\n\
+         {cloud}"
+    )
 }
 
 /// Counters of broker logins checked against site credentials.
@@ -299,6 +328,33 @@ mod tests {
         ] {
             assert!(!verify("pw", bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn acl_file_states_who_publishes_each_topic() {
+        let acl = mosquitto_acl_file("caudal-cloud");
+        let rules: Vec<&str> = acl
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "pattern write caudal/v1/%u/telemetry",
+                "pattern read caudal/v1/%u/ack",
+                "pattern write caudal/v1/%u/status",
+                "pattern read caudal/v1/%u/command",
+                "pattern write caudal/v1/%u/command/result",
+                "pattern read caudal/v1/%u/config/desired",
+                "user caudal-cloud",
+                "topic read caudal/v1/+/telemetry",
+                "topic write caudal/v1/+/ack",
+                "topic read caudal/v1/+/status",
+                "topic write caudal/v1/+/command",
+                "topic read caudal/v1/+/command/result",
+                "topic write caudal/v1/+/config/desired",
+            ]
+        );
     }
 
     #[test]

@@ -238,11 +238,12 @@ impl Default for MqttConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedBrokerConfig {
-    /// MQTT v3.1.1 listener, for agents. Port 0 picks a free port.
+    /// MQTT v3.1.1 listener, for agents. Port 0 picks a free port. Only a loopback address
+    /// without `authenticate`.
     #[serde(default = "default_embedded_v4")]
     pub listen: SocketAddr,
     /// MQTT v5 listener (the broker serves one protocol per port); the ingest connects here.
-    /// Port 0 picks a free port.
+    /// Port 0 picks a free port. Only a loopback address without `authenticate`.
     #[serde(default = "default_embedded_v5")]
     pub listen_v5: SocketAddr,
     /// Largest accepted MQTT payload, bytes.
@@ -252,7 +253,8 @@ pub struct EmbeddedBrokerConfig {
     #[serde(default = "default_max_connections_broker")]
     pub max_connections: usize,
     /// Require a login: agents with their site's credential (username = site id), the cloud's
-    /// ingest with `mqtt.username` and `mqtt.password` (then required).
+    /// ingest with `mqtt.username` and `mqtt.password` (then required). Each site's login then
+    /// publishes and reads only its own site's topics (`core::broker`).
     #[serde(default)]
     pub authenticate: bool,
 }
@@ -605,8 +607,21 @@ impl CloudConfig {
                          at the embedded broker"
                     .to_string(),
             };
-            if self.mqtt.username.as_deref().is_none_or(str::is_empty) {
+            let Some(user) = self.mqtt.username.as_deref().filter(|u| !u.is_empty()) else {
                 return Err(required("username"));
+            };
+            // The gate prefixes client ids with the login and rumqttd refuses these in one.
+            if let Some(c) = user
+                .chars()
+                .find(|c| matches!(c, '+' | '$' | '#' | '/' | ':'))
+            {
+                return Err(ConfigError::Mqtt {
+                    key: "username",
+                    reason: format!(
+                        "{user:?} contains {c:?}, which the embedded broker cannot take in a \
+                         login (mqtt.embedded.authenticate)"
+                    ),
+                });
             }
             if self
                 .mqtt
@@ -758,6 +773,18 @@ mod tests {
         )
         .expect("valid");
         assert!(c.mqtt.embedded.authenticate);
+        let e = CloudConfig::load(
+            None,
+            env(&[
+                on,
+                ("CAUDAL_MQTT__USERNAME", "caudal/cloud"),
+                ("CAUDAL_MQTT__PASSWORD", "a long secret"),
+            ]),
+        );
+        assert!(
+            matches!(&e, Err(ConfigError::Mqtt { key: "username", reason }) if reason.contains("'/'")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Catchment over real HTTP and MQTT: the role check of every sites, devices and points route,
 //! validation errors that name the field, duplicates, the round trip of each resource, site MQTT
 //! credentials at the embedded broker (wrong password refused, right one accepted, a batch stored
-//! and acknowledged), and the Mosquitto password file and documented ACL checked by a real
-//! Mosquitto (skipped, with a note, where `/usr/sbin/mosquitto` is not installed). Each API test
+//! and acknowledged), and the Mosquitto password and ACL files the CLI writes checked by a real
+//! Mosquitto with the cloud's ingest behind it: a site cannot publish in another's name, forge its
+//! own acks or read another's (skipped, with a note, where `/usr/sbin/mosquitto` is not installed). Each API test
 //! runs on a SQLite file, and on PostgreSQL when `CAUDAL_TEST_DATABASE_URL` is set.
 
 use crate::support;
@@ -834,6 +835,36 @@ fn password_of(out: &str) -> String {
         .to_string()
 }
 
+/// Polls until a SUBACK arrives: its return codes.
+async fn suback(eventloop: &mut EventLoop) -> Vec<rumqttc::SubscribeReasonCode> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(s))) = eventloop.poll().await {
+                return s.return_codes;
+            }
+        }
+    })
+    .await
+    .expect("a SUBACK")
+}
+
+/// Polls until a message arrives: its topic and the ack it carries.
+async fn first_ack(eventloop: &mut EventLoop) -> (String, Ack) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = eventloop.poll().await {
+                let ack: Ack = payload::decode(&p.payload).unwrap_or_else(|e| {
+                    let body = String::from_utf8_lossy(&p.payload);
+                    panic!("{}: expected the cloud's ack ({e}), got {body}", p.topic)
+                });
+                return (p.topic, ack);
+            }
+        }
+    })
+    .await
+    .expect("an ack")
+}
+
 /// Kills the Mosquitto this test started when the test ends, however it ends.
 struct Mosquitto(std::process::Child);
 
@@ -845,7 +876,7 @@ impl Drop for Mosquitto {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mosquitto_checks_the_exported_password_file() {
+async fn mosquitto_checks_the_exported_password_and_acl_files() {
     const MOSQUITTO: &str = "/usr/sbin/mosquitto";
     if !std::path::Path::new(MOSQUITTO).exists() {
         eprintln!("{MOSQUITTO} is not installed: the password file is checked by unit tests only");
@@ -874,20 +905,24 @@ async fn mosquitto_checks_the_exported_password_file() {
         "{file}"
     );
 
+    // The cloud's own user joins the sites' password file; the ACL is the generated one.
+    let cloud_line = format!(
+        "{CLOUD_USER}:{}\n",
+        caudal_cloud::catchment::credentials::hash(&Secret::new(CLOUD_PASSWORD))
+    );
     let passwd = dir.path().join("passwd");
-    std::fs::write(&passwd, &file).expect("write passwd");
+    std::fs::write(&passwd, format!("{file}{cloud_line}")).expect("write passwd");
+    let acl_file = cli(
+        &db,
+        dir.path(),
+        &["site", "mosquitto-acl", "--cloud-user", CLOUD_USER],
+    );
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, &acl_file).expect("write acl");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    // The ACL documented in docs/operations.md: agents only under their own site.
-    let acl = dir.path().join("acl");
-    std::fs::write(
-        &acl,
-        "pattern readwrite caudal/v1/%u/#\nuser caudal-cloud\ntopic read caudal/v1/+/telemetry\n\
-         topic read caudal/v1/+/status\ntopic write caudal/v1/+/ack\n",
-    )
-    .expect("write acl");
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &conf,
@@ -918,63 +953,124 @@ async fn mosquitto_checks_the_exported_password_file() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // The cloud's ingest through this Mosquitto, as its own user: the ACL lets it subscribe and
+    // acknowledge.
+    let mut c = support::config(&db);
+    c.mqtt.url = Some(format!("mqtt://{addr}"));
+    c.mqtt.username = Some(CLOUD_USER.to_string());
+    c.mqtt.password = Some(Secret::new(CLOUD_PASSWORD));
+    let cloud = Cloud::start(c).await.expect("cloud starts");
+    wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+
+    // pozo-norte plays the attacker, pozo-este the site attacked.
     let (north, mut north_loop) = mqtt_login(addr, "pozo-norte", &first)
         .await
         .expect("Mosquitto accepts the site's password");
     let (east, mut east_loop) = mqtt_login(addr, "pozo-este", &rotated)
         .await
         .expect("and the rotated one");
-
-    // The ACL: pozo-norte subscribes to every site but reads only its own; pozo-este writes only
-    // under its own site. Mosquitto handles packets in arrival order, so once pozo-norte's own
-    // marker comes back, anything the ACL let through would have arrived before it.
-    north
-        .subscribe("caudal/v1/#", QoS::AtLeastOnce)
+    east.subscribe("caudal/v1/pozo-este/ack", QoS::AtLeastOnce)
         .await
         .expect("subscribe");
-    let bounded = Duration::from_secs(10);
-    tokio::time::timeout(bounded, async {
-        while !matches!(
-            north_loop.poll().await,
-            Ok(Event::Incoming(Packet::SubAck(_)))
-        ) {}
-    })
-    .await
-    .expect("a SUBACK");
-    for topic in ["caudal/v1/pozo-este/status", "caudal/v1/pozo-norte/ack"] {
-        east.publish(topic, QoS::AtLeastOnce, false, "x")
+    assert_eq!(
+        suback(&mut east_loop).await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    north
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("caudal/v1/pozo-norte/ack".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("caudal/v1/pozo-este/ack".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("caudal/v1/#".into(), QoS::AtLeastOnce),
+        ])
+        .await
+        .expect("subscribe");
+    // Mosquitto 2.0 grants every filter and checks each message against the ACL when it
+    // would deliver it: what pozo-norte receives below is what counts.
+    assert_eq!(
+        suback(&mut north_loop).await[0],
+        rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+        "its own acks"
+    );
+
+    // pozo-norte publishes a batch in pozo-este's name, and an ack on its own ack topic; then
+    // its own batch, whose ack comes back. Mosquitto handles one client's packets in order.
+    let batch = |site: &str, id: &str, flow: f64| {
+        let mut v = json(include_str!("../../../docs/examples/batch.json"));
+        v["site"] = site.into();
+        v["batch"] = id.into();
+        v["readings"][0]["flow_lps"] = flow.into();
+        v.to_string()
+    };
+    for (topic, body) in [
+        (
+            "caudal/v1/pozo-este/telemetry",
+            batch("pozo-este", "forged-1", 999.0),
+        ),
+        (
+            "caudal/v1/pozo-norte/ack",
+            r#"{"v":1,"site":"pozo-norte","batch":"north-1","status":"accepted","seqs":[{"from":0,"to":9223372036854775807}]}"#
+                .to_string(),
+        ),
+        (
+            "caudal/v1/pozo-norte/telemetry",
+            batch("pozo-norte", "north-1", 1.0),
+        ),
+    ] {
+        north
+            .publish(topic, QoS::AtLeastOnce, false, body)
             .await
             .expect("publish");
     }
-    tokio::time::timeout(bounded, async {
-        let mut acked = 0;
-        while acked < 2 {
-            if let Ok(Event::Incoming(Packet::PubAck(_))) = east_loop.poll().await {
-                acked += 1;
-            }
-        }
-    })
+    let (topic, ack) = first_ack(&mut north_loop).await;
+    assert_eq!(topic, "caudal/v1/pozo-norte/ack");
+    assert_eq!(
+        (ack.batch.as_str(), ack.reason),
+        ("north-1", None),
+        "the first ack pozo-norte sees is the cloud's, of its own batch"
+    );
+
+    // pozo-este's genuine batch (the same seqs as the forgery) is stored as sent.
+    east.publish(
+        "caudal/v1/pozo-este/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        batch("pozo-este", "east-1", 12.5),
+    )
     .await
-    .expect("Mosquitto answered both publishes");
-    let marker = "caudal/v1/pozo-norte/telemetry";
+    .expect("publish");
+    let (_, ack) = first_ack(&mut east_loop).await;
+    assert_eq!(
+        ack.batch, "east-1",
+        "no ack of the forgery reached pozo-este"
+    );
+    assert_eq!(ack.status, AckStatus::Accepted);
+    let east_id = caudal_common::SiteId::new("pozo-este").expect("id");
+    let stored = caudal_cloud::telemetry::store::readings(cloud.db(), &east_id, 10)
+        .await
+        .expect("read");
+    assert_eq!(
+        stored.iter().map(|r| r.flow_lps).collect::<Vec<_>>(),
+        [Some(12.5), None],
+        "pozo-este's readings are its own"
+    );
+
+    // pozo-norte did not read pozo-este's ack: its next own ack is the next thing it gets.
     north
-        .publish(marker, QoS::AtLeastOnce, false, "m")
+        .publish(
+            "caudal/v1/pozo-norte/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            batch("pozo-norte", "north-2", 1.0),
+        )
         .await
         .expect("publish");
-    let received = tokio::time::timeout(bounded, async {
-        let mut topics = Vec::new();
-        loop {
-            if let Ok(Event::Incoming(Packet::Publish(p))) = north_loop.poll().await {
-                topics.push(p.topic.clone());
-                if p.topic == marker {
-                    return topics;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the marker comes back");
-    assert_eq!(received, [marker], "the ACL keeps sites apart");
+    let (topic, ack) = first_ack(&mut north_loop).await;
+    assert_eq!(
+        (topic.as_str(), ack.batch.as_str()),
+        ("caudal/v1/pozo-norte/ack", "north-2"),
+        "the ACL keeps sites apart"
+    );
 
     for (user, pw) in [
         ("pozo-norte", "wrong password"),
@@ -986,4 +1082,5 @@ async fn mosquitto_checks_the_exported_password_file() {
         };
         assert!(e.contains("refused"), "{user}: {e}");
     }
+    cloud.stop().await;
 }

@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod broker;
 mod console;
 mod ingest;
 mod processes;

@@ -12,4 +12,5 @@ mod disk_budget;
 mod duplicate_batch;
 mod normal_flow;
 mod rtu_fidelity;
+mod site_isolation;
 mod support;

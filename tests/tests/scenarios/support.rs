@@ -559,7 +559,7 @@ pub struct Scene {
     pub cloud: Proc,
     pub sites: Vec<Site>,
     mqtt: Mqtt,
-    http: SocketAddr,
+    pub http: SocketAddr,
     cloud_config: PathBuf,
     started: Instant,
     dir: tempfile::TempDir,
@@ -571,6 +571,23 @@ impl Scene {
     /// the cloud's configuration with every site registered. Nothing runs yet but the
     /// simulators (and a separate broker).
     pub async fn new(name: &'static str, broker: BrokerChoice, sites: &[SiteSpec]) -> Scene {
+        Scene::set_up(name, broker, sites, false).await
+    }
+
+    /// [`Scene::new`] with the embedded broker's authentication on (`mqtt.embedded.authenticate`):
+    /// the cloud logs in with its own user, each agent with its site's credential as `site add`
+    /// printed it. Through an external broker (`CAUDAL_TEST_MQTT_URL`) the logins are sent and
+    /// that broker's own rules apply.
+    pub async fn authenticated(name: &'static str, sites: &[SiteSpec]) -> Scene {
+        Scene::set_up(name, BrokerChoice::Embedded, sites, true).await
+    }
+
+    async fn set_up(
+        name: &'static str,
+        broker: BrokerChoice,
+        sites: &[SiteSpec],
+        authenticate: bool,
+    ) -> Scene {
         let turn = take_turn().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = CloudDb::create(dir.path()).await;
@@ -612,11 +629,20 @@ impl Scene {
              [database]\nurl = \"{}\"\nmax_connections = 4\n\n\
              [ingest]\ngroup = \"e2e-{run}\"\nworkers = 2\n\n\
              [log]\nlevel = \"info,sqlx=warn,rumqttd=warn,rumqttd::server::broker=off\"\n\n\
-             [mqtt]\nclient_id = \"caudal-cloud-e2e-{run}\"\nkeep_alive_s = 5\n{}",
+             [mqtt]\nclient_id = \"caudal-cloud-e2e-{run}\"\nkeep_alive_s = 5\n{}{}",
             dir.path().join("cloud").display(),
             db.url(),
+            if authenticate {
+                "username = \"caudal-cloud\"\npassword = \"the cloud's own e2e password\"\n"
+            } else {
+                ""
+            },
             mqtt.cloud_toml(),
         );
+        let toml = match (&mqtt, authenticate) {
+            (Mqtt::Embedded { .. }, true) => format!("{toml}authenticate = true\n"),
+            _ => toml,
+        };
         std::fs::write(&cloud_config, toml).expect("cloud config written");
         let cfg = cloud_config.display().to_string();
         let cloud = Proc::new(
@@ -638,7 +664,23 @@ impl Scene {
             _turn: turn,
         };
         for s in &scene.sites {
-            scene.cloud_cli(&["site", "add", "--id", &s.id, "--name", &s.id]);
+            let out = scene.cloud_cli(&["site", "add", "--id", &s.id, "--name", &s.id]);
+            if authenticate {
+                let password = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix("mqtt password: "))
+                    .unwrap_or_else(|| panic!("no password in {out:?}"));
+                let agent = std::fs::read_to_string(&s.config_path).expect("agent config");
+                let agent = agent.replacen(
+                    "[uplink]\n",
+                    &format!(
+                        "[uplink]\nusername = \"{}\"\npassword = \"{password}\"\n",
+                        s.id
+                    ),
+                    1,
+                );
+                std::fs::write(&s.config_path, agent).expect("agent config written");
+            }
         }
         eprintln!(
             "{name}: {} sites, database {}, broker {}, directory {}",
