@@ -4,7 +4,8 @@
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
 //! access check), [`catchment`] (catchment points, sites and their MQTT credentials, devices),
-//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts), [`cli`] (the command line
+//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts), [`compliance`]
+//! (what is declared to the regulator: settings, slots, the DGA submitter), [`cli`] (the command line
 //! `main.rs` calls). The whole process is wired in [`Cloud::start`], so the flow reads in one
 //! place:
 //!
@@ -20,6 +21,7 @@
 
 pub mod catchment;
 pub mod cli;
+pub mod compliance;
 pub mod core;
 pub mod telemetry;
 pub mod users;
@@ -57,6 +59,8 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error("compliance: {0}")]
+    Compliance(String),
     #[error("a task stopped unexpectedly: {0}")]
     Task(String),
 }
@@ -117,6 +121,12 @@ impl Cloud {
             telemetry::start(&config, &url, &db, &mut registry, &shutdown, &mut tasks)?;
         }
 
+        let keys = compliance::keyring(&config);
+        if services.contains(Service::Compliance) {
+            compliance::start(&config, &keys, &db, &mut registry, &shutdown, &mut tasks)
+                .map_err(StartError::Compliance)?;
+        }
+
         let api_state = ApiState {
             db: db.clone(),
             keys: Arc::new(TokenKeys::from_config(&config.auth)),
@@ -134,6 +144,9 @@ impl Cloud {
         }
         if services.contains(Service::Telemetry) {
             api = api.merge(telemetry::routes());
+        }
+        if services.contains(Service::Compliance) {
+            api = api.merge(compliance::routes(keys));
         }
         let (router, paths) = core::http::core_routes(db.clone(), metrics)
             .merge(api.with_state(api_state))
