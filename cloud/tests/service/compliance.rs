@@ -1,0 +1,603 @@
+//! The compliance submitter against a fake DGA over real HTTP on loopback, on a SQLite file
+//! (and PostgreSQL when `CAUDAL_TEST_DATABASE_URL` is set), with telemetry stored by the real
+//! store and time moved by the test: the manual's format on the wire, every fault operators saw,
+//! and the durability rule — an accepted slot is never POSTed again, across retries, restarts
+//! and a crash between states.
+
+use crate::fake_dga::{FakeDga, Fault};
+use caudal_cloud::catchment::point::{self, NewPoint};
+use caudal_cloud::catchment::site;
+use caudal_cloud::compliance::dga::HttpDga;
+use caudal_cloud::compliance::secret::{Password, Sealer};
+use caudal_cloud::compliance::settings::{self, PointBody, SettingsBody};
+use caudal_cloud::compliance::store::{self, Mode, Slot, SlotState, Source};
+use caudal_cloud::compliance::submitter::{Clock, ComplianceMetrics, Submitter};
+use caudal_cloud::core::config::ComplianceConfig;
+use caudal_cloud::core::db::Db;
+use caudal_cloud::telemetry::store as telemetry_store;
+use caudal_common::{Batch, DeviceId, Reading, Seq, SiteId};
+use caudal_testkit::database::TestDb;
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A clock the test moves.
+#[derive(Debug)]
+struct TestClock(Mutex<DateTime<Utc>>);
+
+impl TestClock {
+    fn set(&self, t: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+    fn advance(&self, d: Duration) {
+        let now = self.now();
+        self.set(now + d);
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+const OBRA: &str = "OB-0101-114";
+
+/// 2026-04-04 00:00 UTC-4: the slots run across Chile's April change of civil time.
+fn start() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-04-04T04:00:00Z")
+        .map(|t| t.with_timezone(&Utc))
+        .expect("time")
+}
+
+struct Rig {
+    name: String,
+    db: Db,
+    fake: FakeDga,
+    clock: Arc<TestClock>,
+    sealer: Arc<Sealer>,
+    point: i64,
+    seq: u32,
+}
+
+fn config() -> ComplianceConfig {
+    ComplianceConfig {
+        post_timeout_s: 1,
+        get_timeout_s: 1,
+        settle_s: 300,
+        max_attempts: 3,
+        ..ComplianceConfig::default()
+    }
+}
+
+impl Rig {
+    async fn new(t: &TestDb) -> Rig {
+        let db = Db::connect(&t.url, 4).await.expect("connect");
+        db.migrate().await.expect("migrate");
+        let fake = FakeDga::start().await;
+        let site = SiteId::new("pozo-1").expect("site");
+        site::add(&db, &site, "Pozo 1").await.expect("site");
+        let new: NewPoint = serde_json::from_value(serde_json::json!({
+            "name": "Pozo 1", "kind": "groundwater", "obra_code": OBRA,
+            "dga_standard": "mayor", "informant_rut": "20999888-2",
+            "authorized_flow_lps": 20.0, "level_sensor_depth_m": 30.0,
+        }))
+        .expect("point");
+        let p = point::create(&db, &new).await.expect("create point");
+        let now = start();
+        settings::put_settings(
+            &db,
+            &SettingsBody {
+                dga_base_url: Some(fake.base_url()),
+                rut_empresa: Some("77555666-8".parse().expect("rut")),
+            },
+            "test",
+            now,
+        )
+        .await
+        .expect("settings");
+        let src = Some(Source {
+            site: "pozo-1".into(),
+            device: "fm1".into(),
+        });
+        settings::put_point(
+            &db,
+            p.id,
+            &PointBody {
+                flow: src.clone(),
+                total: src.clone(),
+                level: src,
+                mode: Some(Mode::On),
+                start_date: NaiveDate::from_ymd_opt(2026, 4, 4),
+                ..PointBody::default()
+            },
+            "test",
+            now,
+        )
+        .await
+        .expect("point settings");
+        let sealer = Arc::new(Sealer::new(&[9u8; 32]).expect("key"));
+        settings::put_password(
+            &db,
+            Some(&sealer),
+            p.id,
+            &Password::new("clave-mee"),
+            "test",
+            now,
+        )
+        .await
+        .expect("password");
+        Rig {
+            name: t.name.to_string(),
+            db,
+            fake,
+            clock: Arc::new(TestClock(Mutex::new(now))),
+            sealer,
+            point: p.id,
+            seq: 0,
+        }
+    }
+
+    /// Readings every 15 minutes over `[from, to)`: 10 L/s, 9 m³ per 15 minutes, a 20.15 m
+    /// water column over the sensor; `total` gives the totalizer at each time.
+    async fn readings(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        total: impl Fn(DateTime<Utc>) -> f64,
+    ) {
+        let mut readings = Vec::new();
+        let mut t = from;
+        while t < to {
+            self.seq += 1;
+            readings.push(Reading {
+                seq: Seq::new(1, self.seq),
+                device: DeviceId::new("fm1").expect("device"),
+                ts: t,
+                q: Default::default(),
+                flow_lps: Some(10.0),
+                total_m3: Some(total(t)),
+                level_m: Some(20.15),
+                extra: Default::default(),
+            });
+            t += Duration::minutes(15);
+        }
+        let batch = Batch {
+            v: 1,
+            site: SiteId::new("pozo-1").expect("site"),
+            batch: format!("b-{}", self.seq),
+            sent_at: to,
+            readings,
+            events: vec![],
+            gaps: vec![],
+        };
+        telemetry_store::store_batch(&self.db, &batch, to)
+            .await
+            .expect("store");
+    }
+
+    fn submitter(&self) -> Submitter<HttpDga, TestClock> {
+        let c = config();
+        let client = HttpDga::new(
+            std::time::Duration::from_secs(c.post_timeout_s),
+            std::time::Duration::from_secs(c.get_timeout_s),
+        )
+        .expect("client");
+        Submitter::new(
+            self.db.clone(),
+            Arc::new(client),
+            self.clock.clone(),
+            Some(self.sealer.clone()),
+            c,
+            ComplianceMetrics::default(),
+        )
+    }
+
+    async fn slots(&self) -> Vec<Slot> {
+        store::slots(
+            &self.db,
+            self.point,
+            start() - Duration::days(1),
+            start() + Duration::days(30),
+            None,
+            10_000,
+        )
+        .await
+        .expect("slots")
+    }
+
+    async fn rounds(&self, s: &Submitter<HttpDga, TestClock>, n: usize) {
+        for _ in 0..n {
+            s.round().await.expect("round");
+            self.clock.advance(Duration::minutes(5));
+        }
+    }
+
+    /// The durability rule, checked on the fake's log: no slot was POSTed after the POST that
+    /// stored it at the DGA, except the one repeat that recovers a receipt (the duplicate-400),
+    /// and every accepted slot carries the receipt the DGA stored.
+    async fn assert_never_twice(&self) {
+        let posts = self.fake.posts();
+        let mut per_slot: HashMap<(String, String), usize> = HashMap::new();
+        for p in &posts {
+            *per_slot.entry(p.slot()).or_default() += 1;
+        }
+        for s in self.slots().await {
+            if s.state.is_accepted() {
+                let stored = self.fake.stored(OBRA, &s.fecha, &s.hora);
+                assert!(
+                    stored.is_some(),
+                    "{}: {} {} accepted but not stored",
+                    self.name,
+                    s.fecha,
+                    s.hora
+                );
+                if s.state != SlotState::AcceptedNoReceipt {
+                    assert_eq!(
+                        s.receipt, stored,
+                        "{}: receipt of {} {}",
+                        self.name, s.fecha, s.hora
+                    );
+                }
+                let exchanges = store::exchanges(&self.db, self.point, s.slot_at)
+                    .await
+                    .expect("exchanges");
+                // Every POST is in the exchange log; a row may have no POST (a crash after the
+                // claim, before the request left), never the reverse.
+                let posted = per_slot
+                    .get(&(s.fecha.clone(), s.hora.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                let answered = exchanges.iter().filter(|x| x.http_status.is_some()).count();
+                assert!(
+                    answered <= posted && posted <= exchanges.len(),
+                    "{}: {posted} POSTs, exchanges {exchanges:?}",
+                    self.name
+                );
+                let last = exchanges.last().expect("an exchange");
+                assert!(
+                    matches!(
+                        last.outcome.as_deref(),
+                        Some("accepted" | "duplicate" | "accepted_no_receipt")
+                    ),
+                    "{}: the accepting exchange is the last one: {exchanges:?}",
+                    self.name
+                );
+            }
+        }
+        assert!(
+            self.fake.violations().is_empty(),
+            "{}: {:?}",
+            self.name,
+            self.fake.violations()
+        );
+    }
+}
+
+fn states(slots: &[Slot]) -> Vec<SlotState> {
+    slots.iter().map(|s| s.state).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_ends_accepted_once_and_nothing_accepted_is_sent_again() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let base = 1000.0;
+        let total = move |ts: DateTime<Utc>| base + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(8),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(7) + Duration::minutes(10));
+        rig.fake.script(&[
+            Fault::TimeoutThatStores(std::time::Duration::from_secs(3)),
+            Fault::ServerError,
+            Fault::Reset,
+            Fault::Html,
+            Fault::OkWithoutReceipt,
+        ]);
+        let sub = rig.submitter();
+        sub.recover().await.expect("recover");
+        // One slot per round for the point: eight rounds send the eight slots once each.
+        rig.rounds(&sub, 10).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots.len(), 8, "{}", rig.name);
+        use SlotState::*;
+        assert_eq!(
+            states(&slots),
+            vec![
+                Failed,
+                Failed,
+                Failed,
+                Failed,
+                AcceptedNoReceipt,
+                Accepted,
+                Accepted,
+                Accepted
+            ],
+            "{}",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 8, "{}", rig.name);
+        // The manual's format on the wire, UTC-4 across the change of civil time.
+        let first = &rig.fake.posts()[0];
+        assert_eq!(
+            first.slot(),
+            ("2026-04-04".to_string(), "00:00:00".to_string())
+        );
+        let m = &first.body["medicionSubterranea"];
+        assert_eq!(m["caudal"], "10.00");
+        assert_eq!(m["totalizador"], "1000");
+        assert_eq!(m["nivelFreaticoDelPozo"], "9.85");
+        assert_eq!(first.body["autenticacion"]["rutEmpresa"], "77555666-8");
+        assert_eq!(first.body["autenticacion"]["password"], "clave-mee");
+        let exchanges = store::exchanges(&rig.db, rig.point, slots[0].slot_at)
+            .await
+            .expect("x");
+        assert_eq!(
+            exchanges[0].request["body"]["autenticacion"]["password"],
+            "****"
+        );
+        assert!(
+            slots[0]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no answer within 1 s")),
+            "{:?}",
+            slots[0].reason
+        );
+        assert!(
+            slots[3]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("not the API's JSON")),
+            "{:?}",
+            slots[3].reason
+        );
+
+        // A day later the four failed slots go again, one per round; the one whose timeout had
+        // stored it comes back as the duplicate with the DGA's receipt.
+        rig.clock.advance(Duration::days(1));
+        rig.rounds(&sub, 6).await;
+        let slots = rig.slots().await;
+        assert_eq!(
+            states(&slots[..8]),
+            vec![
+                AcceptedDuplicate,
+                Accepted,
+                Accepted,
+                Accepted,
+                AcceptedNoReceipt,
+                Accepted,
+                Accepted,
+                Accepted
+            ],
+            "{}",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 12, "{}", rig.name);
+        assert_eq!(rig.fake.stored_count(), 8, "{}", rig.name);
+        // The day after had no telemetry: its slots are held for missing data, never sent.
+        assert!(
+            slots[8..]
+                .iter()
+                .all(|s| s.state == Held && s.reason.as_deref() == Some("no_data")),
+            "{}",
+            rig.name
+        );
+
+        // Restarts and days of rounds send nothing more.
+        for _ in 0..3 {
+            let again = rig.submitter();
+            again.recover().await.expect("recover");
+            rig.clock.advance(Duration::days(1));
+            rig.rounds(&again, 3).await;
+        }
+        assert_eq!(rig.fake.posts().len(), 12, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_states_never_sends_an_accepted_slot_again() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(3),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(1) + Duration::minutes(10));
+        // The process dies while its POST is out: the DGA stores it, the answer never arrives.
+        rig.fake
+            .script(&[Fault::TimeoutThatStores(std::time::Duration::from_secs(30))]);
+        let sub = rig.submitter();
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(500), sub.round()).await;
+        assert!(cut.is_err(), "the round was cut while the POST was out");
+        drop(sub);
+        let slots = rig.slots().await;
+        assert_eq!(
+            slots[0].state,
+            SlotState::InFlight,
+            "{}: committed before the POST",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 1);
+
+        // The process dies after committing the second slot as in flight, before its POST.
+        let at = slots[1].slot_at;
+        assert!(
+            store::claim(
+                &rig.db,
+                rig.point,
+                at,
+                &serde_json::json!({}),
+                rig.clock.now()
+            )
+            .await
+            .expect("claim")
+            .is_some()
+        );
+
+        // Restart: both are unanswered, so failed and due a day after their send.
+        let sub = rig.submitter();
+        assert_eq!(sub.recover().await.expect("recover"), 2, "{}", rig.name);
+        rig.rounds(&sub, 3).await;
+        assert_eq!(
+            rig.fake.posts().len(),
+            1,
+            "{}: nothing is due before a day",
+            rig.name
+        );
+        rig.clock.advance(Duration::days(1));
+        rig.rounds(&sub, 4).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots[0].state, SlotState::AcceptedDuplicate, "{}", rig.name);
+        assert_eq!(slots[1].state, SlotState::Accepted, "{}", rig.name);
+        // The next hour's slot, built meanwhile, goes once too.
+        assert_eq!(slots[2].state, SlotState::Accepted, "{}", rig.name);
+        assert_eq!(rig.fake.posts().len(), 4, "{}", rig.name);
+
+        // A crash right after an acceptance was recorded: a restart sends nothing again.
+        let sub = rig.submitter();
+        assert_eq!(sub.recover().await.expect("recover"), 0);
+        rig.clock.advance(Duration::days(2));
+        rig.rounds(&sub, 3).await;
+        assert_eq!(rig.fake.posts().len(), 4, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_informante_stops_that_obra_until_its_settings_change() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(4),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(3) + Duration::minutes(10));
+        rig.fake.script(&[Fault::WrongInformant]);
+        let sub = rig.submitter();
+        rig.rounds(&sub, 4).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots[0].state, SlotState::RejectedConfig, "{}", rig.name);
+        assert!(
+            slots[1..].iter().all(|s| s.state == SlotState::Pending),
+            "{}",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 1, "{}: the obra stopped", rig.name);
+        let c = store::point_config(&rig.db, rig.point)
+            .await
+            .expect("c")
+            .expect("config");
+        assert!(
+            c.stopped_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no es el informante"))
+        );
+
+        // Fixing the password clears the stop; the pending slots go, the refused one stays.
+        settings::put_password(
+            &rig.db,
+            Some(&rig.sealer),
+            rig.point,
+            &Password::new("nueva"),
+            "ops",
+            rig.clock.now(),
+        )
+        .await
+        .expect("password");
+        rig.rounds(&sub, 4).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots[0].state, SlotState::RejectedConfig);
+        assert!(
+            slots[1..].iter().all(|s| s.state == SlotState::Accepted),
+            "{:?}",
+            states(&slots)
+        );
+        assert_eq!(rig.fake.posts().len(), 4, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_slot_is_sent_only_once_a_person_releases_it() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        // The totalizer freezes after the first hour while flow stays at 10 L/s.
+        let total = |ts: DateTime<Utc>| {
+            1000.0 + (ts.min(start() + Duration::hours(1)) - start()).num_minutes() as f64 * 0.6
+        };
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(4),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(3) + Duration::minutes(10));
+        let sub = rig.submitter();
+        rig.rounds(&sub, 6).await;
+        let slots = rig.slots().await;
+        use SlotState::*;
+        assert_eq!(
+            states(&slots),
+            vec![Accepted, Accepted, Held, Held],
+            "{}",
+            rig.name
+        );
+        assert_eq!(slots[2].reason.as_deref(), Some("totalizer_frozen"));
+        assert!(slots[2].detail.contains("unchanged"), "{}", slots[2].detail);
+        assert_eq!(rig.fake.posts().len(), 2);
+
+        let now = rig.clock.now();
+        let r =
+            settings::review(&rig.db, rig.point, slots[2].slot_at, true, "ops@x", "", now).await;
+        assert!(r.is_err(), "a release needs a note");
+        settings::review(
+            &rig.db,
+            rig.point,
+            slots[2].slot_at,
+            true,
+            "ops@x",
+            "meter checked on site",
+            now,
+        )
+        .await
+        .expect("release");
+        settings::review(
+            &rig.db,
+            rig.point,
+            slots[3].slot_at,
+            false,
+            "ops@x",
+            "pump was off",
+            now,
+        )
+        .await
+        .expect("discard");
+        rig.rounds(&sub, 3).await;
+        let slots = rig.slots().await;
+        assert_eq!(
+            states(&slots),
+            vec![Accepted, Accepted, Accepted, Discarded],
+            "{}",
+            rig.name
+        );
+        assert_eq!(slots[2].reviewed_by.as_deref(), Some("ops@x"));
+        assert_eq!(rig.fake.posts().len(), 3, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
