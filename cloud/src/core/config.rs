@@ -870,6 +870,23 @@ mod tests {
     }
 
     #[test]
+    fn alerts_and_compliance_take_environment_overrides() {
+        let c = CloudConfig::load(
+            None,
+            env(&[
+                ("CAUDAL_ALERTS__ENABLED", "false"),
+                ("CAUDAL_COMPLIANCE__KEY", "a2V5"),
+                ("CAUDAL_COMPLIANCE__POST_TIMEOUT_S", "20"),
+            ]),
+        )
+        .expect("valid");
+        assert!(!c.alerts.enabled);
+        assert_eq!(c.compliance.key.as_ref().map(Secret::expose), Some("a2V5"));
+        assert_eq!(c.compliance.post_timeout_s, 20);
+        assert_eq!(c.compliance.get_timeout_s, 10);
+    }
+
+    #[test]
     fn example_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/cloud.example.toml");
         let c = CloudConfig::load(Some(&path), Vec::new()).expect("example parses");
