@@ -37,6 +37,7 @@ CREATE TABLE compliance_points (
     -- Set when the DGA refused the configuration (wrong informante or password): nothing more is
     -- sent for the point until its settings change.
     stopped_reason  TEXT,
+    stopped_at      INTEGER,
     updated_at      INTEGER NOT NULL,
     updated_by      TEXT    NOT NULL
 );

@@ -230,6 +230,7 @@ pub async fn put_point(
         flow_method: body.flow_method,
         low_flow_lps: low,
         stopped_reason: None,
+        stopped_at: None,
         updated_at: now,
         updated_by: by.to_string(),
     };
@@ -259,6 +260,7 @@ pub async fn put_password(
         .ok_or(SettingsError::NotConfigured(id))?;
     c.password_enc = Some(sealer.seal(id, password)?);
     c.stopped_reason = None;
+    c.stopped_at = None;
     c.updated_at = now;
     c.updated_by = by.to_string();
     store::put_point_config(db, &c, &serde_json::json!({ "password": REDACTED })).await?;

@@ -167,13 +167,14 @@ pub struct PointConfig {
     pub flow_method: Option<FlowMethod>,
     pub low_flow_lps: f64,
     pub stopped_reason: Option<String>,
+    pub stopped_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
     pub updated_by: String,
 }
 
 const POINT_COLUMNS: &str = "point_id, endpoint, password_enc, flow_site, flow_device, \
     total_site, total_device, level_site, level_device, mode, start_at, period, flow_method, \
-    low_flow_lps, stopped_reason, updated_at, updated_by";
+    low_flow_lps, stopped_reason, stopped_at, updated_at, updated_by";
 
 fn source(site: Option<String>, device: Option<String>) -> Option<Source> {
     Some(Source {
@@ -200,6 +201,7 @@ macro_rules! point_config {
             flow_method: parse(r.try_get("flow_method")?)?,
             low_flow_lps: r.try_get("low_flow_lps")?,
             stopped_reason: r.try_get("stopped_reason")?,
+            stopped_at: opt_time!(r, "stopped_at", $from_row),
             updated_at: $from_row(r, "updated_at")?,
             updated_by: r.try_get("updated_by")?,
         })
@@ -236,8 +238,8 @@ pub async fn put_point_config(
 ) -> Result<(), StoreError> {
     let sql = "INSERT INTO compliance_points (point_id, endpoint, password_enc, flow_site, \
          flow_device, total_site, total_device, level_site, level_device, mode, start_at, period, \
-         flow_method, low_flow_lps, stopped_reason, updated_at, updated_by) VALUES ($1, $2, $3, \
-         $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+         flow_method, low_flow_lps, stopped_reason, stopped_at, updated_at, updated_by) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          ON CONFLICT (point_id) DO UPDATE SET endpoint = excluded.endpoint, \
          password_enc = excluded.password_enc, flow_site = excluded.flow_site, \
          flow_device = excluded.flow_device, total_site = excluded.total_site, \
@@ -245,7 +247,8 @@ pub async fn put_point_config(
          level_device = excluded.level_device, mode = excluded.mode, \
          start_at = excluded.start_at, period = excluded.period, \
          flow_method = excluded.flow_method, low_flow_lps = excluded.low_flow_lps, \
-         stopped_reason = excluded.stopped_reason, updated_at = excluded.updated_at, \
+         stopped_reason = excluded.stopped_reason, stopped_at = excluded.stopped_at, \
+         updated_at = excluded.updated_at, \
          updated_by = excluded.updated_by";
     let part = |s: &Option<Source>| {
         (
@@ -274,6 +277,7 @@ pub async fn put_point_config(
             .bind(c.flow_method.map(FlowMethod::as_str))
             .bind(c.low_flow_lps)
             .bind(c.stopped_reason.clone())
+            .bind(c.stopped_at.map(to_db))
             .bind(to_db(c.updated_at))
             .bind(&c.updated_by)
             .execute(&mut *tx)
@@ -357,15 +361,47 @@ pub async fn audit_rows(
 }
 
 /// Stops a point after the DGA refused its configuration.
-pub async fn stop_point(db: &Db, point: i64, reason: &str) -> Result<(), StoreError> {
-    each_db!(db, |p, _to, _from| {
-        sqlx::query("UPDATE compliance_points SET stopped_reason = $2 WHERE point_id = $1")
-            .bind(point)
-            .bind(reason)
-            .execute(p)
-            .await?;
+pub async fn stop_point(
+    db: &Db,
+    point: i64,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    each_db!(db, |p, to_db, _from| {
+        sqlx::query(
+            "UPDATE compliance_points SET stopped_reason = $2, stopped_at = $3 WHERE point_id = $1",
+        )
+        .bind(point)
+        .bind(reason)
+        .bind(to_db(now))
+        .execute(p)
+        .await?;
     });
     Ok(())
+}
+
+/// A point whose reporting the DGA stopped, for the alert rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stopped {
+    pub point_id: i64,
+    pub reason: String,
+    pub since: DateTime<Utc>,
+}
+
+/// Every point whose reporting is stopped (mode not `off`).
+pub async fn stopped(db: &Db) -> Result<Vec<Stopped>, StoreError> {
+    Ok(point_configs(db)
+        .await?
+        .into_iter()
+        .filter(|c| c.mode != Mode::Off)
+        .filter_map(|c| {
+            Some(Stopped {
+                point_id: c.point_id,
+                reason: c.stopped_reason?,
+                since: c.stopped_at.unwrap_or(c.updated_at),
+            })
+        })
+        .collect())
 }
 
 /// Where a slot is in its life; see the module doc of `submitter`.

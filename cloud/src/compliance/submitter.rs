@@ -598,7 +598,7 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         store::record(&self.db, slot.point_id, slot.slot_at, &a, now).await?;
         match &outcome {
             Outcome::RejectedConfig { message } => {
-                store::stop_point(&self.db, slot.point_id, message).await?;
+                store::stop_point(&self.db, slot.point_id, message, now).await?;
                 tracing::error!(
                     point = slot.point_id,
                     message = %message,

@@ -12,8 +12,11 @@ use caudal_cloud::compliance::secret::{Password, Sealer};
 use caudal_cloud::compliance::settings::{self, PointBody, SettingsBody};
 use caudal_cloud::compliance::store::{self, Mode, Slot, SlotState, Source};
 use caudal_cloud::compliance::submitter::{Clock, ComplianceMetrics, Submitter};
-use caudal_cloud::core::config::ComplianceConfig;
+use caudal_cloud::core::config::{AlertsConfig, ComplianceConfig};
 use caudal_cloud::core::db::Db;
+use caudal_cloud::telemetry::alert::{
+    self, AlertKind, AlertMetrics, AlertState, Evaluator, Filter,
+};
 use caudal_cloud::telemetry::store as telemetry_store;
 use caudal_common::{Batch, DeviceId, Reading, Seq, SiteId};
 use caudal_testkit::database::TestDb;
@@ -507,6 +510,30 @@ async fn a_wrong_informante_stops_that_obra_until_its_settings_change() {
                 .as_deref()
                 .is_some_and(|r| r.contains("no es el informante"))
         );
+        // An alert is raised while the obra is stopped, and clears once its settings change.
+        let evaluator = Evaluator::new(
+            AlertsConfig::default(),
+            rig.db.clone(),
+            AlertMetrics::default(),
+        );
+        let stopped = |db: Db| async move {
+            let f = Filter {
+                state: Some(AlertState::Open),
+                kind: Some(AlertKind::ComplianceStopped),
+                limit: 10,
+                ..Filter::default()
+            };
+            alert::list(&db, &f).await.expect("alerts")
+        };
+        evaluator.evaluate(rig.clock.now()).await;
+        let open = stopped(rig.db.clone()).await;
+        assert_eq!(open.len(), 1, "{}", rig.name);
+        assert_eq!(open[0].point_id, Some(rig.point));
+        assert!(
+            open[0].message.contains("no es el informante"),
+            "{}",
+            open[0].message
+        );
 
         // Fixing the password clears the stop; the pending slots go, the refused one stays.
         settings::put_password(
@@ -519,6 +546,12 @@ async fn a_wrong_informante_stops_that_obra_until_its_settings_change() {
         )
         .await
         .expect("password");
+        evaluator.evaluate(rig.clock.now()).await;
+        assert!(
+            stopped(rig.db.clone()).await.is_empty(),
+            "{}: the alert cleared",
+            rig.name
+        );
         rig.rounds(&sub, 4).await;
         let slots = rig.slots().await;
         assert_eq!(slots[0].state, SlotState::RejectedConfig);
@@ -598,6 +631,74 @@ async fn a_held_slot_is_sent_only_once_a_person_releases_it() {
         );
         assert_eq!(slots[2].reviewed_by.as_deref(), Some("ops@x"));
         assert_eq!(rig.fake.posts().len(), 3, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_missing_its_configuration_holds_only_that_obra() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(3),
+            total,
+        )
+        .await;
+        // A second obra on the same meter, with no password set.
+        let new: NewPoint = serde_json::from_value(serde_json::json!({
+            "name": "Pozo 2", "kind": "groundwater", "obra_code": "OB-0101-115",
+            "dga_standard": "mayor", "informant_rut": "20999888-2", "level_sensor_depth_m": 30.0,
+        }))
+        .expect("point");
+        let p2 = point::create(&rig.db, &new).await.expect("point 2").id;
+        let src = Some(Source {
+            site: "pozo-1".into(),
+            device: "fm1".into(),
+        });
+        let body = PointBody {
+            flow: src.clone(),
+            total: src.clone(),
+            level: src,
+            mode: Some(Mode::On),
+            start_date: NaiveDate::from_ymd_opt(2026, 4, 4),
+            ..PointBody::default()
+        };
+        settings::put_point(&rig.db, p2, &body, "test", rig.clock.now())
+            .await
+            .expect("p2");
+        rig.clock
+            .set(start() + Duration::hours(2) + Duration::minutes(10));
+        let sub = rig.submitter();
+        rig.rounds(&sub, 4).await;
+        let first = rig.slots().await;
+        assert!(
+            first.iter().all(|s| s.state == SlotState::Accepted),
+            "{}: {:?}",
+            rig.name,
+            states(&first)
+        );
+        let second = store::slots(&rig.db, p2, start(), start() + Duration::days(1), None, 100)
+            .await
+            .expect("slots");
+        assert_eq!(second.len(), 3, "{}", rig.name);
+        assert!(
+            second.iter().all(|s| s.state == SlotState::Pending),
+            "{:?}",
+            states(&second)
+        );
+        assert_eq!(
+            second[0].reason.as_deref(),
+            Some(format!("point {p2}: no informante password").as_str())
+        );
+        assert_eq!(
+            rig.fake.posts().len(),
+            3,
+            "{}: only the first obra sent",
+            rig.name
+        );
+        assert!(rig.fake.posts().iter().all(|p| p.obra == OBRA));
         rig.assert_never_twice().await;
     }
 }
