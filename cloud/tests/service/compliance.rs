@@ -197,13 +197,14 @@ impl Rig {
     }
 
     async fn slots(&self) -> Vec<Slot> {
+        let far = Duration::days(3650);
         store::slots(
             &self.db,
             self.point,
-            start() - Duration::days(1),
-            start() + Duration::days(30),
+            start() - far,
+            start() + far,
             None,
-            10_000,
+            100_000,
         )
         .await
         .expect("slots")
@@ -699,6 +700,177 @@ async fn a_point_missing_its_configuration_holds_only_that_obra() {
             rig.name
         );
         assert!(rig.fake.posts().iter().all(|p| p.obra == OBRA));
+        rig.assert_never_twice().await;
+    }
+}
+
+/// Waits up to `secs` for `done`, polling.
+async fn until<F, Fut>(secs: u64, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The real `caudal-cloud` binary, killed (SIGKILL) while its POST is out: the slot was
+/// committed in flight before the request left, the restarted process treats it as unanswered,
+/// and its next send finds the measurement stored and takes the receipt; nothing is POSTed
+/// after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_killed_mid_post_never_sends_an_accepted_slot_again() {
+    let _turn = caudal_testkit::process::take_turn().await;
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        // Today's slots, in real time: from 00:00 UTC-4 of three hours ago.
+        let now = Utc::now();
+        let day = (now - Duration::hours(3))
+            .with_timezone(&caudal_cloud::compliance::slot::dga_zone())
+            .date_naive();
+        let first = caudal_cloud::compliance::slot::start_of(day);
+        let total = move |ts: DateTime<Utc>| 1000.0 + (ts - first).num_minutes() as f64 * 0.6;
+        rig.readings(
+            first - Duration::hours(1),
+            now + Duration::minutes(1),
+            total,
+        )
+        .await;
+        let src = Some(Source {
+            site: "pozo-1".into(),
+            device: "fm1".into(),
+        });
+        let body = PointBody {
+            flow: src.clone(),
+            total: src.clone(),
+            level: src,
+            mode: Some(Mode::On),
+            start_date: Some(day),
+            ..PointBody::default()
+        };
+        settings::put_point(&rig.db, rig.point, &body, "test", now)
+            .await
+            .expect("settings");
+        rig.fake
+            .script(&[Fault::TimeoutThatStores(std::time::Duration::from_secs(
+                120,
+            ))]);
+
+        let dir = tempfile::tempdir().expect("dir");
+        let http = caudal_testkit::loopback::free_addr();
+        let config = dir.path().join("cloud.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "services = [\"compliance\"]\ndata_dir = {:?}\n[http]\nlisten = \"{http}\"\n\
+                 [database]\nurl = {:?}\n[auth]\njwt_secret = {:?}\n[compliance]\n\
+                 key = \"CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\"\ninterval_s = 1\n\
+                 settle_s = 60\npost_timeout_s = 60\n",
+                dir.path().display().to_string(),
+                t.url,
+                crate::support::JWT_SECRET
+            ),
+        )
+        .expect("config");
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_caudal-cloud"));
+        let cfg = config.display().to_string();
+        let mut cloud = caudal_testkit::process::Proc::new(
+            "cloud",
+            dir.path(),
+            bin,
+            &["--config", &cfg, "run"],
+        );
+        cloud.spawn();
+        let fake = rig.fake.clone();
+        until(30, "the first POST", || {
+            let fake = fake.clone();
+            async move { !fake.posts().is_empty() }
+        })
+        .await;
+        cloud
+            .signal_and_reap(9, std::time::Duration::from_secs(10))
+            .expect("killed");
+        let slots = rig.slots().await;
+        let sent = slots[0].slot_at;
+        assert_eq!(
+            slots[0].state,
+            SlotState::InFlight,
+            "{}: {}",
+            rig.name,
+            cloud.logs()
+        );
+        let x = store::exchanges(&rig.db, rig.point, sent).await.expect("x");
+        assert_eq!(
+            (x.len(), x[0].outcome.as_deref()),
+            (1, None),
+            "{}",
+            rig.name
+        );
+        assert_eq!(x[0].request["body"]["autenticacion"]["password"], "****");
+
+        // Restarted: the slot left in flight is failed (unanswered); the others go, one a round.
+        cloud.spawn();
+        let n = slots.len();
+        let db = rig.db.clone();
+        let point = rig.point;
+        until(60, "the other slots accepted", || {
+            let db = db.clone();
+            async move {
+                let s = store::slots(&db, point, first, Utc::now(), None, 1000)
+                    .await
+                    .expect("slots");
+                s.len() >= n
+                    && s[0].state == SlotState::Failed
+                    && s[1..n].iter().all(|s| s.state == SlotState::Accepted)
+            }
+        })
+        .await;
+        assert_eq!(rig.fake.posts().len(), n, "{}", rig.name);
+
+        // A day later (its next attempt made due): the repeat finds it stored, takes the receipt.
+        match &rig.db {
+            Db::Sqlite(p) => {
+                sqlx::query(
+                    "UPDATE compliance_slots SET next_attempt_at = 0 WHERE state = 'failed'",
+                )
+                .execute(p)
+                .await
+                .expect("due");
+            }
+            Db::Postgres(p) => {
+                sqlx::query(
+                    "UPDATE compliance_slots SET next_attempt_at = 'epoch' WHERE state = 'failed'",
+                )
+                .execute(p)
+                .await
+                .expect("due");
+            }
+        }
+        until(30, "the duplicate's receipt", || {
+            let db = db.clone();
+            async move {
+                store::slot(&db, point, sent)
+                    .await
+                    .expect("slot")
+                    .is_some_and(|s| s.state == SlotState::AcceptedDuplicate)
+            }
+        })
+        .await;
+        // Rounds go on every second: nothing accepted is sent again.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        cloud
+            .signal_and_reap(15, std::time::Duration::from_secs(20))
+            .expect("stopped");
+        assert_eq!(
+            rig.fake.posts().len(),
+            n + 1,
+            "{}: {}",
+            rig.name,
+            cloud.logs()
+        );
         rig.assert_never_twice().await;
     }
 }
