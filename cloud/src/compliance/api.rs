@@ -65,7 +65,7 @@ fn slot_at(raw: &str) -> Result<DateTime<Utc>, ApiError> {
     security(("bearer" = [])),
     responses((status = 200, description = "The settings", body = Settings), Unauthorized),
 )]
-pub(super) async fn get_settings(
+pub(super) async fn get_compliance_settings(
     State(state): State<ApiState>,
     caller: Caller,
 ) -> Result<Json<Settings>, ApiError> {
@@ -87,7 +87,7 @@ pub(super) async fn get_settings(
         Forbidden,
     ),
 )]
-pub(super) async fn put_settings(
+pub(super) async fn put_compliance_settings(
     State(state): State<ApiState>,
     caller: Caller,
     body: Result<ApiJson<SettingsBody>, ApiError>,
@@ -107,7 +107,7 @@ pub(super) async fn put_settings(
     security(("bearer" = [])),
     responses((status = 200, description = "Reporting settings, by point", body = Vec<PointView>), Unauthorized),
 )]
-pub(super) async fn list_points(
+pub(super) async fn list_reported_points(
     State(state): State<ApiState>,
     caller: Caller,
 ) -> Result<Json<Vec<PointView>>, ApiError> {
@@ -130,7 +130,7 @@ pub(super) async fn list_points(
         (status = 404, description = "The point has no reporting settings", body = ErrorBody),
     ),
 )]
-pub(super) async fn get_point(
+pub(super) async fn get_reported_point(
     State(state): State<ApiState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -159,7 +159,7 @@ pub(super) async fn get_point(
         (status = 404, description = "No such catchment point", body = ErrorBody),
     ),
 )]
-pub(super) async fn put_point(
+pub(super) async fn put_reported_point(
     State(state): State<ApiState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -204,7 +204,7 @@ impl std::fmt::Debug for PasswordBody {
         (status = 409, description = "The point has no reporting settings, or no compliance key is configured", body = ErrorBody),
     ),
 )]
-pub(super) async fn put_password(
+pub(super) async fn put_informant_password(
     State(state): State<ApiState>,
     Extension(keys): Extension<Keyring>,
     caller: Caller,
@@ -285,7 +285,7 @@ pub struct SlotQuery {
         Unauthorized,
     ),
 )]
-pub(super) async fn list_slots(
+pub(super) async fn list_compliance_slots(
     State(state): State<ApiState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -341,7 +341,7 @@ pub struct SlotDetail {
         (status = 404, description = "No such slot", body = ErrorBody),
     ),
 )]
-pub(super) async fn get_slot(
+pub(super) async fn get_compliance_slot(
     State(state): State<ApiState>,
     caller: Caller,
     ApiPath((id, at)): ApiPath<(String, String)>,

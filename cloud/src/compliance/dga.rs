@@ -205,6 +205,9 @@ impl HttpDga {
     pub fn new(post_timeout: Duration, get_timeout: Duration) -> Result<HttpDga, String> {
         let client = reqwest::Client::builder()
             .connect_timeout(get_timeout.min(post_timeout))
+            // A redirect is an answer to record, not to follow: a POST turned into a GET
+            // elsewhere would be a measurement sent nowhere.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("caudal-cloud/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("building the HTTPS client: {e}"))?;

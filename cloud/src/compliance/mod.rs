@@ -76,13 +76,16 @@ pub fn keyring(config: &CloudConfig) -> Keyring {
 /// The compliance module's routes, with their OpenAPI paths.
 pub fn routes(keys: Keyring) -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
-        .routes(routes!(api::get_settings, api::put_settings))
-        .routes(routes!(api::list_points))
-        .routes(routes!(api::get_point, api::put_point))
-        .routes(routes!(api::put_password))
+        .routes(routes!(
+            api::get_compliance_settings,
+            api::put_compliance_settings
+        ))
+        .routes(routes!(api::list_reported_points))
+        .routes(routes!(api::get_reported_point, api::put_reported_point))
+        .routes(routes!(api::put_informant_password))
         .routes(routes!(api::point_audit))
-        .routes(routes!(api::list_slots))
-        .routes(routes!(api::get_slot))
+        .routes(routes!(api::list_compliance_slots))
+        .routes(routes!(api::get_compliance_slot))
         .routes(routes!(api::release_slot))
         .routes(routes!(api::discard_slot))
         .layer(axum::Extension(keys))

@@ -119,7 +119,9 @@ pub struct ComplianceConfig {
     /// A file holding the key (base64, one line), readable by the service only.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
-    /// Seconds between two rounds of building, checking and sending slots.
+    /// Seconds between two rounds of building, checking and sending slots. Each round sends at
+    /// most one slot per point, so the default of 300 keeps a backlog at one measurement per
+    /// obra every 5 minutes (Res. DGA 2.170 §6.1) and live hourly slots well within the hour.
     #[serde(default = "default_compliance_interval_s")]
     pub interval_s: u64,
     /// Seconds after a slot before it is built, so the agents' readings of that minute arrive.
@@ -137,7 +139,7 @@ pub struct ComplianceConfig {
 }
 
 fn default_compliance_interval_s() -> u64 {
-    60
+    300
 }
 fn default_settle_s() -> u64 {
     300
