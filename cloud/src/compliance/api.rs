@@ -332,7 +332,7 @@ pub struct SlotDetail {
     security(("bearer" = [])),
     params(
         ("id" = i64, Path, description = "Catchment point id"),
-        ("slot" = String, Path, description = "The slot instant, RFC 3339 (`2026-04-05T03:00:00Z`)"),
+        ("slot" = DateTime<Utc>, Path, description = "The slot instant, RFC 3339 (`2026-04-05T03:00:00Z`)"),
     ),
     responses(
         (status = 200, description = "The slot and its exchanges", body = SlotDetail),
@@ -398,7 +398,7 @@ async fn review(
     security(("bearer" = [])),
     params(
         ("id" = i64, Path, description = "Catchment point id"),
-        ("slot" = String, Path, description = "The slot instant, RFC 3339"),
+        ("slot" = DateTime<Utc>, Path, description = "The slot instant, RFC 3339"),
     ),
     request_body = ReviewBody,
     responses(
@@ -427,7 +427,7 @@ pub(super) async fn release_slot(
     security(("bearer" = [])),
     params(
         ("id" = i64, Path, description = "Catchment point id"),
-        ("slot" = String, Path, description = "The slot instant, RFC 3339"),
+        ("slot" = DateTime<Utc>, Path, description = "The slot instant, RFC 3339"),
     ),
     request_body = ReviewBody,
     responses(

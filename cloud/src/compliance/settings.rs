@@ -62,7 +62,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SettingsError {
 pub struct SettingsBody {
     /// Base URL of the MEE API; absent: the manual's (`https://apimee.mop.gob.cl/api/v1`).
     #[serde(default)]
-    #[schema(pattern = "^https?://")]
+    #[schema(pattern = "^https?://[^/\\s]+\\S*$", max_length = 500)]
     pub dga_base_url: Option<String>,
     /// RUT of the Centro de Control (`rutEmpresa`).
     #[serde(default)]
@@ -80,13 +80,20 @@ pub async fn put_settings(
         .dga_base_url
         .clone()
         .unwrap_or_else(|| super::dga::DEFAULT_BASE_URL.to_string());
-    let url = url.trim().trim_end_matches('/').to_string();
-    if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 500 {
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .map(|rest| rest.split('/').next().unwrap_or_default());
+    if host.is_none_or(str::is_empty)
+        || url.chars().any(char::is_whitespace)
+        || url.chars().count() > 500
+    {
         return Err(invalid(
             "dga_base_url",
-            "must be an http(s):// URL of at most 500 characters",
+            "must be an http(s):// URL with a host, without spaces, of at most 500 characters",
         ));
     }
+    let url = url.trim_end_matches('/').to_string();
     store::put_settings(db, &url, body.rut_empresa.as_ref(), by, now).await?;
     store::audit(
         db,

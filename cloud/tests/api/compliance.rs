@@ -265,6 +265,19 @@ async fn settings_and_passwords_by_role_and_never_read_back() {
         ] {
             assert!(json(&text)["paths"][p].is_object(), "{p} is documented");
         }
+        // Operation ids are unique across the modules a process serves.
+        let mut ids: Vec<String> = json(&text)["paths"]
+            .as_object()
+            .into_iter()
+            .flat_map(|paths| paths.values())
+            .filter_map(Value::as_object)
+            .flat_map(|ops| ops.values())
+            .filter_map(|op| op["operationId"].as_str().map(String::from))
+            .collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "operation ids repeat: {ids:?}");
         cloud.stop().await;
     }
 }
