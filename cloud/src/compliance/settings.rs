@@ -1,7 +1,9 @@
 //! Changing what is reported, the same way from the API and the command line: the Centro de
 //! Control's settings, a point's reporting settings, its informante password (sealed before it
 //! is stored, `****` in the audit), a person's review of a held slot. Each change is checked
-//! whole, then stored with its audit row.
+//! whole, then stored with its audit row. A change of a point's settings or password clears a
+//! stop the DGA caused and puts the slots it refused for configuration back to pending: the DGA
+//! stored none of them.
 
 use super::dga::Endpoint;
 use super::secret::{Password, REDACTED, Sealer, SecretError};
@@ -243,6 +245,7 @@ pub async fn put_point(
     };
     let change = serde_json::json!({ "settings": body });
     store::put_point_config(db, &c, &change).await?;
+    store::reopen_rejected(db, id, now).await?;
     Ok(PointView::from(&c))
 }
 
@@ -271,6 +274,7 @@ pub async fn put_password(
     c.updated_at = now;
     c.updated_by = by.to_string();
     store::put_point_config(db, &c, &serde_json::json!({ "password": REDACTED })).await?;
+    store::reopen_rejected(db, id, now).await?;
     Ok(())
 }
 

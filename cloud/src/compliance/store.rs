@@ -380,6 +380,23 @@ pub async fn stop_point(
     Ok(())
 }
 
+/// After a point's configuration changed, its slots the DGA refused for configuration go back
+/// to pending: the DGA did not store them, so sending them again repeats nothing.
+pub async fn reopen_rejected(db: &Db, point: i64, now: DateTime<Utc>) -> Result<u64, StoreError> {
+    each_db!(db, |p, to_db, _from| {
+        Ok(sqlx::query(
+            "UPDATE compliance_slots SET state = 'pending', detail = 'refused for configuration \
+             before: ' || COALESCE(reason, ''), updated_at = $2 WHERE point_id = $1 \
+             AND state = 'rejected_config'",
+        )
+        .bind(point)
+        .bind(to_db(now))
+        .execute(p)
+        .await?
+        .rows_affected())
+    })
+}
+
 /// A point whose reporting the DGA stopped, for the alert rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stopped {

@@ -356,6 +356,12 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         let mut round = Round::default();
         self.build(&mut round).await?;
         self.send_due(&mut round).await?;
+        for state in SlotState::ALL {
+            self.metrics
+                .slots
+                .get_or_create(&KindLabels::new(state.as_str()))
+                .set(0);
+        }
         for (state, n) in store::state_counts(&self.db).await? {
             self.metrics
                 .slots

@@ -536,7 +536,8 @@ async fn a_wrong_informante_stops_that_obra_until_its_settings_change() {
             open[0].message
         );
 
-        // Fixing the password clears the stop; the pending slots go, the refused one stays.
+        // Fixing the password clears the stop; the refused slot (the DGA stored nothing) goes
+        // again with the others.
         settings::put_password(
             &rig.db,
             Some(&rig.sealer),
@@ -553,15 +554,20 @@ async fn a_wrong_informante_stops_that_obra_until_its_settings_change() {
             "{}: the alert cleared",
             rig.name
         );
-        rig.rounds(&sub, 4).await;
+        rig.rounds(&sub, 5).await;
         let slots = rig.slots().await;
-        assert_eq!(slots[0].state, SlotState::RejectedConfig);
         assert!(
-            slots[1..].iter().all(|s| s.state == SlotState::Accepted),
+            slots.iter().all(|s| s.state == SlotState::Accepted),
             "{:?}",
             states(&slots)
         );
-        assert_eq!(rig.fake.posts().len(), 4, "{}", rig.name);
+        assert!(
+            slots[0].detail.contains("no es el informante"),
+            "{}",
+            slots[0].detail
+        );
+        assert_eq!(rig.fake.posts().len(), 5, "{}", rig.name);
+        assert_eq!(rig.fake.stored_count(), 4, "{}", rig.name);
         rig.assert_never_twice().await;
     }
 }
