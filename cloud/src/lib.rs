@@ -11,6 +11,7 @@
 //!
 //! ```text
 //!  config ─▶ Db::connect ─▶ migrate ─▶ [embedded broker]? ─▶ [ingest: dispatcher + workers]?
+//!                                                           ├▶ [compliance submitter → DGA]?
 //!                                                           └▶ [HTTP: /healthz /metrics + module routes]
 //! ```
 //!
