@@ -180,7 +180,10 @@ impl Rig {
     }
 
     fn submitter(&self) -> Submitter<HttpDga, TestClock> {
-        let c = config();
+        self.submitter_with(config())
+    }
+
+    fn submitter_with(&self, c: ComplianceConfig) -> Submitter<HttpDga, TestClock> {
         let client = HttpDga::new(
             std::time::Duration::from_secs(c.post_timeout_s),
             std::time::Duration::from_secs(c.get_timeout_s),
@@ -421,9 +424,27 @@ async fn a_crash_between_states_never_sends_an_accepted_slot_again() {
         // The process dies while its POST is out: the DGA stores it, the answer never arrives.
         rig.fake
             .script(&[Fault::TimeoutThatStores(std::time::Duration::from_secs(30))]);
-        let sub = rig.submitter();
-        let cut = tokio::time::timeout(std::time::Duration::from_millis(500), sub.round()).await;
-        assert!(cut.is_err(), "the round was cut while the POST was out");
+        let sub = rig.submitter_with(ComplianceConfig {
+            post_timeout_s: 60,
+            ..config()
+        });
+        let fake = rig.fake.clone();
+        {
+            let round = sub.round();
+            tokio::pin!(round);
+            let seen = async {
+                until(30, "the first POST", || {
+                    let fake = fake.clone();
+                    async move { !fake.posts().is_empty() }
+                })
+                .await
+            };
+            let cut = tokio::select! {
+                _ = &mut round => false,
+                () = seen => true,
+            };
+            assert!(cut, "the round is cut while its POST is out");
+        }
         drop(sub);
         let slots = rig.slots().await;
         assert_eq!(
