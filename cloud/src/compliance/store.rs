@@ -656,31 +656,25 @@ pub async fn slots(
 }
 
 /// For each point whose mode is `on` and that is not stopped, its oldest slot due to be sent:
-/// pending, or failed with its next attempt due.
+/// pending, or failed with its next attempt due. One row per point, however long its backlog.
 pub async fn due(db: &Db, now: DateTime<Utc>) -> Result<Vec<Slot>, StoreError> {
     let cols: Vec<String> = SLOT_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect();
     let sql = format!(
         "SELECT {} FROM compliance_slots s JOIN compliance_points c ON c.point_id = s.point_id \
          WHERE c.mode = 'on' AND c.stopped_reason IS NULL AND (s.state = 'pending' OR \
-         (s.state = 'failed' AND s.next_attempt_at <= $1)) ORDER BY s.point_id, s.slot_at",
+         (s.state = 'failed' AND s.next_attempt_at <= $1)) AND s.slot_at = (SELECT \
+         MIN(d.slot_at) FROM compliance_slots d WHERE d.point_id = s.point_id AND \
+         (d.state = 'pending' OR (d.state = 'failed' AND d.next_attempt_at <= $1))) \
+         ORDER BY s.point_id",
         cols.join(", ")
     );
-    let all: Vec<Slot> = each_db!(db, |p, to_db, from_row| {
+    each_db!(db, |p, to_db, from_row| {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(to_db(now))
             .fetch_all(p)
             .await?;
-        rows.iter()
-            .map(|r| slot_row!(r, from_row))
-            .collect::<Result<Vec<Slot>, StoreError>>()?
-    });
-    let mut out: Vec<Slot> = Vec::new();
-    for s in all {
-        if out.last().is_none_or(|l| l.point_id != s.point_id) {
-            out.push(s);
-        }
-    }
-    Ok(out)
+        rows.iter().map(|r| slot_row!(r, from_row)).collect()
+    })
 }
 
 /// pending (or failed and due) → in flight, committed with the exchange row holding the
