@@ -4,7 +4,9 @@
 
 use crate::catchment::device::{self, DevicePatch, NewDevice, Quantity};
 use crate::catchment::obra::ObraCode;
+use crate::catchment::rut::Rut;
 use crate::catchment::{credentials, point, site};
+use crate::compliance;
 use crate::core::auth::{self, Role};
 use crate::core::config::{CloudConfig, Secret};
 use crate::core::db::Db;
@@ -45,6 +47,102 @@ enum Command {
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// What is reported to the DGA: settings, passwords, slots and their review.
+    Compliance {
+        #[command(subcommand)]
+        command: ComplianceCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ComplianceCommand {
+    /// Show the Centro de Control's settings, or change them (both are stored together: an
+    /// option left out takes its default, the manual's URL, or no RUT).
+    Settings {
+        /// Base URL of the MEE API (default: the manual's).
+        #[arg(long)]
+        dga_base_url: Option<String>,
+        /// RUT of the Centro de Control (`rutEmpresa`), NNNNNNNN-D.
+        #[arg(long)]
+        rut_empresa: Option<Rut>,
+        /// Change the settings (without it they are only shown).
+        #[arg(long)]
+        set: bool,
+    },
+    /// Set a point's reporting settings, whole.
+    Point {
+        /// The catchment point: its id or its DGA código de obra.
+        #[arg(long)]
+        point: String,
+        /// subterranea, superficial_flujometro or superficial (default: from the point's kind).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The device giving caudal, as SITE/DEVICE.
+        #[arg(long)]
+        flow: Option<String>,
+        /// The device giving totalizador, as SITE/DEVICE.
+        #[arg(long)]
+        total: Option<String>,
+        /// The device giving the level (nivel freático or altura), as SITE/DEVICE.
+        #[arg(long)]
+        level: Option<String>,
+        /// off, shadow (build and check, send nothing) or on.
+        #[arg(long, default_value = "off")]
+        mode: String,
+        /// First day reported, YYYY-MM-DD (from 00:00 UTC-4).
+        #[arg(long)]
+        start_date: Option<chrono::NaiveDate>,
+        /// hourly, daily, monthly or semiannual (default: by the point's DGA standard).
+        #[arg(long)]
+        period: Option<String>,
+        /// sample or mean (default: sample for hourly slots, mean for longer ones).
+        #[arg(long)]
+        flow_method: Option<String>,
+        /// Low-flow cut-off, L/s (default 0.2).
+        #[arg(long)]
+        low_flow_lps: Option<f64>,
+    },
+    /// Set a point's informante password, read from the first line of standard input or from
+    /// the variable named by `--password-env`; stored encrypted with the compliance key.
+    Password {
+        #[arg(long)]
+        point: String,
+        #[arg(long)]
+        password_env: Option<String>,
+    },
+    /// Per point: mode, slots by state, the oldest slot not yet accepted.
+    Status,
+    /// A point's slots: time (UTC), fecha and hora (UTC-4), state, values, reason, receipt.
+    Slots {
+        #[arg(long)]
+        point: String,
+        /// RFC 3339; default 7 days before now.
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// RFC 3339; default now.
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Release a held slot (it is sent as built); the note says why its values stand.
+    Release {
+        #[arg(long)]
+        point: String,
+        #[arg(long)]
+        slot: chrono::DateTime<chrono::Utc>,
+        #[arg(long)]
+        note: String,
+    },
+    /// Discard a held slot: it is never sent.
+    Discard {
+        #[arg(long)]
+        point: String,
+        #[arg(long)]
+        slot: chrono::DateTime<chrono::Utc>,
+        #[arg(long, default_value = "")]
+        note: String,
     },
 }
 
@@ -298,6 +396,14 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
             device_command(&db, command).await?;
             db.close().await;
         }
+        Command::Compliance { command } => {
+            let db = crate::open_database(&config).await?;
+            if config.database.migrate {
+                db.migrate().await?;
+            }
+            compliance_command(&db, &config, command).await?;
+            db.close().await;
+        }
         Command::User { command } => {
             let db = crate::open_database(&config).await?;
             if config.database.migrate {
@@ -524,6 +630,216 @@ fn read_password(env: Option<&str>) -> anyhow::Result<Secret> {
     let pw = Secret::new(raw);
     auth::check_password(pw.expose())?;
     Ok(pw)
+}
+
+/// `SITE/DEVICE` as a compliance source.
+fn source(flag: &str, v: Option<String>) -> anyhow::Result<Option<compliance::store::Source>> {
+    v.map(|v| {
+        let (site, device) = v
+            .split_once('/')
+            .with_context(|| format!("--{flag} {v:?}: expected SITE/DEVICE"))?;
+        Ok(compliance::store::Source {
+            site: site.to_string(),
+            device: device.to_string(),
+        })
+    })
+    .transpose()
+}
+
+fn enum_arg<T: serde::de::DeserializeOwned>(
+    flag: &str,
+    v: Option<String>,
+) -> anyhow::Result<Option<T>> {
+    v.map(|v| {
+        serde_json::from_value(serde_json::Value::String(v.clone()))
+            .map_err(|_| anyhow::anyhow!("--{flag} {v:?} is not one of the accepted values"))
+    })
+    .transpose()
+}
+
+/// Who a change from the command line is recorded as.
+fn cli_actor() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".to_string())
+    )
+}
+
+async fn compliance_command(
+    db: &Db,
+    config: &CloudConfig,
+    command: ComplianceCommand,
+) -> anyhow::Result<()> {
+    use compliance::settings::{self, PointBody, SettingsBody};
+    use compliance::store;
+    let now = chrono::Utc::now();
+    match command {
+        ComplianceCommand::Settings {
+            dga_base_url,
+            rut_empresa,
+            set,
+        } => {
+            let s = if set {
+                let body = SettingsBody {
+                    dga_base_url,
+                    rut_empresa,
+                };
+                settings::put_settings(db, &body, &cli_actor(), now).await?
+            } else {
+                store::settings(db).await?
+            };
+            println!("dga_base_url\t{}", s.dga_base_url);
+            println!(
+                "rut_empresa\t{}",
+                s.rut_empresa
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+        ComplianceCommand::Point {
+            point,
+            endpoint,
+            flow,
+            total,
+            level,
+            mode,
+            start_date,
+            period,
+            flow_method,
+            low_flow_lps,
+        } => {
+            let id = point_id(db, &point).await?;
+            let body = PointBody {
+                endpoint: enum_arg("endpoint", endpoint)?,
+                flow: source("flow", flow)?,
+                total: source("total", total)?,
+                level: source("level", level)?,
+                mode: enum_arg("mode", Some(mode))?,
+                start_date,
+                period: enum_arg("period", period)?,
+                flow_method: enum_arg("flow-method", flow_method)?,
+                low_flow_lps,
+            };
+            let v = settings::put_point(db, id, &body, &cli_actor(), now).await?;
+            println!(
+                "point {id}: {} to {}, password {}",
+                v.mode.as_str(),
+                v.endpoint.as_str(),
+                if v.password_set { "set" } else { "not set" }
+            );
+        }
+        ComplianceCommand::Password {
+            point,
+            password_env,
+        } => {
+            let id = point_id(db, &point).await?;
+            let raw = match password_env.as_deref() {
+                Some(var) => std::env::var(var)
+                    .with_context(|| format!("--password-env {var}: the variable is not set"))?,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("reading the password from standard input")?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            let keys = compliance::keyring(config);
+            settings::put_password(
+                db,
+                keys.0.as_deref(),
+                id,
+                &compliance::secret::Password::new(raw),
+                &cli_actor(),
+                now,
+            )
+            .await?;
+            println!("point {id}: informante password stored, encrypted");
+        }
+        ComplianceCommand::Status => {
+            for c in store::point_configs(db).await? {
+                let slots = store::slots(
+                    db,
+                    c.point_id,
+                    chrono::DateTime::<chrono::Utc>::MIN_UTC,
+                    now + chrono::Duration::days(1),
+                    None,
+                    i64::MAX,
+                )
+                .await?;
+                let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+                for s in &slots {
+                    *counts.entry(s.state.as_str()).or_default() += 1;
+                }
+                let oldest = slots
+                    .iter()
+                    .find(|s| !s.state.is_accepted() && s.state != store::SlotState::Discarded)
+                    .map(|s| format!("{} {}", s.fecha, s.hora))
+                    .unwrap_or_else(|| "-".into());
+                let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "point {}\t{}\t{}\toldest open {}\t{}",
+                    c.point_id,
+                    c.mode.as_str(),
+                    counts.join(" "),
+                    oldest,
+                    c.stopped_reason
+                        .map(|r| format!("STOPPED: {r}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        ComplianceCommand::Slots {
+            point,
+            from,
+            to,
+            state,
+        } => {
+            let id = point_id(db, &point).await?;
+            let to = to.unwrap_or(now);
+            let from = from.unwrap_or(to - chrono::Duration::days(7));
+            let state = state
+                .map(|s| s.parse::<store::SlotState>().map_err(anyhow::Error::msg))
+                .transpose()?;
+            for s in store::slots(db, id, from, to, state, 100_000).await? {
+                let v = s.values.clone().unwrap_or_default();
+                println!(
+                    "{}\t{} {}\t{}\tcaudal={} totalizador={} nivel={} altura={}\t{}\t{}",
+                    s.slot_at.to_rfc3339(),
+                    s.fecha,
+                    s.hora,
+                    s.state.as_str(),
+                    v.caudal,
+                    v.totalizador.unwrap_or_default(),
+                    v.nivel.unwrap_or_default(),
+                    v.altura.unwrap_or_default(),
+                    s.reason.unwrap_or_default(),
+                    s.receipt.unwrap_or_default()
+                );
+            }
+        }
+        ComplianceCommand::Release { point, slot, note } => {
+            let id = point_id(db, &point).await?;
+            let s = settings::review(db, id, slot, true, &cli_actor(), &note, now).await?;
+            println!(
+                "slot {} {} of point {id}: {}",
+                s.fecha,
+                s.hora,
+                s.state.as_str()
+            );
+        }
+        ComplianceCommand::Discard { point, slot, note } => {
+            let id = point_id(db, &point).await?;
+            let s = settings::review(db, id, slot, false, &cli_actor(), &note, now).await?;
+            println!(
+                "slot {} {} of point {id}: {}",
+                s.fecha,
+                s.hora,
+                s.state.as_str()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

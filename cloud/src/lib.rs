@@ -4,12 +4,14 @@
 //! Modules, by what they own: [`core`] (configuration, logs, metrics, database, HTTP server,
 //! embedded broker, API errors and auth primitives), [`users`] (accounts, roles, sessions, the
 //! access check), [`catchment`] (catchment points, sites and their MQTT credentials, devices),
-//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts), [`cli`] (the command line
+//! [`telemetry`] (MQTT ingest, storage, the telemetry API and alerts), [`compliance`]
+//! (what is declared to the regulator: settings, slots, the DGA submitter), [`cli`] (the command line
 //! `main.rs` calls). The whole process is wired in [`Cloud::start`], so the flow reads in one
 //! place:
 //!
 //! ```text
 //!  config ─▶ Db::connect ─▶ migrate ─▶ [embedded broker]? ─▶ [ingest: dispatcher + workers]?
+//!                                                           ├▶ [compliance submitter → DGA]?
 //!                                                           └▶ [HTTP: /healthz /metrics + module routes]
 //! ```
 //!
@@ -20,6 +22,7 @@
 
 pub mod catchment;
 pub mod cli;
+pub mod compliance;
 pub mod console;
 pub mod core;
 pub mod telemetry;
@@ -58,6 +61,8 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error("compliance: {0}")]
+    Compliance(String),
     #[error("a task stopped unexpectedly: {0}")]
     Task(String),
 }
@@ -118,6 +123,12 @@ impl Cloud {
             telemetry::start(&config, &url, &db, &mut registry, &shutdown, &mut tasks)?;
         }
 
+        let keys = compliance::keyring(&config);
+        if services.contains(Service::Compliance) {
+            compliance::start(&config, &keys, &db, &mut registry, &shutdown, &mut tasks)
+                .map_err(StartError::Compliance)?;
+        }
+
         let api_state = ApiState {
             db: db.clone(),
             keys: Arc::new(TokenKeys::from_config(&config.auth)),
@@ -135,6 +146,9 @@ impl Cloud {
         }
         if services.contains(Service::Telemetry) {
             api = api.merge(telemetry::routes());
+        }
+        if services.contains(Service::Compliance) {
+            api = api.merge(compliance::routes(keys));
         }
         let (router, paths) = core::http::core_routes(db.clone(), metrics)
             .merge(api.with_state(api_state.clone()))

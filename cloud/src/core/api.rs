@@ -195,7 +195,9 @@ fn nul_in(v: &serde_json::Value, at: &str) -> Option<String> {
     }
 }
 
-/// A JSON body; a malformed one is a 400 naming the field.
+/// A JSON body; a malformed one is a 400 naming the field. Every body of the API is a JSON
+/// object: anything else is refused as such, also where serde would take a struct from an
+/// array (`[null, null]` for a body whose fields are all optional).
 ///
 /// A string holding a NUL character (`\u0000`) is refused too, naming its field: PostgreSQL
 /// cannot store one (it would fail the statement, a 503), so no backend takes it.
@@ -210,6 +212,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::bad("body", e.body_text()))?;
+        if bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b != b'{')
+        {
+            return Err(ApiError::bad("body", "must be a JSON object"));
+        }
         let mut again = Request::new(Body::from(bytes.clone()));
         if let Some(ct) = content_type {
             again.headers_mut().insert(header::CONTENT_TYPE, ct);
@@ -299,6 +308,36 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct AllOptional {
+        #[serde(default)]
+        a: Option<String>,
+        #[serde(default)]
+        b: Option<String>,
+    }
+
+    async fn body(text: &'static str) -> Result<ApiJson<AllOptional>, ApiError> {
+        let req = Request::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(text))
+            .expect("request");
+        ApiJson::<AllOptional>::from_request(req, &()).await
+    }
+
+    #[tokio::test]
+    async fn a_body_is_a_json_object() {
+        assert!(body(r#"{"a":"x"}"#).await.is_ok());
+        assert!(body(" {}").await.is_ok());
+        for bad in ["[null, null]", "[]", "null", "\"x\"", "1"] {
+            match body(bad).await {
+                Err(ApiError::BadRequest { field, .. }) => assert_eq!(field, "body", "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn field_is_found_in_deserializer_messages() {

@@ -49,6 +49,9 @@ pub enum Permission {
     ManageCatchment,
     /// Create, change and deactivate accounts.
     ManageUsers,
+    /// Change what is reported to the regulator (settings, passwords, releasing or discarding
+    /// a held slot): admins and operators, who answer for the declarations.
+    ManageCompliance,
 }
 
 impl Role {
@@ -71,6 +74,7 @@ impl Role {
                 matches!(self, Role::Admin | Role::Operator | Role::Technician)
             }
             Permission::ManageUsers => self == Role::Admin,
+            Permission::ManageCompliance => matches!(self, Role::Admin | Role::Operator),
         }
     }
 }
@@ -99,6 +103,7 @@ impl fmt::Display for Permission {
             Permission::Read => "read",
             Permission::ManageCatchment => "manage sites, catchment points and devices",
             Permission::ManageUsers => "manage accounts",
+            Permission::ManageCompliance => "manage regulatory reporting",
         })
     }
 }

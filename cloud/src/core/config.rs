@@ -78,6 +78,8 @@ pub struct CloudConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub compliance: ComplianceConfig,
 }
 
 fn default_services() -> Vec<String> {
@@ -100,6 +102,68 @@ impl Default for CloudConfig {
             log: LogConfig::default(),
             auth: AuthConfig::default(),
             alerts: AlertsConfig::default(),
+            compliance: ComplianceConfig::default(),
+        }
+    }
+}
+
+/// `[compliance]`: how this process talks to the regulator. What is reported, per point, is in
+/// the database (`/api/v1/compliance`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComplianceConfig {
+    /// The 32-byte key that encrypts informante passwords at rest, base64. Prefer `key_file`
+    /// or `CAUDAL_COMPLIANCE__KEY`; never logged.
+    #[serde(default)]
+    pub key: Option<Secret>,
+    /// A file holding the key (base64, one line), readable by the service only.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Seconds between two rounds of building, checking and sending slots. Each round sends at
+    /// most one slot per point, so the default of 300 keeps a backlog at one measurement per
+    /// obra every 5 minutes (Res. DGA 2.170 §6.1) and live hourly slots well within the hour.
+    #[serde(default = "default_compliance_interval_s")]
+    pub interval_s: u64,
+    /// Seconds after a slot before it is built, so the agents' readings of that minute arrive.
+    #[serde(default = "default_settle_s")]
+    pub settle_s: u64,
+    /// Timeout of a POST to the DGA, seconds (the time after which it counts as unanswered).
+    #[serde(default = "default_post_timeout_s")]
+    pub post_timeout_s: u64,
+    /// Timeout of a GET (receipt verification), seconds.
+    #[serde(default = "default_get_timeout_s")]
+    pub get_timeout_s: u64,
+    /// Sends of one slot before it becomes a "falla de transmisión" (one a day after the first).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_compliance_interval_s() -> u64 {
+    300
+}
+fn default_settle_s() -> u64 {
+    300
+}
+fn default_post_timeout_s() -> u64 {
+    15
+}
+fn default_get_timeout_s() -> u64 {
+    10
+}
+fn default_max_attempts() -> u32 {
+    7
+}
+
+impl Default for ComplianceConfig {
+    fn default() -> Self {
+        ComplianceConfig {
+            key: None,
+            key_file: None,
+            interval_s: default_compliance_interval_s(),
+            settle_s: default_settle_s(),
+            post_timeout_s: default_post_timeout_s(),
+            get_timeout_s: default_get_timeout_s(),
+            max_attempts: default_max_attempts(),
         }
     }
 }
@@ -474,7 +538,7 @@ pub enum Service {
     Catchment,
     /// MQTT ingest, storage, queries, alerts.
     Telemetry,
-    /// Submission to the regulator (not built yet: selecting it runs nothing).
+    /// Submission to the regulator: settings, slots, the DGA submitter.
     Compliance,
 }
 
@@ -530,7 +594,16 @@ impl fmt::Display for Services {
 
 /// The top-level keys, so that only `CAUDAL_*` variables meant for the configuration are read.
 const TOP_KEYS: &[&str] = &[
-    "services", "data_dir", "http", "database", "mqtt", "ingest", "log", "auth",
+    "services",
+    "data_dir",
+    "http",
+    "database",
+    "mqtt",
+    "ingest",
+    "log",
+    "auth",
+    "alerts",
+    "compliance",
 ];
 
 impl CloudConfig {
@@ -829,6 +902,23 @@ mod tests {
             c.database_url(),
             "sqlite:///var/lib/caudal/caudal.db?mode=rwc"
         );
+    }
+
+    #[test]
+    fn alerts_and_compliance_take_environment_overrides() {
+        let c = CloudConfig::load(
+            None,
+            env(&[
+                ("CAUDAL_ALERTS__ENABLED", "false"),
+                ("CAUDAL_COMPLIANCE__KEY", "a2V5"),
+                ("CAUDAL_COMPLIANCE__POST_TIMEOUT_S", "20"),
+            ]),
+        )
+        .expect("valid");
+        assert!(!c.alerts.enabled);
+        assert_eq!(c.compliance.key.as_ref().map(Secret::expose), Some("a2V5"));
+        assert_eq!(c.compliance.post_timeout_s, 20);
+        assert_eq!(c.compliance.get_timeout_s, 10);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The cloud's API over real HTTP, one module per area (alerts, catchment, telemetry, users),
+//! The cloud's API over real HTTP, one module per area (alerts, catchment, compliance, telemetry, users),
 //! in one test binary: each area's tests used to be a binary of their own, each linking the
 //! whole cloud.
 
@@ -7,5 +7,6 @@ mod support;
 
 mod alerts;
 mod catchment;
+mod compliance;
 mod telemetry;
 mod users;

@@ -174,6 +174,7 @@ impl Evaluator {
                 )
                 .await?
             }
+            AlertKind::ComplianceStopped => rules::compliance_stopped(&self.db).await?,
             AlertKind::AnnualVolume => {
                 let due = {
                     let last = self

@@ -5,7 +5,7 @@
 //! what fires *now* ([`Firing`]) and reconciles that with the open alerts of the rule's kind:
 //!
 //! - **condition** alerts (site offline, no data, flow above the authorized flow, annual volume
-//!   heading past the allowance) open when their condition is first seen, are refreshed (value,
+//!   heading past the allowance, a point whose DGA reporting stopped) open when their condition is first seen, are refreshed (value,
 //!   message) while it holds, and close themselves (`closed_by = "cleared"`) when it ends;
 //! - **event** alerts (a totalizer going backwards: reset, replacement, reverse flow) open for
 //!   the latest such event of a device and stay open until a person closes them
@@ -33,8 +33,8 @@ pub use api::{CloseRequest, ListQuery};
 pub use evaluator::{AlertMetrics, Evaluator};
 pub use reconcile::{Reconciled, reconcile};
 pub use rules::{
-    BACKWARDS_EVENTS, Forecast, RuleError, annual_volume, flow_above_authorized, forecast, no_data,
-    site_offline, totalizer_backwards,
+    BACKWARDS_EVENTS, Forecast, RuleError, annual_volume, compliance_stopped,
+    flow_above_authorized, forecast, no_data, site_offline, totalizer_backwards,
 };
 pub use store::{Filter, close, find, list};
 
@@ -62,15 +62,19 @@ pub enum AlertKind {
     AnnualVolume,
     /// A totalizer went backwards (reset, meter replaced, reverse flow).
     TotalizerBackwards,
+    /// The DGA refused a point's configuration (informante, password): its reporting stopped
+    /// until its compliance settings change.
+    ComplianceStopped,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 6] = [
         AlertKind::SiteOffline,
         AlertKind::NoData,
         AlertKind::FlowAboveAuthorized,
         AlertKind::AnnualVolume,
         AlertKind::TotalizerBackwards,
+        AlertKind::ComplianceStopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +84,7 @@ impl AlertKind {
             AlertKind::FlowAboveAuthorized => "flow_above_authorized",
             AlertKind::AnnualVolume => "annual_volume",
             AlertKind::TotalizerBackwards => "totalizer_backwards",
+            AlertKind::ComplianceStopped => "compliance_stopped",
         }
     }
 

@@ -24,6 +24,31 @@ pub enum RuleError {
     Site(#[from] SiteError),
     #[error(transparent)]
     Point(#[from] PointError),
+    #[error(transparent)]
+    Compliance(#[from] crate::compliance::store::StoreError),
+}
+
+/// Points whose DGA reporting stopped because the regulator refused their configuration
+/// (read through the compliance module's store).
+pub async fn compliance_stopped(db: &Db) -> Result<Vec<Firing>, RuleError> {
+    Ok(crate::compliance::store::stopped(db)
+        .await?
+        .into_iter()
+        .map(|s| Firing {
+            subject: format!("point/{}", s.point_id),
+            site: None,
+            device: None,
+            point_id: Some(s.point_id),
+            since: s.since,
+            value: None,
+            threshold: None,
+            message: format!(
+                "point {}: the DGA refused its configuration, nothing is sent until its \
+                 compliance settings change: {}",
+                s.point_id, s.reason
+            ),
+        })
+        .collect())
 }
 
 fn ago(d: Duration) -> String {

@@ -1,0 +1,911 @@
+//! The compliance submitter against a fake DGA over real HTTP on loopback, on a SQLite file
+//! (and PostgreSQL when `CAUDAL_TEST_DATABASE_URL` is set), with telemetry stored by the real
+//! store and time moved by the test: the manual's format on the wire, every fault operators saw,
+//! and the durability rule — an accepted slot is never POSTed again, across retries, restarts
+//! and a crash between states.
+
+use crate::fake_dga::{FakeDga, Fault};
+use caudal_cloud::catchment::point::{self, NewPoint};
+use caudal_cloud::catchment::site;
+use caudal_cloud::compliance::dga::HttpDga;
+use caudal_cloud::compliance::secret::{Password, Sealer};
+use caudal_cloud::compliance::settings::{self, PointBody, SettingsBody};
+use caudal_cloud::compliance::store::{self, Mode, Slot, SlotState, Source};
+use caudal_cloud::compliance::submitter::{Clock, ComplianceMetrics, Submitter};
+use caudal_cloud::core::config::{AlertsConfig, ComplianceConfig};
+use caudal_cloud::core::db::Db;
+use caudal_cloud::telemetry::alert::{
+    self, AlertKind, AlertMetrics, AlertState, Evaluator, Filter,
+};
+use caudal_cloud::telemetry::store as telemetry_store;
+use caudal_common::{Batch, DeviceId, Reading, Seq, SiteId};
+use caudal_testkit::database::TestDb;
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A clock the test moves.
+#[derive(Debug)]
+struct TestClock(Mutex<DateTime<Utc>>);
+
+impl TestClock {
+    fn set(&self, t: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+    fn advance(&self, d: Duration) {
+        let now = self.now();
+        self.set(now + d);
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+const OBRA: &str = "OB-0101-114";
+
+/// 2026-04-04 00:00 UTC-4: the slots run across Chile's April change of civil time.
+fn start() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-04-04T04:00:00Z")
+        .map(|t| t.with_timezone(&Utc))
+        .expect("time")
+}
+
+struct Rig {
+    name: String,
+    db: Db,
+    fake: FakeDga,
+    clock: Arc<TestClock>,
+    sealer: Arc<Sealer>,
+    point: i64,
+    seq: u32,
+}
+
+fn config() -> ComplianceConfig {
+    ComplianceConfig {
+        post_timeout_s: 1,
+        get_timeout_s: 1,
+        settle_s: 300,
+        max_attempts: 3,
+        ..ComplianceConfig::default()
+    }
+}
+
+impl Rig {
+    async fn new(t: &TestDb) -> Rig {
+        let db = Db::connect(&t.url, 4).await.expect("connect");
+        db.migrate().await.expect("migrate");
+        let fake = FakeDga::start().await;
+        let site = SiteId::new("pozo-1").expect("site");
+        site::add(&db, &site, "Pozo 1").await.expect("site");
+        let new: NewPoint = serde_json::from_value(serde_json::json!({
+            "name": "Pozo 1", "kind": "groundwater", "obra_code": OBRA,
+            "dga_standard": "mayor", "informant_rut": "20999888-2",
+            "authorized_flow_lps": 20.0, "level_sensor_depth_m": 30.0,
+        }))
+        .expect("point");
+        let p = point::create(&db, &new).await.expect("create point");
+        let now = start();
+        settings::put_settings(
+            &db,
+            &SettingsBody {
+                dga_base_url: Some(fake.base_url()),
+                rut_empresa: Some("77555666-8".parse().expect("rut")),
+            },
+            "test",
+            now,
+        )
+        .await
+        .expect("settings");
+        let src = Some(Source {
+            site: "pozo-1".into(),
+            device: "fm1".into(),
+        });
+        settings::put_point(
+            &db,
+            p.id,
+            &PointBody {
+                flow: src.clone(),
+                total: src.clone(),
+                level: src,
+                mode: Some(Mode::On),
+                start_date: NaiveDate::from_ymd_opt(2026, 4, 4),
+                ..PointBody::default()
+            },
+            "test",
+            now,
+        )
+        .await
+        .expect("point settings");
+        let sealer = Arc::new(Sealer::new(&[9u8; 32]).expect("key"));
+        settings::put_password(
+            &db,
+            Some(&sealer),
+            p.id,
+            &Password::new("clave-mee"),
+            "test",
+            now,
+        )
+        .await
+        .expect("password");
+        Rig {
+            name: t.name.to_string(),
+            db,
+            fake,
+            clock: Arc::new(TestClock(Mutex::new(now))),
+            sealer,
+            point: p.id,
+            seq: 0,
+        }
+    }
+
+    /// Readings every 15 minutes over `[from, to)`: 10 L/s, 9 m³ per 15 minutes, a 20.15 m
+    /// water column over the sensor; `total` gives the totalizer at each time.
+    async fn readings(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        total: impl Fn(DateTime<Utc>) -> f64,
+    ) {
+        let mut readings = Vec::new();
+        let mut t = from;
+        while t < to {
+            self.seq += 1;
+            readings.push(Reading {
+                seq: Seq::new(1, self.seq),
+                device: DeviceId::new("fm1").expect("device"),
+                ts: t,
+                q: Default::default(),
+                flow_lps: Some(10.0),
+                total_m3: Some(total(t)),
+                level_m: Some(20.15),
+                extra: Default::default(),
+            });
+            t += Duration::minutes(15);
+        }
+        let batch = Batch {
+            v: 1,
+            site: SiteId::new("pozo-1").expect("site"),
+            batch: format!("b-{}", self.seq),
+            sent_at: to,
+            readings,
+            events: vec![],
+            gaps: vec![],
+        };
+        telemetry_store::store_batch(&self.db, &batch, to)
+            .await
+            .expect("store");
+    }
+
+    fn submitter(&self) -> Submitter<HttpDga, TestClock> {
+        self.submitter_with(config())
+    }
+
+    fn submitter_with(&self, c: ComplianceConfig) -> Submitter<HttpDga, TestClock> {
+        let client = HttpDga::new(
+            std::time::Duration::from_secs(c.post_timeout_s),
+            std::time::Duration::from_secs(c.get_timeout_s),
+        )
+        .expect("client");
+        Submitter::new(
+            self.db.clone(),
+            Arc::new(client),
+            self.clock.clone(),
+            Some(self.sealer.clone()),
+            c,
+            ComplianceMetrics::default(),
+        )
+    }
+
+    async fn slots(&self) -> Vec<Slot> {
+        let far = Duration::days(3650);
+        store::slots(
+            &self.db,
+            self.point,
+            start() - far,
+            start() + far,
+            None,
+            100_000,
+        )
+        .await
+        .expect("slots")
+    }
+
+    async fn rounds(&self, s: &Submitter<HttpDga, TestClock>, n: usize) {
+        for _ in 0..n {
+            s.round().await.expect("round");
+            self.clock.advance(Duration::minutes(5));
+        }
+    }
+
+    /// The durability rule, checked on the fake's log: no slot was POSTed after the POST that
+    /// stored it at the DGA, except the one repeat that recovers a receipt (the duplicate-400),
+    /// and every accepted slot carries the receipt the DGA stored.
+    async fn assert_never_twice(&self) {
+        let posts = self.fake.posts();
+        let mut per_slot: HashMap<(String, String), usize> = HashMap::new();
+        for p in &posts {
+            *per_slot.entry(p.slot()).or_default() += 1;
+        }
+        for s in self.slots().await {
+            if s.state.is_accepted() {
+                let stored = self.fake.stored(OBRA, &s.fecha, &s.hora);
+                assert!(
+                    stored.is_some(),
+                    "{}: {} {} accepted but not stored",
+                    self.name,
+                    s.fecha,
+                    s.hora
+                );
+                if s.state != SlotState::AcceptedNoReceipt {
+                    assert_eq!(
+                        s.receipt, stored,
+                        "{}: receipt of {} {}",
+                        self.name, s.fecha, s.hora
+                    );
+                }
+                let exchanges = store::exchanges(&self.db, self.point, s.slot_at)
+                    .await
+                    .expect("exchanges");
+                // Every POST is in the exchange log; a row may have no POST (a crash after the
+                // claim, before the request left), never the reverse.
+                let posted = per_slot
+                    .get(&(s.fecha.clone(), s.hora.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                let answered = exchanges.iter().filter(|x| x.http_status.is_some()).count();
+                assert!(
+                    answered <= posted && posted <= exchanges.len(),
+                    "{}: {posted} POSTs, exchanges {exchanges:?}",
+                    self.name
+                );
+                let last = exchanges.last().expect("an exchange");
+                assert!(
+                    matches!(
+                        last.outcome.as_deref(),
+                        Some("accepted" | "duplicate" | "accepted_no_receipt")
+                    ),
+                    "{}: the accepting exchange is the last one: {exchanges:?}",
+                    self.name
+                );
+            }
+        }
+        assert!(
+            self.fake.violations().is_empty(),
+            "{}: {:?}",
+            self.name,
+            self.fake.violations()
+        );
+    }
+}
+
+fn states(slots: &[Slot]) -> Vec<SlotState> {
+    slots.iter().map(|s| s.state).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_ends_accepted_once_and_nothing_accepted_is_sent_again() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let base = 1000.0;
+        let total = move |ts: DateTime<Utc>| base + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(8),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(7) + Duration::minutes(10));
+        rig.fake.script(&[
+            Fault::TimeoutThatStores(std::time::Duration::from_secs(3)),
+            Fault::ServerError,
+            Fault::Reset,
+            Fault::Html,
+            Fault::OkWithoutReceipt,
+        ]);
+        let sub = rig.submitter();
+        sub.recover().await.expect("recover");
+        // One slot per round for the point: eight rounds send the eight slots once each.
+        rig.rounds(&sub, 10).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots.len(), 8, "{}", rig.name);
+        use SlotState::*;
+        assert_eq!(
+            states(&slots),
+            vec![
+                Failed,
+                Failed,
+                Failed,
+                Failed,
+                AcceptedNoReceipt,
+                Accepted,
+                Accepted,
+                Accepted
+            ],
+            "{}",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 8, "{}", rig.name);
+        // The manual's format on the wire, UTC-4 across the change of civil time.
+        let first = &rig.fake.posts()[0];
+        assert_eq!(
+            first.slot(),
+            ("2026-04-04".to_string(), "00:00:00".to_string())
+        );
+        let m = &first.body["medicionSubterranea"];
+        assert_eq!(m["caudal"], "10.00");
+        assert_eq!(m["totalizador"], "1000");
+        assert_eq!(m["nivelFreaticoDelPozo"], "9.85");
+        assert_eq!(first.body["autenticacion"]["rutEmpresa"], "77555666-8");
+        assert_eq!(first.body["autenticacion"]["password"], "clave-mee");
+        let exchanges = store::exchanges(&rig.db, rig.point, slots[0].slot_at)
+            .await
+            .expect("x");
+        assert_eq!(
+            exchanges[0].request["body"]["autenticacion"]["password"],
+            "****"
+        );
+        assert!(
+            slots[0]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no answer within 1 s")),
+            "{:?}",
+            slots[0].reason
+        );
+        assert!(
+            slots[3]
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("not the API's JSON")),
+            "{:?}",
+            slots[3].reason
+        );
+
+        // A day later the four failed slots go again, one per round; the one whose timeout had
+        // stored it comes back as the duplicate with the DGA's receipt.
+        rig.clock.advance(Duration::days(1));
+        rig.rounds(&sub, 6).await;
+        let slots = rig.slots().await;
+        assert_eq!(
+            states(&slots[..8]),
+            vec![
+                AcceptedDuplicate,
+                Accepted,
+                Accepted,
+                Accepted,
+                AcceptedNoReceipt,
+                Accepted,
+                Accepted,
+                Accepted
+            ],
+            "{}",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 12, "{}", rig.name);
+        assert_eq!(rig.fake.stored_count(), 8, "{}", rig.name);
+        // The day after had no telemetry: its slots are held for missing data, never sent.
+        assert!(
+            slots[8..]
+                .iter()
+                .all(|s| s.state == Held && s.reason.as_deref() == Some("no_data")),
+            "{}",
+            rig.name
+        );
+
+        // Restarts and days of rounds send nothing more.
+        for _ in 0..3 {
+            let again = rig.submitter();
+            again.recover().await.expect("recover");
+            rig.clock.advance(Duration::days(1));
+            rig.rounds(&again, 3).await;
+        }
+        assert_eq!(rig.fake.posts().len(), 12, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_states_never_sends_an_accepted_slot_again() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(3),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(1) + Duration::minutes(10));
+        // The process dies while its POST is out: the DGA stores it, the answer never arrives.
+        rig.fake
+            .script(&[Fault::TimeoutThatStores(std::time::Duration::from_secs(30))]);
+        let sub = rig.submitter_with(ComplianceConfig {
+            post_timeout_s: 60,
+            ..config()
+        });
+        let fake = rig.fake.clone();
+        {
+            let round = sub.round();
+            tokio::pin!(round);
+            let seen = async {
+                until(30, "the first POST", || {
+                    let fake = fake.clone();
+                    async move { !fake.posts().is_empty() }
+                })
+                .await
+            };
+            let cut = tokio::select! {
+                _ = &mut round => false,
+                () = seen => true,
+            };
+            assert!(cut, "the round is cut while its POST is out");
+        }
+        drop(sub);
+        let slots = rig.slots().await;
+        assert_eq!(
+            slots[0].state,
+            SlotState::InFlight,
+            "{}: committed before the POST",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 1);
+
+        // The process dies after committing the second slot as in flight, before its POST.
+        let at = slots[1].slot_at;
+        assert!(
+            store::claim(
+                &rig.db,
+                rig.point,
+                at,
+                &serde_json::json!({}),
+                rig.clock.now()
+            )
+            .await
+            .expect("claim")
+            .is_some()
+        );
+
+        // Restart: both are unanswered, so failed and due a day after their send.
+        let sub = rig.submitter();
+        assert_eq!(sub.recover().await.expect("recover"), 2, "{}", rig.name);
+        rig.rounds(&sub, 3).await;
+        assert_eq!(
+            rig.fake.posts().len(),
+            1,
+            "{}: nothing is due before a day",
+            rig.name
+        );
+        rig.clock.advance(Duration::days(1));
+        rig.rounds(&sub, 4).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots[0].state, SlotState::AcceptedDuplicate, "{}", rig.name);
+        assert_eq!(slots[1].state, SlotState::Accepted, "{}", rig.name);
+        // The next hour's slot, built meanwhile, goes once too.
+        assert_eq!(slots[2].state, SlotState::Accepted, "{}", rig.name);
+        assert_eq!(rig.fake.posts().len(), 4, "{}", rig.name);
+
+        // A crash right after an acceptance was recorded: a restart sends nothing again.
+        let sub = rig.submitter();
+        assert_eq!(sub.recover().await.expect("recover"), 0);
+        rig.clock.advance(Duration::days(2));
+        rig.rounds(&sub, 3).await;
+        assert_eq!(rig.fake.posts().len(), 4, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_informante_stops_that_obra_until_its_settings_change() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(4),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(3) + Duration::minutes(10));
+        rig.fake.script(&[Fault::WrongInformant]);
+        let sub = rig.submitter();
+        rig.rounds(&sub, 4).await;
+        let slots = rig.slots().await;
+        assert_eq!(slots[0].state, SlotState::RejectedConfig, "{}", rig.name);
+        assert!(
+            slots[1..].iter().all(|s| s.state == SlotState::Pending),
+            "{}",
+            rig.name
+        );
+        assert_eq!(rig.fake.posts().len(), 1, "{}: the obra stopped", rig.name);
+        let c = store::point_config(&rig.db, rig.point)
+            .await
+            .expect("c")
+            .expect("config");
+        assert!(
+            c.stopped_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no es el informante"))
+        );
+        // An alert is raised while the obra is stopped, and clears once its settings change.
+        let evaluator = Evaluator::new(
+            AlertsConfig::default(),
+            rig.db.clone(),
+            AlertMetrics::default(),
+        );
+        let stopped = |db: Db| async move {
+            let f = Filter {
+                state: Some(AlertState::Open),
+                kind: Some(AlertKind::ComplianceStopped),
+                limit: 10,
+                ..Filter::default()
+            };
+            alert::list(&db, &f).await.expect("alerts")
+        };
+        evaluator.evaluate(rig.clock.now()).await;
+        let open = stopped(rig.db.clone()).await;
+        assert_eq!(open.len(), 1, "{}", rig.name);
+        assert_eq!(open[0].point_id, Some(rig.point));
+        assert!(
+            open[0].message.contains("no es el informante"),
+            "{}",
+            open[0].message
+        );
+
+        // Fixing the password clears the stop; the refused slot (the DGA stored nothing) goes
+        // again with the others.
+        settings::put_password(
+            &rig.db,
+            Some(&rig.sealer),
+            rig.point,
+            &Password::new("nueva"),
+            "ops",
+            rig.clock.now(),
+        )
+        .await
+        .expect("password");
+        evaluator.evaluate(rig.clock.now()).await;
+        assert!(
+            stopped(rig.db.clone()).await.is_empty(),
+            "{}: the alert cleared",
+            rig.name
+        );
+        rig.rounds(&sub, 5).await;
+        let slots = rig.slots().await;
+        assert!(
+            slots.iter().all(|s| s.state == SlotState::Accepted),
+            "{:?}",
+            states(&slots)
+        );
+        assert!(
+            slots[0].detail.contains("no es el informante"),
+            "{}",
+            slots[0].detail
+        );
+        assert_eq!(rig.fake.posts().len(), 5, "{}", rig.name);
+        assert_eq!(rig.fake.stored_count(), 4, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_slot_is_sent_only_once_a_person_releases_it() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        // The totalizer freezes after the first hour while flow stays at 10 L/s.
+        let total = |ts: DateTime<Utc>| {
+            1000.0 + (ts.min(start() + Duration::hours(1)) - start()).num_minutes() as f64 * 0.6
+        };
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(4),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(3) + Duration::minutes(10));
+        let sub = rig.submitter();
+        rig.rounds(&sub, 6).await;
+        let slots = rig.slots().await;
+        use SlotState::*;
+        assert_eq!(
+            states(&slots),
+            vec![Accepted, Accepted, Held, Held],
+            "{}",
+            rig.name
+        );
+        assert_eq!(slots[2].reason.as_deref(), Some("totalizer_frozen"));
+        assert!(slots[2].detail.contains("unchanged"), "{}", slots[2].detail);
+        assert_eq!(rig.fake.posts().len(), 2);
+
+        let now = rig.clock.now();
+        let r =
+            settings::review(&rig.db, rig.point, slots[2].slot_at, true, "ops@x", "", now).await;
+        assert!(r.is_err(), "a release needs a note");
+        settings::review(
+            &rig.db,
+            rig.point,
+            slots[2].slot_at,
+            true,
+            "ops@x",
+            "meter checked on site",
+            now,
+        )
+        .await
+        .expect("release");
+        settings::review(
+            &rig.db,
+            rig.point,
+            slots[3].slot_at,
+            false,
+            "ops@x",
+            "pump was off",
+            now,
+        )
+        .await
+        .expect("discard");
+        rig.rounds(&sub, 3).await;
+        let slots = rig.slots().await;
+        assert_eq!(
+            states(&slots),
+            vec![Accepted, Accepted, Accepted, Discarded],
+            "{}",
+            rig.name
+        );
+        assert_eq!(slots[2].reviewed_by.as_deref(), Some("ops@x"));
+        assert_eq!(rig.fake.posts().len(), 3, "{}", rig.name);
+        rig.assert_never_twice().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_missing_its_configuration_holds_only_that_obra() {
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(3),
+            total,
+        )
+        .await;
+        // A second obra on the same meter, with no password set.
+        let new: NewPoint = serde_json::from_value(serde_json::json!({
+            "name": "Pozo 2", "kind": "groundwater", "obra_code": "OB-0101-115",
+            "dga_standard": "mayor", "informant_rut": "20999888-2", "level_sensor_depth_m": 30.0,
+        }))
+        .expect("point");
+        let p2 = point::create(&rig.db, &new).await.expect("point 2").id;
+        let src = Some(Source {
+            site: "pozo-1".into(),
+            device: "fm1".into(),
+        });
+        let body = PointBody {
+            flow: src.clone(),
+            total: src.clone(),
+            level: src,
+            mode: Some(Mode::On),
+            start_date: NaiveDate::from_ymd_opt(2026, 4, 4),
+            ..PointBody::default()
+        };
+        settings::put_point(&rig.db, p2, &body, "test", rig.clock.now())
+            .await
+            .expect("p2");
+        rig.clock
+            .set(start() + Duration::hours(2) + Duration::minutes(10));
+        let sub = rig.submitter();
+        rig.rounds(&sub, 4).await;
+        let first = rig.slots().await;
+        assert!(
+            first.iter().all(|s| s.state == SlotState::Accepted),
+            "{}: {:?}",
+            rig.name,
+            states(&first)
+        );
+        let second = store::slots(&rig.db, p2, start(), start() + Duration::days(1), None, 100)
+            .await
+            .expect("slots");
+        assert_eq!(second.len(), 3, "{}", rig.name);
+        assert!(
+            second.iter().all(|s| s.state == SlotState::Pending),
+            "{:?}",
+            states(&second)
+        );
+        assert_eq!(
+            second[0].reason.as_deref(),
+            Some(format!("point {p2}: no informante password").as_str())
+        );
+        assert_eq!(
+            rig.fake.posts().len(),
+            3,
+            "{}: only the first obra sent",
+            rig.name
+        );
+        assert!(rig.fake.posts().iter().all(|p| p.obra == OBRA));
+        rig.assert_never_twice().await;
+    }
+}
+
+/// Waits up to `secs` for `done`, polling.
+async fn until<F, Fut>(secs: u64, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The real `caudal-cloud` binary, killed (SIGKILL) while its POST is out: the slot was
+/// committed in flight before the request left, the restarted process treats it as unanswered,
+/// and its next send finds the measurement stored and takes the receipt; nothing is POSTed
+/// after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_killed_mid_post_never_sends_an_accepted_slot_again() {
+    let _turn = caudal_testkit::process::take_turn().await;
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        // Today's slots, in real time: from 00:00 UTC-4 of three hours ago.
+        let now = Utc::now();
+        let day = (now - Duration::hours(3))
+            .with_timezone(&caudal_cloud::compliance::slot::dga_zone())
+            .date_naive();
+        let first = caudal_cloud::compliance::slot::start_of(day);
+        let total = move |ts: DateTime<Utc>| 1000.0 + (ts - first).num_minutes() as f64 * 0.6;
+        rig.readings(
+            first - Duration::hours(1),
+            now + Duration::minutes(1),
+            total,
+        )
+        .await;
+        let src = Some(Source {
+            site: "pozo-1".into(),
+            device: "fm1".into(),
+        });
+        let body = PointBody {
+            flow: src.clone(),
+            total: src.clone(),
+            level: src,
+            mode: Some(Mode::On),
+            start_date: Some(day),
+            ..PointBody::default()
+        };
+        settings::put_point(&rig.db, rig.point, &body, "test", now)
+            .await
+            .expect("settings");
+        rig.fake
+            .script(&[Fault::TimeoutThatStores(std::time::Duration::from_secs(
+                120,
+            ))]);
+
+        let dir = tempfile::tempdir().expect("dir");
+        let http = caudal_testkit::loopback::free_addr();
+        let config = dir.path().join("cloud.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "services = [\"compliance\"]\ndata_dir = {:?}\n[http]\nlisten = \"{http}\"\n\
+                 [database]\nurl = {:?}\n[auth]\njwt_secret = {:?}\n[compliance]\n\
+                 key = \"CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\"\ninterval_s = 1\n\
+                 settle_s = 60\npost_timeout_s = 60\n",
+                dir.path().display().to_string(),
+                t.url,
+                crate::support::JWT_SECRET
+            ),
+        )
+        .expect("config");
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_caudal-cloud"));
+        let cfg = config.display().to_string();
+        let mut cloud = caudal_testkit::process::Proc::new(
+            "cloud",
+            dir.path(),
+            bin,
+            &["--config", &cfg, "run"],
+        );
+        cloud.spawn();
+        let fake = rig.fake.clone();
+        until(30, "the first POST", || {
+            let fake = fake.clone();
+            async move { !fake.posts().is_empty() }
+        })
+        .await;
+        cloud
+            .signal_and_reap(9, std::time::Duration::from_secs(10))
+            .expect("killed");
+        let slots = rig.slots().await;
+        let sent = slots[0].slot_at;
+        assert_eq!(
+            slots[0].state,
+            SlotState::InFlight,
+            "{}: {}",
+            rig.name,
+            cloud.logs()
+        );
+        let x = store::exchanges(&rig.db, rig.point, sent).await.expect("x");
+        assert_eq!(
+            (x.len(), x[0].outcome.as_deref()),
+            (1, None),
+            "{}",
+            rig.name
+        );
+        assert_eq!(x[0].request["body"]["autenticacion"]["password"], "****");
+
+        // Restarted: the slot left in flight is failed (unanswered); the others go, one a round.
+        cloud.spawn();
+        let n = slots.len();
+        let db = rig.db.clone();
+        let point = rig.point;
+        until(60, "the other slots accepted", || {
+            let db = db.clone();
+            async move {
+                let s = store::slots(&db, point, first, Utc::now(), None, 1000)
+                    .await
+                    .expect("slots");
+                s.len() >= n
+                    && s[0].state == SlotState::Failed
+                    && s[1..n].iter().all(|s| s.state == SlotState::Accepted)
+            }
+        })
+        .await;
+        // One POST per slot so far (a slot built meanwhile, past an hour, counts too).
+        assert_eq!(
+            rig.fake.posts().len(),
+            rig.slots().await.len(),
+            "{}",
+            rig.name
+        );
+
+        // A day later (its next attempt made due): the repeat finds it stored, takes the receipt.
+        match &rig.db {
+            Db::Sqlite(p) => {
+                sqlx::query(
+                    "UPDATE compliance_slots SET next_attempt_at = 0 WHERE state = 'failed'",
+                )
+                .execute(p)
+                .await
+                .expect("due");
+            }
+            Db::Postgres(p) => {
+                sqlx::query(
+                    "UPDATE compliance_slots SET next_attempt_at = 'epoch' WHERE state = 'failed'",
+                )
+                .execute(p)
+                .await
+                .expect("due");
+            }
+        }
+        until(30, "the duplicate's receipt", || {
+            let db = db.clone();
+            async move {
+                store::slot(&db, point, sent)
+                    .await
+                    .expect("slot")
+                    .is_some_and(|s| s.state == SlotState::AcceptedDuplicate)
+            }
+        })
+        .await;
+        // Rounds go on every second: nothing accepted is sent again.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        cloud
+            .signal_and_reap(15, std::time::Duration::from_secs(20))
+            .expect("stopped");
+        let slots = rig.slots().await;
+        assert!(slots.iter().all(|s| s.state.is_accepted()), "{}", rig.name);
+        assert_eq!(
+            rig.fake.posts().len(),
+            slots.len() + 1,
+            "{}: one POST per slot and the repeat of the one killed: {}",
+            rig.name,
+            cloud.logs()
+        );
+        rig.assert_never_twice().await;
+    }
+}
