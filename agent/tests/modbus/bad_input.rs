@@ -4,36 +4,18 @@
 //! counted, named cause, never returned as a value, and never stalls the healthy device that
 //! shares the line.
 
+use super::serial::flow_point;
 use caudal_agent::config::{Link, Parity};
 use caudal_agent::modbus::rtu::Discard;
 use caudal_agent::modbus::{BusClient, ModbusError};
-use caudal_agent::register::{ByteOrder, Channel, DataType, Fc, Point};
+use caudal_agent::register::Channel;
 use caudal_agent::simulator::{Fault, Framing, Model, SimHandle, SimulatedMeter, Simulator};
-use caudal_common::units::Unit;
 use caudal_testkit::serial::PtyPair;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
 const FAULTY: u8 = 1;
 const HEALTHY: u8 = 2;
-
-fn flow_point() -> Point {
-    Point {
-        channel: Channel::Flow,
-        fc: Fc::Holding,
-        address: 3002,
-        data_type: DataType::F32,
-        order: ByteOrder::ABCD,
-        scale: 1.0,
-        offset: 0.0,
-        unit: Unit::LitrePerSecond,
-        fraction_scale: 1e-9,
-        overflow_factor: 1.0,
-        overflow_address: None,
-        rollover_at: None,
-        water_column: None,
-    }
-}
 
 fn simulator() -> Simulator {
     let meter = || SimulatedMeter::new(vec![flow_point()], Model::steady(1.0, 0.0, 0.0));

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_millis(300);
 
-fn flow_point() -> Point {
+/// A Siemens-style flow point (f32 at 3002, L/s), shared with the bad-input tests.
+pub(crate) fn flow_point() -> Point {
     Point {
         channel: Channel::Flow,
         fc: Fc::Holding,

@@ -34,6 +34,22 @@ async fn viewer(
     }
 }
 
+/// The request's path and query: where a form on the page sends back to.
+fn here(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string())
+}
+
+/// 503 for a page whose data could not be read; the cause goes to the log.
+fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "reading {what}");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database does not answer",
+    )
+        .into_response()
+}
+
 fn page(html: Result<String, askama::Error>, cookies: &[Option<HeaderValue>]) -> Response {
     let mut r = match html {
         Ok(h) => Html(h).into_response(),
@@ -304,14 +320,7 @@ async fn fleet_rows(
     let sort = Sort::parse(q.sort.as_deref());
     let rows = fleet::rows(&console.api.db, q.q.as_deref().unwrap_or(""), sort)
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "reading the fleet overview");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database does not answer",
-            )
-                .into_response()
-        })?;
+        .map_err(|e| unavailable("the fleet overview", &e))?;
     let now = Utc::now();
     Ok(rows.into_iter().map(|r| view(t, r, now)).collect())
 }
@@ -337,9 +346,7 @@ pub(super) async fn fleet(
     let sort = Sort::parse(q.sort.as_deref()).code();
     let filter = q.q.clone().unwrap_or_default();
     let rows_url = format!("/fleet/rows?q={}&sort={sort}", session::url_escape(&filter));
-    let back = uri
-        .path_and_query()
-        .map_or("/".to_string(), |p| p.as_str().to_string());
+    let back = here(&uri);
     page(
         FleetPage {
             t,
@@ -445,14 +452,7 @@ pub(super) async fn site(
     let data = match site_page::read(&console.api.db, &sid, range).await {
         Ok(Some(d)) => d,
         Ok(None) => return (StatusCode::NOT_FOUND, t.not_found).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, site = %sid, "reading a site page");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database does not answer",
-            )
-                .into_response();
-        }
+        Err(e) => return unavailable(&format!("the page of site {sid}"), &e),
     };
     let (csrf, set) = session::csrf(&console, &headers);
     let now = Utc::now();
@@ -522,9 +522,7 @@ pub(super) async fn site(
             volume_total: format!("{:.1}", c.volume_total()),
         })
         .collect();
-    let back = uri
-        .path_and_query()
-        .map_or("/".to_string(), |p| p.as_str().to_string());
+    let back = here(&uri);
     page(
         SitePage {
             t,
@@ -629,14 +627,7 @@ pub(super) async fn alerts(
     .await;
     let list = match list {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "reading alerts");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database does not answer",
-            )
-                .into_response();
-        }
+        Err(e) => return unavailable("alerts", &e),
     };
     let rows = list
         .into_iter()
@@ -675,9 +666,7 @@ pub(super) async fn alerts(
         _ => None,
     };
     let (csrf, set) = session::csrf(&console, &headers);
-    let back = uri
-        .path_and_query()
-        .map_or("/alerts".to_string(), |p| p.as_str().to_string());
+    let back = here(&uri);
     page(
         AlertsPage {
             t,
@@ -741,13 +730,6 @@ pub(super) async fn close_alert(
         }
         Err(AlertError::Closed(_)) => with_error("closed"),
         Err(AlertError::NotFound(_)) => (StatusCode::NOT_FOUND, "no such alert").into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, alert = id, "closing an alert");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database does not answer",
-            )
-                .into_response()
-        }
+        Err(e) => unavailable(&format!("alert {id} to close it"), &e),
     }
 }
