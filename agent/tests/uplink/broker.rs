@@ -49,7 +49,13 @@ struct TestOutbox {
 
 impl TestOutbox {
     fn new() -> TestOutbox {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        TestOutbox::open(dir, Arc::default())
+    }
+
+    /// Opens (a start of the agent) the outbox file `outbox.db` in `dir`, numbering the readings
+    /// it appends after `appended`.
+    fn open(dir: Arc<tempfile::TempDir>, appended: Arc<AtomicU64>) -> TestOutbox {
         let path = dir.path().join("outbox.db");
         let config = OutboxConfig {
             path: None,
@@ -61,8 +67,8 @@ impl TestOutbox {
         TestOutbox {
             handle: OutboxHandle::spawn(outbox).unwrap(),
             path,
-            appended: Arc::default(),
-            _dir: Arc::new(dir),
+            appended,
+            _dir: dir,
         }
     }
 
@@ -676,6 +682,66 @@ async fn forged_acks_from_another_client_delete_nothing_the_agent_did_not_send()
         "no gap record was written"
     );
     agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_outbox_never_reuses_a_seq_and_loses_nothing() {
+    let c = cloud().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let image = dir.path().join("image.db");
+    let appended = Arc::new(AtomicU64::new(0));
+
+    // First run: five readings committed; the card's image is taken after a clean stop.
+    let ob = TestOutbox::open(dir.clone(), appended.clone());
+    let imaged = ob.commit(5).await;
+    ob.handle.shutdown().await.unwrap();
+    std::fs::copy(&ob.path, &image).unwrap();
+
+    // Second run: three more readings; everything is sent, acknowledged and deleted.
+    let ob = TestOutbox::open(dir.clone(), appended.clone());
+    let second = ob.commit(3).await;
+    let agent = Agent::start(config(&c.broker.url()), ob.clone());
+    ob.wait_empty(Duration::from_secs(10)).await;
+    agent.stop().await.unwrap();
+    ob.handle.shutdown().await.unwrap();
+
+    // The card is restored from the image (the second run's commits are gone), the agent starts
+    // again, polls three new readings and sends.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ob.path.display()));
+    }
+    std::fs::copy(&image, &ob.path).unwrap();
+    let ob = TestOutbox::open(dir.clone(), appended.clone());
+    assert_eq!(
+        ob.remaining(),
+        u64s(&imaged),
+        "the image's records are back"
+    );
+    let third = ob.commit(3).await;
+    let agent = Agent::start(config(&c.broker.url()), ob.clone());
+    ob.wait_empty(Duration::from_secs(10)).await;
+    agent.stop().await.unwrap();
+
+    let earlier: BTreeSet<u64> = u64s(&imaged).union(&u64s(&second)).copied().collect();
+    assert!(
+        u64s(&third).is_disjoint(&earlier),
+        "seqs reused after the roll-back: {third:?} vs {earlier:?}"
+    );
+    let mut all = earlier;
+    all.extend(u64s(&third));
+    assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), all);
+    let totals: BTreeSet<u64> = c
+        .receiver
+        .readings("pozo-test")
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.total_m3.map(|t| (t * 10.0).round() as u64))
+        .collect();
+    assert_eq!(
+        totals,
+        (1..=11).collect(),
+        "every reading of every run is stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
