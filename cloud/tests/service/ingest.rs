@@ -258,6 +258,124 @@ async fn refused_payloads_are_dead_lettered_and_acked_rejected() {
     }
 }
 
+/// A different record under a stored `(site, seq)`: what an agent whose outbox was rolled back
+/// (and that did not open a new epoch) or a forger sends. Refused, dead-lettered, counted and
+/// alerted; never acknowledged as a duplicate; the stored record stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_record_under_a_stored_seq_is_refused_dead_lettered_and_alerted() {
+    use caudal_cloud::core::config::AlertsConfig;
+    use caudal_cloud::telemetry::alert::{self, AlertKind, AlertMetrics, AlertState, Evaluator};
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+        agent.publish(None, BATCH).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Accepted, "{}", db.name);
+
+        // The same seqs, one reading's totalizer different.
+        let other_total = edited(|v| {
+            v["batch"] = "9b1c07-1".into();
+            v["readings"][0]["total_m3"] = 123999.5.into();
+        });
+        // A stored reading's seq arriving as an event.
+        let other_kind = edited(|v| {
+            v["batch"] = "9b1c07-2".into();
+            v["events"][0]["seq"] = v["readings"][1]["seq"].clone();
+            v["readings"] = serde_json::json!([]);
+            v["gaps"] = serde_json::json!([]);
+        });
+        // A gap with another count.
+        let other_gap = edited(|v| {
+            v["batch"] = "9b1c07-3".into();
+            v["gaps"][0]["count"] = 99.into();
+        });
+        let cases = [
+            (&other_total, "reading", "reading"),
+            (&other_kind, "event", "reading"),
+            (&other_gap, "gap", "gap"),
+        ];
+        for (payload, arrived, stored) in cases {
+            agent.publish(None, payload.clone()).await;
+            let ack = agent.ack().await;
+            assert_eq!(ack.status, AckStatus::Rejected, "{}: {arrived}", db.name);
+            assert!(ack.seqs.is_empty(), "nothing acknowledged");
+            let reason = ack.reason.unwrap_or_default();
+            assert!(
+                reason.contains(&format!(
+                    "the arriving {arrived} differs from the {stored} stored"
+                )),
+                "{}: {reason:?}",
+                db.name
+            );
+            assert!(reason.contains("site pozo-norte seq "), "{reason:?}");
+        }
+
+        // The stored records are the first ones; the identical batch is still a duplicate.
+        let stored = store::readings(cloud.db(), &site, 10).await.expect("read");
+        assert_eq!(stored, example_batch().readings, "{}", db.name);
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!((counts.readings, counts.events, counts.gaps), (2, 1, 1));
+        agent.publish(None, BATCH).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Accepted);
+
+        let letters = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(letters.len(), 3, "{}: one dead letter each", db.name);
+        for ((payload, ..), letter) in cases.iter().zip(letters.iter().rev()) {
+            assert_eq!(&&letter.payload, payload, "kept as received");
+            assert!(
+                letter.reason.contains("differs from the"),
+                "{:?}",
+                letter.reason
+            );
+        }
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(
+                http,
+                "caudal_cloud_ingest_rejected_total{reason=\"seq_conflict\"}"
+            )
+            .await,
+            3.0,
+            "{}",
+            db.name
+        );
+
+        // The alert rule sees it: one open alert for the site, naming the seq and the batch.
+        let ev = Evaluator::new(
+            AlertsConfig::default(),
+            cloud.db().clone(),
+            AlertMetrics::default(),
+        );
+        ev.evaluate(chrono::Utc::now()).await;
+        let open = alert::list(
+            cloud.db(),
+            &alert::Filter {
+                state: Some(AlertState::Open),
+                kind: Some(AlertKind::SeqConflict),
+                limit: 10,
+                ..alert::Filter::default()
+            },
+        )
+        .await
+        .expect("alerts");
+        assert_eq!(open.len(), 1, "{}: {open:?}", db.name);
+        assert_eq!(open[0].subject, "site/pozo-norte");
+        assert_eq!(open[0].value, Some(3.0), "three conflicts");
+        assert!(
+            open[0].message.contains("batch 9b1c07-3"),
+            "{}",
+            open[0].message
+        );
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_last_will_update_site_status() {
     for db in TestDb::all().await {
