@@ -817,7 +817,7 @@ async fn wrong_credentials_are_refused_counted_and_retried() {
 async fn commands_are_answered_on_the_result_topic() {
     let c = cloud().await;
     let spool = TestOutbox::new();
-    let mut agent = Agent::start(config(&c.broker.url()), spool);
+    let mut agent = Agent::start(config(&c.broker.url()), spool.clone());
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
     let site = site();
     let result_topic = topic::topic(&site, TopicKind::CommandResult);
@@ -936,13 +936,29 @@ async fn commands_are_answered_on_the_result_topic() {
     .expect("desired configuration handed over")
     .unwrap();
 
-    // An ack for another site is refused and counted.
+    // An ack naming another site, for the batch really in flight and its real seqs, is refused
+    // and counted, and deletes nothing.
+    c.receiver.set_mode(AckMode::Paused);
+    let pending = spool.commit(3).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_flight = loop {
+        if let Some(a) = c.receiver.arrivals().into_iter().last() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no batch reached the broker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        in_flight.seqs,
+        u64s(&pending).into_iter().collect::<Vec<_>>()
+    );
+    let range = (pending[0].0, pending[pending.len() - 1].0);
     client
         .publish(
             topic::topic(&site, TopicKind::Ack),
             QoS::AtLeastOnce,
             false,
-            br#"{"v":1,"site":"other","batch":"x-1","status":"accepted","seqs":[]}"#.to_vec(),
+            forged_ack("other", &in_flight.batch, &[range]),
         )
         .await
         .unwrap();
@@ -951,6 +967,12 @@ async fn commands_are_answered_on_the_result_topic() {
         assert!(Instant::now() < deadline, "foreign ack not counted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        spool.remaining(),
+        u64s(&pending),
+        "a foreign ack deleted records"
+    );
+    assert_eq!(agent.metrics.acked.get(), 0);
     agent.stop().await.unwrap();
 }
 

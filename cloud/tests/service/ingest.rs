@@ -76,6 +76,45 @@ async fn batch_is_stored_and_acked_after_commit() {
     }
 }
 
+/// No ack leaves before the commit: while another connection holds the write lock the batch
+/// cannot commit, and no ack may arrive; once it is released the batch commits and only then is
+/// acknowledged, with its records readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_leaves_before_the_commit() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        let lock = WriteLock::take(cloud.db()).await;
+        agent.publish(None, BATCH).await;
+        // Long enough for the ingest to have received, decoded and tried to store the batch.
+        agent.no_ack(Duration::from_millis(1500)).await;
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!(counts.readings, 0, "{}: nothing committed yet", db.name);
+        lock.release().await;
+
+        let ack = agent.ack().await;
+        assert_eq!(ack.status, AckStatus::Accepted, "{}", db.name);
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!(
+            (counts.readings, counts.events, counts.gaps),
+            (2, 1, 1),
+            "{}: the ack came after the commit",
+            db.name
+        );
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_batch_is_stored_once_and_acked_each_time() {
     for db in TestDb::all().await {
@@ -845,10 +884,7 @@ async fn a_saturated_ingest_keeps_acking_every_batch() {
 /// (within `ingest.inbound_bytes`), so none is dropped and no agent has to re-send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_ingest_through_an_external_broker_drops_nothing() {
-    let Some(url) = std::env::var("CAUDAL_TEST_MQTT_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
+    let Some(url) = caudal_testkit::services::mqtt_url() else {
         eprintln!("CAUDAL_TEST_MQTT_URL is not set: skipped");
         return;
     };

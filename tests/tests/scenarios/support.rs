@@ -471,9 +471,7 @@ impl Scene {
         let turn = take_turn().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = CloudDb::create(dir.path()).await;
-        let external = std::env::var("CAUDAL_TEST_MQTT_URL")
-            .ok()
-            .filter(|u| !u.is_empty());
+        let external = caudal_testkit::services::mqtt_url();
         let mqtt = match (external, broker) {
             (Some(url), BrokerChoice::Embedded) => Mqtt::External { url, relay: None },
             (Some(url), BrokerChoice::Separate) => {
