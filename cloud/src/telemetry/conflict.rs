@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 /// A stored record's content as its columns hold it.
 #[derive(Debug, Clone, PartialEq)]
-enum Content {
+pub(super) enum Content {
     Reading {
         device: String,
         ts_us: i64,
@@ -142,15 +142,28 @@ fn arriving(batch: &Batch) -> Vec<(i64, Content)> {
     v
 }
 
-/// The first arriving record whose seq holds a different stored record, if any.
-fn compare(batch: &Batch, stored: &HashMap<i64, Content>) -> Option<SeqConflict> {
+/// What is stored under the seqs read: `(site, seq column)` → content.
+pub(super) type StoredUnder = HashMap<(String, i64), Content>;
+
+/// Adds `batch`'s records to `under`, as if stored: a later batch of the same group is compared
+/// with them too.
+pub(super) fn remember(under: &mut StoredUnder, batch: &Batch) {
+    let site = batch.site.as_str();
+    for (seq, content) in arriving(batch) {
+        under.entry((site.to_string(), seq)).or_insert(content);
+    }
+}
+
+/// The first record of `batch` whose `(site, seq)` holds a different stored record, if any.
+pub(super) fn compare(batch: &Batch, stored: &StoredUnder) -> Option<SeqConflict> {
     if stored.is_empty() {
         return None;
     }
     let mut arriving = arriving(batch);
     arriving.sort_by_key(|(seq, _)| *seq);
+    let site = batch.site.as_str().to_string();
     arriving.into_iter().find_map(|(seq, new)| {
-        let old = stored.get(&seq)?;
+        let old = stored.get(&(site.clone(), seq))?;
         (*old != new).then(|| SeqConflict {
             site: batch.site.clone(),
             seq: Seq(seq as u64),
@@ -160,26 +173,27 @@ fn compare(batch: &Batch, stored: &HashMap<i64, Content>) -> Option<SeqConflict>
     })
 }
 
-/// Reads the stored records under a batch's seqs: one statement per table, each selecting by
-/// `(site, seq)` through the primary key. `$filter` selects the seqs bound as `$2`, `$extra` reads
-/// the extra channels as text, `$micros` turns a time column of a row into microseconds.
+/// Reads the stored records under some `(site, seq)`s: one statement per table, each selecting
+/// through the primary key. `$filter` selects them from the values bound as `$1` and `$2`,
+/// `$extra` reads the extra channels as text, `$micros` turns a time column of a row into
+/// microseconds.
 macro_rules! stored_under {
     ($tx:expr, $site:expr, $seqs:expr, $filter:expr, $extra:expr, $micros:expr) => {{
-        let mut out: HashMap<i64, Content> = HashMap::new();
+        let mut out: StoredUnder = HashMap::new();
         let sql = format!(
-            "SELECT seq, device, ts, quality, flow_lps, total_m3, level_m, {} AS extra \
-             FROM readings WHERE site = $1 AND {}",
+            "SELECT site, seq, device, ts, quality, flow_lps, total_m3, level_m, {} AS extra \
+             FROM readings WHERE {}",
             $extra, $filter
         );
         for r in sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind($site)
+            .bind($site.clone())
             .bind($seqs.clone())
             .fetch_all(&mut **$tx)
             .await?
         {
             let extra: Option<String> = r.try_get("extra")?;
             out.insert(
-                r.try_get("seq")?,
+                (r.try_get("site")?, r.try_get("seq")?),
                 Content::Reading {
                     device: r.try_get("device")?,
                     ts_us: $micros(&r, "ts")?,
@@ -192,18 +206,18 @@ macro_rules! stored_under {
             );
         }
         let sql = format!(
-            "SELECT seq, ts, device, kind, message, previous, current, wrap \
-             FROM events WHERE site = $1 AND {}",
+            "SELECT site, seq, ts, device, kind, message, previous, current, wrap \
+             FROM events WHERE {}",
             $filter
         );
         for r in sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind($site)
+            .bind($site.clone())
             .bind($seqs.clone())
             .fetch_all(&mut **$tx)
             .await?
         {
             out.insert(
-                r.try_get("seq")?,
+                (r.try_get("site")?, r.try_get("seq")?),
                 Content::Event {
                     ts_us: $micros(&r, "ts")?,
                     device: r.try_get("device")?,
@@ -216,8 +230,8 @@ macro_rules! stored_under {
             );
         }
         let sql = format!(
-            "SELECT seq, device, from_ts, to_ts, seq_from, seq_to, count, cause \
-             FROM gaps WHERE site = $1 AND {}",
+            "SELECT site, seq, device, from_ts, to_ts, seq_from, seq_to, count, cause \
+             FROM gaps WHERE {}",
             $filter
         );
         for r in sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -227,7 +241,7 @@ macro_rules! stored_under {
             .await?
         {
             out.insert(
-                r.try_get("seq")?,
+                (r.try_get("site")?, r.try_get("seq")?),
                 Content::Gap {
                     device: r.try_get("device")?,
                     from_us: $micros(&r, "from_ts")?,
@@ -256,39 +270,50 @@ fn pg_micros(r: &sqlx::postgres::PgRow, col: &str) -> Result<i64, sqlx::Error> {
 }
 
 /// The first record of `batch` that conflicts with a stored one (SQLite, in the batch's
-/// transaction).
+/// transaction, after the group's earlier batches were written: in-process statements cost no
+/// round trip, so one batch at a time).
 pub(super) async fn find_sqlite(
     tx: &mut Transaction<'static, Sqlite>,
     batch: &Batch,
 ) -> Result<Option<SeqConflict>, sqlx::Error> {
     let seqs = serde_json::to_string(&seq_cols(batch)).unwrap_or_else(|_| "[]".into());
+    let site = batch.site.as_str().to_string();
     let stored = stored_under!(
         tx,
-        batch.site.as_str(),
+        site,
         seqs,
-        "seq IN (SELECT value FROM json_each($2))",
+        "site = $1 AND seq IN (SELECT value FROM json_each($2))",
         "extra",
         sqlite_micros
     );
     Ok(compare(batch, &stored))
 }
 
-/// The first record of `batch` that conflicts with a stored one (PostgreSQL, in the group's
-/// transaction).
-pub(super) async fn find_pg(
+/// What is stored under every `(site, seq)` of `batches` (PostgreSQL, in the group's
+/// transaction): three statements for the whole group, whatever its size, like its insert.
+pub(super) async fn stored_pg(
     tx: &mut Transaction<'static, Postgres>,
-    batch: &Batch,
-) -> Result<Option<SeqConflict>, sqlx::Error> {
-    let seqs = seq_cols(batch);
-    let stored = stored_under!(
+    batches: &[&Batch],
+) -> Result<StoredUnder, sqlx::Error> {
+    let mut sites = Vec::new();
+    let mut seqs = Vec::new();
+    for b in batches {
+        for s in seq_cols(b) {
+            sites.push(b.site.as_str().to_string());
+            seqs.push(s);
+        }
+    }
+    if seqs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(stored_under!(
         tx,
-        batch.site.as_str(),
+        sites,
         seqs,
-        "seq = ANY($2)",
+        "(site, seq) IN (SELECT * FROM UNNEST($1::text[], $2::int8[]))",
         "extra::text",
         pg_micros
-    );
-    Ok(compare(batch, &stored))
+    ))
 }
 
 /// Records a conflict for the alert rule, in the transaction that refused the batch.

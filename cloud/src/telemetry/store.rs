@@ -10,9 +10,9 @@
 //! ack), even twice in one group, stores nothing new and succeeds. Before a batch is written,
 //! the records already stored under its seqs are compared with it (`conflict`): a different
 //! record under the same `(site, seq)` refuses the batch ([`StoreError::SeqConflict`]), writes
-//! nothing of it and records the conflict for the alert; the stored record stays. (Two batches
-//! of one PostgreSQL group carrying the same seq with different content are not compared with
-//! each other: the first is stored, the second's seq is then a conflict when it is re-sent.)
+//! nothing of it and records the conflict for the alert; the stored record stays. Within a
+//! group, a batch is also compared with the group's earlier batches (SQLite: written before it
+//! in the same transaction; PostgreSQL: remembered, as the group is written in one insert).
 //! [`store_batch`] is the group of one.
 //!
 //! Bulk inserts: PostgreSQL receives each column of the whole group's readings as one array and
@@ -178,18 +178,28 @@ pub async fn store_batches(
                     .fetch_all(&mut *tx)
                     .await?;
             let active: std::collections::HashMap<String, bool> = rows.into_iter().collect();
-            let mut accepted = Vec::with_capacity(group.len());
-            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+            for ((batch, _), outcome) in group.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_ok() {
                     *outcome = check_site(&batch.site, active.get(batch.site.as_str()).copied());
                 }
+            }
+            let checked: Vec<&Batch> = group
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| o.is_ok())
+                .map(|((b, _), _)| *b)
+                .collect();
+            let mut under = conflict::stored_pg(&mut tx, &checked).await?;
+            let mut accepted = Vec::with_capacity(group.len());
+            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_ok()
-                    && let Some(c) = conflict::find_pg(&mut tx, batch).await?
+                    && let Some(c) = conflict::compare(batch, &under)
                 {
                     conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
                     *outcome = Err(StoreError::SeqConflict(c));
                 }
                 if outcome.is_ok() {
+                    conflict::remember(&mut under, batch);
                     accepted.push((*batch, *at));
                 }
             }

@@ -869,6 +869,42 @@ async fn a_group_stores_each_record_once_and_refuses_batches_one_by_one() {
     }
 }
 
+/// Two batches of one group carrying the same seqs with different content: the first is
+/// stored, the second refused as a conflict, on both backends (PostgreSQL writes the group in
+/// one insert, so the comparison cannot rely on what is already in the table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_within_one_group_is_refused() {
+    for db in TestDb::all().await {
+        let pool = caudal_cloud::core::db::Db::connect(&db.url, 2)
+            .await
+            .expect("connect");
+        pool.migrate().await.expect("migrate");
+        site::add(&pool, &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let good = example_batch();
+        let mut other = example_batch();
+        other.batch = "9b1c07-9".into();
+        other.readings[0].total_m3 = Some(123999.5);
+        let at = chrono::Utc::now();
+        let stored = store::store_batches(&pool, &[(&good, at), (&other, at)])
+            .await
+            .expect("stored");
+        assert!(stored.outcomes[0].is_ok(), "{}", db.name);
+        assert!(
+            matches!(&stored.outcomes[1], Err(store::StoreError::SeqConflict(c)) if c.seq == good.readings[0].seq),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[1]
+        );
+        let readings = store::readings(&pool, &site_id("pozo-norte"), 10)
+            .await
+            .expect("read");
+        assert_eq!(readings, good.readings, "{}: the first is kept", db.name);
+        pool.close().await;
+    }
+}
+
 /// Many sites sending many small batches at once to one worker with a queue of one: the worker
 /// is always behind, so the broker's window, not a stopped event loop, must hold the rest back,
 /// and every batch's ack must still get out (an ack given up or stuck fails `Agent::ack`).
