@@ -1,9 +1,11 @@
 //! Outbox figures on this machine (prints, asserts nothing): durable append throughput by
 //! `synchronous` mode and group size, the handle's group commit under concurrent producers,
-//! bytes written per commit (flash wear), pending + ack drain throughput, and the file size per
-//! million readings (which sets `ROW_OVERHEAD_BYTES`).
+//! bytes written per commit (flash wear), pending + ack drain throughput, the file size per
+//! million readings (which sets `ROW_OVERHEAD_BYTES`), and what a start costs (open, with the
+//! new epoch's commit).
 //!
 //! `cargo bench -p caudal-agent --bench outbox`; each figure is the median of 3 runs.
+//! `cargo bench -p caudal-agent --bench outbox -- open` prints only the start's cost.
 
 use caudal_agent::config::{OutboxConfig, Synchronous};
 use caudal_agent::outbox::{Outbox, OutboxHandle, Stamped};
@@ -137,7 +139,55 @@ fn size_run() -> (u64, u64) {
     (file_size(&path), json)
 }
 
+/// Milliseconds and bytes written for one start (close, then open: the new epoch is committed
+/// at open) of an outbox holding `backlog` readings, the median of `starts` starts.
+fn open_run(sync: Synchronous, backlog: usize, starts: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.db");
+    let mut ob = Outbox::open(&path, &cfg(sync), true).expect("open");
+    for start in (0..backlog).step_by(1000) {
+        ob.append((start..start + 1000).map(reading).collect(), vec![])
+            .expect("append");
+    }
+    ob.close().expect("close");
+    let mut times = Vec::with_capacity(starts);
+    let mut bytes = Vec::with_capacity(starts);
+    for _ in 0..starts {
+        let w = written();
+        let t = Instant::now();
+        let ob = Outbox::open(&path, &cfg(sync), false).expect("open");
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        bytes.push((written() - w) as f64);
+        ob.close().expect("close");
+    }
+    (median(times), median(bytes))
+}
+
+fn print_open() {
+    println!("start (Outbox::open of an existing file, its new epoch committed)");
+    println!(
+        "{:<8} {:>10} {:>10} {:>12}",
+        "sync", "backlog", "ms/start", "written"
+    );
+    for sync in [Synchronous::Full, Synchronous::Normal] {
+        for backlog in [0, 100_000] {
+            let runs: Vec<(f64, f64)> = (0..RUNS).map(|_| open_run(sync, backlog, 20)).collect();
+            println!(
+                "{:<8} {:>10} {:>10.2} {:>8.1} KiB",
+                format!("{sync:?}"),
+                backlog,
+                median(runs.iter().map(|r| r.0).collect()),
+                median(runs.iter().map(|r| r.1).collect()) / 1024.0
+            );
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().skip(1).any(|a| a == "open") {
+        print_open();
+        return;
+    }
     println!("outbox bench: median of {RUNS} runs, {RUN_FOR:?} each");
     println!();
     println!("durable append, one transaction per group (Outbox::append)");
@@ -198,4 +248,6 @@ fn main() {
         json / rows,
         (file - json) / rows
     );
+    println!();
+    print_open();
 }

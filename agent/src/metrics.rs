@@ -47,6 +47,12 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// Labels naming why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 /// Labels of validation flags.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlagLabels {
@@ -80,6 +86,9 @@ pub struct Metrics {
     pub rejected_batches: Counter,
     /// Incoming MQTT payloads that could not be decoded, by topic kind.
     pub bad_payloads: Family<KindLabels, Counter>,
+    /// `accepted` acks that named records the agent did not send in that batch, by reason
+    /// (`unknown_batch`, `outside_batch`, `other_site`); only the intersection was deleted.
+    pub acks_refused: Family<ReasonLabels, Counter>,
     /// Records in the outbox not yet acknowledged.
     pub backlog: Gauge,
     /// Age in seconds of the oldest record not yet acknowledged.
@@ -113,6 +122,7 @@ impl Metrics {
             acked: Counter::default(),
             rejected_batches: Counter::default(),
             bad_payloads: Family::default(),
+            acks_refused: Family::default(),
             backlog: Gauge::default(),
             backlog_age_seconds: Gauge::default(),
             outbox_bytes: Gauge::default(),
@@ -175,6 +185,11 @@ impl Metrics {
             m.bad_payloads.clone(),
         );
         registry.register(
+            "acks_refused",
+            "Acks refused wholly or in part: unknown batch, seqs outside the batch, another site",
+            m.acks_refused.clone(),
+        );
+        registry.register(
             "backlog_records",
             "Records not yet acknowledged",
             m.backlog.clone(),
@@ -228,6 +243,12 @@ impl Metrics {
     pub fn kind(kind: &str) -> KindLabels {
         KindLabels {
             kind: kind.to_string(),
+        }
+    }
+
+    pub fn reason(reason: &str) -> ReasonLabels {
+        ReasonLabels {
+            reason: reason.to_string(),
         }
     }
 }

@@ -46,12 +46,10 @@ impl TestDb {
     }
 
     /// A fresh schema in the PostgreSQL database of `CAUDAL_TEST_DATABASE_URL`, if set; panics
-    /// if it is set but PostgreSQL does not answer.
+    /// if it is set but PostgreSQL does not answer, or if it is not set and the run requires
+    /// PostgreSQL ([`crate::services`]).
     pub async fn postgres() -> Option<TestDb> {
-        let base = std::env::var("CAUDAL_TEST_DATABASE_URL").ok()?;
-        if base.is_empty() {
-            return None;
-        }
+        let base = crate::services::database_url()?;
         let db = TestDb::postgres_at(&base)
             .await
             .expect("CAUDAL_TEST_DATABASE_URL is set but PostgreSQL does not answer");

@@ -16,6 +16,7 @@ pub mod process;
 pub mod proof;
 pub mod receiver;
 pub mod serial;
+pub mod services;
 pub mod stand_in;
 
 #[cfg(feature = "agent")]

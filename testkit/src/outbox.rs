@@ -1,6 +1,6 @@
 //! A rig's read-only view of an agent's outbox file while the agent runs, crashes and starts
-//! again: what `caudal-agent status` sees, the seqs still waiting, and every epoch seen, for the
-//! proof that a site kept one epoch across every restart.
+//! again: what `caudal-agent status` sees, the seqs still waiting, and every epoch seen with
+//! records, for the proof that the outbox's own list of its epochs misses none.
 
 use caudal_agent::outbox::{Inspection, inspect};
 use rusqlite::{Connection, OpenFlags};
@@ -27,16 +27,16 @@ impl OutboxWatch {
     }
 
     /// Reads the outbox read-only (as `caudal-agent status` does); `None` while the file does
-    /// not exist or cannot be read yet. Remembers the epoch once a record was committed.
+    /// not exist or cannot be read yet. Remembers the epoch of the last committed record.
     pub fn inspect(&mut self) -> Option<Inspection> {
         let i = inspect(&self.path).ok()?;
-        if i.last_seq.is_some() {
-            self.epochs.insert(i.epoch);
+        if let Some(last) = i.last_seq {
+            self.epochs.insert(last.epoch());
         }
         Some(i)
     }
 
-    /// Every epoch [`OutboxWatch::inspect`] has seen.
+    /// Every epoch [`OutboxWatch::inspect`] has seen a record committed in.
     pub fn epochs(&self) -> &BTreeSet<u32> {
         &self.epochs
     }

@@ -1,6 +1,7 @@
 //! The accounting every end-to-end proof rests on. An agent allocates seqs inside the commit,
-//! so within an epoch they have no holes: the records it committed are exactly
-//! `(epoch, 1..=last)`. Each of them must be stored at the receiving end, or covered by an
+//! so within an epoch they have no holes, and every start opens a new epoch whose closed
+//! predecessors the outbox lists with their last counter: the records it committed are exactly
+//! `(epoch, 1..=last)` for each of its epochs ([`committed_all`]). Each of them must be stored at the receiving end, or covered by an
 //! eviction gap's seq range, or — only when committed after the last observed empty backlog —
 //! still waiting in the outbox for the agent's next start. Anything else was lost.
 
@@ -23,6 +24,19 @@ pub struct Accounting {
 /// Every seq committed in `epoch` up to `last`: `(epoch, 1..=last)`.
 pub fn committed(epoch: u32, last: Seq) -> BTreeSet<u64> {
     (1..=last.counter()).map(|c| Seq::new(epoch, c).0).collect()
+}
+
+/// Every seq committed over an outbox's life: `(e, 1..=n)` for each closed epoch `(e, n)`, and
+/// the current `epoch` up to `last` (nothing of it when `last` is in an earlier epoch).
+pub fn committed_all(closed: &[(u32, u32)], epoch: u32, last: Seq) -> BTreeSet<u64> {
+    let mut all: BTreeSet<u64> = closed
+        .iter()
+        .flat_map(|&(e, n)| (1..=n).map(move |c| Seq::new(e, c).0))
+        .collect();
+    if last.epoch() == epoch {
+        all.extend(committed(epoch, last));
+    }
+    all
 }
 
 /// Accounts for each of `committed`: stored (`is_stored`), else evicted (in one of `evicted`),

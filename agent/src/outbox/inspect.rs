@@ -29,6 +29,9 @@ pub struct Inspection {
     /// Records evicted by the disk budget since the database was created.
     pub evicted_total: u64,
     pub epoch: u32,
+    /// The epochs earlier starts closed that have records, ascending, each with the counter of
+    /// its last record (the latest 1000 starts).
+    pub closed_epochs: Vec<(u32, u32)>,
     /// The last committed seq, if any record was ever committed.
     pub last_seq: Option<Seq>,
     /// Every device's last poll, by device id.
@@ -55,6 +58,11 @@ pub fn inspect(path: &Path) -> Result<Inspection, OutboxError> {
     let meta = Meta::load(&tx)?;
     let oldest = schema::oldest(&tx)?;
     let devices = schema::device_rows(&tx)?;
+    let closed_epochs = if schema::user_version(&tx)? >= 2 {
+        schema::closed_epochs(&tx)?
+    } else {
+        Vec::new()
+    };
     tx.commit()?;
     let size = |suffix: &str| {
         let mut p = path.as_os_str().to_owned();
@@ -71,6 +79,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, OutboxError> {
         file_bytes: size("") + size("-wal"),
         evicted_total: meta.evicted_total,
         epoch: meta.epoch,
+        closed_epochs,
         last_seq: meta.last_seq,
         devices,
     })

@@ -64,7 +64,19 @@ const MIGRATIONS: &[&str] = &[
         consecutive_failures INTEGER NOT NULL,
         last_reading TEXT
     ) WITHOUT ROWID;",
+    // 2: every start opens a new epoch (`store::open_epoch`); `epochs` keeps, for the epochs a
+    // start closed, the counter of the last record committed in each (0: none), so the seqs an
+    // agent ever committed are known: `(epoch, 1..=last_counter)` for each, and the current
+    // epoch up to `meta.last_seq`. Bounded to the latest `EPOCHS_KEPT` rows.
+    "CREATE TABLE epochs (
+        epoch INTEGER PRIMARY KEY,
+        last_counter INTEGER NOT NULL,
+        closed_ms INTEGER NOT NULL
+    );",
 ];
+
+/// Closed epochs kept in `epochs`, at most.
+pub(super) const EPOCHS_KEPT: i64 = 1000;
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -207,6 +219,20 @@ impl Meta {
         ])?;
         Ok(())
     }
+}
+
+/// The closed epochs with records, ascending: `(epoch, counter of its last record)`.
+pub(super) fn closed_epochs(conn: &Connection) -> rusqlite::Result<Vec<(u32, u32)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT epoch, last_counter FROM epochs WHERE last_counter > 0 ORDER BY epoch",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+            u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+        ))
+    })?;
+    rows.collect()
 }
 
 pub(super) fn from_ms(ms: i64) -> DateTime<Utc> {

@@ -108,6 +108,7 @@ impl Outbox {
         };
         let mut conn = Connection::open(path).map_err(open_err)?;
         schema::configure_writer(&conn, config.synchronous).map_err(open_err)?;
+        let existed = schema::user_version(&conn).map_err(open_err)? > 0;
         schema::migrate(&mut conn, &name, || {
             first_epoch(clock_trusted_now, Utc::now().timestamp())
         })
@@ -115,7 +116,14 @@ impl Outbox {
             OutboxError::Sqlite(source) => open_err(source),
             e => e,
         })?;
-        let meta = Meta::load(&conn).map_err(open_err)?;
+        let meta = if existed {
+            open_epoch(&mut conn, clock_trusted_now).map_err(|e| match e {
+                OutboxError::Sqlite(source) => open_err(source),
+                e => e,
+            })?
+        } else {
+            Meta::load(&conn).map_err(open_err)?
+        };
         let auto_vacuum: i64 = conn
             .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
             .map_err(open_err)?;
@@ -789,6 +797,72 @@ fn first_epoch(clock_trusted: bool, unix_secs: i64) -> u32 {
         .unwrap_or_else(|| random_epoch(fastrand::u32(..)))
 }
 
+/// Spread of the epoch step at a start without a trusted clock: the new epoch is drawn from
+/// `old + 1 ..= old + START_JITTER`. Large enough that a start after a roll-back rarely lands
+/// on an epoch the lost run used (1 in 1024 per lost start), small enough that a crash loop
+/// (one start every 5 s, 512 epochs each on average) takes years to use up the epoch space.
+const START_JITTER: u32 = 1024;
+
+/// **Sequence rule.** Every start of an existing outbox opens a new epoch, committed before any
+/// record is appended: the file may have been rolled back (power loss under
+/// `synchronous = normal`, a lost `-wal`, a restored SD-card image), and a run that continued
+/// its epoch would hand out again seqs the lost run already sent with other content. The new
+/// epoch is [`start_epoch`]; the counter restarts at 1.
+fn open_epoch(conn: &mut Connection, clock_trusted: bool) -> Result<Meta, OutboxError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut meta = Meta::load(&tx)?;
+    let old = meta.epoch;
+    let trusted_now = clock_trusted.then(|| Utc::now().timestamp());
+    meta.epoch = start_epoch(old, trusted_now, fastrand::u32(..))?;
+    let last_counter = meta
+        .last_seq
+        .filter(|s| s.epoch() == old)
+        .map_or(0, |s| s.counter());
+    tx.execute(
+        "INSERT INTO epochs (epoch, last_counter, closed_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (epoch) DO UPDATE SET last_counter = excluded.last_counter,
+             closed_ms = excluded.closed_ms",
+        params![
+            i64::from(old),
+            i64::from(last_counter),
+            Utc::now().timestamp_millis()
+        ],
+    )?;
+    tx.execute(
+        "DELETE FROM epochs WHERE epoch < (SELECT epoch FROM epochs ORDER BY epoch DESC
+             LIMIT 1 OFFSET ?1)",
+        params![schema::EPOCHS_KEPT - 1],
+    )?;
+    meta.next_counter = 1;
+    meta.save(&tx)?;
+    tx.commit()?;
+    info!(old, new = meta.epoch, "outbox started a new epoch");
+    Ok(meta)
+}
+
+/// The epoch a start opens after `old`: the time epoch when the clock is trusted and it is
+/// later than `old` (unique as long as time moves forward: a rolled-back run's epochs are all
+/// earlier seconds), else `old + 1 + random % START_JITTER` (seqs keep increasing either way).
+pub(super) fn start_epoch(
+    old: u32,
+    trusted_unix_secs: Option<i64>,
+    random: u32,
+) -> Result<u32, OutboxError> {
+    if let Some(t) = trusted_unix_secs.and_then(time_epoch)
+        && t > old
+    {
+        return Ok(t);
+    }
+    let bumped = old
+        .checked_add(1)
+        .filter(|e| *e <= MAX_EPOCH)
+        .ok_or(OutboxError::SeqExhausted { epoch: old })?;
+    Ok(bumped
+        .checked_add(random % START_JITTER)
+        .filter(|e| *e <= MAX_EPOCH)
+        .unwrap_or(bumped))
+}
+
 /// The epoch after `old` when its counter is used up: the time epoch when the clock is trusted
 /// and it is later, else `old + 1` (so seqs keep increasing, and a time epoch stays in the time
 /// range while it can).
@@ -900,6 +974,24 @@ mod tests {
         assert_eq!(next_epoch(random, Some(now)).unwrap(), random + 1);
         assert!(matches!(
             next_epoch(MAX_EPOCH, None),
+            Err(OutboxError::SeqExhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_start_takes_the_later_time_epoch_or_steps_by_a_random_amount() {
+        let now = caudal_common::seq::EPOCH_ORIGIN_UNIX + 1_000_000;
+        assert_eq!(start_epoch(10, Some(now), 7).unwrap(), 1_000_000);
+        assert_eq!(start_epoch(10, None, 7).unwrap(), 18);
+        assert_eq!(
+            start_epoch(1_000_000, Some(now), 5).unwrap(),
+            1_000_006,
+            "a second start in the same second steps"
+        );
+        assert_eq!(start_epoch(10, None, START_JITTER).unwrap(), 11);
+        assert_eq!(start_epoch(MAX_EPOCH - 1, None, 900).unwrap(), MAX_EPOCH);
+        assert!(matches!(
+            start_epoch(MAX_EPOCH, None, 0),
             Err(OutboxError::SeqExhausted { .. })
         ));
     }

@@ -3,7 +3,10 @@
 //!
 //! **Durability invariant.** The uplink never deletes a record on its own account. A record
 //! leaves the outbox only through [`Spool::ack`] with the sequence ranges listed by an `accepted`
-//! [`Ack`] on `caudal/v1/{site}/ack`, which the cloud publishes after it committed the batch. The
+//! [`Ack`] on `caudal/v1/{site}/ack`, which the cloud publishes after it committed the batch,
+//! and only those of them the named batch carried (`ledger`): an ack for a batch this uplink did
+//! not send, for another site, or listing seqs beyond its batch deletes nothing more, and is
+//! counted (`caudal_agent_acks_refused_total{reason}`) and logged with its batch id. The
 //! broker's PUBACK only means the broker has the batch. A crash at any point leaves every record
 //! not yet acknowledged in the outbox, and a restart sends it again (the cloud stores by
 //! `(site, seq)`, so a record sent twice is stored once).
@@ -35,6 +38,7 @@
 //! event-loop task wait when the uplink is busy.
 
 mod flow;
+mod ledger;
 pub mod options;
 #[cfg(test)]
 mod tests;
@@ -55,6 +59,7 @@ use caudal_common::{
     SeqRange, SiteId, Status,
 };
 use flow::{Flow, FlowConfig, Holds};
+use ledger::{Checked, Ledger};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, StateError,
     SubscribeFilter,
@@ -84,6 +89,9 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(20);
 /// After an outbox read error, when to try again.
 const OUTBOX_RETRY: Duration = Duration::from_secs(1);
+/// Batches the [`Ledger`] remembers per in-flight slot: the ones in flight, and those timed out
+/// or sent before a reconnect whose late ack may still come.
+const LEDGER_PER_INFLIGHT: usize = 4;
 
 /// Errors of the uplink: configuration problems found by [`Uplink::new`], and the two ways
 /// [`Uplink::run`] stops without being asked to.
@@ -299,6 +307,8 @@ struct Driver<S: Spool> {
     resume: mpsc::Sender<()>,
     spool_rx: watch::Receiver<SpoolState>,
     holds: Holds,
+    /// What each published batch carried: the most an ack of it may delete.
+    ledger: Ledger,
     ids: BatchIds,
     deferred: VecDeque<Control>,
     /// Dispatched commands waiting for their result (at most [`MAX_COMMANDS_IN_PROGRESS`]).
@@ -322,6 +332,11 @@ impl<S: Spool> Driver<S> {
         resume: mpsc::Sender<()>,
     ) -> Driver<S> {
         let spool_rx = up.spool.watch();
+        let ledger = Ledger::new(
+            up.cfg
+                .max_inflight_batches
+                .saturating_mul(LEDGER_PER_INFLIGHT),
+        );
         Driver {
             up,
             client,
@@ -329,6 +344,7 @@ impl<S: Spool> Driver<S> {
             resume,
             spool_rx,
             holds: Holds::default(),
+            ledger,
             ids: BatchIds::new(),
             deferred: VecDeque::new(),
             in_progress: JoinSet::new(),
@@ -621,6 +637,8 @@ impl<S: Spool> Driver<S> {
                     let n = out.records.len() as u64;
                     self.up.metrics.sent.inc_by(n);
                     debug!(batch = %id, records = n, class = out.class.as_str(), "batch published");
+                    self.ledger
+                        .sent(id.clone(), out.records.iter().map(|r| r.seq).collect());
                     flow.sent(id, &out.records, out.class, Instant::now());
                 }
                 Err(_) => {
@@ -766,15 +784,41 @@ impl<S: Spool> Driver<S> {
             }
         };
         if ack.site != self.up.site {
-            self.bad_payload("ack");
-            warn!(batch = %ack.batch, ack_site = %ack.site, "ack names another site; ignored");
+            self.refuse_ack("other_site");
+            warn!(batch = %ack.batch, ack_site = %ack.site, reason = "other_site",
+                "ack names another site; refused, nothing deleted");
             return Ok(());
         }
         let now = Instant::now();
-        let entry = flow.take(&ack.batch);
         match ack.status {
             AckStatus::Accepted => {
-                let deleted = match self.up.spool.ack(ack.seqs.clone()).await {
+                // Only what the named batch carried may be deleted (see `ledger`).
+                let delete = match self.ledger.accept(&ack.batch, &ack.seqs) {
+                    Checked::UnknownBatch => {
+                        self.refuse_ack("unknown_batch");
+                        warn!(batch = %ack.batch, reason = "unknown_batch",
+                            "ack for a batch this agent did not send (or no longer remembers); nothing deleted");
+                        return Ok(());
+                    }
+                    Checked::Settled => {
+                        debug!(batch = %ack.batch, "repeated ack of a settled batch; nothing more to delete");
+                        return Ok(());
+                    }
+                    Checked::Known { delete, outside } => {
+                        if outside {
+                            self.refuse_ack("outside_batch");
+                            warn!(batch = %ack.batch, reason = "outside_batch",
+                                "ack lists seqs the batch did not carry; only the batch's own are deleted");
+                        }
+                        if delete.is_empty() {
+                            // Nothing the batch carried: it stays in flight for its real ack.
+                            return Ok(());
+                        }
+                        delete
+                    }
+                };
+                let entry = flow.take(&ack.batch);
+                let deleted = match self.up.spool.ack(delete).await {
                     Ok(n) => n,
                     Err(OutboxError::Stopped) => return Err(UplinkError::OutboxStopped),
                     Err(e) => {
@@ -788,7 +832,7 @@ impl<S: Spool> Driver<S> {
                 };
                 self.up.metrics.acked.inc_by(deleted);
                 let Some(f) = entry else {
-                    debug!(batch = %ack.batch, deleted, "ack for a batch not in flight (late or repeated)");
+                    debug!(batch = %ack.batch, deleted, "ack for a batch no longer in flight (late or repeated)");
                     return Ok(());
                 };
                 let latency = now.saturating_duration_since(f.sent);
@@ -809,6 +853,8 @@ impl<S: Spool> Driver<S> {
                     class = f.class.as_str(), "batch acknowledged");
             }
             AckStatus::Rejected => {
+                self.ledger.take(&ack.batch);
+                let entry = flow.take(&ack.batch);
                 self.up.metrics.rejected_batches.inc();
                 let reason = ack.reason.as_deref().unwrap_or("no reason given");
                 match entry {
@@ -826,6 +872,15 @@ impl<S: Spool> Driver<S> {
             }
         }
         Ok(())
+    }
+
+    /// Counts an ack that named something this agent did not send in that batch.
+    fn refuse_ack(&self, reason: &str) {
+        self.up
+            .metrics
+            .acks_refused
+            .get_or_create(&Metrics::reason(reason))
+            .inc();
     }
 
     fn on_desired(&mut self, payload: &[u8]) {

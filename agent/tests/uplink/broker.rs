@@ -49,7 +49,13 @@ struct TestOutbox {
 
 impl TestOutbox {
     fn new() -> TestOutbox {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        TestOutbox::open(dir, Arc::default())
+    }
+
+    /// Opens (a start of the agent) the outbox file `outbox.db` in `dir`, numbering the readings
+    /// it appends after `appended`.
+    fn open(dir: Arc<tempfile::TempDir>, appended: Arc<AtomicU64>) -> TestOutbox {
         let path = dir.path().join("outbox.db");
         let config = OutboxConfig {
             path: None,
@@ -61,8 +67,8 @@ impl TestOutbox {
         TestOutbox {
             handle: OutboxHandle::spawn(outbox).unwrap(),
             path,
-            appended: Arc::default(),
-            _dir: Arc::new(dir),
+            appended,
+            _dir: dir,
         }
     }
 
@@ -578,6 +584,166 @@ async fn dropped_and_doubled_acks_are_harmless() {
     agent.stop().await.unwrap();
 }
 
+/// The reasons the uplink counts a refused ack under, and how often each was seen.
+fn refused(metrics: &Metrics, reason: &str) -> u64 {
+    metrics
+        .acks_refused
+        .get_or_create(&Metrics::reason(reason))
+        .get()
+}
+
+/// An `accepted` ack as another MQTT client would forge it.
+fn forged_ack(site: &str, batch: &str, ranges: &[(u64, u64)]) -> Vec<u8> {
+    let seqs: Vec<serde_json::Value> = ranges
+        .iter()
+        .map(|(from, to)| serde_json::json!({"from": from, "to": to}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "v": SCHEMA_VERSION, "site": site, "batch": batch, "status": "accepted", "seqs": seqs,
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_acks_from_another_client_delete_nothing_the_agent_did_not_send() {
+    let c = cloud().await;
+    // The ingest is down: nothing the agent sends is acknowledged by the cloud.
+    c.receiver.set_mode(AckMode::Paused);
+    let spool = TestOutbox::new();
+    let agent = Agent::start(config(&c.broker.url()), spool.clone());
+    agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
+    let sent = spool.commit(18).await;
+    // Records the uplink has not sent: held back until the clock is trusted.
+    let held = spool.commit_held(4).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_flight = loop {
+        if let Some(a) = c.receiver.arrivals().into_iter().next() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no batch reached the broker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(in_flight.seqs, u64s(&sent).into_iter().collect::<Vec<_>>());
+
+    // Another client on the same broker, with a client id of its own, that can read the site's
+    // telemetry, publishes on the site's ack topic.
+    let telemetry = topic::topic(&site(), TopicKind::Telemetry);
+    let (intruder, _rx, _t) = probe(c.broker.v4_addr(), "intruder", &[telemetry]).await;
+    let ack_topic = topic::topic(&site(), TopicKind::Ack);
+    let everything = (0, (1u64 << 63) - 1);
+    let held_range = (held[0].0, held[held.len() - 1].0);
+    let sent_range = (sent[0].0, sent[sent.len() - 1].0);
+    let forgeries = [
+        // The whole seq space under a batch id the agent never used.
+        forged_ack("pozo-test", "forged-1", &[everything]),
+        // The real seqs of the pending records under another batch id.
+        forged_ack("pozo-test", "other-7", &[sent_range, held_range]),
+        // The batch really in flight, listing real seqs of records it does not carry.
+        forged_ack("pozo-test", &in_flight.batch, &[held_range]),
+        // Another site's batch, on this site's topic.
+        forged_ack("pozo-otro", "otro-1", &[everything]),
+    ];
+    for f in forgeries {
+        intruder
+            .publish(ack_topic.clone(), QoS::AtLeastOnce, false, f)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reasons = ["unknown_batch", "outside_batch", "other_site"];
+    while reasons
+        .iter()
+        .map(|r| refused(&agent.metrics, r))
+        .sum::<u64>()
+        < 4
+    {
+        assert!(
+            Instant::now() < deadline,
+            "refused acks not counted: {:?}",
+            reasons.map(|r| refused(&agent.metrics, r))
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused(&agent.metrics, "unknown_batch"), 2);
+    assert_eq!(refused(&agent.metrics, "outside_batch"), 1);
+    assert_eq!(refused(&agent.metrics, "other_site"), 1);
+    let mut all = u64s(&sent);
+    all.extend(u64s(&held));
+    assert_eq!(spool.remaining(), all, "a forged ack deleted records");
+    assert_eq!(agent.metrics.acked.get(), 0);
+
+    // The cloud comes back: every record arrives, none was replaced by a gap.
+    c.receiver.set_mode(AckMode::Normal);
+    spool.release().await;
+    spool.wait_empty(Duration::from_secs(15)).await;
+    assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), all);
+    assert!(
+        c.receiver.gaps("pozo-test").unwrap().is_empty(),
+        "no gap record was written"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_outbox_never_reuses_a_seq_and_loses_nothing() {
+    let c = cloud().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let image = dir.path().join("image.db");
+    let appended = Arc::new(AtomicU64::new(0));
+
+    // First run: five readings committed; the card's image is taken after a clean stop.
+    let ob = TestOutbox::open(dir.clone(), appended.clone());
+    let imaged = ob.commit(5).await;
+    ob.handle.shutdown().await.unwrap();
+    std::fs::copy(&ob.path, &image).unwrap();
+
+    // Second run: three more readings; everything is sent, acknowledged and deleted.
+    let ob = TestOutbox::open(dir.clone(), appended.clone());
+    let second = ob.commit(3).await;
+    let agent = Agent::start(config(&c.broker.url()), ob.clone());
+    ob.wait_empty(Duration::from_secs(10)).await;
+    agent.stop().await.unwrap();
+    ob.handle.shutdown().await.unwrap();
+
+    // The card is restored from the image (the second run's commits are gone), the agent starts
+    // again, polls three new readings and sends.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ob.path.display()));
+    }
+    std::fs::copy(&image, &ob.path).unwrap();
+    let ob = TestOutbox::open(dir.clone(), appended.clone());
+    assert_eq!(
+        ob.remaining(),
+        u64s(&imaged),
+        "the image's records are back"
+    );
+    let third = ob.commit(3).await;
+    let agent = Agent::start(config(&c.broker.url()), ob.clone());
+    ob.wait_empty(Duration::from_secs(10)).await;
+    agent.stop().await.unwrap();
+
+    let earlier: BTreeSet<u64> = u64s(&imaged).union(&u64s(&second)).copied().collect();
+    assert!(
+        u64s(&third).is_disjoint(&earlier),
+        "seqs reused after the roll-back: {third:?} vs {earlier:?}"
+    );
+    let mut all = earlier;
+    all.extend(u64s(&third));
+    assert_eq!(c.receiver.stored_seqs("pozo-test").unwrap(), all);
+    let totals: BTreeSet<u64> = c
+        .receiver
+        .readings("pozo-test")
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.total_m3.map(|t| (t * 10.0).round() as u64))
+        .collect();
+    assert_eq!(
+        totals,
+        (1..=11).collect(),
+        "every reading of every run is stored"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_batch_keeps_its_records_without_blocking_the_rest() {
     let c = cloud().await;
@@ -651,7 +817,7 @@ async fn wrong_credentials_are_refused_counted_and_retried() {
 async fn commands_are_answered_on_the_result_topic() {
     let c = cloud().await;
     let spool = TestOutbox::new();
-    let mut agent = Agent::start(config(&c.broker.url()), spool);
+    let mut agent = Agent::start(config(&c.broker.url()), spool.clone());
     agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
     let site = site();
     let result_topic = topic::topic(&site, TopicKind::CommandResult);
@@ -770,27 +936,43 @@ async fn commands_are_answered_on_the_result_topic() {
     .expect("desired configuration handed over")
     .unwrap();
 
-    // An ack for another site is counted and ignored.
+    // An ack naming another site, for the batch really in flight and its real seqs, is refused
+    // and counted, and deletes nothing.
+    c.receiver.set_mode(AckMode::Paused);
+    let pending = spool.commit(3).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_flight = loop {
+        if let Some(a) = c.receiver.arrivals().into_iter().last() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no batch reached the broker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        in_flight.seqs,
+        u64s(&pending).into_iter().collect::<Vec<_>>()
+    );
+    let range = (pending[0].0, pending[pending.len() - 1].0);
     client
         .publish(
             topic::topic(&site, TopicKind::Ack),
             QoS::AtLeastOnce,
             false,
-            br#"{"v":1,"site":"other","batch":"x-1","status":"accepted","seqs":[]}"#.to_vec(),
+            forged_ack("other", &in_flight.batch, &[range]),
         )
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while agent
-        .metrics
-        .bad_payloads
-        .get_or_create(&Metrics::kind("ack"))
-        .get()
-        == 0
-    {
+    while refused(&agent.metrics, "other_site") == 0 {
         assert!(Instant::now() < deadline, "foreign ack not counted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        spool.remaining(),
+        u64s(&pending),
+        "a foreign ack deleted records"
+    );
+    assert_eq!(agent.metrics.acked.get(), 0);
     agent.stop().await.unwrap();
 }
 

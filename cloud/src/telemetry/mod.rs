@@ -23,6 +23,7 @@
 
 pub mod alert;
 mod api;
+pub mod conflict;
 pub mod ingest;
 pub mod query;
 pub mod store;

@@ -7,9 +7,13 @@
 //! acknowledgement sent after it never names a record that a crash could lose. A database error
 //! rolls the whole group back. Records are keyed by `(site, seq)` and inserted with
 //! `ON CONFLICT DO NOTHING`: a batch that arrives again (the agent re-sends until it sees the
-//! ack), even twice in one group, stores nothing new and succeeds. The first copy of a record
-//! wins; a different record under the same key is not detected here. [`store_batch`] is the
-//! group of one.
+//! ack), even twice in one group, stores nothing new and succeeds. Before a batch is written,
+//! the records already stored under its seqs are compared with it (`conflict`): a different
+//! record under the same `(site, seq)` refuses the batch ([`StoreError::SeqConflict`]), writes
+//! nothing of it and records the conflict for the alert; the stored record stays. Within a
+//! group, a batch is also compared with the group's earlier batches (SQLite: written before it
+//! in the same transaction; PostgreSQL: remembered, as the group is written in one insert).
+//! [`store_batch`] is the group of one.
 //!
 //! Bulk inserts: PostgreSQL receives each column of the whole group's readings as one array and
 //! inserts with `UNNEST`, one statement per group whatever its size, so a group pays one round
@@ -18,6 +22,7 @@
 //! transaction (taking the write lock up front, so concurrent writers wait on the busy timeout
 //! instead of failing to upgrade).
 
+use super::conflict::{self, SeqConflict};
 use crate::core::db::{Backend, Db, each_db, from_sqlite_time, pg_time, sqlite_time};
 use caudal_common::{Batch, BatchError, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
 use chrono::{DateTime, Utc};
@@ -39,6 +44,10 @@ pub enum StoreError {
     /// The batch breaks a rule of the contract (`Batch::check`); nothing of it was written.
     #[error("{0}")]
     Batch(#[from] BatchError),
+    /// A record arrived under a stored record's `(site, seq)` with other content; nothing of
+    /// the batch was written.
+    #[error("{0}")]
+    SeqConflict(SeqConflict),
     /// What is stored cannot be read back.
     #[error("{0}")]
     Invalid(String),
@@ -55,7 +64,7 @@ pub struct Stored {
 }
 
 /// A seq as the database column holds it; [`Batch::check`] has refused any that does not fit.
-fn seq_col(s: Seq) -> i64 {
+pub(super) fn seq_col(s: Seq) -> i64 {
     i64::try_from(s.0).unwrap_or(i64::MAX)
 }
 
@@ -64,26 +73,26 @@ fn gap_col(g: &Gap, end: impl Fn(&caudal_common::SeqRange) -> Seq) -> Option<i64
     g.seqs.as_ref().map(|r| seq_col(end(r)))
 }
 
-fn extra_json(r: &Reading) -> Option<String> {
+pub(super) fn extra_json(r: &Reading) -> Option<String> {
     // A map of strings to finite f64 always serializes.
     (!r.extra.is_empty()).then(|| serde_json::to_string(&r.extra).unwrap_or_default())
 }
 
-fn event_kind(e: &Event) -> String {
+pub(super) fn event_kind(e: &Event) -> String {
     serde_json::to_value(e.kind)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
 }
 
-fn gap_cause(c: GapCause) -> &'static str {
+pub(super) fn gap_cause(c: GapCause) -> &'static str {
     match c {
         GapCause::Evicted => "evicted",
         GapCause::DeviceUnreachable => "device_unreachable",
     }
 }
 
-fn clamp_i64(v: u64) -> i64 {
+pub(super) fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -107,7 +116,8 @@ pub struct GroupStored {
     /// Records newly stored by the group's accepted batches together (duplicates not counted).
     pub stored: Stored,
     /// One outcome per batch, in the group's order: stored and committed, or refused (unknown or
-    /// inactive site, a broken rule of the contract) with nothing of it written.
+    /// inactive site, a broken rule of the contract, a `(site, seq)` conflict) with nothing of it
+    /// written.
     pub outcomes: Vec<Result<(), StoreError>>,
 }
 
@@ -147,6 +157,12 @@ pub async fn store_batches(
                     let a = active.get(batch.site.as_str()).copied().flatten();
                     *outcome = check_site(&batch.site, a);
                 }
+                if outcome.is_ok()
+                    && let Some(c) = conflict::find_sqlite(&mut tx, batch).await?
+                {
+                    conflict::record_sqlite(&mut tx, &c, &batch.batch, *at).await?;
+                    *outcome = Err(StoreError::SeqConflict(c));
+                }
                 if outcome.is_ok() {
                     stored.add(sqlite_batch(&mut tx, batch, *at).await?);
                 }
@@ -162,12 +178,28 @@ pub async fn store_batches(
                     .fetch_all(&mut *tx)
                     .await?;
             let active: std::collections::HashMap<String, bool> = rows.into_iter().collect();
-            let mut accepted = Vec::with_capacity(group.len());
-            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+            for ((batch, _), outcome) in group.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_ok() {
                     *outcome = check_site(&batch.site, active.get(batch.site.as_str()).copied());
                 }
+            }
+            let checked: Vec<&Batch> = group
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| o.is_ok())
+                .map(|((b, _), _)| *b)
+                .collect();
+            let mut under = conflict::stored_pg(&mut tx, &checked).await?;
+            let mut accepted = Vec::with_capacity(group.len());
+            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_ok()
+                    && let Some(c) = conflict::compare(batch, &under)
+                {
+                    conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
+                    *outcome = Err(StoreError::SeqConflict(c));
+                }
                 if outcome.is_ok() {
+                    conflict::remember(&mut under, batch);
                     accepted.push((*batch, *at));
                 }
             }

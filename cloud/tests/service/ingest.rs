@@ -76,6 +76,45 @@ async fn batch_is_stored_and_acked_after_commit() {
     }
 }
 
+/// No ack leaves before the commit: while another connection holds the write lock the batch
+/// cannot commit, and no ack may arrive; once it is released the batch commits and only then is
+/// acknowledged, with its records readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ack_leaves_before_the_commit() {
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        let lock = WriteLock::take(cloud.db()).await;
+        agent.publish(None, BATCH).await;
+        // Long enough for the ingest to have received, decoded and tried to store the batch.
+        agent.no_ack(Duration::from_millis(1500)).await;
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!(counts.readings, 0, "{}: nothing committed yet", db.name);
+        lock.release().await;
+
+        let ack = agent.ack().await;
+        assert_eq!(ack.status, AckStatus::Accepted, "{}", db.name);
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!(
+            (counts.readings, counts.events, counts.gaps),
+            (2, 1, 1),
+            "{}: the ack came after the commit",
+            db.name
+        );
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_batch_is_stored_once_and_acked_each_time() {
     for db in TestDb::all().await {
@@ -252,6 +291,124 @@ async fn refused_payloads_are_dead_lettered_and_acked_rejected() {
             let line = format!("caudal_cloud_ingest_rejected_total{{reason=\"{reason}\"}}");
             assert_eq!(metric(http, &line).await, n, "{}: {line}", db.name);
         }
+
+        agent.kill();
+        cloud.stop().await;
+    }
+}
+
+/// A different record under a stored `(site, seq)`: what an agent whose outbox was rolled back
+/// (and that did not open a new epoch) or a forger sends. Refused, dead-lettered, counted and
+/// alerted; never acknowledged as a duplicate; the stored record stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_record_under_a_stored_seq_is_refused_dead_lettered_and_alerted() {
+    use caudal_cloud::core::config::AlertsConfig;
+    use caudal_cloud::telemetry::alert::{self, AlertKind, AlertMetrics, AlertState, Evaluator};
+    for db in TestDb::all().await {
+        let cloud = start(&db).await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+        agent.publish(None, BATCH).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Accepted, "{}", db.name);
+
+        // The same seqs, one reading's totalizer different.
+        let other_total = edited(|v| {
+            v["batch"] = "9b1c07-1".into();
+            v["readings"][0]["total_m3"] = 123999.5.into();
+        });
+        // A stored reading's seq arriving as an event.
+        let other_kind = edited(|v| {
+            v["batch"] = "9b1c07-2".into();
+            v["events"][0]["seq"] = v["readings"][1]["seq"].clone();
+            v["readings"] = serde_json::json!([]);
+            v["gaps"] = serde_json::json!([]);
+        });
+        // A gap with another count.
+        let other_gap = edited(|v| {
+            v["batch"] = "9b1c07-3".into();
+            v["gaps"][0]["count"] = 99.into();
+        });
+        let cases = [
+            (&other_total, "reading", "reading"),
+            (&other_kind, "event", "reading"),
+            (&other_gap, "gap", "gap"),
+        ];
+        for (payload, arrived, stored) in cases {
+            agent.publish(None, payload.clone()).await;
+            let ack = agent.ack().await;
+            assert_eq!(ack.status, AckStatus::Rejected, "{}: {arrived}", db.name);
+            assert!(ack.seqs.is_empty(), "nothing acknowledged");
+            let reason = ack.reason.unwrap_or_default();
+            assert!(
+                reason.contains(&format!(
+                    "the arriving {arrived} differs from the {stored} stored"
+                )),
+                "{}: {reason:?}",
+                db.name
+            );
+            assert!(reason.contains("site pozo-norte seq "), "{reason:?}");
+        }
+
+        // The stored records are the first ones; the identical batch is still a duplicate.
+        let stored = store::readings(cloud.db(), &site, 10).await.expect("read");
+        assert_eq!(stored, example_batch().readings, "{}", db.name);
+        let counts = store::record_counts(cloud.db(), &site)
+            .await
+            .expect("counts");
+        assert_eq!((counts.readings, counts.events, counts.gaps), (2, 1, 1));
+        agent.publish(None, BATCH).await;
+        assert_eq!(agent.ack().await.status, AckStatus::Accepted);
+
+        let letters = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(letters.len(), 3, "{}: one dead letter each", db.name);
+        for ((payload, ..), letter) in cases.iter().zip(letters.iter().rev()) {
+            assert_eq!(&&letter.payload, payload, "kept as received");
+            assert!(
+                letter.reason.contains("differs from the"),
+                "{:?}",
+                letter.reason
+            );
+        }
+        let http = cloud.http_addr();
+        assert_eq!(
+            metric(
+                http,
+                "caudal_cloud_ingest_rejected_total{reason=\"seq_conflict\"}"
+            )
+            .await,
+            3.0,
+            "{}",
+            db.name
+        );
+
+        // The alert rule sees it: one open alert for the site, naming the seq and the batch.
+        let ev = Evaluator::new(
+            AlertsConfig::default(),
+            cloud.db().clone(),
+            AlertMetrics::default(),
+        );
+        ev.evaluate(chrono::Utc::now()).await;
+        let open = alert::list(
+            cloud.db(),
+            &alert::Filter {
+                state: Some(AlertState::Open),
+                kind: Some(AlertKind::SeqConflict),
+                limit: 10,
+                ..alert::Filter::default()
+            },
+        )
+        .await
+        .expect("alerts");
+        assert_eq!(open.len(), 1, "{}: {open:?}", db.name);
+        assert_eq!(open[0].subject, "site/pozo-norte");
+        assert_eq!(open[0].value, Some(3.0), "three conflicts");
+        assert!(
+            open[0].message.contains("batch 9b1c07-3"),
+            "{}",
+            open[0].message
+        );
 
         agent.kill();
         cloud.stop().await;
@@ -712,6 +869,42 @@ async fn a_group_stores_each_record_once_and_refuses_batches_one_by_one() {
     }
 }
 
+/// Two batches of one group carrying the same seqs with different content: the first is
+/// stored, the second refused as a conflict, on both backends (PostgreSQL writes the group in
+/// one insert, so the comparison cannot rely on what is already in the table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_within_one_group_is_refused() {
+    for db in TestDb::all().await {
+        let pool = caudal_cloud::core::db::Db::connect(&db.url, 2)
+            .await
+            .expect("connect");
+        pool.migrate().await.expect("migrate");
+        site::add(&pool, &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let good = example_batch();
+        let mut other = example_batch();
+        other.batch = "9b1c07-9".into();
+        other.readings[0].total_m3 = Some(123999.5);
+        let at = chrono::Utc::now();
+        let stored = store::store_batches(&pool, &[(&good, at), (&other, at)])
+            .await
+            .expect("stored");
+        assert!(stored.outcomes[0].is_ok(), "{}", db.name);
+        assert!(
+            matches!(&stored.outcomes[1], Err(store::StoreError::SeqConflict(c)) if c.seq == good.readings[0].seq),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[1]
+        );
+        let readings = store::readings(&pool, &site_id("pozo-norte"), 10)
+            .await
+            .expect("read");
+        assert_eq!(readings, good.readings, "{}: the first is kept", db.name);
+        pool.close().await;
+    }
+}
+
 /// Many sites sending many small batches at once to one worker with a queue of one: the worker
 /// is always behind, so the broker's window, not a stopped event loop, must hold the rest back,
 /// and every batch's ack must still get out (an ack given up or stuck fails `Agent::ack`).
@@ -727,10 +920,7 @@ async fn a_saturated_ingest_keeps_acking_every_batch() {
 /// (within `ingest.inbound_bytes`), so none is dropped and no agent has to re-send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_ingest_through_an_external_broker_drops_nothing() {
-    let Some(url) = std::env::var("CAUDAL_TEST_MQTT_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
+    let Some(url) = caudal_testkit::services::mqtt_url() else {
         eprintln!("CAUDAL_TEST_MQTT_URL is not set: skipped");
         return;
     };

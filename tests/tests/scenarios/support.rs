@@ -35,7 +35,7 @@ use caudal_testkit::database::TestDb;
 use caudal_testkit::meters;
 use caudal_testkit::outbox::OutboxWatch;
 use caudal_testkit::process::{Proc, Turn, command, take_turn};
-use caudal_testkit::proof::{account, committed};
+use caudal_testkit::proof::{account, committed_all};
 use caudal_testkit::serial::PtyPair;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -591,9 +591,7 @@ impl Scene {
         let turn = take_turn().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = CloudDb::create(dir.path()).await;
-        let external = std::env::var("CAUDAL_TEST_MQTT_URL")
-            .ok()
-            .filter(|u| !u.is_empty());
+        let external = caudal_testkit::services::mqtt_url();
         let mqtt = match (external, broker) {
             (Some(url), BrokerChoice::Embedded) => Mqtt::External { url, relay: None },
             (Some(url), BrokerChoice::Separate) => {
@@ -960,14 +958,20 @@ impl Scene {
             let site = &mut self.sites[i];
             let ins = site.inspect().expect("outbox readable");
             let last = ins.last_seq.expect("the agent committed records");
-            if site.outbox.epochs() != &BTreeSet::from([ins.epoch]) {
+            let listed: BTreeSet<u32> = ins
+                .closed_epochs
+                .iter()
+                .map(|(e, _)| *e)
+                .chain([ins.epoch])
+                .collect();
+            if !site.outbox.epochs().is_subset(&listed) {
                 problems.push(format!(
-                    "{}: epochs {:?}, expected one",
+                    "{}: epochs seen with records {:?}, the outbox lists {listed:?}",
                     site.id,
                     site.outbox.epochs()
                 ));
             }
-            let committed = committed(ins.epoch, last);
+            let committed = committed_all(&ins.closed_epochs, ins.epoch, last);
             let mut seen: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
             for r in stored.rows.iter().filter(|r| r.0 == site.id) {
                 seen.entry(r.1).or_default().push(r.2);

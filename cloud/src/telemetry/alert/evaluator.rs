@@ -167,6 +167,10 @@ impl Evaluator {
                 )
                 .await?
             }
+            AlertKind::SeqConflict => {
+                rules::seq_conflict(&self.db, now - Duration::days(i64::from(c.lookback_days)))
+                    .await?
+            }
             AlertKind::FlowAboveAuthorized => {
                 rules::flow_above_authorized(
                     &self.db,

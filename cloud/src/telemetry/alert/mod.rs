@@ -7,8 +7,9 @@
 //! - **condition** alerts (site offline, no data, flow above the authorized flow, annual volume
 //!   heading past the allowance, a point whose DGA reporting stopped) open when their condition is first seen, are refreshed (value,
 //!   message) while it holds, and close themselves (`closed_by = "cleared"`) when it ends;
-//! - **event** alerts (a totalizer going backwards: reset, replacement, reverse flow) open for
-//!   the latest such event of a device and stay open until a person closes them
+//! - **event** alerts (a totalizer going backwards: reset, replacement, reverse flow; a
+//!   `(site, seq)` conflict refused by the ingest) open for the latest such event of a device
+//!   (of a site, for a conflict) and stay open until a person closes them
 //!   (`POST /api/v1/alerts/{id}/close`); a later event re-opens, an event already alerted on
 //!   never does (the alert remembers the event's time in `since`).
 //!
@@ -34,7 +35,7 @@ pub use evaluator::{AlertMetrics, Evaluator};
 pub use reconcile::{Reconciled, reconcile};
 pub use rules::{
     BACKWARDS_EVENTS, Forecast, RuleError, annual_volume, compliance_stopped,
-    flow_above_authorized, forecast, no_data, site_offline, totalizer_backwards,
+    flow_above_authorized, forecast, no_data, seq_conflict, site_offline, totalizer_backwards,
 };
 pub use store::{Filter, close, find, list};
 
@@ -65,16 +66,19 @@ pub enum AlertKind {
     /// The DGA refused a point's configuration (informante, password): its reporting stopped
     /// until its compliance settings change.
     ComplianceStopped,
+    /// A record arrived under a stored record's `(site, seq)` with other content (refused).
+    SeqConflict,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 6] = [
+    pub const ALL: [AlertKind; 7] = [
         AlertKind::SiteOffline,
         AlertKind::NoData,
         AlertKind::FlowAboveAuthorized,
         AlertKind::AnnualVolume,
         AlertKind::TotalizerBackwards,
         AlertKind::ComplianceStopped,
+        AlertKind::SeqConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +89,7 @@ impl AlertKind {
             AlertKind::AnnualVolume => "annual_volume",
             AlertKind::TotalizerBackwards => "totalizer_backwards",
             AlertKind::ComplianceStopped => "compliance_stopped",
+            AlertKind::SeqConflict => "seq_conflict",
         }
     }
 
@@ -94,7 +99,7 @@ impl AlertKind {
 
     /// Event alerts stay open until a person closes them; condition alerts close themselves.
     pub fn closes_itself(self) -> bool {
-        !matches!(self, AlertKind::TotalizerBackwards)
+        !matches!(self, AlertKind::TotalizerBackwards | AlertKind::SeqConflict)
     }
 }
 

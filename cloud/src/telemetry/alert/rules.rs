@@ -187,6 +187,32 @@ pub async fn totalizer_backwards(db: &Db, from: DateTime<Utc>) -> Result<Vec<Fir
     Ok(v)
 }
 
+/// The latest `(site, seq)` conflict of each site since `from`: a record arrived under a stored
+/// record's identity with other content, and the ingest refused its batch.
+pub async fn seq_conflict(db: &Db, from: DateTime<Utc>) -> Result<Vec<Firing>, RuleError> {
+    let recorded = crate::telemetry::conflict::latest_since(db, from).await?;
+    Ok(recorded
+        .into_iter()
+        .map(|c| Firing {
+            subject: format!("site/{}", c.site),
+            message: format!(
+                "{} (batch {}, {} conflict(s) since {}); the batch was refused and \
+                 dead-lettered, the stored record kept",
+                c.detail,
+                c.batch,
+                c.count,
+                from.format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            site: Some(c.site),
+            device: None,
+            point_id: None,
+            since: c.received_at,
+            value: Some(c.count as f64),
+            threshold: None,
+        })
+        .collect())
+}
+
 /// How alert messages name a point: `point 7 (Pozo Norte, OB-0101-23)`.
 fn label(p: &MeasuredRight) -> String {
     match &p.obra_code {

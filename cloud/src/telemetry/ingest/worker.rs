@@ -33,6 +33,9 @@ pub enum Rejection {
     UnknownSite(SiteId),
     #[error("site {0} is not active")]
     InactiveSite(SiteId),
+    /// A record arrived under a stored record's `(site, seq)` with other content.
+    #[error("{0}")]
+    SeqConflict(String),
 }
 
 impl Rejection {
@@ -48,6 +51,7 @@ impl Rejection {
             Rejection::SiteMismatch { .. } => "site_mismatch",
             Rejection::UnknownSite(_) => "unknown_site",
             Rejection::InactiveSite(_) => "inactive_site",
+            Rejection::SeqConflict(_) => "seq_conflict",
         }
     }
 }
@@ -304,6 +308,11 @@ impl Worker {
             Err(StoreError::InactiveSite(s)) => Rejection::InactiveSite(s),
             Err(StoreError::Batch(rule)) => Rejection::Rule(rule.to_string()),
             Err(StoreError::Invalid(rule)) => Rejection::Rule(rule),
+            Err(StoreError::SeqConflict(c)) => {
+                tracing::error!(batch = %batch.batch, seq = %c.seq, stored = c.stored,
+                    arrived = c.arrived, "seq conflict: batch refused, dead-lettered and alerted");
+                Rejection::SeqConflict(c.to_string())
+            }
             Err(StoreError::Database(e)) => return self.failed(p, &e),
         };
         self.reject(&p.topic, Some(&p.site), Some(&batch.batch), &p.msg, why)
@@ -361,6 +370,11 @@ impl Worker {
             }
             Err(StoreError::Batch(rule)) => {
                 let r = Rejection::Rule(rule.to_string());
+                self.reject(topic, Some(&site), None, msg, r).await
+            }
+            // A status carries no records; kept exhaustive so a new refusal is handled here.
+            Err(StoreError::SeqConflict(c)) => {
+                let r = Rejection::SeqConflict(c.to_string());
                 self.reject(topic, Some(&site), None, msg, r).await
             }
             Err(StoreError::Database(e)) => {
