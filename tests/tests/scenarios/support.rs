@@ -138,8 +138,8 @@ impl CloudDb {
         self.db.as_ref().expect("just opened")
     }
 
-    /// Every reading the cloud stored for `site` (at most 10 000), through the telemetry
-    /// query the API serves.
+    /// Every reading the cloud stored for `site` in the last day (at most 10 000), through the
+    /// telemetry query the API serves (PostgreSQL's timestamps do not reach chrono's extremes).
     pub async fn readings(&mut self, site: &str) -> Vec<ReadingView> {
         let db = self.db().await;
         let site = SiteId::new(site).expect("valid site id");
@@ -147,8 +147,8 @@ impl CloudDb {
             db,
             &site,
             None,
-            chrono::DateTime::<chrono::Utc>::MIN_UTC,
-            chrono::DateTime::<chrono::Utc>::MAX_UTC,
+            chrono::Utc::now() - chrono::TimeDelta::days(1),
+            chrono::Utc::now() + chrono::TimeDelta::minutes(1),
             None,
             None,
             10_000,
@@ -175,7 +175,7 @@ impl CloudDb {
         .expect("completeness read")
     }
 
-    /// Every event the cloud stored for `site` (at most 10 000).
+    /// Every event the cloud stored for `site` in the last day (at most 10 000).
     pub async fn events(&mut self, site: &str) -> Vec<EventView> {
         let db = self.db().await;
         let site = SiteId::new(site).expect("valid site id");
@@ -184,8 +184,8 @@ impl CloudDb {
             &site,
             None,
             &[],
-            chrono::DateTime::<chrono::Utc>::MIN_UTC,
-            chrono::DateTime::<chrono::Utc>::MAX_UTC,
+            chrono::Utc::now() - chrono::TimeDelta::days(1),
+            chrono::Utc::now() + chrono::TimeDelta::minutes(1),
             None,
             10_000,
         )
