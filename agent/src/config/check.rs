@@ -252,6 +252,17 @@ impl AgentConfig {
                 )),
             );
         }
+        if let Some(problem) = u
+            .client_id
+            .as_deref()
+            .and_then(crate::uplink::client_id_problem)
+        {
+            p.push(
+                &uplink,
+                "client_id",
+                Problem::Value(format!("the client id {problem}")),
+            );
+        }
         if u.client_cert.is_some() != u.client_key.is_some() {
             p.push(
                 &uplink,

@@ -43,7 +43,7 @@ pub mod options;
 #[cfg(test)]
 mod tests;
 
-pub use options::{BrokerUrl, default_client_id, mqtt_options, tls_config};
+pub use options::{BrokerUrl, client_id_problem, default_client_id, mqtt_options, tls_config};
 
 use crate::command::{
     self, CommandError, CommandRequest, Executor, MAX_COMMANDS_IN_PROGRESS, UplinkCommand,

@@ -125,6 +125,22 @@ pub fn default_client_id(site: &SiteId) -> String {
     format!("caudal-agent-{site}")
 }
 
+/// Why a configured client id cannot be used, if it cannot: empty, or carrying a character that
+/// MQTT brokers give a meaning in topics and session names (`/`, `+`, `#`, `$`), whitespace or a
+/// control character. Such an id breaks brokers (an embedded rumqttd without its gate stops
+/// listening when a second connection brings one), so it is refused before any connection.
+pub fn client_id_problem(id: &str) -> Option<String> {
+    if id.is_empty() {
+        return Some("is empty".into());
+    }
+    if id.len() > 128 {
+        return Some(format!("is {} bytes long; at most 128", id.len()));
+    }
+    id.chars()
+        .find(|c| matches!(c, '/' | '+' | '#' | '$') || c.is_whitespace() || c.is_control())
+        .map(|c| format!("contains {c:?}; use letters, digits, `-`, `_`, `.` or `:`"))
+}
+
 /// Builds the MQTT client options for `site`.
 ///
 /// The session is clean (`clean_session = true`): acknowledgements are application messages and
@@ -139,8 +155,10 @@ pub fn mqtt_options(cfg: &UplinkConfig, site: &SiteId) -> Result<MqttOptions, Up
         .client_id
         .clone()
         .unwrap_or_else(|| default_client_id(site));
-    if client_id.is_empty() {
-        return Err(UplinkError::Config("uplink.client_id is empty".into()));
+    if let Some(problem) = client_id_problem(&client_id) {
+        return Err(UplinkError::Config(format!(
+            "uplink.client_id `{client_id}` {problem}"
+        )));
     }
     if cfg.keep_alive_s == 0 {
         return Err(UplinkError::Config(
@@ -447,6 +465,19 @@ mod tests {
             let e = mqtt_options(&c, &site()).expect_err(field).to_string();
             assert!(e.contains(field), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn client_ids_that_brokers_treat_specially_are_refused() {
+        for bad in ["a/b", "site+1", "#", "$SYS", "two words", "", "tab\there"] {
+            let mut c = cfg("mqtt://b");
+            c.client_id = Some(bad.into());
+            let e = mqtt_options(&c, &site()).expect_err(bad).to_string();
+            assert!(e.contains("uplink.client_id"), "{bad:?}: {e}");
+        }
+        let mut c = cfg("mqtt://b");
+        c.client_id = Some("caudal-agent-pozo-1.a_b:2".into());
+        assert!(mqtt_options(&c, &site()).is_ok());
     }
 
     fn url(s: &str) -> Result<BrokerUrl, String> {

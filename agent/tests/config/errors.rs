@@ -376,3 +376,33 @@ fn a_block_smaller_than_a_point_is_refused() {
         "{shown:?}"
     );
 }
+
+#[test]
+fn a_client_id_that_brokers_treat_specially_is_refused_with_its_line() {
+    let text = r#"[site]
+id = "s1"
+
+[uplink]
+broker = "mqtt://127.0.0.1:1883"
+client_id = "pozo/1"
+
+[[bus]]
+name = "net"
+kind = "tcp"
+address = "127.0.0.1:502"
+
+[[bus.device]]
+id = "fm1"
+unit = 1
+profile = "generic"
+"#;
+    let (path, r) = resolve(text);
+    let shown: Vec<String> = r.unwrap_err().iter().map(|e| e.to_string()).collect();
+    let f = path.display().to_string();
+    assert!(
+        shown.iter().any(|s| s.starts_with(&format!("{f}:6:"))
+            && s.contains("uplink.client_id")
+            && s.contains("contains '/'")),
+        "{shown:?}"
+    );
+}
