@@ -2,16 +2,21 @@
 //! years and the annual allowance of a water right run on calendar years. Alerts forecast the
 //! year's volume with it; compliance reports count in it.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 
 /// Offset of the time the DGA counts in (Chile, fixed UTC-4 all year): water years and the
 /// annual allowance run on calendar years in that time.
 pub const DGA_OFFSET_HOURS: i32 = -4;
 
+/// The DGA's fixed UTC-4, as a time zone.
+pub fn dga_zone() -> FixedOffset {
+    FixedOffset::east_opt(DGA_OFFSET_HOURS * 3600).expect("a constant offset under 24 h")
+}
+
 /// Start of the calendar year (DGA time) that `now` falls in, and of the next one, in UTC.
 pub fn dga_year(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    use chrono::{Datelike, FixedOffset, TimeZone};
-    let tz = FixedOffset::east_opt(DGA_OFFSET_HOURS * 3600).expect("a constant offset under 24 h");
+    use chrono::{Datelike, TimeZone};
+    let tz = dga_zone();
     let year = now.with_timezone(&tz).year();
     let start = |y: i32| {
         tz.with_ymd_and_hms(y, 1, 1, 0, 0, 0)

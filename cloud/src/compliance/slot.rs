@@ -11,9 +11,8 @@
 //! | monthly | day 1 at `00:00:00` | Menor |
 //! | semiannual | 1 January and 1 July at `00:00:00` | Caudales Muy Pequeños |
 
-use crate::catchment::dga_time::DGA_OFFSET_HOURS;
 use crate::catchment::point::DgaStandard;
-use chrono::{DateTime, Datelike, Duration, FixedOffset, NaiveDate, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use utoipa::ToSchema;
@@ -64,10 +63,7 @@ impl FromStr for Period {
     }
 }
 
-/// The DGA's fixed UTC-4.
-pub fn dga_zone() -> FixedOffset {
-    FixedOffset::east_opt(DGA_OFFSET_HOURS * 3600).expect("a constant offset under 24 h")
-}
+pub use crate::catchment::dga_time::dga_zone;
 
 fn midnight(d: NaiveDate) -> DateTime<Utc> {
     let tz = dga_zone();

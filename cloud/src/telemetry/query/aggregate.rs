@@ -141,7 +141,7 @@ impl Building {
 }
 
 fn utc() -> FixedOffset {
-    FixedOffset::east_opt(0).expect("zero is a valid offset")
+    chrono::Offset::fix(&Utc)
 }
 
 /// Aggregates of `site` (one device or each) in `[from, to)` by `bucket`, UTC-aligned: only
