@@ -171,43 +171,84 @@ pub async fn store_batches(
             Ok(GroupStored { stored, outcomes })
         }
         Db::Postgres(p) => {
-            let mut tx = p.begin_write().await?;
-            let rows: Vec<(String, bool)> =
-                sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
-                    .bind(&sites)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let active: std::collections::HashMap<String, bool> = rows.into_iter().collect();
+            let active = pg_active(p, &sites).await?;
             for ((batch, _), outcome) in group.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_ok() {
                     *outcome = check_site(&batch.site, active.get(batch.site.as_str()).copied());
                 }
             }
-            let checked: Vec<&Batch> = group
+            let checked: Vec<(&Batch, DateTime<Utc>)> = group
                 .iter()
                 .zip(&outcomes)
                 .filter(|(_, o)| o.is_ok())
-                .map(|((b, _), _)| *b)
+                .map(|((b, at), _)| (*b, *at))
                 .collect();
-            let mut under = conflict::stored_pg(&mut tx, &checked).await?;
-            let mut accepted = Vec::with_capacity(group.len());
-            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
-                if outcome.is_ok()
-                    && let Some(c) = conflict::compare(batch, &under)
-                {
-                    conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
-                    *outcome = Err(StoreError::SeqConflict(c));
-                }
-                if outcome.is_ok() {
-                    conflict::remember(&mut under, batch);
-                    accepted.push((*batch, *at));
-                }
+            // Optimistic first: insert everything. When every record was new and none took a
+            // seq another kind holds (the tables are keyed apart), the group commits with
+            // nothing read back: the common case. Otherwise the attempt is rolled back and the
+            // group is stored the careful way, comparing before writing, with the conflicting
+            // batches refused: a redelivered duplicate pays that, the hot path does not.
+            let mut tx = p.begin_write().await?;
+            let stored = pg_batches(&mut tx, &checked).await?;
+            let records: u64 = checked.iter().map(|(b, _)| b.len() as u64).sum();
+            let batches: Vec<&Batch> = checked.iter().map(|(b, _)| *b).collect();
+            if stored.readings + stored.events + stored.gaps == records
+                && !conflict::crosses_kinds_pg(&mut tx, &batches).await?
+            {
+                tx.commit().await?;
+                return Ok(GroupStored { stored, outcomes });
             }
-            let stored = pg_batches(&mut tx, &accepted).await?;
-            tx.commit().await?;
-            Ok(GroupStored { stored, outcomes })
+            tx.rollback().await?;
+            pg_refusing_conflicts(p, group, outcomes).await
         }
     }
+}
+
+/// Whether each of `sites` is active (absent: unknown).
+async fn pg_active(
+    p: &sqlx::PgPool,
+    sites: &[&str],
+) -> Result<std::collections::HashMap<String, bool>, sqlx::Error> {
+    let rows: Vec<(String, bool)> =
+        sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
+            .bind(sites)
+            .fetch_all(p)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Stores a group of which some record's seq was stored already: reads what is stored under
+/// every seq first, refuses (and records) each conflicting batch, stores the rest. Taken only
+/// after the optimistic insert met a stored seq, so its read costs nothing on the common path.
+async fn pg_refusing_conflicts(
+    p: &sqlx::PgPool,
+    group: &[(&Batch, DateTime<Utc>)],
+    mut outcomes: Vec<Result<(), StoreError>>,
+) -> Result<GroupStored, sqlx::Error> {
+    let mut tx = p.begin_write().await?;
+    let checked: Vec<&Batch> = group
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_ok())
+        .map(|((b, _), _)| *b)
+        .collect();
+    let mut under = conflict::stored_pg(&mut tx, &checked).await?;
+    let mut accepted = Vec::with_capacity(group.len());
+    for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+        if outcome.is_ok()
+            && let Some(c) = conflict::compare(batch, &under)
+        {
+            conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
+            *outcome = Err(StoreError::SeqConflict(c));
+        }
+        if outcome.is_ok() {
+            conflict::remember(&mut under, batch);
+            accepted.push((*batch, *at));
+        }
+    }
+    let stored = pg_batches(&mut tx, &accepted).await?;
+    tx.commit().await?;
+    Ok(GroupStored { stored, outcomes })
 }
 
 impl Stored {

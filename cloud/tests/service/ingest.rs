@@ -901,6 +901,52 @@ async fn a_conflict_within_one_group_is_refused() {
             .await
             .expect("read");
         assert_eq!(readings, good.readings, "{}: the first is kept", db.name);
+
+        // A stored reading's seq arriving as an event, and within one group a reading's seq
+        // taken by an event of the next batch: the tables are keyed apart, so only the
+        // comparison of kinds can refuse them.
+        let mut as_event = example_batch();
+        as_event.batch = "9b1c07-10".into();
+        as_event.readings.clear();
+        as_event.gaps.clear();
+        as_event.events.truncate(1);
+        as_event.events[0].seq = good.readings[1].seq;
+        let mut fresh = example_batch();
+        fresh.batch = "9b1c07-11".into();
+        for (i, r) in fresh.readings.iter_mut().enumerate() {
+            r.seq = caudal_common::Seq(1_000_000 + i as u64);
+        }
+        fresh.events.clear();
+        fresh.gaps.clear();
+        let mut takes_fresh = as_event.clone();
+        takes_fresh.batch = "9b1c07-12".into();
+        takes_fresh.events[0].seq = fresh.readings[0].seq;
+        let stored = store::store_batches(
+            &pool,
+            &[(&as_event, at), (&fresh, at), (&takes_fresh, at)],
+        )
+        .await
+        .expect("stored");
+        assert!(
+            matches!(&stored.outcomes[0], Err(store::StoreError::SeqConflict(c)) if c.seq == good.readings[1].seq),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[0]
+        );
+        assert!(stored.outcomes[1].is_ok(), "{}", db.name);
+        assert!(
+            matches!(&stored.outcomes[2], Err(store::StoreError::SeqConflict(c)) if c.seq == fresh.readings[0].seq),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[2]
+        );
+        assert_eq!(
+            stored.stored.readings,
+            fresh.readings.len() as u64,
+            "{}: only the fresh batch is stored",
+            db.name
+        );
+        assert_eq!(stored.stored.events, 0, "{}", db.name);
         pool.close().await;
     }
 }
