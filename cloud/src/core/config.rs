@@ -51,6 +51,8 @@ pub enum ConfigError {
     Mqtt { key: &'static str, reason: String },
     #[error("configuration key auth.{key}: {reason}")]
     Auth { key: &'static str, reason: String },
+    #[error("configuration key http.{key}: {reason}")]
+    Http { key: &'static str, reason: String },
 }
 
 /// The whole configuration.
@@ -180,6 +182,24 @@ pub struct HttpConfig {
     /// says the request came over HTTPS (`X-Forwarded-Proto: https`).
     #[serde(default)]
     pub secure_cookies: Option<bool>,
+    /// Whether the client address (for the login limits) is the last `X-Forwarded-For` entry:
+    /// turn on only behind a reverse proxy that appends it, else a client could pick its own.
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+    /// Largest request body accepted, bytes; a larger one is answered `413`.
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    /// Longest a request may take, s; then it is answered `408` and its work dropped.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+}
+
+fn default_body_limit() -> usize {
+    1024 * 1024
+}
+
+fn default_request_timeout() -> u64 {
+    30
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -191,6 +211,9 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: default_http_listen(),
             secure_cookies: None,
+            trust_forwarded_for: false,
+            body_limit_bytes: default_body_limit(),
+            request_timeout_s: default_request_timeout(),
         }
     }
 }
@@ -472,6 +495,48 @@ pub struct AuthConfig {
     /// How long a token issued at login is valid, seconds.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_s: u64,
+    /// Password checks (Argon2id, ~19 MiB and tens of milliseconds each) run at once, at most.
+    /// Default: the machine's cores.
+    #[serde(default = "default_max_parallel_hashes")]
+    pub max_parallel_hashes: usize,
+    /// How long a login waits for a free password check before `503` with `Retry-After`, s.
+    #[serde(default = "default_login_wait")]
+    pub login_wait_s: u64,
+    /// Logins one client address may try per `address_window_s`, right or wrong.
+    #[serde(default = "default_address_attempts")]
+    pub address_attempts: u32,
+    #[serde(default = "default_address_window")]
+    pub address_window_s: u64,
+    /// Wrong passwords for one email per `account_window_s` before it is closed to logins
+    /// until the window ends.
+    #[serde(default = "default_account_failures")]
+    pub account_failures: u32,
+    #[serde(default = "default_account_window")]
+    pub account_window_s: u64,
+}
+
+fn default_max_parallel_hashes() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn default_login_wait() -> u64 {
+    10
+}
+
+fn default_address_attempts() -> u32 {
+    30
+}
+
+fn default_address_window() -> u64 {
+    60
+}
+
+fn default_account_failures() -> u32 {
+    10
+}
+
+fn default_account_window() -> u64 {
+    900
 }
 
 fn default_token_ttl() -> u64 {
@@ -483,6 +548,12 @@ impl Default for AuthConfig {
         AuthConfig {
             jwt_secret: None,
             token_ttl_s: default_token_ttl(),
+            max_parallel_hashes: default_max_parallel_hashes(),
+            login_wait_s: default_login_wait(),
+            address_attempts: default_address_attempts(),
+            address_window_s: default_address_window(),
+            account_failures: default_account_failures(),
+            account_window_s: default_account_window(),
         }
     }
 }
@@ -667,9 +738,33 @@ impl CloudConfig {
                 ),
             });
         }
-        if self.auth.token_ttl_s == 0 {
+        let at_least_one = [
+            ("token_ttl_s", self.auth.token_ttl_s),
+            ("max_parallel_hashes", self.auth.max_parallel_hashes as u64),
+            ("login_wait_s", self.auth.login_wait_s),
+            ("address_attempts", u64::from(self.auth.address_attempts)),
+            ("address_window_s", self.auth.address_window_s),
+            ("account_failures", u64::from(self.auth.account_failures)),
+            ("account_window_s", self.auth.account_window_s),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Auth {
-                key: "token_ttl_s",
+                key,
+                reason: "must be at least 1".to_string(),
+            });
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(ConfigError::Http {
+                key: "body_limit_bytes",
+                reason: format!(
+                    "is {}; at least 1024 (the API's bodies are small JSON, not nothing)",
+                    self.http.body_limit_bytes
+                ),
+            });
+        }
+        if self.http.request_timeout_s == 0 {
+            return Err(ConfigError::Http {
+                key: "request_timeout_s",
                 reason: "must be at least 1".to_string(),
             });
         }

@@ -376,10 +376,11 @@ pub(super) async fn crosses_kinds_pg(
             .bind(&highs)
             .fetch_all(&mut **tx)
             .await?;
-        if rows
-            .iter()
-            .any(|(site, seq)| kinds.get(&(site.as_str(), *seq)).is_some_and(|k| *k != kind))
-        {
+        if rows.iter().any(|(site, seq)| {
+            kinds
+                .get(&(site.as_str(), *seq))
+                .is_some_and(|k| *k != kind)
+        }) {
             return Ok(true);
         }
     }

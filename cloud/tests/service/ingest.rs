@@ -921,12 +921,10 @@ async fn a_conflict_within_one_group_is_refused() {
         let mut takes_fresh = as_event.clone();
         takes_fresh.batch = "9b1c07-12".into();
         takes_fresh.events[0].seq = fresh.readings[0].seq;
-        let stored = store::store_batches(
-            &pool,
-            &[(&as_event, at), (&fresh, at), (&takes_fresh, at)],
-        )
-        .await
-        .expect("stored");
+        let stored =
+            store::store_batches(&pool, &[(&as_event, at), (&fresh, at), (&takes_fresh, at)])
+                .await
+                .expect("stored");
         assert!(
             matches!(&stored.outcomes[0], Err(store::StoreError::SeqConflict(c)) if c.seq == good.readings[1].seq),
             "{}: {:?}",
