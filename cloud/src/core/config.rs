@@ -403,6 +403,36 @@ pub struct IngestConfig {
     /// it).
     #[serde(default = "default_inbound_bytes")]
     pub inbound_bytes: usize,
+    /// Dead letters older than this (by their last arrival) are removed, days.
+    #[serde(default = "default_dead_letter_retention")]
+    pub dead_letter_retention_days: u32,
+    /// Most dead letters kept; beyond it the oldest are removed.
+    #[serde(default = "default_dead_letter_rows")]
+    pub dead_letter_max_rows: u64,
+    /// Most bytes of a refused payload kept in its dead letter (its full size is recorded).
+    #[serde(default = "default_dead_letter_payload")]
+    pub dead_letter_max_payload_bytes: usize,
+    /// A site the cloud does not know or has deactivated gets its refusals written (dead
+    /// letter, log line) at most once per this many seconds; the ones between are counted into
+    /// the next.
+    #[serde(default = "default_refused_site_interval")]
+    pub refused_site_interval_s: u64,
+}
+
+fn default_dead_letter_retention() -> u32 {
+    30
+}
+
+fn default_dead_letter_rows() -> u64 {
+    100_000
+}
+
+fn default_dead_letter_payload() -> usize {
+    64 * 1024
+}
+
+fn default_refused_site_interval() -> u64 {
+    60
 }
 
 fn default_group() -> String {
@@ -433,6 +463,10 @@ impl Default for IngestConfig {
             queue: default_queue(),
             group_bytes: default_group_bytes(),
             inbound_bytes: default_inbound_bytes(),
+            dead_letter_retention_days: default_dead_letter_retention(),
+            dead_letter_max_rows: default_dead_letter_rows(),
+            dead_letter_max_payload_bytes: default_dead_letter_payload(),
+            refused_site_interval_s: default_refused_site_interval(),
         }
     }
 }

@@ -543,32 +543,6 @@ pub async fn store_status(
     Ok(())
 }
 
-/// Keeps a refused payload as received, with the reason.
-pub async fn dead_letter(
-    db: &Db,
-    topic: &str,
-    site: Option<&SiteId>,
-    payload: &[u8],
-    reason: &str,
-    received_at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    let site = site.map(SiteId::as_str);
-    each_db!(db, |pool, to_db, from_row| {
-        sqlx::query(
-            "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(topic)
-        .bind(site)
-        .bind(payload)
-        .bind(reason)
-        .bind(to_db(received_at))
-        .execute(pool)
-        .await?;
-    });
-    Ok(())
-}
-
 /// What the cloud last knew of a site's agent.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SiteStatus {
@@ -757,17 +731,30 @@ pub struct DeadLetter {
     pub id: i64,
     pub topic: String,
     pub site: Option<String>,
+    /// As received, cut at `ingest.dead_letter_max_payload_bytes`.
     pub payload: Vec<u8>,
     pub reason: String,
+    /// Refusals this row stands for (`telemetry::dead_letter`).
+    pub count: i64,
+    /// The size the payload had.
+    pub payload_bytes: Option<i64>,
 }
 
-/// The most recent dead letters, newest first.
+/// The most recent dead letters (by their last arrival), newest first.
 pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
-    type Row = (i64, String, Option<String>, Vec<u8>, String);
+    type Row = (
+        i64,
+        String,
+        Option<String>,
+        Vec<u8>,
+        String,
+        i64,
+        Option<i64>,
+    );
     let rows: Vec<Row> = each_db!(db, |pool, to_db, from_row| {
         sqlx::query_as(
-            "SELECT id, topic, site, payload, reason FROM dead_letters \
-             ORDER BY id DESC LIMIT $1",
+            "SELECT id, topic, site, payload, reason, count, payload_bytes FROM dead_letters \
+             ORDER BY COALESCE(last_received_at, received_at) DESC, id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(pool)
@@ -775,12 +762,16 @@ pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::
     });
     Ok(rows
         .into_iter()
-        .map(|(id, topic, site, payload, reason)| DeadLetter {
-            id,
-            topic,
-            site,
-            payload,
-            reason,
-        })
+        .map(
+            |(id, topic, site, payload, reason, count, payload_bytes)| DeadLetter {
+                id,
+                topic,
+                site,
+                payload,
+                reason,
+                count,
+                payload_bytes,
+            },
+        )
         .collect())
 }

@@ -297,6 +297,101 @@ async fn refused_payloads_are_dead_lettered_and_acked_rejected() {
     }
 }
 
+/// Dead letters stay bounded: the same refused payload again and again is one row with its
+/// count; a site the cloud does not know sending batch after batch is refused every time but
+/// written once per `ingest.refused_site_interval_s`; a payload is kept up to
+/// `ingest.dead_letter_max_payload_bytes`; the sweeper expires old rows and caps the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_deduplicated_summarised_cut_and_swept() {
+    use caudal_cloud::telemetry::dead_letter;
+    for db in TestDb::all().await {
+        let mut cfg = config(&db);
+        cfg.ingest.dead_letter_max_payload_bytes = 64;
+        let cloud = Cloud::start(cfg).await.expect("start");
+        wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+        site::add(cloud.db(), &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+        let bad = edited(|v| v["readings"][0]["flow_lps"] = "fast".into());
+        for _ in 0..20 {
+            agent.publish(None, bad.clone()).await;
+            assert_eq!(agent.ack().await.status, AckStatus::Rejected);
+        }
+        let mut stranger = Agent::connect(broker, "pozo-nuevo", false).await;
+        let unknown = edited(|v| v["site"] = "pozo-nuevo".into());
+        for i in 0..30 {
+            let mut b: serde_json::Value = serde_json::from_slice(&unknown).expect("json");
+            b["batch"] = format!("nuevo-{i}").into();
+            stranger.publish(None, b.to_string()).await;
+            let ack = stranger.ack().await;
+            assert_eq!(ack.status, AckStatus::Rejected, "refused every time");
+        }
+        let letters = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(letters.len(), 2, "{}: {letters:?}", db.name);
+        let same = letters
+            .iter()
+            .find(|l| l.site.as_deref() == Some("pozo-norte"))
+            .expect("the repeated payload");
+        assert_eq!(same.count, 20, "{}", db.name);
+        assert_eq!(same.payload, bad[..64], "cut at the limit");
+        assert_eq!(same.payload_bytes, Some(bad.len() as i64));
+        let summary = letters
+            .iter()
+            .find(|l| l.site.as_deref() == Some("pozo-nuevo"))
+            .expect("the unknown site");
+        assert_eq!(
+            summary.count, 1,
+            "{}: written once in the interval, the rest held back",
+            db.name
+        );
+        let line = r#"caudal_cloud_ingest_rejected_total{reason="unknown_site"}"#;
+        assert_eq!(
+            metric(cloud.http_addr(), line).await,
+            30.0,
+            "every refusal counted"
+        );
+
+        // The sweeper: nothing is old yet; a cap of one keeps the latest; a retention of
+        // zero seen from tomorrow expires the rest.
+        let now = chrono::Utc::now();
+        let swept = dead_letter::sweep(cloud.db(), chrono::Duration::days(30), 100, now)
+            .await
+            .expect("sweep");
+        assert_eq!(swept, dead_letter::Swept::default());
+        let swept = dead_letter::sweep(cloud.db(), chrono::Duration::days(30), 1, now)
+            .await
+            .expect("sweep");
+        assert_eq!(swept.over_cap, 1, "{}", db.name);
+        let left = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            left[0].site.as_deref(),
+            Some("pozo-nuevo"),
+            "the latest kept"
+        );
+        let swept = dead_letter::sweep(
+            cloud.db(),
+            chrono::Duration::zero(),
+            100,
+            now + chrono::Duration::days(1),
+        )
+        .await
+        .expect("sweep");
+        assert_eq!(swept.expired, 1, "{}", db.name);
+        assert!(
+            store::dead_letters(cloud.db(), 100)
+                .await
+                .expect("letters")
+                .is_empty()
+        );
+        agent.kill();
+        stranger.kill();
+        cloud.stop().await;
+    }
+}
+
 /// A different record under a stored `(site, seq)`: what an agent whose outbox was rolled back
 /// (and that did not open a new epoch) or a forger sends. Refused, dead-lettered, counted and
 /// alerted; never acknowledged as a duplicate; the stored record stays.
