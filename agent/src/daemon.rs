@@ -26,7 +26,7 @@ use crate::outbox::{Outbox, OutboxError, OutboxHandle, Stamped};
 use crate::poller::{BusPoller, PollNow, PollOutput};
 use crate::uplink::{Uplink, UplinkError};
 use crate::watchdog::{self, Heartbeat, Liveness, Watchdog};
-use caudal_common::{DeviceId, Event, EventKind, Reading, Seq};
+use caudal_common::{DeviceId, Event, EventKind, Gap, GapCause, Reading, Seq};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,11 @@ const STORE_QUEUE: usize = 64;
 /// A failed outbox write is retried after this long (the records stay in memory meanwhile and
 /// the pollers wait behind them).
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Failed outbox writes in a row after which the store task stops beating its heartbeat, so
+/// the watchdog (when one is configured) has the agent restarted: a write failing this long
+/// (an I/O error, a corrupt page) is not going to mend itself in this process, and a restart
+/// reopens the file (or sets an unreadable one aside). The writes go on being retried.
+pub const STORE_MAX_TRIES: u32 = 30;
 /// `poll_now` requests waiting for one bus poller; a full queue makes the commands task wait
 /// (within the command's timeout).
 const POLL_NOW_QUEUE: usize = 4;
@@ -90,29 +95,31 @@ pub async fn run(
     );
     let clock = Clock::new(source, trusted_rx.clone());
 
-    let outbox = Outbox::open(&site.outbox_path, &config.outbox, *trusted_rx.borrow())?
-        .with_metrics(metrics.clone());
-    let outbox = OutboxHandle::spawn(outbox)?;
+    // An unreadable outbox file is moved aside rather than stopping the agent for good: the
+    // records it held are lost either way, the ones still to come are not.
+    let (outbox, set_aside) =
+        Outbox::open_or_set_aside(&site.outbox_path, &config.outbox, *trusted_rx.borrow())?;
+    let outbox = OutboxHandle::spawn(outbox.with_metrics(metrics.clone()))?;
     let last_readings = last_readings(&outbox).await?;
     let (started_at, stamp) = clock.stamp();
-    outbox
-        .append(
-            vec![Stamped::new(
-                Event {
-                    seq: Seq(0),
-                    ts: started_at,
-                    device: None,
-                    kind: EventKind::AgentStarted,
-                    message: format!("caudal-agent {} started", env!("CARGO_PKG_VERSION")),
-                    previous: None,
-                    current: None,
-                    wrap: None,
-                },
-                stamp,
-            )],
-            vec![],
-        )
-        .await?;
+    let mut first = Vec::with_capacity(2);
+    if let Some(aside) = &set_aside {
+        first.push(Stamped::new(outbox_lost(aside, started_at), stamp.clone()));
+    }
+    first.push(Stamped::new(
+        Event {
+            seq: Seq(0),
+            ts: started_at,
+            device: None,
+            kind: EventKind::AgentStarted,
+            message: format!("caudal-agent {} started", env!("CARGO_PKG_VERSION")),
+            previous: None,
+            current: None,
+            wrap: None,
+        },
+        stamp,
+    ));
+    outbox.append(first, vec![]).await?;
 
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -248,10 +255,24 @@ async fn last_readings(outbox: &OutboxHandle) -> Result<BTreeMap<DeviceId, Readi
     Ok(out)
 }
 
+/// The gap record saying that an outbox file moved aside took an unknown range of records
+/// with it, up to `now`.
+fn outbox_lost(aside: &crate::outbox::SetAside, now: chrono::DateTime<chrono::Utc>) -> Gap {
+    Gap {
+        seq: Seq(0),
+        device: None,
+        from: aside.modified.filter(|m| *m <= now).unwrap_or(now),
+        to: now,
+        seqs: None,
+        count: 0,
+        cause: GapCause::OutboxLost,
+    }
+}
+
 /// Commits poll outputs, grouping whatever is queued into one append. A failed write is retried
 /// (the pollers wait behind it) rather than dropped: these readings exist nowhere else. Beats
 /// `heartbeat` while idle and between attempts; an append that never returns (a wedged outbox
-/// thread) stops the beats.
+/// thread), or [`STORE_MAX_TRIES`] failed in a row, stops the beats.
 async fn store(
     outbox: OutboxHandle,
     mut rx: mpsc::Receiver<PollOutput>,
@@ -273,6 +294,7 @@ async fn store(
             records.extend(out.records);
             statuses.push(out.status);
         }
+        let mut failed = 0u32;
         loop {
             match outbox.append(records.clone(), statuses.clone()).await {
                 Ok(_) => break,
@@ -288,9 +310,16 @@ async fn store(
                         .store_errors
                         .get_or_create(&Metrics::kind("append"))
                         .inc();
-                    tracing::error!(error = %e, records = records.len(), "storing readings failed; retrying");
+                    failed = failed.saturating_add(1);
+                    if failed < STORE_MAX_TRIES {
+                        tracing::error!(error = %e, records = records.len(), failed, "storing readings failed; retrying");
+                        heartbeat.beat();
+                    } else if failed == STORE_MAX_TRIES {
+                        tracing::error!(error = %e, records = records.len(), failed,
+                            "storing readings failed {STORE_MAX_TRIES} times in a row; no longer telling the watchdog \
+                             all is well, so the service manager restarts the agent");
+                    }
                     tokio::time::sleep(STORE_RETRY).await;
-                    heartbeat.beat();
                 }
             }
         }

@@ -178,6 +178,10 @@ pub enum GapCause {
     Evicted,
     /// The device did not answer; no readings exist for the time range.
     DeviceUnreachable,
+    /// The agent found its outbox file unreadable (not a database, corrupt) and started a new
+    /// one: its unsent records, of an unknown range up to `to`, are lost. `from` is when the
+    /// file was last written (else `to`), `count` 0 and `seqs` absent: what it held is unknown.
+    OutboxLost,
 }
 
 /// Agent → cloud on `caudal/v1/{site}/telemetry`.

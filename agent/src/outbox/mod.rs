@@ -90,7 +90,7 @@ mod worker;
 
 pub use inspect::{Inspection, inspect};
 pub use schema::ROW_OVERHEAD_BYTES;
-pub use store::{Outbox, Restamped};
+pub use store::{Outbox, Restamped, SetAside};
 pub use worker::OutboxHandle;
 
 use caudal_common::payload::RecordKind;
@@ -290,6 +290,11 @@ pub enum OutboxError {
     Open {
         path: String,
         source: rusqlite::Error,
+    },
+    #[error("outbox database {path} is unreadable and could not be moved aside: {source}")]
+    SetAside {
+        path: String,
+        source: std::io::Error,
     },
     #[error("outbox storage is full and nothing is left to evict")]
     Full,

@@ -73,6 +73,16 @@ pub struct Outbox {
     state: watch::Sender<SpoolState>,
 }
 
+/// An unreadable outbox file moved aside by [`Outbox::open_or_set_aside`].
+#[derive(Debug, Clone)]
+pub struct SetAside {
+    pub moved_to: PathBuf,
+    /// Why it could not be opened.
+    pub error: String,
+    /// When the file was last written, if known: its lost records are older.
+    pub modified: Option<DateTime<Utc>>,
+}
+
 /// A record ready to insert.
 struct Row {
     seq: Seq,
@@ -153,6 +163,61 @@ impl Outbox {
         };
         outbox.publish_gauges();
         Ok(outbox)
+    }
+
+    /// [`Outbox::open`], except that a file SQLite says is not a database, or is corrupt, is
+    /// moved aside (with its `-wal` and `-shm`, to `<name>.unreadable-<unix seconds>`) and a
+    /// new outbox is created in its place: a new epoch, so no seq of the old file can recur.
+    /// The agent then writes an `outbox_lost` gap record (see `daemon`) so the cloud knows
+    /// that an unknown range of records was lost, and polling goes on. Any other open failure
+    /// (permissions, a missing directory) is returned as is: moving the file would not mend it.
+    pub fn open_or_set_aside(
+        path: &Path,
+        config: &OutboxConfig,
+        clock_trusted_now: bool,
+    ) -> Result<(Outbox, Option<SetAside>), OutboxError> {
+        let err = match Outbox::open(path, config, clock_trusted_now) {
+            Ok(o) => return Ok((o, None)),
+            Err(e) => e,
+        };
+        let unreadable = matches!(
+            &err,
+            OutboxError::Open { source: rusqlite::Error::SqliteFailure(f, _), .. }
+                if matches!(f.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        );
+        if !unreadable {
+            return Err(err);
+        }
+        let modified = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .map(DateTime::<Utc>::from);
+        let mut moved_to = path.as_os_str().to_owned();
+        moved_to.push(format!(".unreadable-{}", Utc::now().timestamp()));
+        let moved_to = PathBuf::from(moved_to);
+        std::fs::rename(path, &moved_to).map_err(|e| OutboxError::SetAside {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let mut to = moved_to.as_os_str().to_owned();
+            to.push(suffix);
+            // Absent side files are the usual case.
+            let _ = std::fs::rename(&side, &to);
+        }
+        error!(path = %path.display(), moved_to = %moved_to.display(), error = %err,
+            "outbox file unreadable: moved aside, a new outbox starts; its unsent records are lost");
+        let outbox = Outbox::open(path, config, clock_trusted_now)?;
+        Ok((
+            outbox,
+            Some(SetAside {
+                moved_to,
+                error: err.to_string(),
+                modified,
+            }),
+        ))
     }
 
     /// Counts into `metrics` instead of a private registry.

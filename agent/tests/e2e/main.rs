@@ -9,3 +9,4 @@ mod fidelity;
 mod pipeline;
 mod service_notify;
 mod support;
+mod unreadable_outbox;

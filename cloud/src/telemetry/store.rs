@@ -89,6 +89,7 @@ pub(super) fn gap_cause(c: GapCause) -> &'static str {
     match c {
         GapCause::Evicted => "evicted",
         GapCause::DeviceUnreachable => "device_unreachable",
+        GapCause::OutboxLost => "outbox_lost",
     }
 }
 

@@ -92,7 +92,7 @@ pub struct GapView {
     pub seq_from: Option<i64>,
     pub seq_to: Option<i64>,
     pub count: i64,
-    /// `evicted` or `device_unreachable`.
+    /// `evicted`, `device_unreachable` or `outbox_lost`.
     pub cause: String,
 }
 
