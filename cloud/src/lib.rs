@@ -75,7 +75,13 @@ pub async fn open_database(config: &CloudConfig) -> Result<Db, StartError> {
             source,
         })?;
     }
-    Ok(Db::connect(&config.database_url(), config.database.max_connections).await?)
+    let timeout = std::time::Duration::from_secs(config.database.statement_timeout_s);
+    Ok(Db::connect_bounded(
+        &config.database_url(),
+        config.database.max_connections,
+        Some(timeout),
+    )
+    .await?)
 }
 
 /// A running cloud process.

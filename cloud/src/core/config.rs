@@ -233,6 +233,15 @@ pub struct DatabaseConfig {
     /// (`caudal-cloud migrate`) before processes start.
     #[serde(default = "yes")]
     pub migrate: bool,
+    /// PostgreSQL: longest a statement may run, a lock wait included, s (0: no bound). One
+    /// stuck statement then fails instead of holding its connection and its work (the ingest
+    /// group it belongs to goes unacknowledged and is re-sent); migrations run without it.
+    #[serde(default = "default_statement_timeout")]
+    pub statement_timeout_s: u64,
+}
+
+fn default_statement_timeout() -> u64 {
+    30
 }
 
 fn default_max_connections() -> u32 {
@@ -249,6 +258,7 @@ impl Default for DatabaseConfig {
             url: None,
             max_connections: default_max_connections(),
             migrate: true,
+            statement_timeout_s: default_statement_timeout(),
         }
     }
 }

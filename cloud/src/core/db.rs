@@ -61,6 +61,20 @@ impl Db {
     /// Opens a pool. SQLite URLs: `sqlite://path?mode=rwc` (creates the file); PostgreSQL:
     /// `postgres://user@host/db` (`?options[search_path]=schema` selects a schema).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        Db::connect_bounded(url, max_connections, None).await
+    }
+
+    /// [`Db::connect`], every PostgreSQL statement bounded by `statement_timeout` (a lock wait
+    /// included): a statement stuck behind another transaction's lock fails after it instead
+    /// of holding its connection, and its caller's work, for as long as the lock is held. So
+    /// one site's stuck group cannot stop the ingest acknowledging the others (the ingest
+    /// sends no ack for a failed group; its agent re-sends). Migrations run without it
+    /// ([`Db::migrate`]). SQLite's lock waits are bounded by its busy timeout already.
+    pub async fn connect_bounded(
+        url: &str,
+        max_connections: u32,
+        statement_timeout: Option<Duration>,
+    ) -> Result<Db, DbError> {
         if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)
                 .map_err(DbError::Url)?
@@ -75,9 +89,13 @@ impl Db {
                 .map_err(DbError::Connect)?;
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut opts = sqlx::postgres::PgConnectOptions::from_str(url).map_err(DbError::Url)?;
+            if let Some(t) = statement_timeout.filter(|t| !t.is_zero()) {
+                opts = opts.options([("statement_timeout", format!("{}ms", t.as_millis()))]);
+            }
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections.max(1))
-                .connect(url)
+                .connect_with(opts)
                 .await
                 .map_err(DbError::Connect)?;
             Ok(Db::Postgres(pool))
@@ -100,7 +118,20 @@ impl Db {
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
             Db::Sqlite(p) => sqlx::migrate!("migrations/sqlite").run(p).await?,
-            Db::Postgres(p) => sqlx::migrate!("migrations/postgres").run(p).await?,
+            Db::Postgres(p) => {
+                // A migration may rewrite a large table: no statement timeout for it.
+                let mut conn = p.acquire().await.map_err(DbError::Connect)?;
+                sqlx::query("SET statement_timeout = 0")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(DbError::Connect)?;
+                let ran = sqlx::migrate!("migrations/postgres").run(&mut *conn).await;
+                // The connection goes back to the pool with the pool's own bound.
+                let _ = sqlx::query("RESET statement_timeout")
+                    .execute(&mut *conn)
+                    .await;
+                ran?
+            }
         }
         Ok(())
     }

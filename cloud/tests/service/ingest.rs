@@ -1156,3 +1156,81 @@ async fn saturate(db: &TestDb, external: Option<&str>) {
     wait_metric(http, "caudal_cloud_ingest_unacked 0").await;
     cloud.stop().await;
 }
+
+/// A statement stuck behind another transaction's lock (PostgreSQL) is bounded by
+/// `database.statement_timeout_s`: the stuck site's batch goes unacknowledged (its agent
+/// re-sends), and the other sites' batches behind it on the same worker are acknowledged
+/// soon after the timeout, not when the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_stuck_on_a_lock_does_not_stop_the_other_sites() {
+    for db in TestDb::all().await {
+        if !db.url.starts_with("postgres") {
+            continue;
+        }
+        let mut cfg = config(&db);
+        cfg.ingest.workers = 1;
+        cfg.database.statement_timeout_s = 2;
+        let cloud = Cloud::start(cfg).await.expect("start");
+        wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+        for s in ["pozo-a", "pozo-b"] {
+            site::add(cloud.db(), &site_id(s), "").await.expect("add");
+        }
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut a = Agent::connect(broker, "pozo-a", false).await;
+        let mut b = Agent::connect(broker, "pozo-b", false).await;
+        let batch = |site: &str, id: &str, base: u64| {
+            edited(|v| {
+                v["site"] = site.into();
+                v["batch"] = id.into();
+                for (i, r) in v["readings"]
+                    .as_array_mut()
+                    .expect("readings")
+                    .iter_mut()
+                    .enumerate()
+                {
+                    r["seq"] = (base + i as u64).into();
+                }
+                v["events"] = serde_json::json!([]);
+                v["gaps"] = serde_json::json!([]);
+            })
+        };
+        a.publish(None, batch("pozo-a", "a-1", 100)).await;
+        assert_eq!(a.ack().await.status, AckStatus::Accepted);
+
+        // Another client holds pozo-a's status row.
+        let holder = caudal_cloud::core::db::Db::connect(&db.url, 1)
+            .await
+            .expect("connect");
+        let caudal_cloud::core::db::Db::Postgres(pool) = &holder else {
+            unreachable!("a PostgreSQL URL")
+        };
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SELECT * FROM site_status WHERE site = 'pozo-a' FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .expect("lock");
+
+        a.publish(None, batch("pozo-a", "a-2", 200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        b.publish(None, batch("pozo-b", "b-1", 100)).await;
+        let ack = b
+            .ack_within(Duration::from_secs(10))
+            .await
+            .expect("pozo-b acknowledged while pozo-a's row is locked");
+        assert_eq!(ack.status, AckStatus::Accepted, "{}", db.name);
+        assert!(started.elapsed() < Duration::from_secs(8));
+        a.no_ack(Duration::from_millis(200)).await;
+        tx.rollback().await.expect("released");
+
+        // The agent re-sends after its ack timeout; stored then.
+        a.publish(None, batch("pozo-a", "a-2", 200)).await;
+        assert_eq!(a.ack().await.status, AckStatus::Accepted);
+        let errors = metric(cloud.http_addr(), "caudal_cloud_ingest_store_errors_total").await;
+        assert!(errors >= 1.0, "the timed-out group is counted: {errors}");
+        holder.close().await;
+        a.kill();
+        b.kill();
+        cloud.stop().await;
+    }
+}
