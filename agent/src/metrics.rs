@@ -84,6 +84,9 @@ pub struct Metrics {
     pub acked: Counter,
     /// Batches the cloud rejected.
     pub rejected_batches: Counter,
+    /// Topic filters the broker refused in a SUBACK (acks, commands or desired configuration
+    /// would not arrive).
+    pub subscriptions_refused: Counter,
     /// Incoming MQTT payloads that could not be decoded, by topic kind.
     pub bad_payloads: Family<KindLabels, Counter>,
     /// `accepted` acks that named records the agent did not send in that batch, by reason
@@ -121,6 +124,7 @@ impl Metrics {
             sent: Counter::default(),
             acked: Counter::default(),
             rejected_batches: Counter::default(),
+            subscriptions_refused: Counter::default(),
             bad_payloads: Family::default(),
             acks_refused: Family::default(),
             backlog: Gauge::default(),
@@ -178,6 +182,11 @@ impl Metrics {
             "batches_rejected",
             "Batches rejected by the cloud",
             m.rejected_batches.clone(),
+        );
+        registry.register(
+            "subscriptions_refused",
+            "Topic filters the broker refused to subscribe (SUBACK failure)",
+            m.subscriptions_refused.clone(),
         );
         registry.register(
             "bad_payloads",

@@ -473,6 +473,18 @@ impl<S: Spool> Driver<S> {
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
                         self.on_publish(&p.topic, &p.payload, &mut flow).await?;
                     }
+                    Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                        let refused = ack
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count();
+                        if refused > 0 {
+                            self.up.metrics.subscriptions_refused.inc_by(refused as u64);
+                            error!(refused, codes = ?ack.return_codes,
+                                "the broker refused a subscription: acks, commands or desired configuration will not arrive (check the broker's ACL for this site)");
+                        }
+                    }
                     Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                         // Not expected (the event-loop task waits after an error), but if the
                         // transport did reconnect, the clean session lost our subscriptions.

@@ -35,6 +35,8 @@ pub struct IngestMetrics {
     pub(super) batch_seconds: Histogram,
     pub(super) connected: Gauge,
     pub(super) subscribed: Gauge,
+    /// Topic filters the broker refused in a SUBACK.
+    pub(super) subscriptions_refused: Counter,
     pub(super) connections: Family<KindLabels, Counter>,
 }
 
@@ -58,6 +60,7 @@ impl IngestMetrics {
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connected: Gauge::default(),
             subscribed: Gauge::default(),
+            subscriptions_refused: Counter::default(),
             connections: Family::default(),
         };
         r.register(
@@ -136,6 +139,11 @@ impl IngestMetrics {
             "ingest_subscribed",
             "1 once the broker accepted the ingest's subscriptions on this connection",
             m.subscribed.clone(),
+        );
+        r.register(
+            "ingest_subscriptions_refused",
+            "Topic filters the broker refused to subscribe (SUBACK failure): that telemetry will not arrive",
+            m.subscriptions_refused.clone(),
         );
         r.register(
             "mqtt_connections",

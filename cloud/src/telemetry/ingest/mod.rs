@@ -220,6 +220,7 @@ impl Ingest {
                     if refused.is_empty() {
                         m.subscribed.set(1);
                     } else {
+                        m.subscriptions_refused.inc_by(refused.len() as u64);
                         tracing::error!(
                             codes = ?refused,
                             "the broker refused a subscription; that telemetry will not arrive"
