@@ -124,6 +124,24 @@ fn cli(db: &TestDb, dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `admin@x.cl` with the password of `CAUDAL_TEST_ADMIN_PASSWORD`, through the CLI: its output.
+fn add_admin(db: &TestDb, dir: &Path) -> String {
+    cli(
+        db,
+        dir,
+        &[
+            "user",
+            "add",
+            "--email",
+            "admin@x.cl",
+            "--role",
+            "admin",
+            "--password-env",
+            "CAUDAL_TEST_ADMIN_PASSWORD",
+        ],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_and_telemetry_processes_share_one_database() {
     for db in TestDb::all().await {
@@ -146,20 +164,7 @@ async fn core_and_telemetry_processes_share_one_database() {
         let listed = cli(&db, dir, &["site", "list"]);
         assert!(listed.starts_with("pozo-norte\tactive\t"), "{listed}");
         assert_eq!(http_get(core_http, "/api/v1/sites").await.0, 401);
-        let out = cli(
-            &db,
-            dir,
-            &[
-                "user",
-                "add",
-                "--email",
-                "admin@x.cl",
-                "--role",
-                "admin",
-                "--password-env",
-                "CAUDAL_TEST_ADMIN_PASSWORD",
-            ],
-        );
+        let out = add_admin(&db, dir);
         assert!(out.contains("created with role admin"), "{out}");
         let token = support::login(core_http, "admin@x.cl", "the first admin's password")
             .await
@@ -422,20 +427,7 @@ async fn six_hundred_logins_at_once_keep_memory_bounded_and_ingest_acking() {
     let dir = dir.path();
     cli(&db, dir, &["migrate"]);
     cli(&db, dir, &["site", "add", "--id", "pozo-norte"]);
-    cli(
-        &db,
-        dir,
-        &[
-            "user",
-            "add",
-            "--email",
-            "admin@x.cl",
-            "--role",
-            "admin",
-            "--password-env",
-            "CAUDAL_TEST_ADMIN_PASSWORD",
-        ],
-    );
+    add_admin(&db, dir);
     let http = free_addr();
     let (v4, v5) = (free_addr(), free_addr());
     let mut cmd = command(&db, dir, "all");
