@@ -356,9 +356,10 @@ async fn reports_log_dossier_and_verify_by_role_with_csv_and_named_400s() {
     use caudal_cloud::compliance::value::Values;
     use chrono::{DateTime, Utc};
     for t in TestDb::all().await {
-        let cloud = Cloud::start(api_config(&t, "core,compliance"))
-            .await
-            .expect("start");
+        let mut config = api_config(&t, "core,compliance");
+        // The queue gauges refresh every interval.
+        config.compliance.interval_s = 1;
+        let cloud = Cloud::start(config).await.expect("start");
         let addr = cloud.http_addr();
         let admin = account_token(&cloud, "admin@x.cl", Role::Admin).await;
         let operator = account_token(&cloud, "op@x.cl", Role::Operator).await;
@@ -434,6 +435,13 @@ async fn reports_log_dossier_and_verify_by_role_with_csv_and_named_400s() {
                 .await
                 .expect("record")
         );
+
+        // The queue's gauges: one pending (the oldest unsent, 06:00Z), one held.
+        support::wait_metric(addr, "caudal_cloud_compliance_held_slots 1").await;
+        support::wait_metric(addr, "caudal_cloud_compliance_queue_depth 1").await;
+        let age = support::metric(addr, "caudal_cloud_compliance_oldest_unsent_age_seconds").await;
+        let since = (Utc::now() - at("2026-10-01T06:00:00Z")).num_seconds() as f64;
+        assert!((age - since).abs() < 120.0, "{age} vs {since}");
 
         // The month report: every role reads; 31 days of hourly slots.
         let (code, text) = http(
