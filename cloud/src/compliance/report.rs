@@ -732,6 +732,16 @@ fn field(s: &str) -> String {
     }
 }
 
+/// A free-text field (a point's name) that a spreadsheet would run as a formula is prefixed
+/// with `'`; declared values are never touched.
+fn text(s: &str) -> String {
+    if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    }
+}
+
 fn line(out: &mut String, fields: &[String]) {
     let f: Vec<String> = fields.iter().map(|s| field(s)).collect();
     out.push_str(&f.join(","));
@@ -759,7 +769,7 @@ pub fn month_csv(reports: &[PointReport]) -> String {
             r.month.clone(),
             r.point_id.to_string(),
             r.obra_code.clone().unwrap_or_default(),
-            r.name.clone(),
+            text(&r.name),
             r.dga_standard
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_default(),
@@ -1084,6 +1094,37 @@ mod tests {
     }
 
     #[test]
+    fn the_status_table_has_one_aligned_line_per_obra() {
+        let month = Month::parse("2026-04").expect("month");
+        let r = PointReport {
+            point_id: 7,
+            name: "Pozo".into(),
+            obra_code: Some("OB-0101-114".into()),
+            dga_standard: Some(DgaStandard::Mayor),
+            period: Some(Period::Hourly),
+            mode: Mode::On,
+            month: month.to_string(),
+            counts: Counts {
+                expected: 720,
+                accepted: 700,
+                accepted_late: 3,
+                held: 20,
+                ..Counts::default()
+            },
+        };
+        let t = status_table(&[r], month);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "compliance report 2026-04 (UTC-4)");
+        assert!(lines[1].starts_with("point  obra         mode  expected  accepted  late"));
+        assert!(
+            lines[2].starts_with("7      OB-0101-114  on         720       700     3"),
+            "{t}"
+        );
+        assert_eq!(lines.len(), 3);
+        assert!(status_table(&[], month).contains("no point has reporting settings"));
+    }
+
+    #[test]
     fn csv_fields_are_quoted_only_when_needed() {
         let mut out = String::new();
         line(
@@ -1091,6 +1132,8 @@ mod tests {
             &["1.00".into(), "Pozo, Norte".into(), "a \"b\"".into()],
         );
         assert_eq!(out, "1.00,\"Pozo, Norte\",\"a \"\"b\"\"\"\r\n");
+        assert_eq!(text("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(text("Pozo 1"), "Pozo 1");
         assert_eq!(MONTH_CSV_HEADER.split(',').count(), 20);
         assert_eq!(SLOTS_CSV_HEADER.split(',').count(), 17);
         assert_eq!(DOSSIER_CSV_HEADER.split(',').count(), 19);
