@@ -26,7 +26,8 @@
 //!
 //! CSV (`format=csv` or `Accept: text/csv`) has one header line ([`MONTH_CSV_HEADER`],
 //! [`SLOTS_CSV_HEADER`], [`DOSSIER_CSV_HEADER`]), comma-separated, RFC 4180 quoting, values
-//! exactly as declared (strings, never reformatted), times RFC 3339 UTC.
+//! exactly as declared (strings, never reformatted), times RFC 3339 UTC; a point's name that a
+//! spreadsheet would run as a formula is prefixed with `'`.
 
 use super::slot::{self, Period};
 use super::store::{self, AuditRow, Exchange, Mode, PointConfig, SlotState, Source, StoreError};
