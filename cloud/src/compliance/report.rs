@@ -265,17 +265,60 @@ async fn rows(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     point: Option<i64>,
+    with_values: bool,
 ) -> Result<Vec<Row_>, ReportError> {
-    let sql = "SELECT s.point_id, s.slot_at, s.state, s.caudal, s.totalizador, s.nivel, \
-               s.altura, s.receipt, (SELECT MIN(e.sent_at) FROM compliance_exchanges e WHERE \
-               e.point_id = s.point_id AND e.slot_at = s.slot_at AND e.outcome IN ('accepted', \
-               'duplicate', 'accepted_no_receipt')) AS accepted_at, (SELECT v.outcome FROM \
-               compliance_verifications v WHERE v.point_id = s.point_id AND v.slot_at = \
-               s.slot_at ORDER BY v.id DESC LIMIT 1) AS verification FROM compliance_slots s \
-               WHERE s.slot_at >= $1 AND s.slot_at < $2 AND (CAST($3 AS BIGINT) IS NULL OR \
-               s.point_id = $3) ORDER BY s.point_id, s.slot_at";
+    // Three range scans joined here rather than two correlated subqueries per slot: a month of
+    // 1 000 hourly obras is 720 000 slots.
+    let values = if with_values {
+        "s.caudal, s.totalizador, s.nivel, s.altura"
+    } else {
+        "NULL AS caudal, NULL AS totalizador, NULL AS nivel, NULL AS altura"
+    };
+    let slots = format!(
+        "SELECT s.point_id, s.slot_at, s.state, {values}, s.receipt FROM compliance_slots s \
+         WHERE s.slot_at >= $1 AND s.slot_at < $2 AND (CAST($3 AS BIGINT) IS NULL OR \
+         s.point_id = $3) ORDER BY s.point_id, s.slot_at"
+    );
+    let accepted = "SELECT point_id, slot_at, MIN(sent_at) AS accepted_at FROM \
+                    compliance_exchanges WHERE slot_at >= $1 AND slot_at < $2 AND \
+                    (CAST($3 AS BIGINT) IS NULL OR point_id = $3) AND outcome IN ('accepted', \
+                    'duplicate', 'accepted_no_receipt') GROUP BY point_id, slot_at";
+    let checks = "SELECT point_id, slot_at, outcome FROM compliance_verifications WHERE \
+                  slot_at >= $1 AND slot_at < $2 AND (CAST($3 AS BIGINT) IS NULL OR \
+                  point_id = $3) ORDER BY id";
+    type Key = (i64, DateTime<Utc>);
     each_db!(db, |p, to_db, from_row| {
-        let rows = sqlx::query(sql)
+        let mut accepted_at: HashMap<Key, DateTime<Utc>> = HashMap::new();
+        for r in sqlx::query(accepted)
+            .bind(to_db(from))
+            .bind(to_db(to))
+            .bind(point)
+            .fetch_all(p)
+            .await?
+        {
+            accepted_at.insert(
+                (r.try_get("point_id")?, from_row(&r, "slot_at")?),
+                from_row(&r, "accepted_at")?,
+            );
+        }
+        // Oldest first: the latest check of a slot is the one kept.
+        let mut checked: HashMap<Key, VerifyOutcome> = HashMap::new();
+        for r in sqlx::query(checks)
+            .bind(to_db(from))
+            .bind(to_db(to))
+            .bind(point)
+            .fetch_all(p)
+            .await?
+        {
+            let outcome: String = r.try_get("outcome")?;
+            let o = match outcome.as_str() {
+                "ok" => VerifyOutcome::Ok,
+                "mismatch" => VerifyOutcome::Mismatch,
+                _ => VerifyOutcome::Unverified,
+            };
+            checked.insert((r.try_get("point_id")?, from_row(&r, "slot_at")?), o);
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(slots))
             .bind(to_db(from))
             .bind(to_db(to))
             .bind(point)
@@ -285,10 +328,10 @@ async fn rows(
             .map(|r| {
                 let state: String = r.try_get("state")?;
                 let caudal: Option<String> = r.try_get("caudal")?;
-                let verification: Option<String> = r.try_get("verification")?;
+                let key: Key = (r.try_get("point_id")?, from_row(r, "slot_at")?);
                 Ok(Row_ {
-                    point_id: r.try_get("point_id")?,
-                    slot_at: from_row(r, "slot_at")?,
+                    point_id: key.0,
+                    slot_at: key.1,
                     state: state.parse().map_err(StoreError::Corrupt)?,
                     values: match caudal {
                         None => None,
@@ -300,13 +343,8 @@ async fn rows(
                         }),
                     },
                     receipt: r.try_get("receipt")?,
-                    accepted_at: opt_time!(r, "accepted_at", from_row),
-                    verification: match verification.as_deref() {
-                        None => None,
-                        Some("ok") => Some(VerifyOutcome::Ok),
-                        Some("mismatch") => Some(VerifyOutcome::Mismatch),
-                        Some(_) => Some(VerifyOutcome::Unverified),
-                    },
+                    accepted_at: accepted_at.get(&key).copied(),
+                    verification: checked.get(&key).copied(),
                 })
             })
             .collect()
@@ -436,7 +474,7 @@ pub async fn month_report(
         _ => filter.point,
     };
     let mut by_point: HashMap<i64, Vec<Row_>> = HashMap::new();
-    for r in rows(db, month.start(), month.end(), single).await? {
+    for r in rows(db, month.start(), month.end(), single, false).await? {
         by_point.entry(r.point_id).or_default().push(r);
     }
     Ok(configs
@@ -462,7 +500,7 @@ pub async fn point_month(
     ) else {
         return Ok(None);
     };
-    let stored = rows(db, month.start(), month.end(), Some(point_id)).await?;
+    let stored = rows(db, month.start(), month.end(), Some(point_id), true).await?;
     Ok(Some(assemble(&p, &c, month, stored, now, true)))
 }
 
