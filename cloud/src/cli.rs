@@ -111,8 +111,13 @@ enum ComplianceCommand {
         #[arg(long)]
         password_env: Option<String>,
     },
-    /// Per point: mode, slots by state, the oldest slot not yet accepted.
-    Status,
+    /// The month report as a table, one line per obra: expected slots, accepted (and late),
+    /// held, failed, pending, not yet due, overdue, verified (a month in UTC-4).
+    Status {
+        /// YYYY-MM (default: the current month in UTC-4).
+        #[arg(long)]
+        month: Option<String>,
+    },
     /// A point's slots: time (UTC), fecha and hora (UTC-4), state, values, reason, receipt.
     Slots {
         #[arg(long)]
@@ -756,37 +761,18 @@ async fn compliance_command(
             .await?;
             println!("point {id}: informante password stored, encrypted");
         }
-        ComplianceCommand::Status => {
+        ComplianceCommand::Status { month } => {
+            use compliance::report::{self, Filter, Month};
+            let month = match month.as_deref() {
+                Some(m) => Month::parse(m).map_err(anyhow::Error::msg)?,
+                None => Month::of(now),
+            };
+            let reports = report::month_report(db, month, &Filter::default(), now).await?;
+            print!("{}", report::status_table(&reports, month));
             for c in store::point_configs(db).await? {
-                let slots = store::slots(
-                    db,
-                    c.point_id,
-                    chrono::DateTime::<chrono::Utc>::MIN_UTC,
-                    now + chrono::Duration::days(1),
-                    None,
-                    i64::MAX,
-                )
-                .await?;
-                let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-                for s in &slots {
-                    *counts.entry(s.state.as_str()).or_default() += 1;
+                if let Some(r) = c.stopped_reason {
+                    println!("point {} STOPPED: {r}", c.point_id);
                 }
-                let oldest = slots
-                    .iter()
-                    .find(|s| !s.state.is_accepted() && s.state != store::SlotState::Discarded)
-                    .map(|s| format!("{} {}", s.fecha, s.hora))
-                    .unwrap_or_else(|| "-".into());
-                let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "point {}\t{}\t{}\toldest open {}\t{}",
-                    c.point_id,
-                    c.mode.as_str(),
-                    counts.join(" "),
-                    oldest,
-                    c.stopped_reason
-                        .map(|r| format!("STOPPED: {r}"))
-                        .unwrap_or_default()
-                );
             }
         }
         ComplianceCommand::Slots {

@@ -158,7 +158,7 @@ impl Cloud {
             api = api.merge(telemetry::routes());
         }
         if services.contains(Service::Compliance) {
-            api = api.merge(compliance::routes(keys));
+            api = api.merge(compliance::routes(keys, compliance::dga_handle(&config)));
         }
         let (router, paths) = core::http::core_routes(db.clone(), metrics)
             .merge(api.with_state(api_state.clone()))

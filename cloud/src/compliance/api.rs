@@ -1,17 +1,21 @@
 //! The compliance API: settings (Centro de Control, per point, passwords), the audit, slots with
-//! their exchanges, and a person's review of a held slot. Any role reads; admins and operators
-//! change; no route ever answers a password.
+//! their exchanges, a person's review of a held slot, the month reports, the log and the
+//! rectification dossier (JSON or CSV), and a receipt check on demand. Any role reads; admins
+//! and operators change; no route ever answers a password.
 
-use super::Keyring;
+use super::report::{self, Dossier, Filter, Log, Month, PointMonth, PointReport, ReportError};
 use super::secret::Password;
 use super::settings::{self, PointBody, PointView, SettingsBody, SettingsError};
 use super::store::{self, AuditRow, Exchange, Settings, Slot, SlotState, StoreError};
+use super::verify::{self, Verification, VerifyError};
+use super::{DgaHandle, Keyring};
 use crate::core::api::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody};
 use crate::core::auth::Permission;
 use crate::core::openapi::{Forbidden, Unauthorized};
 use crate::users::Caller;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -446,4 +450,326 @@ pub(super) async fn discard_slot(
     body: Result<ApiJson<ReviewBody>, ApiError>,
 ) -> Result<Json<Slot>, ApiError> {
     review(state, caller, id, at, body, false).await
+}
+
+impl From<ReportError> for ApiError {
+    fn from(e: ReportError) -> ApiError {
+        match e {
+            ReportError::Store(e) => e.into(),
+            ReportError::Point(e) => ApiError::database("catchment points", &e),
+            ReportError::Query(e) => ApiError::database("telemetry", &e),
+        }
+    }
+}
+
+impl From<VerifyError> for ApiError {
+    fn from(e: VerifyError) -> ApiError {
+        match e {
+            VerifyError::NoSlot(id, at) => ApiError::NotFound(format!("slot {at} of point {id}")),
+            VerifyError::NotVerifiable(..) => ApiError::conflict("state", e.to_string()),
+            VerifyError::NoObra(_) => ApiError::conflict("id", e.to_string()),
+            VerifyError::Store(e) => e.into(),
+            VerifyError::Point(e) => ApiError::database("catchment points", &e),
+        }
+    }
+}
+
+fn month_of(raw: Option<&str>) -> Result<Month, ApiError> {
+    match raw {
+        None => Ok(Month::of(Utc::now())),
+        Some(m) => Month::parse(m).map_err(|e| ApiError::bad("month", e)),
+    }
+}
+
+/// Whether the caller asked for CSV: `format=csv`, or no `format` and `Accept: text/csv`.
+fn wants_csv(format: Option<&str>, headers: &HeaderMap) -> Result<bool, ApiError> {
+    match format {
+        Some("csv") => Ok(true),
+        Some("json") => Ok(false),
+        Some(other) => Err(ApiError::bad(
+            "format",
+            format!("{other:?} is neither json nor csv"),
+        )),
+        None => Ok(headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/csv"))),
+    }
+}
+
+fn csv(body: String, name: &str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn range(
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let to = to.unwrap_or_else(Utc::now);
+    let from = from.unwrap_or(to - Duration::days(7));
+    if from > to {
+        return Err(ApiError::bad("from", "must not be after to"));
+    }
+    Ok((from, to))
+}
+
+/// Query of `GET /api/v1/compliance/report`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MonthQuery {
+    /// `YYYY-MM`, a calendar month in UTC-4 (default: the current one).
+    #[serde(default)]
+    #[param(pattern = "^[0-9]{4}-[0-9]{2}$")]
+    pub month: Option<String>,
+    /// Only this catchment point.
+    #[serde(default)]
+    pub point: Option<i64>,
+    /// Only points with a flow, totalizer or level source on this site.
+    #[serde(default)]
+    pub site: Option<String>,
+    /// `json` (default) or `csv`; without it, `Accept: text/csv` asks for CSV.
+    #[serde(default)]
+    #[param(pattern = "^(json|csv)$")]
+    pub format: Option<String>,
+}
+
+/// Every reported obra's month: expected slots, accepted (and late), held, failed, pending,
+/// not yet due, overdue, verified. CSV header: `report::MONTH_CSV_HEADER`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/compliance/report",
+    tag = "compliance",
+    security(("bearer" = [])),
+    params(MonthQuery),
+    responses(
+        (status = 200, description = "One row per obra, by point id", content(
+            (Vec<PointReport> = "application/json"),
+            (String = "text/csv"),
+        )),
+        (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+    ),
+)]
+pub(super) async fn compliance_report(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<MonthQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::Read)?;
+    let month = month_of(q.month.as_deref())?;
+    let csv_out = wants_csv(q.format.as_deref(), &headers)?;
+    let filter = Filter {
+        point: q.point,
+        site: q.site,
+    };
+    let r = report::month_report(&state.db, month, &filter, Utc::now()).await?;
+    Ok(if csv_out {
+        csv(report::month_csv(&r), &format!("compliance-{month}.csv"))
+    } else {
+        Json(r).into_response()
+    })
+}
+
+/// Query of `GET /api/v1/compliance/points/{id}/report`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PointMonthQuery {
+    /// `YYYY-MM`, a calendar month in UTC-4 (default: the current one).
+    #[serde(default)]
+    #[param(pattern = "^[0-9]{4}-[0-9]{2}$")]
+    pub month: Option<String>,
+    /// `json` (default) or `csv`; without it, `Accept: text/csv` asks for CSV.
+    #[serde(default)]
+    #[param(pattern = "^(json|csv)$")]
+    pub format: Option<String>,
+}
+
+/// One obra's month: its figures and every slot with its state, values, receipt, late flag.
+/// CSV (one line per slot) header: `report::SLOTS_CSV_HEADER`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/compliance/points/{id}/report",
+    tag = "compliance",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Catchment point id"), PointMonthQuery),
+    responses(
+        (status = 200, description = "The obra's month", content(
+            (PointMonth = "application/json"),
+            (String = "text/csv"),
+        )),
+        (status = 400, description = "A parameter or the path is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+        (status = 404, description = "The point has no reporting settings", body = ErrorBody),
+    ),
+)]
+pub(super) async fn point_report(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PointMonthQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::Read)?;
+    let id = point_id(&id)?;
+    let month = month_of(q.month.as_deref())?;
+    let csv_out = wants_csv(q.format.as_deref(), &headers)?;
+    let m = report::point_month(&state.db, id, month, Utc::now())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("reporting settings of point {id}")))?;
+    Ok(if csv_out {
+        csv(
+            report::slots_csv(&m),
+            &format!("compliance-{id}-{month}.csv"),
+        )
+    } else {
+        Json(m).into_response()
+    })
+}
+
+/// Query of the log and the dossier.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RangeQuery {
+    /// RFC 3339; default 7 days before `to`.
+    #[serde(default)]
+    pub from: Option<DateTime<Utc>>,
+    /// RFC 3339; default now.
+    #[serde(default)]
+    pub to: Option<DateTime<Utc>>,
+    /// `json` (default) or `csv` (the dossier only); without it, `Accept: text/csv` asks for
+    /// CSV.
+    #[serde(default)]
+    #[param(pattern = "^(json|csv)$")]
+    pub format: Option<String>,
+}
+
+/// A point's submission log: every POST sent in `[from, to)` (password as `****`) with its
+/// answer and the receipt it got, and every receipt check made then.
+#[utoipa::path(
+    get,
+    path = "/api/v1/compliance/points/{id}/log",
+    tag = "compliance",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Catchment point id"), RangeQuery),
+    responses(
+        (status = 200, description = "The log, oldest first", body = Log),
+        (status = 400, description = "A parameter or the path is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+    ),
+)]
+pub(super) async fn point_log(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RangeQuery>,
+) -> Result<Json<Log>, ApiError> {
+    caller.require(Permission::Read)?;
+    let id = point_id(&id)?;
+    if q.format.as_deref().is_some_and(|f| f != "json") {
+        return Err(ApiError::bad("format", "the log is JSON only"));
+    }
+    let (from, to) = range(q.from, q.to)?;
+    Ok(Json(report::log(&state.db, id, from, to).await?))
+}
+
+/// The rectification dossier of the slots in `[from, to)`: for each, the values exactly as
+/// sent, the receipt, when and how it was accepted, every exchange and receipt check, the
+/// stored telemetry it was built from, and the point's settings at the time. What to hand the
+/// DGA when asking for a correction. CSV header: `report::DOSSIER_CSV_HEADER`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/compliance/points/{id}/dossier",
+    tag = "compliance",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Catchment point id"), RangeQuery),
+    responses(
+        (status = 200, description = "The dossier, oldest slot first", content(
+            (Dossier = "application/json"),
+            (String = "text/csv"),
+        )),
+        (status = 400, description = "A parameter or the path is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+        (status = 404, description = "The point has no reporting settings", body = ErrorBody),
+    ),
+)]
+pub(super) async fn point_dossier(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RangeQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Permission::Read)?;
+    let id = point_id(&id)?;
+    let csv_out = wants_csv(q.format.as_deref(), &headers)?;
+    let (from, to) = range(q.from, q.to)?;
+    let d = report::dossier(&state.db, id, from, to)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("reporting settings of point {id}")))?;
+    Ok(if csv_out {
+        csv(report::dossier_csv(&d), &format!("dossier-{id}.csv"))
+    } else {
+        Json(d).into_response()
+    })
+}
+
+/// Checks an accepted slot's receipt with the DGA's GET endpoint now and stores the outcome
+/// (admin, operator): `ok`, `mismatch` (what differs; the `receipt_mismatch` alert opens) or
+/// `unverified` (why the GET gave nothing usable).
+#[utoipa::path(
+    post,
+    path = "/api/v1/compliance/points/{id}/slots/{slot}/verify",
+    tag = "compliance",
+    security(("bearer" = [])),
+    params(
+        ("id" = i64, Path, description = "Catchment point id"),
+        ("slot" = DateTime<Utc>, Path, description = "The slot instant, RFC 3339"),
+    ),
+    responses(
+        (status = 200, description = "The check, as stored", body = Verification),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
+        (status = 404, description = "No such slot", body = ErrorBody),
+        (status = 409, description = "Not accepted with a receipt, or the point has no código de obra", body = ErrorBody),
+        (status = 503, description = "No HTTPS client to reach the DGA", body = ErrorBody),
+    ),
+)]
+pub(super) async fn verify_slot(
+    State(state): State<ApiState>,
+    Extension(dga): Extension<DgaHandle>,
+    caller: Caller,
+    ApiPath((id, at)): ApiPath<(String, String)>,
+) -> Result<Json<Verification>, ApiError> {
+    caller.require(Permission::ManageCompliance)?;
+    let (id, at) = (point_id(&id)?, slot_at(&at)?);
+    let Some(client) = dga.0 else {
+        return Err(ApiError::Unavailable);
+    };
+    let v = verify::verify_slot(
+        &state.db,
+        client.as_ref(),
+        id,
+        at,
+        &caller.user.email,
+        Utc::now(),
+    )
+    .await?;
+    tracing::info!(point = id, slot = %at, by = %caller.user.email, outcome = v.outcome.as_str(), "receipt checked");
+    Ok(Json(v))
 }

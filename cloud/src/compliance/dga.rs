@@ -13,6 +13,11 @@
 //! | "Ya existe un registro …" without a receipt | accepted without a receipt |
 //! | "Usuario no es el informante registrado en la Obra", a wrong password, 401/403 | refused for configuration: the obra stops |
 //! | anything else: other status, 5xx, HTML, an empty body, reset, timeout | failed: sent again the next day |
+//!
+//! The GET (`<endpoint>?codigoObra=…&numeroComprobante=…`, research notes §4.1, §4.4) answers
+//! what the DGA stored under a receipt; [`stored`] reads it, normalising the `DD-MM-YYYY` the
+//! GET writes `fechaMedicion` in to the POST's `YYYY-MM-DD`. It is sent without credentials, as
+//! operators do.
 
 use super::secret::{Password, REDACTED};
 use super::value::Values;
@@ -186,11 +191,26 @@ pub enum TransportError {
     Broken(String),
 }
 
-/// The regulator, as the submitter sees it.
+/// A receipt check as it goes on the wire.
+#[derive(Debug, Clone)]
+pub struct GetRequest {
+    pub base_url: String,
+    pub endpoint: Endpoint,
+    pub codigo_obra: String,
+    pub receipt: String,
+}
+
+/// The regulator, as the submitter and the receipt check see it.
 pub trait DgaClient: Send + Sync + 'static {
     fn post(
         &self,
         req: &PostRequest,
+    ) -> impl Future<Output = Result<RawResponse, TransportError>> + Send;
+
+    /// What the DGA stored under a receipt.
+    fn get(
+        &self,
+        req: &GetRequest,
     ) -> impl Future<Output = Result<RawResponse, TransportError>> + Send;
 }
 
@@ -199,6 +219,7 @@ pub trait DgaClient: Send + Sync + 'static {
 pub struct HttpDga {
     client: reqwest::Client,
     post_timeout: Duration,
+    get_timeout: Duration,
 }
 
 impl HttpDga {
@@ -214,7 +235,20 @@ impl HttpDga {
         Ok(HttpDga {
             client,
             post_timeout,
+            get_timeout,
         })
+    }
+}
+
+fn classify_err(secs: u64) -> impl Fn(reqwest::Error) -> TransportError {
+    move |e: reqwest::Error| {
+        if e.is_timeout() {
+            TransportError::Timeout(secs)
+        } else if e.is_connect() {
+            TransportError::Connect(e.to_string())
+        } else {
+            TransportError::Broken(e.to_string())
+        }
     }
 }
 
@@ -225,7 +259,7 @@ impl DgaClient for HttpDga {
             req.base_url.trim_end_matches('/'),
             req.endpoint.path()
         );
-        let secs = self.post_timeout.as_secs();
+        let classify_err = classify_err(self.post_timeout.as_secs());
         let sent = self
             .client
             .post(url)
@@ -236,20 +270,107 @@ impl DgaClient for HttpDga {
             .body(req.body.clone())
             .send()
             .await;
-        let classify_err = |e: reqwest::Error| {
-            if e.is_timeout() {
-                TransportError::Timeout(secs)
-            } else if e.is_connect() {
-                TransportError::Connect(e.to_string())
-            } else {
-                TransportError::Broken(e.to_string())
-            }
-        };
-        let resp = sent.map_err(classify_err)?;
+        let resp = sent.map_err(&classify_err)?;
         let status = resp.status().as_u16();
-        let body = resp.text().await.map_err(classify_err)?;
+        let body = resp.text().await.map_err(&classify_err)?;
         Ok(RawResponse { status, body })
     }
+
+    async fn get(&self, req: &GetRequest) -> Result<RawResponse, TransportError> {
+        let url = format!(
+            "{}{}",
+            req.base_url.trim_end_matches('/'),
+            req.endpoint.path()
+        );
+        let classify = classify_err(self.get_timeout.as_secs());
+        let url = reqwest::Url::parse_with_params(
+            &url,
+            &[
+                ("codigoObra", req.codigo_obra.as_str()),
+                ("numeroComprobante", req.receipt.as_str()),
+            ],
+        )
+        .map_err(|e| TransportError::Connect(format!("the URL {url:?}: {e}")))?;
+        let resp = self
+            .client
+            .get(url)
+            .timeout(self.get_timeout)
+            .send()
+            .await
+            .map_err(&classify)?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.map_err(&classify)?;
+        Ok(RawResponse { status, body })
+    }
+}
+
+/// What the GET says the DGA stored: every value as the answer wrote it (a JSON string, or a
+/// number written out), `fecha` as `YYYY-MM-DD`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub fecha: Option<String>,
+    pub hora: Option<String>,
+    pub caudal: Option<String>,
+    pub totalizador: Option<String>,
+    pub nivel: Option<String>,
+    pub altura: Option<String>,
+}
+
+/// `DD-MM-YYYY` (the GET's) or `YYYY-MM-DD` (the POST's) as `YYYY-MM-DD`; `None` for anything
+/// else.
+pub fn normal_fecha(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    chrono::NaiveDate::parse_from_str(raw, "%d-%m-%Y")
+        .or_else(|_| chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d"))
+        .ok()
+        .map(|d| d.format("%Y-%m-%d").to_string())
+}
+
+/// What a GET answer holds, or why it holds nothing usable (not JSON, not `00`, no `data`).
+pub fn stored(r: &RawResponse) -> Result<Stored, String> {
+    if !(200..300).contains(&r.status) {
+        return Err(format!("HTTP {}: {}", r.status, excerpt(&r.body)));
+    }
+    let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|_| {
+        format!(
+            "HTTP {} with a body that is not the API's JSON: {}",
+            r.status,
+            excerpt(&r.body)
+        )
+    })?;
+    let status = match &v["status"] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if status != "00" {
+        return Err(format!(
+            "status {status:?}: {}",
+            excerpt(v["message"].as_str().unwrap_or_default())
+        ));
+    }
+    let data = &v["data"];
+    if !data.is_object() {
+        return Err("status 00 without data".to_string());
+    }
+    let text = |k: &str| match &data[k] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    };
+    let fecha = match text("fechaMedicion") {
+        None => None,
+        Some(f) => {
+            Some(normal_fecha(&f).ok_or_else(|| format!("fechaMedicion {f:?} is not a date"))?)
+        }
+    };
+    Ok(Stored {
+        fecha,
+        hora: text("horaMedicion"),
+        caudal: text("caudal"),
+        totalizador: text("totalizador"),
+        nivel: text("nivelFreaticoDelPozo"),
+        altura: text("alturaLimnimetrica"),
+    })
 }
 
 /// What an answer means for the slot.
@@ -444,6 +565,36 @@ mod tests {
             surface.redacted()["medicionSuperficial"].to_string(),
             r#"{"alturaLimnimetrica":"5","caudal":"15.31","fechaMedicion":"2023-09-07","horaMedicion":"10:00:00"}"#
         );
+    }
+
+    #[test]
+    fn a_get_answer_is_read_with_its_date_normalised() {
+        let r = RawResponse {
+            status: 200,
+            body: r#"{"status":"00","message":"ok","data":{"fechaMedicion":"07-09-2023","horaMedicion":"10:00:00","caudal":"1.00","totalizador":1010,"nivelFreaticoDelPozo":"9.85"}}"#.into(),
+        };
+        let s = stored(&r).expect("stored");
+        assert_eq!(s.fecha.as_deref(), Some("2023-09-07"));
+        assert_eq!(s.totalizador.as_deref(), Some("1010"));
+        assert_eq!(s.altura, None);
+        for (status, body) in [
+            (502, "<html>Bad Gateway</html>"),
+            (200, "<html>ok</html>"),
+            (200, r#"{"status":"01","message":"no existe"}"#),
+            (200, r#"{"status":"00","message":"ok"}"#),
+            (200, r#"{"status":"00","data":{"fechaMedicion":"mañana"}}"#),
+        ] {
+            assert!(
+                stored(&RawResponse {
+                    status,
+                    body: body.into()
+                })
+                .is_err(),
+                "{status} {body}"
+            );
+        }
+        assert_eq!(normal_fecha("2023-09-07").as_deref(), Some("2023-09-07"));
+        assert_eq!(normal_fecha("31-02-2023"), None);
     }
 
     fn answer(status: u16, body: &str) -> Outcome {

@@ -8,7 +8,8 @@
 //! values a slot declares and the checks that hold it ([`value`]); the regulator behind a trait
 //! ([`dga`]); the submitter, the background task that builds, checks and sends
 //! ([`submitter`]); the SQL ([`store`]); the changes people make ([`settings`], from the API
-//! and the CLI).
+//! and the CLI); the month reports, the log and the rectification dossier ([`report`]); the
+//! receipt check against the DGA's GET endpoint ([`verify`]).
 //!
 //! **Durability rule: an accepted slot is never POSTed again.** A slot's in-flight state and its
 //! redacted request are committed **before** the POST leaves (`store::claim`), the answer after
@@ -28,18 +29,27 @@
 //! | `GET /api/v1/compliance/points/{id}/audit` | who changed what (passwords as `****`) |
 //! | `GET /api/v1/compliance/points/{id}/slots`, `GET …/slots/{slot}` | slots, with their exchanges |
 //! | `POST …/slots/{slot}/release`, `POST …/slots/{slot}/discard` | a person's review of a held slot |
+//! | `POST …/slots/{slot}/verify` | check the slot's receipt with the DGA now (admin, operator) |
+//! | `GET /api/v1/compliance/report?month=YYYY-MM` | every obra's month: expected, accepted (late), held, failed, pending, not yet due (JSON or CSV) |
+//! | `GET /api/v1/compliance/points/{id}/report?month=YYYY-MM` | one obra's month with every slot (JSON or CSV) |
+//! | `GET /api/v1/compliance/points/{id}/log?from=&to=` | the POSTs sent and receipt checks made in a range |
+//! | `GET /api/v1/compliance/points/{id}/dossier?from=&to=` | the rectification dossier of a range of slots (JSON or CSV) |
 //!
 //! Anatomy (ARCHITECTURE.md): this file holds the routes and [`start`]; handlers are in `api`;
-//! the SQL in [`store`]; the background task in [`submitter`].
+//! the SQL in [`store`] (and, for what only they read, in [`report`] and [`verify`]); the
+//! background tasks in [`submitter`], [`verify`] (the sampled receipt check) and [`report`]
+//! (the queue gauges).
 
 mod api;
 pub mod dga;
+pub mod report;
 pub mod secret;
 pub mod settings;
 pub mod slot;
 pub mod store;
 pub mod submitter;
 pub mod value;
+pub mod verify;
 
 use crate::core::Shutdown;
 use crate::core::api::ApiState;
@@ -54,7 +64,28 @@ use tokio::task::JoinSet;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use api::{PasswordBody, ReviewBody, SlotDetail, SlotQuery};
+pub use api::{
+    MonthQuery, PasswordBody, PointMonthQuery, RangeQuery, ReviewBody, SlotDetail, SlotQuery,
+};
+
+/// The HTTPS client the receipt check on demand uses; `None` when it could not be built.
+#[derive(Debug, Clone)]
+pub struct DgaHandle(pub Option<Arc<dga::HttpDga>>);
+
+/// The client of `config`, or `None` (logged) when it cannot be built.
+pub fn dga_handle(config: &CloudConfig) -> DgaHandle {
+    let c = &config.compliance;
+    match dga::HttpDga::new(
+        Duration::from_secs(c.post_timeout_s),
+        Duration::from_secs(c.get_timeout_s),
+    ) {
+        Ok(d) => DgaHandle(Some(Arc::new(d))),
+        Err(e) => {
+            tracing::error!(error = %e, "compliance: no HTTPS client; receipts cannot be checked");
+            DgaHandle(None)
+        }
+    }
+}
 
 /// The compliance key, when one is configured (the password route needs it).
 #[derive(Debug, Clone)]
@@ -74,7 +105,7 @@ pub fn keyring(config: &CloudConfig) -> Keyring {
 }
 
 /// The compliance module's routes, with their OpenAPI paths.
-pub fn routes(keys: Keyring) -> OpenApiRouter<ApiState> {
+pub fn routes(keys: Keyring, dga: DgaHandle) -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(
             api::get_compliance_settings,
@@ -88,10 +119,17 @@ pub fn routes(keys: Keyring) -> OpenApiRouter<ApiState> {
         .routes(routes!(api::get_compliance_slot))
         .routes(routes!(api::release_slot))
         .routes(routes!(api::discard_slot))
+        .routes(routes!(api::verify_slot))
+        .routes(routes!(api::compliance_report))
+        .routes(routes!(api::point_report))
+        .routes(routes!(api::point_log))
+        .routes(routes!(api::point_dossier))
         .layer(axum::Extension(keys))
+        .layer(axum::Extension(dga))
 }
 
-/// Starts the submitter against the DGA over HTTPS; it stops at `shutdown`.
+/// Starts the submitter, the sampled receipt check and the queue gauges against the DGA over
+/// HTTPS; they stop at `shutdown`.
 pub fn start(
     config: &CloudConfig,
     keys: &Keyring,
@@ -105,10 +143,22 @@ pub fn start(
         Duration::from_secs(c.post_timeout_s),
         Duration::from_secs(c.get_timeout_s),
     )?;
+    let client = Arc::new(client);
     let metrics = ComplianceMetrics::register(registry);
+    let verifier = verify::Verifier::new(
+        db.clone(),
+        client.clone(),
+        c.clone(),
+        verify::VerifyMetrics::register(registry),
+    );
+    let gauges = report::QueueGauges {
+        db: db.clone(),
+        metrics: report::QueueMetrics::register(registry),
+        every: Duration::from_secs(c.interval_s.max(1)),
+    };
     let submitter = Submitter::new(
         db.clone(),
-        Arc::new(client),
+        client,
         Arc::new(SystemClock),
         keys.0.clone(),
         c.clone(),
@@ -117,6 +167,16 @@ pub fn start(
     let sd = shutdown.clone();
     tasks.spawn(async move {
         submitter.run(sd).await;
+        Ok(())
+    });
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        verifier.run(sd).await;
+        Ok(())
+    });
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        gauges.run(sd).await;
         Ok(())
     });
     Ok(())

@@ -10,6 +10,18 @@
 //! | daily | every day at `00:00:00` | Medio |
 //! | monthly | day 1 at `00:00:00` | Menor |
 //! | semiannual | 1 January and 1 July at `00:00:00` | Caudales Muy Pequeños |
+//!
+//! The allowed lag ("desfase máximo" between measurement and transmission, Res. DGA 1.238;
+//! research notes §2, secondary and not yet checked against the resolution's text), past which
+//! an unsent measurement is a "falla de transmisión" (Res. 2.170 §6.3) and an accepted one was
+//! late ([`deadline`]):
+//!
+//! | standard | allowed lag |
+//! |---|---|
+//! | Mayor | 7 days |
+//! | Medio | 15 days |
+//! | Menor | 1 month |
+//! | Caudales Muy Pequeños | 1 month |
 
 use crate::catchment::point::DgaStandard;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Timelike, Utc};
@@ -44,6 +56,50 @@ impl Period {
             DgaStandard::Medio => Period::Daily,
             DgaStandard::Menor => Period::Monthly,
             DgaStandard::CaudalesMuyPequenos => Period::Semiannual,
+        }
+    }
+}
+
+/// How long after its slot a measurement may reach the DGA (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lag {
+    Days(i64),
+    /// Calendar months, counted in UTC-4.
+    Months(u32),
+}
+
+/// The allowed lag of a standard (Res. DGA 1.238 as the research notes §2 give it).
+pub fn allowed_lag(s: DgaStandard) -> Lag {
+    match s {
+        DgaStandard::Mayor => Lag::Days(7),
+        DgaStandard::Medio => Lag::Days(15),
+        DgaStandard::Menor | DgaStandard::CaudalesMuyPequenos => Lag::Months(1),
+    }
+}
+
+/// The standard whose lag applies to a point: its own, or the one its period is the default
+/// of when it has none.
+pub fn standard_for(s: Option<DgaStandard>, p: Period) -> DgaStandard {
+    s.unwrap_or(match p {
+        Period::Hourly => DgaStandard::Mayor,
+        Period::Daily => DgaStandard::Medio,
+        Period::Monthly => DgaStandard::Menor,
+        Period::Semiannual => DgaStandard::CaudalesMuyPequenos,
+    })
+}
+
+/// The last instant the measurement of slot `at` may reach the DGA under standard `s`: a
+/// measurement received after it was late; one not received by then is a falla de
+/// transmisión.
+pub fn deadline(s: DgaStandard, at: DateTime<Utc>) -> DateTime<Utc> {
+    match allowed_lag(s) {
+        Lag::Days(d) => at + Duration::days(d),
+        Lag::Months(m) => {
+            let local = at.with_timezone(&dga_zone());
+            local
+                .checked_add_months(chrono::Months::new(m))
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC)
         }
     }
 }
@@ -259,6 +315,33 @@ mod tests {
         assert_eq!(
             floor(Period::Monthly, at("2026-01-01T02:00:00Z")),
             at("2025-12-01T04:00:00Z")
+        );
+    }
+
+    #[test]
+    fn the_deadline_is_the_standards_lag_after_the_slot() {
+        let at0 = at("2026-01-31T04:00:00Z");
+        assert_eq!(
+            deadline(DgaStandard::Mayor, at0),
+            at("2026-02-07T04:00:00Z")
+        );
+        assert_eq!(
+            deadline(DgaStandard::Medio, at0),
+            at("2026-02-15T04:00:00Z")
+        );
+        // One calendar month in UTC-4; 31 January ends at the last day of February.
+        assert_eq!(
+            deadline(DgaStandard::Menor, at0),
+            at("2026-02-28T04:00:00Z")
+        );
+        assert_eq!(
+            deadline(DgaStandard::CaudalesMuyPequenos, at("2026-07-01T04:00:00Z")),
+            at("2026-08-01T04:00:00Z")
+        );
+        assert_eq!(standard_for(None, Period::Daily), DgaStandard::Medio);
+        assert_eq!(
+            standard_for(Some(DgaStandard::Mayor), Period::Daily),
+            DgaStandard::Mayor
         );
     }
 

@@ -138,6 +138,16 @@ pub struct ComplianceConfig {
     /// Sends of one slot before it becomes a "falla de transmisión" (one a day after the first).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Seconds between two rounds of the receipt check, which asks the DGA's GET endpoint
+    /// what it stored under the receipts of a few accepted slots; 0 turns the background
+    /// check off (a person can still ask for one slot).
+    #[serde(default = "default_verify_interval_s")]
+    pub verify_interval_s: u64,
+    /// Accepted slots checked per round, taken at random among those never checked, one GET
+    /// at a time. Small by default: the MOP blocks a Centro de Control whose traffic looks
+    /// anomalous (Res. DGA 2.170 §7).
+    #[serde(default = "default_verify_per_round")]
+    pub verify_per_round: u32,
 }
 
 fn default_compliance_interval_s() -> u64 {
@@ -155,6 +165,12 @@ fn default_get_timeout_s() -> u64 {
 fn default_max_attempts() -> u32 {
     7
 }
+fn default_verify_interval_s() -> u64 {
+    3600
+}
+fn default_verify_per_round() -> u32 {
+    2
+}
 
 impl Default for ComplianceConfig {
     fn default() -> Self {
@@ -166,6 +182,8 @@ impl Default for ComplianceConfig {
             post_timeout_s: default_post_timeout_s(),
             get_timeout_s: default_get_timeout_s(),
             max_attempts: default_max_attempts(),
+            verify_interval_s: default_verify_interval_s(),
+            verify_per_round: default_verify_per_round(),
         }
     }
 }

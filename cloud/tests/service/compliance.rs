@@ -909,3 +909,282 @@ async fn the_process_killed_mid_post_never_sends_an_accepted_slot_again() {
         rig.assert_never_twice().await;
     }
 }
+
+/// Reports, receipt checks and the dossier after a real run against the fake DGA: the month's
+/// figures, the late flag from the accepting exchange's time, a verified receipt, a mismatch
+/// that raises the alert, GETs that fail (5xx, HTML) leaving the slot unverified with the
+/// reason, and the sampled check picking only slots never read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_and_receipt_checks_after_a_run_against_the_fake_dga() {
+    use crate::fake_dga::GetFault;
+    use caudal_cloud::compliance::report::{self, Month, Standing};
+    use caudal_cloud::compliance::verify::{self, Verifier, VerifyMetrics, VerifyOutcome};
+    for t in TestDb::all().await {
+        let mut rig = Rig::new(&t).await;
+        let total = |ts: DateTime<Utc>| 1000.0 + (ts - start()).num_minutes() as f64 * 0.6;
+        // Readings end before the slot at 07:00: that one is held for missing data.
+        rig.readings(
+            start() - Duration::hours(1),
+            start() + Duration::hours(6) + Duration::minutes(30),
+            total,
+        )
+        .await;
+        rig.clock
+            .set(start() + Duration::hours(7) + Duration::minutes(10));
+        rig.fake.script(&[Fault::ServerError]);
+        let sub = rig.submitter();
+        rig.rounds(&sub, 9).await;
+        let client = HttpDga::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        )
+        .expect("client");
+
+        // The month (April 2026 in UTC-4): 27 days of hourly slots from the start date.
+        let april = Month::parse("2026-04").expect("month");
+        let now = start() + Duration::hours(7) + Duration::minutes(30);
+        let m = report::point_month(&rig.db, rig.point, april, now)
+            .await
+            .expect("report")
+            .expect("a reported point");
+        let c = &m.report.counts;
+        assert_eq!(
+            (
+                c.expected,
+                c.accepted,
+                c.failed,
+                c.held,
+                c.pending,
+                c.not_yet_due
+            ),
+            (27 * 24, 6, 1, 1, 0, 27 * 24 - 8),
+            "{}: {c:?}",
+            rig.name
+        );
+        assert_eq!((c.accepted_late, c.overdue, c.discarded), (0, 0, 0));
+        assert_eq!(m.slots.len(), 27 * 24);
+        assert_eq!(m.slots[0].standing, Standing::Failed);
+        assert_eq!(m.slots[7].standing, Standing::Held);
+        // Values exactly as declared, receipts as the DGA gave them.
+        let posts = rig.fake.posts();
+        for s in &m.slots[1..7] {
+            let stored = rig.fake.stored(OBRA, &s.fecha, &s.hora);
+            assert!(stored.is_some() && s.receipt == stored, "{}", rig.name);
+            let post = posts
+                .iter()
+                .find(|p| p.slot() == (s.fecha.clone(), s.hora.clone()))
+                .expect("its POST");
+            let sent = &post.body["medicionSubterranea"];
+            let v = s.values.clone().expect("values");
+            assert_eq!(sent["caudal"], v.caudal.as_str());
+            assert_eq!(sent["totalizador"], v.totalizador.as_deref().unwrap_or(""));
+            assert!(!s.late && s.accepted_at.is_some());
+        }
+        // The all-obras report agrees, and its CSV has the documented header.
+        let all = report::month_report(&rig.db, april, &report::Filter::default(), now)
+            .await
+            .expect("month");
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].counts, m.report.counts);
+        let by_site = report::Filter {
+            site: Some("elsewhere".into()),
+            ..report::Filter::default()
+        };
+        assert!(
+            report::month_report(&rig.db, april, &by_site, now)
+                .await
+                .expect("month")
+                .is_empty()
+        );
+        let csv = report::month_csv(&all);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], report::MONTH_CSV_HEADER);
+        assert!(
+            lines[1].starts_with(&format!(
+                "2026-04,{},{OBRA},Pozo 1,mayor,hourly,on,648,6,0,1,1,0,0,0,640,0,0,",
+                rig.point
+            )),
+            "{}",
+            lines[1]
+        );
+        // The queue: the failed slot waits for tomorrow, the held one for a person.
+        let q = report::queue(&rig.db, now).await.expect("queue");
+        assert_eq!((q.depth, q.held), (0, 1), "{}", rig.name);
+        assert_eq!(q.oldest_unsent, Some(start()));
+
+        // A receipt the DGA holds as declared.
+        let at = |h: i64| start() + Duration::hours(h);
+        let v = verify::verify_slot(&rig.db, &client, rig.point, at(1), "op@x.cl", now)
+            .await
+            .expect("verify");
+        assert_eq!(v.outcome, VerifyOutcome::Ok, "{}: {}", rig.name, v.detail);
+        assert!(
+            rig.fake
+                .gets()
+                .last()
+                .is_some_and(|g| g.contains("codigoObra=OB-0101-114")
+                    && g.starts_with("/api/v1/mediciones/subterraneas?")),
+            "{:?}",
+            rig.fake.gets()
+        );
+        // One the DGA holds otherwise: a mismatch naming the field, and the alert.
+        let receipt2 = m.slots[2].receipt.clone().expect("receipt");
+        rig.fake.tamper(&receipt2, "caudal", "99.99");
+        let v = verify::verify_slot(&rig.db, &client, rig.point, at(2), "op@x.cl", now)
+            .await
+            .expect("verify");
+        assert_eq!(v.outcome, VerifyOutcome::Mismatch, "{}", rig.name);
+        assert!(
+            v.detail.contains("caudal") && v.detail.contains("99.99"),
+            "{}",
+            v.detail
+        );
+        let evaluator = Evaluator::new(
+            AlertsConfig::default(),
+            rig.db.clone(),
+            AlertMetrics::default(),
+        );
+        evaluator.evaluate(now).await;
+        let open = alert::list(
+            &rig.db,
+            &Filter {
+                state: Some(AlertState::Open),
+                kind: Some(AlertKind::ReceiptMismatch),
+                limit: 10,
+                ..Filter::default()
+            },
+        )
+        .await
+        .expect("alerts");
+        assert_eq!(open.len(), 1, "{}", rig.name);
+        assert_eq!(open[0].point_id, Some(rig.point));
+        assert!(open[0].message.contains(&receipt2), "{}", open[0].message);
+        // GETs that fail leave the slot unverified with the reason, and its state as it was.
+        rig.fake
+            .script_get(&[GetFault::ServerError, GetFault::Html]);
+        let v = verify::verify_slot(&rig.db, &client, rig.point, at(3), "op@x.cl", now)
+            .await
+            .expect("verify");
+        assert_eq!(v.outcome, VerifyOutcome::Unverified);
+        assert!(v.detail.contains("HTTP 500"), "{}", v.detail);
+        let v = verify::verify_slot(&rig.db, &client, rig.point, at(3), "op@x.cl", now)
+            .await
+            .expect("verify");
+        assert_eq!(v.outcome, VerifyOutcome::Unverified);
+        assert!(v.detail.contains("HTTP 502"), "{}", v.detail);
+        let s3 = store::slot(&rig.db, rig.point, at(3))
+            .await
+            .expect("slot")
+            .expect("slot");
+        assert_eq!(s3.state, SlotState::Accepted);
+        assert_eq!(
+            verify::history(&rig.db, rig.point, at(3))
+                .await
+                .expect("history")
+                .len(),
+            2
+        );
+        // A slot not accepted cannot be checked.
+        assert!(matches!(
+            verify::verify_slot(&rig.db, &client, rig.point, at(0), "op@x.cl", now).await,
+            Err(verify::VerifyError::NotVerifiable(..))
+        ));
+        // The sampled check reads back only slots never read (3 unverified, 4, 5, 6), once.
+        let cfg = ComplianceConfig {
+            verify_per_round: 10,
+            ..config()
+        };
+        let verifier = Verifier::new(
+            rig.db.clone(),
+            Arc::new(client.clone()),
+            cfg,
+            VerifyMetrics::default(),
+        );
+        let done = verifier.round(now).await.expect("round");
+        let mut checked: Vec<DateTime<Utc>> = done.iter().map(|v| v.slot_at).collect();
+        checked.sort();
+        assert_eq!(checked, vec![at(3), at(4), at(5), at(6)], "{}", rig.name);
+        assert!(done.iter().all(|v| v.outcome == VerifyOutcome::Ok));
+        assert!(verifier.round(now).await.expect("round").is_empty());
+        let m = report::point_month(&rig.db, rig.point, april, now)
+            .await
+            .expect("report")
+            .expect("point");
+        assert_eq!(
+            (m.report.counts.verified, m.report.counts.mismatched),
+            (5, 1)
+        );
+
+        // The log: every POST and every check, redacted as stored.
+        let log = report::log(&rig.db, rig.point, start(), start() + Duration::days(1))
+            .await
+            .expect("log");
+        assert_eq!(log.exchanges.len(), rig.fake.posts().len(), "{}", rig.name);
+        assert_eq!(log.verifications.len(), 2 + 2 + 4);
+        assert!(
+            log.exchanges
+                .iter()
+                .all(|e| e.exchange.request["body"]["autenticacion"]["password"] == "****")
+        );
+        assert_eq!(
+            log.exchanges.iter().filter(|e| e.receipt.is_some()).count(),
+            6
+        );
+        // The dossier: the values as sent, the receipt, the telemetry, the settings then.
+        let d = report::dossier(&rig.db, rig.point, at(1), at(3))
+            .await
+            .expect("dossier")
+            .expect("point");
+        assert_eq!(d.slots.len(), 2);
+        let e = &d.slots[0];
+        let post = posts
+            .iter()
+            .find(|p| p.slot() == (e.fecha.clone(), e.hora.clone()))
+            .expect("its POST");
+        assert_eq!(
+            e.declared
+                .as_ref()
+                .map(|m| serde_json::Value::Object(m.clone())),
+            Some(post.body["medicionSubterranea"].clone())
+        );
+        assert_eq!(e.accepted_as.as_deref(), Some("accepted"));
+        assert!(e.receipt.is_some());
+        assert!(
+            e.telemetry
+                .iter()
+                .any(|t| t.value == "caudal" && !t.readings.is_empty()),
+            "{:?}",
+            e.telemetry
+        );
+        assert!(
+            e.settings
+                .as_ref()
+                .is_some_and(|a| a.change["settings"]["mode"] == "on"),
+            "{:?}",
+            e.settings
+        );
+        assert_eq!(d.slots[1].verifications[0].outcome, VerifyOutcome::Mismatch);
+        let csv = report::dossier_csv(&d);
+        assert_eq!(csv.lines().next(), Some(report::DOSSIER_CSV_HEADER));
+        assert!(csv.lines().nth(1).is_some_and(|l| l.contains(",10.00,")));
+
+        // Eight days on, the failed slot goes again and is accepted past Mayor's 7 days: late.
+        // The slots held since are overdue.
+        rig.clock.set(start() + Duration::days(8));
+        rig.rounds(&sub, 1).await;
+        let later = start() + Duration::days(8) + Duration::minutes(10);
+        let m = report::point_month(&rig.db, rig.point, april, later)
+            .await
+            .expect("report")
+            .expect("point");
+        let c = &m.report.counts;
+        assert_eq!((c.accepted, c.accepted_late), (7, 1), "{}: {c:?}", rig.name);
+        assert!(m.slots[0].late && !m.slots[1].late);
+        assert!(c.overdue > 0 && c.overdue <= c.held, "{c:?}");
+        assert_eq!(
+            c.expected,
+            c.accepted + c.held + c.failed + c.pending + c.not_yet_due + c.discarded
+        );
+        rig.assert_never_twice().await;
+    }
+}

@@ -4,7 +4,9 @@
 //! carrying the receipt in its message, and plays scripted faults: a timeout after storing,
 //! 5xx, HTML, a connection reset, `00` without a receipt, a wrong informante. Every request is
 //! logged and checked against the manual's format; a request that breaks it is recorded as a
-//! violation and refused.
+//! violation and refused. The GET (`<endpoint>?codigoObra=…&numeroComprobante=…`) answers what
+//! is stored under a receipt as the manual shows it, `fechaMedicion` as `DD-MM-YYYY`; a test
+//! can alter a stored value (a mismatch) or script a GET's fault (500, HTML).
 
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +31,15 @@ pub enum Fault {
     OkWithoutReceipt,
     /// 400 "Usuario no es el informante registrado en la Obra"; nothing stored.
     WrongInformant,
+}
+
+/// What the next GET gets instead of the normal answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetFault {
+    /// 500 with a JSON body.
+    ServerError,
+    /// 502 with an HTML page.
+    Html,
 }
 
 /// One POST as received.
@@ -62,6 +73,10 @@ struct State {
     stored: HashMap<(String, String, String), String>,
     posts: Vec<Post>,
     violations: Vec<String>,
+    /// receipt → (obra, path, the measurement object as received).
+    by_receipt: HashMap<String, (String, String, Value)>,
+    get_script: VecDeque<GetFault>,
+    gets: Vec<String>,
 }
 
 /// The running fake.
@@ -121,6 +136,75 @@ impl FakeDga {
     pub fn stored_count(&self) -> usize {
         self.lock().stored.len()
     }
+
+    /// Changes a value the DGA holds under a receipt (what a mismatch looks like).
+    pub fn tamper(&self, receipt: &str, field: &str, value: &str) {
+        if let Some((_, _, m)) = self.lock().by_receipt.get_mut(receipt) {
+            m[field] = Value::String(value.to_string());
+        }
+    }
+
+    pub fn script_get(&self, faults: &[GetFault]) {
+        self.lock().get_script.extend(faults.iter().copied());
+    }
+
+    /// The request targets of every GET received.
+    pub fn gets(&self) -> Vec<String> {
+        self.lock().gets.clone()
+    }
+}
+
+fn query_param(target: &str, name: &str) -> Option<String> {
+    let (_, q) = target.split_once('?')?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.replace("%2D", "-").replace("%2d", "-"))
+    })
+}
+
+/// The GET: what is stored under the receipt, `fechaMedicion` as `DD-MM-YYYY` (manual §4.4).
+async fn answer_get(stream: &mut TcpStream, target: &str, state: &Arc<Mutex<State>>) {
+    let path = target.split('?').next().unwrap_or_default().to_string();
+    let obra = query_param(target, "codigoObra").unwrap_or_default();
+    let receipt = query_param(target, "numeroComprobante").unwrap_or_default();
+    let (fault, found) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.gets.push(target.to_string());
+        let found = s
+            .by_receipt
+            .get(&receipt)
+            .filter(|(o, p, _)| *o == obra && *p == path)
+            .map(|(_, _, m)| m.clone());
+        (s.get_script.pop_front(), found)
+    };
+    match fault {
+        Some(GetFault::ServerError) => {
+            let b = json!({"status": "500", "message": "Error interno"});
+            return respond(stream, 500, "application/json", &b.to_string()).await;
+        }
+        Some(GetFault::Html) => {
+            return respond(
+                stream,
+                502,
+                "text/html",
+                "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            )
+            .await;
+        }
+        None => {}
+    }
+    let Some(mut m) = found else {
+        let b = json!({"status": "404", "message": "No existe la medición"});
+        return respond(stream, 404, "application/json", &b.to_string()).await;
+    };
+    if let Some(f) = m["fechaMedicion"].as_str() {
+        let parts: Vec<&str> = f.split('-').collect();
+        if let [y, mo, d] = parts.as_slice() {
+            m["fechaMedicion"] = Value::String(format!("{d}-{mo}-{y}"));
+        }
+    }
+    let b = json!({"status": "00", "message": "Medición encontrada", "data": m});
+    respond(stream, 200, "application/json", &b.to_string()).await;
 }
 
 fn check(path: &str, headers: &HashMap<String, String>, body: &Value) -> Vec<String> {
@@ -198,6 +282,7 @@ async fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &s
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
+        404 => "Not Found",
         500 => "Internal Server Error",
         502 => "Bad Gateway",
         _ => "X",
@@ -246,6 +331,9 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         .nth(1)
         .unwrap_or_default()
         .to_string();
+    if request_line.starts_with("GET ") {
+        return answer_get(&mut stream, &path, &state).await;
+    }
     let post = Post {
         path: path.clone(),
         obra: headers.get("codigoobra").cloned().unwrap_or_default(),
@@ -287,7 +375,14 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) {
                 ))
             } else {
                 if stores {
-                    s.stored.insert(key.clone(), receipt());
+                    let r = receipt();
+                    s.stored.insert(key.clone(), r.clone());
+                    let m = body
+                        .as_object()
+                        .and_then(|o| o.iter().find(|(k, _)| k.starts_with("medicion")))
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or(Value::Null);
+                    s.by_receipt.insert(r, (key.0.clone(), path.clone(), m));
                 }
                 None
             };

@@ -179,6 +179,10 @@ impl Evaluator {
                 .await?
             }
             AlertKind::ComplianceStopped => rules::compliance_stopped(&self.db).await?,
+            AlertKind::ReceiptMismatch => {
+                rules::receipt_mismatch(&self.db, now - Duration::days(i64::from(c.lookback_days)))
+                    .await?
+            }
             AlertKind::AnnualVolume => {
                 let due = {
                     let last = self

@@ -8,8 +8,9 @@
 //!   heading past the allowance, a point whose DGA reporting stopped) open when their condition is first seen, are refreshed (value,
 //!   message) while it holds, and close themselves (`closed_by = "cleared"`) when it ends;
 //! - **event** alerts (a totalizer going backwards: reset, replacement, reverse flow; a
-//!   `(site, seq)` conflict refused by the ingest) open for the latest such event of a device
-//!   (of a site, for a conflict) and stay open until a person closes them
+//!   `(site, seq)` conflict refused by the ingest; a receipt the DGA holds with other values
+//!   than were declared) open for the latest such event of a device (of a site, for a
+//!   conflict; of a point, for a receipt mismatch) and stay open until a person closes them
 //!   (`POST /api/v1/alerts/{id}/close`); a later event re-opens, an event already alerted on
 //!   never does (the alert remembers the event's time in `since`).
 //!
@@ -35,7 +36,8 @@ pub use evaluator::{AlertMetrics, Evaluator};
 pub use reconcile::{Reconciled, reconcile};
 pub use rules::{
     BACKWARDS_EVENTS, Forecast, RuleError, annual_volume, compliance_stopped,
-    flow_above_authorized, forecast, no_data, seq_conflict, site_offline, totalizer_backwards,
+    flow_above_authorized, forecast, no_data, receipt_mismatch, seq_conflict, site_offline,
+    totalizer_backwards,
 };
 pub use store::{Filter, close, find, list};
 
@@ -68,10 +70,13 @@ pub enum AlertKind {
     ComplianceStopped,
     /// A record arrived under a stored record's `(site, seq)` with other content (refused).
     SeqConflict,
+    /// The DGA's GET answered other values under a slot's receipt than were declared: a
+    /// rectification to ask the DGA for (`compliance::verify`).
+    ReceiptMismatch,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 7] = [
+    pub const ALL: [AlertKind; 8] = [
         AlertKind::SiteOffline,
         AlertKind::NoData,
         AlertKind::FlowAboveAuthorized,
@@ -79,6 +84,7 @@ impl AlertKind {
         AlertKind::TotalizerBackwards,
         AlertKind::ComplianceStopped,
         AlertKind::SeqConflict,
+        AlertKind::ReceiptMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +96,7 @@ impl AlertKind {
             AlertKind::TotalizerBackwards => "totalizer_backwards",
             AlertKind::ComplianceStopped => "compliance_stopped",
             AlertKind::SeqConflict => "seq_conflict",
+            AlertKind::ReceiptMismatch => "receipt_mismatch",
         }
     }
 
@@ -99,7 +106,10 @@ impl AlertKind {
 
     /// Event alerts stay open until a person closes them; condition alerts close themselves.
     pub fn closes_itself(self) -> bool {
-        !matches!(self, AlertKind::TotalizerBackwards | AlertKind::SeqConflict)
+        !matches!(
+            self,
+            AlertKind::TotalizerBackwards | AlertKind::SeqConflict | AlertKind::ReceiptMismatch
+        )
     }
 }
 

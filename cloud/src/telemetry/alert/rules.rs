@@ -51,6 +51,32 @@ pub async fn compliance_stopped(db: &Db) -> Result<Vec<Firing>, RuleError> {
         .collect())
 }
 
+/// The latest receipt check of each point that found the DGA holding other values than were
+/// declared, since `from` (read through the compliance module's `verify`).
+pub async fn receipt_mismatch(db: &Db, from: DateTime<Utc>) -> Result<Vec<Firing>, RuleError> {
+    Ok(crate::compliance::verify::mismatches_since(db, from)
+        .await?
+        .into_iter()
+        .map(|v| Firing {
+            subject: format!("point/{}", v.point_id),
+            site: None,
+            device: None,
+            point_id: Some(v.point_id),
+            since: v.checked_at,
+            value: None,
+            threshold: None,
+            message: format!(
+                "point {}: the DGA holds other values under receipt {} (slot {}) than were \
+                 declared; ask the DGA for a rectification (dossier): {}",
+                v.point_id,
+                v.receipt,
+                v.slot_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                v.detail
+            ),
+        })
+        .collect())
+}
+
 fn ago(d: Duration) -> String {
     let s = d.num_seconds();
     if s >= 2 * 86_400 {
