@@ -16,12 +16,15 @@
 //! | `GET /fleet/rows` | the overview's rows (what the page fetches every 5 s) |
 //! | `GET /sites/{site}?range=hour\|day\|week\|month\|year` | one site: status, devices, charts, events, completeness |
 //! | `GET /alerts?state=open\|closed\|all&site=…`, `POST /alerts/{id}/close` | alerts; closing one with a note (the roles that manage catchment, as in the API) |
+//! | `GET /compliance?month=YYYY-MM` | every reported obra's month: expected, accepted (late), held, failed, pending, not yet due |
+//! | `GET /compliance/points/{id}?month=…`, `POST …/slots/{slot}/review` | one obra's slot grid by state, its held slots released or discarded with a note (admin, operator) |
 //! | `GET /static/{file}` | the console's own stylesheet and the vendored scripts |
 //!
 //! Anatomy (ARCHITECTURE.md, the cloud): this file holds the routes and the static files; the
-//! handlers are in `pages`, what the overview reads in `fleet`, what a site page reads in
-//! `site_page`.
+//! handlers are in `pages` (the compliance pages' in `compliance_page`), what the overview
+//! reads in `fleet`, what a site page reads in `site_page`.
 
+mod compliance_page;
 mod fleet;
 pub mod i18n;
 mod pages;
@@ -66,6 +69,12 @@ pub fn routes(console: Console) -> Router {
         .route("/sites/{site}", get(pages::site))
         .route("/alerts", get(pages::alerts))
         .route("/alerts/{id}/close", post(pages::close_alert))
+        .route("/compliance", get(compliance_page::month))
+        .route("/compliance/points/{id}", get(compliance_page::point))
+        .route(
+            "/compliance/points/{id}/slots/{slot}/review",
+            post(compliance_page::review),
+        )
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/lang", post(pages::set_lang))

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 /// The signed-in account of a page request, or the response that sends it to sign in (or
 /// refuses it: 403 when its role may not `need`).
-async fn viewer(
+pub(super) async fn viewer(
     console: &Console,
     headers: &HeaderMap,
     uri: &Uri,
@@ -35,13 +35,13 @@ async fn viewer(
 }
 
 /// The request's path and query: where a form on the page sends back to.
-fn here(uri: &Uri) -> String {
+pub(super) fn here(uri: &Uri) -> String {
     uri.path_and_query()
         .map_or("/".to_string(), |p| p.as_str().to_string())
 }
 
 /// 503 for a page whose data could not be read; the cause goes to the log.
-fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Response {
+pub(super) fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Response {
     tracing::error!(error = %e, "reading {what}");
     (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -50,7 +50,10 @@ fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Response {
         .into_response()
 }
 
-fn page(html: Result<String, askama::Error>, cookies: &[Option<HeaderValue>]) -> Response {
+pub(super) fn page(
+    html: Result<String, askama::Error>,
+    cookies: &[Option<HeaderValue>],
+) -> Response {
     let mut r = match html {
         Ok(h) => Html(h).into_response(),
         Err(e) => {

@@ -420,6 +420,27 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
     );
     shot(&c, "alerts-closed").await;
 
+    // The compliance month: no obra has reporting settings here; a bad month names the field.
+    c.goto(&format!("{base}/compliance")).await.expect("goto");
+    assert_eq!(text(&c, "h1").await, "DGA compliance");
+    assert_eq!(
+        text(&c, "#obras tbody td").await,
+        "No obra has reporting settings."
+    );
+    shot(&c, "compliance").await;
+    c.goto(&format!("{base}/compliance?month=2026-13"))
+        .await
+        .expect("goto");
+    assert!(text(&c, "#compliance-error").await.starts_with("Month: "));
+    c.goto(&format!("{base}/compliance/points/999"))
+        .await
+        .expect("goto");
+    assert!(
+        c.find(Locator::Css("#slots")).await.is_err(),
+        "an unknown point has no page"
+    );
+    c.goto(&format!("{base}/compliance")).await.expect("goto");
+
     // Signing out ends the session: the overview asks to sign in again.
     c.find(Locator::Id("sign-out"))
         .await
