@@ -420,13 +420,98 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
     );
     shot(&c, "alerts-closed").await;
 
-    // The compliance month: no obra has reporting settings here; a bad month names the field.
+    // The compliance month: no obra has reporting settings yet; a bad month names the field.
     c.goto(&format!("{base}/compliance")).await.expect("goto");
     assert_eq!(text(&c, "h1").await, "DGA compliance");
     assert_eq!(
         text(&c, "#obras tbody td").await,
         "No obra has reporting settings."
     );
+    shot(&c, "compliance").await;
+
+    // An obra with a month of slots: two accepted, one held for a frozen totalizer, one held
+    // for missing data. The grid shows each; the held one with values is released with a note,
+    // the one without is only discarded.
+    let point = compliance_obra(cloud.db()).await;
+    c.goto(&format!("{base}/compliance?month=2026-11"))
+        .await
+        .expect("goto");
+    wait_for(&c, &format!("#obra-{point}")).await;
+    c.goto(&format!("{base}/compliance/points/{point}?month=2026-11"))
+        .await
+        .expect("goto");
+    wait_for(&c, "#slots").await;
+    let grid = c
+        .find_all(Locator::Css("#slots li"))
+        .await
+        .expect("slots")
+        .len();
+    assert_eq!(grid, 30 * 24, "one square per hourly slot of November");
+    wait_count(&c, "#slots li[data-state='accepted']", 2).await;
+    wait_count(&c, "#slots li[data-state='held']", 2).await;
+    wait_count(&c, "#held tbody tr[data-at]", 2).await;
+    assert!(
+        text(&c, "#held tbody tr:nth-of-type(1)")
+            .await
+            .contains("totalizer_frozen")
+    );
+    shot(&c, "compliance-point").await;
+    // A release without a note is refused with the reason, and changes nothing.
+    c.find(Locator::Css(
+        "#held tbody tr:nth-of-type(1) button[value='release']",
+    ))
+    .await
+    .expect("release")
+    .click()
+    .await
+    .expect("clicked");
+    wait_for(&c, "#review-error").await;
+    wait_count(&c, "#slots li[data-state='held']", 2).await;
+    c.find(Locator::Css(
+        "#held tbody tr:nth-of-type(1) input[name='note']",
+    ))
+    .await
+    .expect("note")
+    .send_keys("medidor revisado en terreno")
+    .await
+    .expect("typed");
+    c.find(Locator::Css(
+        "#held tbody tr:nth-of-type(1) button[value='release']",
+    ))
+    .await
+    .expect("release")
+    .click()
+    .await
+    .expect("clicked");
+    wait_for(
+        &c,
+        "#slots li[data-at='2026-11-01T07:00:00Z'][data-state='pending']",
+    )
+    .await;
+    assert!(
+        c.find(Locator::Css(
+            "#held tbody tr:nth-of-type(1) button[value='release']"
+        ))
+        .await
+        .is_err(),
+        "the slot held for missing data has nothing to release"
+    );
+    c.find(Locator::Css(
+        "#held tbody tr:nth-of-type(1) button[value='discard']",
+    ))
+    .await
+    .expect("discard")
+    .click()
+    .await
+    .expect("clicked");
+    wait_for(
+        &c,
+        "#slots li[data-at='2026-11-01T08:00:00Z'][data-state='discarded']",
+    )
+    .await;
+    wait_count(&c, "#held tbody tr[data-at]", 0).await;
+    c.goto(&format!("{base}/compliance")).await.expect("goto");
+    wait_for(&c, &format!("#obra-{point}")).await;
     shot(&c, "compliance").await;
     c.goto(&format!("{base}/compliance?month=2026-13"))
         .await
@@ -493,4 +578,73 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
 
     c.close().await.expect("browser closes");
     cloud.stop().await;
+}
+
+/// A reported obra with four slots of November 2026 stored: two accepted, one held for a
+/// frozen totalizer (values built), one held for missing data (none). Its point id.
+async fn compliance_obra(db: &caudal_cloud::core::db::Db) -> i64 {
+    use caudal_cloud::catchment::point::{self, NewPoint};
+    use caudal_cloud::compliance::settings::{self, PointBody};
+    use caudal_cloud::compliance::store::{self, Mode, NewSlot, SlotState, Source};
+    use caudal_cloud::compliance::value::Values;
+    let new: NewPoint = serde_json::from_value(serde_json::json!({
+        "name": "Pozo Norte 1", "kind": "groundwater", "obra_code": "OB-0101-1",
+        "dga_standard": "mayor", "informant_rut": "20999888-2",
+    }))
+    .expect("point");
+    let p = point::create(db, &new).await.expect("create point");
+    let src = Some(Source {
+        site: "pozo-norte".into(),
+        device: "fm1".into(),
+    });
+    let now = chrono::Utc::now();
+    settings::put_point(
+        db,
+        p.id,
+        &PointBody {
+            flow: src.clone(),
+            total: src,
+            mode: Some(Mode::Shadow),
+            start_date: chrono::NaiveDate::from_ymd_opt(2026, 11, 1),
+            ..PointBody::default()
+        },
+        "test",
+        now,
+    )
+    .await
+    .expect("point settings");
+    // 01:00 UTC-4 on 1 November is 05:00 UTC.
+    let at = |h: i64| {
+        "2026-11-01T05:00:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .expect("time")
+            + chrono::Duration::hours(h)
+    };
+    let values = Some(Values {
+        caudal: "10.00".into(),
+        totalizador: Some("1036".into()),
+        nivel: None,
+        altura: None,
+    });
+    let slot = |h, state, values: Option<Values>, reason: Option<&str>| NewSlot {
+        point_id: p.id,
+        slot_at: at(h),
+        state,
+        values,
+        reason: reason.map(str::to_string),
+        detail: String::new(),
+    };
+    store::insert_slots(
+        db,
+        &[
+            slot(0, SlotState::Accepted, values.clone(), None),
+            slot(1, SlotState::Accepted, values.clone(), None),
+            slot(2, SlotState::Held, values, Some("totalizer_frozen")),
+            slot(3, SlotState::Held, None, Some("no_data")),
+        ],
+        now,
+    )
+    .await
+    .expect("slots");
+    p.id
 }
