@@ -1,6 +1,7 @@
 //! The fleet overview's data: every site with what the operator asks first (is it online,
 //! when was it last heard, what is it holding back, what did each device read last, which
-//! alerts are open). Read through the catchment, telemetry and alert functions the API uses.
+//! alerts are open, is this month declared to the DGA). Read through the catchment, telemetry,
+//! alert and compliance functions the API uses.
 
 use crate::catchment::site;
 use crate::core::db::Db;
@@ -21,6 +22,9 @@ pub struct SiteRow {
     pub oldest_unsent_age_s: Option<i64>,
     pub devices: Vec<DeviceCell>,
     pub open_alerts: usize,
+    /// This month's DGA slots of the obras fed by this site: (accepted, due); `None` when no
+    /// reported obra takes a value from it.
+    pub dga: Option<(u64, u64)>,
 }
 
 /// A device's latest reading, as the overview shows it.
@@ -73,11 +77,56 @@ pub enum FleetError {
     Latest(#[from] query::QueryError),
     #[error("alerts: {0}")]
     Alerts(#[from] alert::AlertError),
+    #[error("DGA month: {0}")]
+    Compliance(#[from] crate::compliance::report::ReportError),
+    #[error("DGA settings: {0}")]
+    ComplianceSettings(#[from] crate::compliance::store::StoreError),
+}
+
+/// This month's (UTC-4) DGA figures per site: the accepted and due slots of every reported
+/// obra that takes a value from the site, summed. One month report for the whole fleet.
+async fn dga_by_site(
+    db: &Db,
+    now: DateTime<Utc>,
+) -> Result<std::collections::HashMap<String, (u64, u64)>, FleetError> {
+    use crate::compliance::report::{self, Month};
+    use crate::compliance::store as compliance;
+    let month = report::month_report(db, Month::of(now), &report::Filter::default(), now).await?;
+    let configs: std::collections::HashMap<i64, compliance::PointConfig> =
+        compliance::point_configs(db)
+            .await?
+            .into_iter()
+            .map(|c| (c.point_id, c))
+            .collect();
+    let mut out: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+    for r in month {
+        let Some(c) = configs.get(&r.point_id) else {
+            continue;
+        };
+        let mut sites: Vec<&str> = [&c.flow, &c.total, &c.level]
+            .into_iter()
+            .flatten()
+            .map(|s| s.site.as_str())
+            .collect();
+        sites.sort_unstable();
+        sites.dedup();
+        let due = r
+            .counts
+            .expected
+            .saturating_sub(r.counts.not_yet_due + r.counts.discarded);
+        for site in sites {
+            let e = out.entry(site.to_string()).or_default();
+            e.0 += r.counts.accepted;
+            e.1 += due;
+        }
+    }
+    Ok(out)
 }
 
 /// The sites whose id or name contains `filter` (case-insensitive), in `sort` order.
 pub async fn rows(db: &Db, filter: &str, sort: Sort) -> Result<Vec<SiteRow>, FleetError> {
     let needle = filter.trim().to_lowercase();
+    let dga = dga_by_site(db, Utc::now()).await?;
     let mut out = Vec::new();
     for s in site::list(db).await? {
         if !needle.is_empty()
@@ -119,6 +168,7 @@ pub async fn rows(db: &Db, filter: &str, sort: Sort) -> Result<Vec<SiteRow>, Fle
             oldest_unsent_age_s: status.as_ref().and_then(|st| st.oldest_unsent_age_s),
             devices,
             open_alerts,
+            dga: dga.get(s.id.as_str()).copied(),
         });
     }
     match sort {

@@ -235,6 +235,8 @@ struct RowView {
     oldest_unsent: String,
     devices: Vec<DeviceView>,
     open_alerts: usize,
+    /// `12 / 720 (2 %)`, or empty when no reported obra takes a value from the site.
+    dga: String,
 }
 
 struct DeviceView {
@@ -291,6 +293,12 @@ fn view(t: &Texts, r: SiteRow, now: DateTime<Utc>) -> RowView {
             })
             .collect(),
         open_alerts: r.open_alerts,
+        dga: r.dga.map_or_else(String::new, |(ok, due)| {
+            format!(
+                "{ok} / {due} ({} %)",
+                (ok * 100).checked_div(due).unwrap_or(0)
+            )
+        }),
         id: r.id,
         name: r.name,
     }
@@ -480,6 +488,7 @@ pub(super) async fn site(
             oldest_unsent_age_s: status.as_ref().and_then(|s| s.oldest_unsent_age_s),
             devices: Vec::new(),
             open_alerts: 0,
+            dga: None,
         },
         now,
     );

@@ -513,6 +513,14 @@ async fn an_operator_signs_in_and_watches_a_site_go_online_and_offline() {
     c.goto(&format!("{base}/compliance")).await.expect("goto");
     wait_for(&c, &format!("#obra-{point}")).await;
     shot(&c, "compliance").await;
+    // The overview shows the month of the obra fed by pozo-norte.
+    c.goto(&format!("{base}/")).await.expect("goto");
+    wait_for(&c, "#site-pozo-norte td.dga a").await;
+    assert!(
+        text(&c, "#site-pozo-norte td.dga").await.ends_with("%)"),
+        "{}",
+        text(&c, "#site-pozo-norte td.dga").await
+    );
     c.goto(&format!("{base}/compliance?month=2026-13"))
         .await
         .expect("goto");
