@@ -26,6 +26,10 @@
 //! `ack_timeout_s` is rebuilt from what is still pending and sent again. A rejected batch's
 //! records stay in the outbox and are held back for [`REJECT_HOLD`] without stopping the others.
 //!
+//! **Signing.** With an [`Identity`] ([`Uplink::with_identity`], as the daemon always sets),
+//! every batch leaves in a signed v2 envelope over its exact v1 bytes; the cloud refuses a
+//! batch of a site with an enrolled key that is unsigned or does not verify.
+//!
 //! **Commands.** A command on `caudal/v1/{site}/command` is executed by whoever
 //! [`command::Executor::of`] names: the uplink answers `ping` and `publish_status` itself and
 //! hands the rest to the commands task as a [`CommandRequest`], which answers within
@@ -49,10 +53,12 @@ use crate::command::{
     self, CommandError, CommandRequest, Executor, MAX_COMMANDS_IN_PROGRESS, UplinkCommand,
 };
 use crate::config::UplinkConfig;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, Spool, SpoolState};
 use crate::watchdog::Heartbeat;
 use caudal_common::payload::{Payload, RawBatch, decode};
+use caudal_common::signed::{self, Purpose};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{
     Ack, AckStatus, Command, CommandResult, DesiredConfig, DeviceState, SCHEMA_VERSION, Seq,
@@ -155,6 +161,8 @@ pub struct Uplink<S: Spool> {
     desired: watch::Sender<Option<DesiredConfig>>,
     /// Beaten every time round each state's loop; every state wakes at least this often.
     heartbeat: Heartbeat,
+    /// Signs every batch (a v2 envelope) when set; without it batches go out as plain v1.
+    identity: Option<Identity>,
 }
 
 impl<S: Spool> std::fmt::Debug for Uplink<S> {
@@ -197,7 +205,14 @@ impl<S: Spool> Uplink<S> {
             config_version: versions.1,
             desired,
             heartbeat: Heartbeat::unwatched(),
+            identity: None,
         })
+    }
+
+    /// Signs every batch with `identity` (`docs/protocol.md`, "Signed envelope").
+    pub fn with_identity(mut self, identity: Identity) -> Uplink<S> {
+        self.identity = Some(identity);
+        self
     }
 
     /// Beats `heartbeat` for the watchdog while the uplink makes progress (connected or not).
@@ -630,7 +645,10 @@ impl<S: Spool> Driver<S> {
             for r in &out.records {
                 raw.push(r.kind, &r.json);
             }
-            let payload = raw.finish(&self.up.site, &id, chrono::Utc::now());
+            let mut payload = raw.finish(&self.up.site, &id, chrono::Utc::now());
+            if let Some(identity) = &self.up.identity {
+                payload = signed::seal(identity.key(), Purpose::Batch, &payload);
+            }
             let t = topic::topic(&self.up.site, TopicKind::Telemetry);
             match self.client.try_publish(t, QoS::AtLeastOnce, false, payload) {
                 Ok(()) => {

@@ -33,6 +33,7 @@ pub mod obra;
 pub mod point;
 pub mod rut;
 pub mod site;
+pub mod site_key;
 
 use crate::core::api::ApiState;
 use serde::{Deserialize, Deserializer};

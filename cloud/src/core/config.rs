@@ -380,6 +380,14 @@ pub struct IngestConfig {
     /// it).
     #[serde(default = "default_inbound_bytes")]
     pub inbound_bytes: usize,
+    /// Accept batches from sites that have no enrolled public key: unsigned (v1) ones, and
+    /// signed ones whose key is not enrolled (counted in `ingest_unsigned_accepted`, no proof
+    /// kept). Default `false`: a batch is stored only when signed with its site's enrolled key.
+    /// A refused batch stays in its agent's outbox and is sent again, so turning this on for a
+    /// migration and off once every site's key is enrolled loses nothing. A site with an
+    /// enrolled key must sign whatever this says (`docs/adr/010-signed-messages.md`).
+    #[serde(default)]
+    pub accept_unsigned: bool,
 }
 
 fn default_group() -> String {
@@ -410,6 +418,7 @@ impl Default for IngestConfig {
             queue: default_queue(),
             group_bytes: default_group_bytes(),
             inbound_bytes: default_inbound_bytes(),
+            accept_unsigned: false,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod alert;
 mod api;
 pub mod conflict;
 pub mod ingest;
+pub mod provenance;
 pub mod query;
 pub mod store;
 pub mod volume;

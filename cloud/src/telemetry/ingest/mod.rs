@@ -63,6 +63,7 @@ use crate::core::Shutdown;
 use crate::core::config::IngestConfig;
 use crate::core::db::Db;
 use crate::core::metrics::KindLabels;
+use crate::telemetry::store::SigningPolicy;
 use caudal_common::topic::{self, TopicKind};
 use chrono::{DateTime, Utc};
 use dispatch::{InboundBudget, dispatch, held_size};
@@ -155,6 +156,9 @@ impl Ingest {
                 client: client.clone(),
                 metrics: self.metrics.clone(),
                 ids: ids.clone(),
+                policy: SigningPolicy {
+                    accept_unsigned: self.cfg.accept_unsigned,
+                },
             };
             tasks.spawn(w.run());
         }
