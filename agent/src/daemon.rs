@@ -186,6 +186,12 @@ pub async fn run(
     )?
     .with_heartbeat(liveness.register("uplink"))
     .with_identity(identity);
+    if config.uplink.cloud_public_key.is_none() {
+        tracing::warn!(
+            "uplink.cloud_public_key is not set: acks, commands and desired configuration are \
+             taken unsigned; set it to the key `caudal-cloud signing-key` prints"
+        );
+    }
     let uplink_stop = CancellationToken::new();
     let uplink = tokio::spawn(uplink.run(uplink_stop.clone().cancelled_owned()));
 

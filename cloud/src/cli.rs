@@ -50,6 +50,9 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Print the cloud's public key (give it to each agent as `uplink.cloud_public_key`),
+    /// creating the key file `signing.key_file` names on first use.
+    SigningKey,
     /// Check a provenance export (`site export`, or `GET /api/v1/sites/{site}/provenance`)
     /// against the site's public keys: every batch's signature and body. Needs no database.
     VerifyExport {
@@ -336,6 +339,18 @@ pub fn main() -> anyhow::Result<()> {
 async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
     match command {
         Command::Run => crate::run(config, signal()).await?,
+        Command::SigningKey => {
+            let path = config
+                .signing
+                .key_file
+                .as_deref()
+                .context("signing.key_file is not set in the configuration")?;
+            let (key, created) = crate::core::signing::load_or_create(path)?;
+            if created {
+                eprintln!("created {}", path.display());
+            }
+            println!("{}", key.public());
+        }
         Command::VerifyExport { file, public_keys } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;

@@ -80,6 +80,19 @@ pub struct CloudConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub compliance: ComplianceConfig,
+    #[serde(default)]
+    pub signing: SigningConfig,
+}
+
+/// `[signing]`: the cloud's own Ed25519 key, with which it signs what it sends to agents.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// The cloud's key file (`caudal-cloud signing-key` creates it and prints its public key,
+    /// which each agent is given as `uplink.cloud_public_key`). When set, every ack is sent
+    /// signed; when absent, acks go out as plain v1 and agents with a cloud key refuse them.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 fn default_services() -> Vec<String> {
@@ -103,6 +116,7 @@ impl Default for CloudConfig {
             auth: AuthConfig::default(),
             alerts: AlertsConfig::default(),
             compliance: ComplianceConfig::default(),
+            signing: SigningConfig::default(),
         }
     }
 }

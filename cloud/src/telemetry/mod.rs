@@ -50,6 +50,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(api::latest))
         .routes(routes!(api::completeness))
         .routes(routes!(api::events))
+        .routes(routes!(api::provenance))
         .merge(alert::routes())
 }
 
@@ -65,7 +66,14 @@ pub fn start(
 ) -> Result<(), IngestError> {
     let options = ingest::mqtt_options(broker_url, &config.mqtt)?;
     let metrics = IngestMetrics::register(registry);
-    let ingest = Ingest::new(options, config.ingest.clone(), db.clone(), metrics);
+    let mut ingest = Ingest::new(options, config.ingest.clone(), db.clone(), metrics);
+    if let Some(path) = &config.signing.key_file {
+        let key = crate::core::signing::load(path)?;
+        tracing::info!(public_key = %key.public(), "acks are signed with the cloud's key");
+        ingest = ingest.with_signer(key);
+    } else {
+        tracing::warn!("signing.key_file is not set: acks go out unsigned");
+    }
     let sd = shutdown.clone();
     tasks.spawn(async move {
         ingest.run(sd).await;

@@ -175,7 +175,9 @@ async fn core_and_telemetry_processes_share_one_database() {
         tel_cmd
             .env("CAUDAL_HTTP__LISTEN", tel_http.to_string())
             .env("CAUDAL_MQTT__EMBEDDED__LISTEN", v4.to_string())
-            .env("CAUDAL_MQTT__EMBEDDED__LISTEN_V5", v5.to_string());
+            .env("CAUDAL_MQTT__EMBEDDED__LISTEN_V5", v5.to_string())
+            // The stand-in agent sends plain v1 for a site without a key.
+            .env("CAUDAL_INGEST__ACCEPT_UNSIGNED", "true");
         let mut tel = Proc::spawn("telemetry", tel_cmd, dir);
         tel.wait_healthy(tel_http).await;
         wait_metric(tel_http, "caudal_cloud_ingest_subscribed 1").await;

@@ -303,3 +303,46 @@ async fn after_a_rotation_the_old_key_is_refused_and_old_batches_still_verify() 
         cloud.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_signing_key_every_ack_is_signed_by_the_cloud() {
+    for db in TestDb::all().await {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cloud.key");
+        let (cloud_key, _) = caudal_cloud::core::signing::load_or_create(&path).expect("key");
+        let mut c = config(&db);
+        c.ingest.accept_unsigned = false;
+        c.signing.key_file = Some(path);
+        let cloud = Cloud::start(c).await.expect("cloud starts");
+        wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+        let site = site_id("pozo-norte");
+        site::add(cloud.db(), &site, "").await.expect("add");
+        site_key::enroll(cloud.db(), &site, &key(1).public(), Utc::now())
+            .await
+            .expect("enroll");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+
+        // Accepted and rejected acks alike.
+        for (payload, status) in [
+            (
+                signed::seal(&key(1), Purpose::Batch, batch(1).as_bytes()),
+                AckStatus::Accepted,
+            ),
+            (batch(2).into_bytes(), AckStatus::Rejected),
+        ] {
+            agent.publish(None, payload).await;
+            let raw = agent
+                .raw_ack_within(std::time::Duration::from_secs(20))
+                .await
+                .expect("an ack");
+            let opened = signed::open(&raw, Purpose::Ack).expect("the ack is signed");
+            assert_eq!(opened.key, cloud_key.public(), "{}", db.name);
+            let ack: caudal_common::Ack =
+                caudal_common::payload::decode(opened.body).expect("ack decodes");
+            assert_eq!(ack.status, status, "{}", db.name);
+        }
+        agent.kill();
+        cloud.stop().await;
+    }
+}

@@ -7,7 +7,7 @@ use crate::core::db::Db;
 use crate::core::metrics::{KindLabels, ReasonLabels};
 use crate::telemetry::store::{self, SignatureRefusal, Signer, SigningPolicy, StoreError};
 use caudal_common::payload::{self, Payload};
-use caudal_common::signed::{self, PublicKey, Purpose, SIGNED_VERSION, SignedError};
+use caudal_common::signed::{self, PublicKey, Purpose, SIGNED_VERSION, SecretKey, SignedError};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, DecodeError, SeqRange, SiteId, Status};
 use chrono::{DateTime, Utc};
@@ -107,6 +107,8 @@ pub(super) struct Worker {
     pub(super) ids: Arc<IngestIds>,
     /// What the store demands of a batch's signature.
     pub(super) policy: SigningPolicy,
+    /// The cloud's key, which signs every ack when set.
+    pub(super) signer: Option<Arc<SecretKey>>,
 }
 
 /// A batch that was decoded and passed the checks, waiting to be stored with its group.
@@ -515,9 +517,13 @@ impl Worker {
         };
         let t = topic::topic(&ack.site, TopicKind::Ack);
         // Waits only for room in the request channel, which the event loop drains continuously.
+        let payload = match &self.signer {
+            Some(key) => signed::seal(key, Purpose::Ack, &ack.encode()),
+            None => ack.encode(),
+        };
         let sent = self
             .client
-            .publish(t, QoS::AtLeastOnce, false, ack.encode())
+            .publish(t, QoS::AtLeastOnce, false, payload)
             .await;
         match sent {
             Ok(()) => {
