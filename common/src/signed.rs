@@ -8,7 +8,7 @@
 //! **What is signed is the exact bytes of `body`**, as they stand in the envelope, behind a
 //! context string naming the kind of payload ([`Purpose::context`]): never a re-serialisation.
 //! [`seal`] writes the body into the envelope verbatim (no escaping, so the envelope costs about
-//! 150 bytes whatever the body's size); [`open`] finds the same bytes with serde_json's
+//! 165 bytes whatever the body's size); [`open`] finds the same bytes with serde_json's
 //! `RawValue` and verifies them with `verify_strict` (no malleable or small-order keys) before
 //! anything reads the body. So a receiver can keep the body bytes, the key and the signature,
 //! and anyone holding the public key can check them again, with any Ed25519 library
