@@ -5,8 +5,10 @@
 //! `cargo bench -p caudal-agent --bench drain`; the figure is the median of `RUNS` runs, each
 //! on a fresh outbox of `BACKLOG` readings. The uplink settings are the shipped defaults except
 //! `backlog_rate`, which is raised so the rate limit is not what is measured; the bench prints
-//! every setting it used.
+//! every setting it used. Each run is made twice, with batches signed (as the daemon sends them)
+//! and unsigned, alternating, and the ratio of the medians is printed.
 
+use caudal_agent::identity::Identity;
 use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{Outbox, OutboxHandle};
 use caudal_agent::uplink::Uplink;
@@ -39,7 +41,7 @@ struct Run {
 }
 
 /// Fills a fresh outbox, drains it through broker and receiver, returns the figures.
-async fn run_once() -> anyhow::Result<Run> {
+async fn run_once(signed: bool) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
     let mut outbox = Outbox::open(&dir.path().join("outbox.db"), &outbox_config(), true)?;
     for start in (0..BACKLOG).step_by(1000) {
@@ -63,6 +65,11 @@ async fn run_once() -> anyhow::Result<Run> {
         metrics.clone(),
         ("bench".into(), "bench".into()),
     )?;
+    let uplink = if signed {
+        uplink.with_identity(Identity::from_seed(&[7; 32]))
+    } else {
+        uplink
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let start = Instant::now();
     let task = tokio::spawn(uplink.run(async {
@@ -112,19 +119,29 @@ fn main() -> anyhow::Result<()> {
         o.synchronous, o.commit_interval_ms
     );
     println!();
-    let mut rates = Vec::new();
+    // Signed (as the daemon sends) and unsigned runs alternate, so both see the same machine.
+    let mut rates = [Vec::new(), Vec::new()];
     for i in 1..=RUNS {
-        let r = rt.block_on(run_once())?;
-        println!(
-            "run {i}: {:.2} s, {} batches, {} stored by the receiver: {:.0} readings/s",
-            r.secs, r.batches, r.stored, r.rate
-        );
-        rates.push(r.rate);
+        for (k, signed) in [(0, false), (1, true)] {
+            let r = rt.block_on(run_once(signed))?;
+            println!(
+                "run {i} {}: {:.2} s, {} batches, {} stored by the receiver: {:.0} readings/s",
+                if signed { "signed" } else { "unsigned" },
+                r.secs,
+                r.batches,
+                r.stored,
+                r.rate
+            );
+            rates[k].push(r.rate);
+        }
     }
+    let [unsigned, signed] = rates;
+    let (unsigned, signed) = (median(unsigned), median(signed));
     println!();
     println!(
-        "backlog drain, acknowledged end to end: {:.0} readings/s (median of {RUNS})",
-        median(rates)
+        "backlog drain, acknowledged end to end: {signed:.0} readings/s signed, {unsigned:.0} \
+         unsigned (medians of {RUNS}); signed / unsigned = {:.3}",
+        signed / unsigned
     );
     Ok(())
 }

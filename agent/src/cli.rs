@@ -4,7 +4,7 @@ use crate::config::{self, AgentConfig, Link, LogFormat, Parity, Site};
 use crate::profile::ProfileSet;
 use crate::register::Fc;
 use crate::simulator::{Model, SimulatedMeter, Simulator};
-use crate::{daemon, outbox, probe};
+use crate::{daemon, identity, outbox, probe};
 use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -43,6 +43,9 @@ pub enum Command {
     /// Show backlog, oldest unsent record and each device's last poll, from the local database
     /// (works while the daemon runs).
     Status,
+    /// Print this agent's public key (creating the key pair in the state directory on first
+    /// use), to enroll it with the cloud: `caudal-cloud site add --public-key KEY`.
+    Identity,
     /// Serve simulated meters over Modbus TCP.
     Simulate(SimulateArgs),
 }
@@ -189,6 +192,16 @@ fn dispatch(cli: Cli, config_typed: bool) -> anyhow::Result<ExitCode> {
             let inspection = outbox::inspect(&site.outbox_path)
                 .with_context(|| format!("reading {}", site.outbox_path.display()))?;
             println!("{inspection}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Identity => {
+            let (_, site) = load(&cli.config)?;
+            let dir = identity::state_dir(&site.outbox_path);
+            let (id, created) = identity::Identity::load_or_create(dir)?;
+            if created {
+                eprintln!("created {}", id.path().display());
+            }
+            println!("{}", id.public());
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe(args) => {

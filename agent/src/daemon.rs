@@ -21,6 +21,7 @@
 use crate::clock::{Clock, ClockChange, ClockGuard, SystemTimeSource, TimeSource};
 use crate::command::{self, CommandRequest, Commands};
 use crate::config::{AgentConfig, Site};
+use crate::identity::{Identity, IdentityError, state_dir};
 use crate::metrics::{self, Metrics};
 use crate::outbox::{Outbox, OutboxError, OutboxHandle, Stamped};
 use crate::poller::{BusPoller, PollNow, PollOutput};
@@ -58,6 +59,8 @@ pub enum DaemonError {
     #[error("system clock: {0}")]
     Clock(#[from] crate::clock::ClockError),
     #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error(transparent)]
     Uplink(#[from] UplinkError),
@@ -80,6 +83,15 @@ pub async fn run(
             path: dir.display().to_string(),
             source,
         })?;
+    }
+
+    // The site's identity: created on the first start, never replaced (`identity`).
+    let (identity, created) = Identity::load_or_create(state_dir(&site.outbox_path))?;
+    if created {
+        tracing::warn!(public_key = %identity.public(), path = %identity.path().display(),
+            "created this agent's key; enroll its public key with the cloud (site add --public-key)");
+    } else {
+        tracing::info!(public_key = %identity.public(), "agent identity loaded");
     }
 
     // Clock first: the outbox picks its epoch from whether the clock can be trusted.
@@ -179,7 +191,14 @@ pub async fn run(
         metrics.clone(),
         (env!("CARGO_PKG_VERSION").to_string(), config_version),
     )?
-    .with_heartbeat(liveness.register("uplink"));
+    .with_heartbeat(liveness.register("uplink"))
+    .with_identity(identity);
+    if config.uplink.cloud_public_key.is_none() {
+        tracing::warn!(
+            "uplink.cloud_public_key is not set: acks, commands and desired configuration are \
+             taken unsigned; set it to the key `caudal-cloud signing-key` prints"
+        );
+    }
     let uplink_stop = CancellationToken::new();
     let uplink = tokio::spawn(uplink.run(uplink_stop.clone().cancelled_owned()));
 

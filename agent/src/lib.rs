@@ -8,6 +8,7 @@ pub mod clock;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod identity;
 pub mod metrics;
 pub mod modbus;
 pub mod outbox;

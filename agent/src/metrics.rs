@@ -53,6 +53,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels naming a kind of message and why it was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindReasonLabels {
+    pub kind: String,
+    pub reason: String,
+}
+
 /// Labels of validation flags.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlagLabels {
@@ -92,6 +99,9 @@ pub struct Metrics {
     /// `accepted` acks that named records the agent did not send in that batch, by reason
     /// (`unknown_batch`, `outside_batch`, `other_site`); only the intersection was deleted.
     pub acks_refused: Family<ReasonLabels, Counter>,
+    /// Acks, commands and desired configurations refused for their signature, by kind (`ack`,
+    /// `command`, `desired_config`) and reason (`unsigned`, `unknown_key`, `bad_signature`).
+    pub cloud_refused: Family<KindReasonLabels, Counter>,
     /// Records in the outbox not yet acknowledged.
     pub backlog: Gauge,
     /// Age in seconds of the oldest record not yet acknowledged.
@@ -127,6 +137,7 @@ impl Metrics {
             subscriptions_refused: Counter::default(),
             bad_payloads: Family::default(),
             acks_refused: Family::default(),
+            cloud_refused: Family::default(),
             backlog: Gauge::default(),
             backlog_age_seconds: Gauge::default(),
             outbox_bytes: Gauge::default(),
@@ -195,8 +206,14 @@ impl Metrics {
         );
         registry.register(
             "acks_refused",
-            "Acks refused wholly or in part: unknown batch, seqs outside the batch, another site",
+            "Acks refused wholly or in part: unknown batch, seqs outside the batch, another site, \
+             not signed by the cloud's key",
             m.acks_refused.clone(),
+        );
+        registry.register(
+            "cloud_messages_refused",
+            "Messages from the cloud refused for their signature, by kind and reason",
+            m.cloud_refused.clone(),
         );
         registry.register(
             "backlog_records",
@@ -252,6 +269,13 @@ impl Metrics {
     pub fn kind(kind: &str) -> KindLabels {
         KindLabels {
             kind: kind.to_string(),
+        }
+    }
+
+    pub fn kind_reason(kind: &str, reason: &str) -> KindReasonLabels {
+        KindReasonLabels {
+            kind: kind.to_string(),
+            reason: reason.to_string(),
         }
     }
 

@@ -3,7 +3,9 @@
 //! commit. Timed from the first publish to the last ack, on a SQLite file and, when configured,
 //! on PostgreSQL, where the same rows are then also written with the database's own `COPY` into
 //! an identical scratch table, for the ratio ingest / COPY. Prints medians; asserts only that
-//! every reading was stored exactly once.
+//! every reading was stored exactly once. Every run is made twice, alternating: batches signed
+//! with each site's enrolled key (as agents send them) and plain v1 batches
+//! (`ingest.accept_unsigned`), and the ratio of the medians is printed.
 //!
 //! ```text
 //! cargo bench -p caudal-cloud --bench ingest -- [--pg URL] [--mosquitto [URL]] [--no-sqlite]
@@ -19,10 +21,11 @@
 //! the gate that authorizes their topics.
 
 use caudal_cloud::Cloud;
-use caudal_cloud::catchment::site;
+use caudal_cloud::catchment::{site, site_key};
 use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_cloud::core::db::Db;
 use caudal_common::payload::Payload;
+use caudal_common::signed::{self, Purpose, SecretKey};
 use caudal_common::{Ack, AckStatus, Batch, DeviceId, Quality, Reading, Seq, SiteId};
 use caudal_testkit::database::TestDb;
 use caudal_testkit::http;
@@ -154,7 +157,14 @@ fn reading(device: &DeviceId, epoch: u32, k: u32) -> Reading {
     }
 }
 
-fn plan(args: &Args, prefix: &str) -> Vec<SitePlan> {
+/// The key of the bench's site number `s`.
+fn site_key(s: usize) -> SecretKey {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&(s as u64).to_le_bytes());
+    SecretKey::from_seed(&seed)
+}
+
+fn plan(args: &Args, prefix: &str, signed: bool) -> Vec<SitePlan> {
     let device = DeviceId::new("fm1").expect("id");
     let per_site = args.readings.div_ceil(args.sites);
     let mut left = args.readings;
@@ -176,6 +186,16 @@ fn plan(args: &Args, prefix: &str) -> Vec<SitePlan> {
                     gaps: Vec::new(),
                 }
                 .encode()
+            };
+            // Signed as the agent signs: an envelope around the exact v1 bytes.
+            let key = site_key(s);
+            let encode = |id: String, readings: Vec<Reading>| {
+                let body = encode(id, readings);
+                if signed {
+                    signed::seal(&key, Purpose::Batch, &body)
+                } else {
+                    body
+                }
             };
             let batches = readings
                 .chunks(args.batch)
@@ -338,6 +358,7 @@ async fn run_once(
     mosquitto: Option<&str>,
     gate: bool,
     run: usize,
+    signed: bool,
 ) -> RunResult {
     let db = match pg {
         Some(base) => TestDb::postgres_at(base).await.expect("postgres"),
@@ -360,6 +381,8 @@ async fn run_once(
     c.mqtt.embedded.listen_v5 = "127.0.0.1:0".parse().expect("addr");
     c.mqtt.embedded.max_payload_bytes = 4 << 20;
     c.ingest.workers = args.workers.max(1);
+    // Unsigned runs are the figures before signing: batches of sites without a key.
+    c.ingest.accept_unsigned = !signed;
     if let Some(g) = args.group_bytes {
         c.ingest.group_bytes = g;
     }
@@ -382,7 +405,7 @@ async fn run_once(
         None => cloud.broker().expect("embedded broker").v4_addr(),
     };
 
-    let plans = plan(args, &prefix);
+    let plans = plan(args, &prefix, signed);
     let mut agents = Vec::with_capacity(plans.len());
     let mut foreign = 0;
     for p in &plans {
@@ -390,6 +413,18 @@ async fn run_once(
         site::create(cloud.db(), &p.site, "", 900, Some(&issued.hash))
             .await
             .expect("add site");
+        if signed {
+            let n: usize = p
+                .site
+                .as_str()
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("site number");
+            site_key::enroll(cloud.db(), &p.site, &site_key(n).public(), Utc::now())
+                .await
+                .expect("enroll key");
+        }
         let login = gate.then(|| (p.site.to_string(), issued.password.expose().to_string()));
         let mut a = connect(broker, &p.site, args.inflight, login).await;
         a.publish(None, p.warmup.clone()).await;
@@ -469,23 +504,34 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn bench(args: &Args, name: &str, pg: Option<&str>, mosquitto: Option<&str>, gate: bool) {
-    let mut ingest = Vec::new();
+    // Signed and unsigned runs alternate, so both see the same machine.
+    let mut ingest = [Vec::new(), Vec::new()];
     let mut copy = Vec::new();
     let mut ratio = Vec::new();
     for run in 0..args.runs {
-        let r = run_once(args, pg, mosquitto, gate, run).await;
-        let mut line = format!("  {name} run {}: {:.0} readings/s", run + 1, r.ingest);
-        if let Some(c) = r.copy {
-            let _ = write!(line, ", COPY {c:.0} readings/s, ratio {:.2}", r.ingest / c);
-            copy.push(c);
-            ratio.push(r.ingest / c);
+        for (k, signed) in [(0, false), (1, true)] {
+            let r = run_once(args, pg, mosquitto, gate, run, signed).await;
+            let kind = if signed { "signed" } else { "unsigned" };
+            let mut line = format!(
+                "  {name} run {} {kind}: {:.0} readings/s",
+                run + 1,
+                r.ingest
+            );
+            if let Some(c) = r.copy {
+                let _ = write!(line, ", COPY {c:.0} readings/s, ratio {:.2}", r.ingest / c);
+                copy.push(c);
+                ratio.push(r.ingest / c);
+            }
+            println!("{line} ({})", r.group_note);
+            ingest[k].push(r.ingest);
         }
-        println!("{line} ({})", r.group_note);
-        ingest.push(r.ingest);
     }
+    let [unsigned, signed] = ingest;
+    let (unsigned, signed) = (median(unsigned), median(signed));
     let mut line = format!(
-        "{name}: median {:.0} readings/s through the broker with acks",
-        median(ingest)
+        "{name}: median {signed:.0} readings/s signed, {unsigned:.0} unsigned through the broker \
+         with acks; signed / unsigned = {:.3}",
+        signed / unsigned
     );
     if !copy.is_empty() {
         let _ = write!(

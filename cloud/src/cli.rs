@@ -5,14 +5,16 @@
 use crate::catchment::device::{self, DevicePatch, NewDevice, Quantity};
 use crate::catchment::obra::ObraCode;
 use crate::catchment::rut::Rut;
-use crate::catchment::{credentials, point, site};
+use crate::catchment::{credentials, point, site, site_key};
 use crate::compliance;
 use crate::core::auth::{self, Role};
 use crate::core::config::{CloudConfig, Secret};
 use crate::core::db::Db;
+use crate::telemetry::provenance;
 use crate::telemetry::query::DeviceLatest;
 use crate::users::account;
 use anyhow::Context;
+use caudal_common::signed::PublicKey;
 use caudal_common::{DeviceId, SiteId};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -47,6 +49,18 @@ enum Command {
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// Print the cloud's public key (give it to each agent as `uplink.cloud_public_key`),
+    /// creating the key file `signing.key_file` names on first use.
+    SigningKey,
+    /// Check a provenance export (`site export`, or `GET /api/v1/sites/{site}/provenance`)
+    /// against the site's public keys: every batch's signature and body. Needs no database.
+    VerifyExport {
+        /// The export (JSON).
+        file: PathBuf,
+        /// A public key of the site (repeat for the keys before a rotation).
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PublicKey>,
     },
     /// What is reported to the DGA: settings, passwords, slots and their review.
     Compliance {
@@ -252,6 +266,30 @@ enum SiteCommand {
         /// Seconds without news from the agent after which the site counts as offline.
         #[arg(long, default_value_t = site::DEFAULT_OFFLINE_AFTER_S)]
         offline_after_s: u32,
+        /// The agent's Ed25519 public key (`caudal-agent identity` prints it): its batches are
+        /// then accepted only signed with it.
+        #[arg(long)]
+        public_key: Option<PublicKey>,
+    },
+    /// Enroll a site's new public key (after its agent's key was replaced): batches signed
+    /// with the previous key are refused from now on; those stored before still verify.
+    PublicKey {
+        #[arg(long)]
+        id: SiteId,
+        #[arg(long)]
+        public_key: PublicKey,
+    },
+    /// Print the signed batches stored for a site (JSON), for an auditor to check with
+    /// `verify-export` and the site's public key alone.
+    Export {
+        #[arg(long)]
+        id: SiteId,
+        /// Records from (RFC 3339).
+        #[arg(long)]
+        from: chrono::DateTime<chrono::Utc>,
+        /// Records until (RFC 3339, exclusive).
+        #[arg(long)]
+        to: chrono::DateTime<chrono::Utc>,
     },
     /// Issue a new MQTT password for a site (the old one stops working); prints it, once.
     Credentials {
@@ -306,6 +344,30 @@ pub fn main() -> anyhow::Result<()> {
 async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
     match command {
         Command::Run => crate::run(config, signal()).await?,
+        Command::SigningKey => {
+            let path = config
+                .signing
+                .key_file
+                .as_deref()
+                .context("signing.key_file is not set in the configuration")?;
+            let (key, created) = crate::core::signing::load_or_create(path)?;
+            if created {
+                eprintln!("created {}", path.display());
+            }
+            println!("{}", key.public());
+        }
+        Command::VerifyExport { file, public_keys } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let export: provenance::ProvenanceExport = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a provenance export", file.display()))?;
+            let v = provenance::verify(&export, &public_keys)
+                .with_context(|| format!("{} does not verify", file.display()))?;
+            println!(
+                "verified: site {}, {} batches, {} readings, {} events, {} gaps signed by the given keys",
+                export.site, v.batches, v.readings, v.events, v.gaps
+            );
+        }
         Command::Migrate => {
             let db = crate::open_database(&config).await?;
             db.migrate().await?;
@@ -322,12 +384,28 @@ async fn command(command: Command, config: CloudConfig) -> anyhow::Result<()> {
                     id,
                     name,
                     offline_after_s,
+                    public_key,
                 } => {
                     let issued = credentials::issue();
                     let s =
                         site::create(&db, &id, &name, offline_after_s, Some(&issued.hash)).await?;
                     println!("site {} registered", s.id);
+                    if let Some(k) = public_key {
+                        site_key::enroll(&db, &s.id, &k, chrono::Utc::now()).await?;
+                        println!("public key {k} enrolled");
+                    }
                     print_credentials(&s.id, &issued.password);
+                }
+                SiteCommand::PublicKey { id, public_key } => {
+                    if site_key::enroll(&db, &id, &public_key, chrono::Utc::now()).await? {
+                        println!("site {id}: public key {public_key} enrolled");
+                    } else {
+                        println!("site {id}: public key {public_key} is already the current key");
+                    }
+                }
+                SiteCommand::Export { id, from, to } => {
+                    let export = provenance::export(&db, &id, from, to).await?;
+                    println!("{}", serde_json::to_string_pretty(&export)?);
                 }
                 SiteCommand::Credentials { id } => {
                     let issued = credentials::issue();

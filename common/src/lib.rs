@@ -2,13 +2,15 @@
 //!
 //! This crate owns the MQTT topic layout ([`topic`]), the versioned payloads that travel on
 //! those topics ([`payload`]), the identity of every record ([`seq`], [`id`]), reading quality
-//! ([`quality`]) and canonical units ([`units`]). It does no I/O and depends on no runtime: a
+//! ([`quality`]), canonical units ([`units`]) and the signed envelope that proves who wrote a
+//! payload ([`signed`]). It does no I/O and depends on no runtime: a
 //! change here is a protocol change and is written down in `docs/protocol.md`.
 
 pub mod id;
 pub mod payload;
 pub mod quality;
 pub mod seq;
+pub mod signed;
 pub mod topic;
 pub mod units;
 

@@ -32,6 +32,7 @@ pub fn uplink_config(broker: &str, client_id: Option<String>) -> UplinkConfig {
         reconnect_min_ms: 500,
         reconnect_max_ms: 60_000,
         status_interval_s: 60,
+        cloud_public_key: None,
     }
 }
 

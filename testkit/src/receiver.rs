@@ -2,7 +2,7 @@
 //! only after the commit publishes the acknowledgement, as the real ingest does.
 //!
 //! It subscribes to `caudal/v1/+/telemetry`, decodes each batch with
-//! [`caudal_common::payload::decode`], inserts every `(site, seq)` once (a record sent twice is
+//! [`caudal_common::payload::decode`] (a signed one after verifying it), inserts every `(site, seq)` once (a record sent twice is
 //! stored once), commits, then publishes an [`Ack`] listing the stored sequence ranges on
 //! `caudal/v1/{site}/ack`. An [`AckMode`] makes it misbehave on purpose: stop acknowledging,
 //! acknowledge twice, store without acknowledging, or reject. What it stored can be read back
@@ -10,6 +10,7 @@
 //! check values, events and gap records as the cloud would see them.
 
 use caudal_common::payload::decode;
+use caudal_common::signed::{self, Purpose};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, Event as RecordEvent, Gap, Reading, SeqRange};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -313,7 +314,21 @@ async fn handle(
 ) {
     while let Some((t, payload)) = batches.recv().await {
         shared.batches.fetch_add(1, Ordering::Relaxed);
-        let batch = match (Topic::parse(&t), decode::<Batch>(&payload)) {
+        // A signed batch (v2) is verified as the cloud does, then its body decoded; which key
+        // signed is not checked here (the receiver enrolls none).
+        let body = if signed::version_of(&payload) == Some(signed::SIGNED_VERSION) {
+            match signed::open(&payload, Purpose::Batch) {
+                Ok(o) => o.body,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receiver: bad signature");
+                    shared.bad.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        } else {
+            &payload[..]
+        };
+        let batch = match (Topic::parse(&t), decode::<Batch>(body)) {
             (Ok(t), Ok(b)) if t.site == b.site => b,
             (t, b) => {
                 tracing::warn!(topic = ?t, batch = ?b.err(), "receiver: bad batch");

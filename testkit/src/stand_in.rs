@@ -3,6 +3,7 @@
 //! an optional last will. It has no outbox: what it publishes is the caller's to track.
 
 use caudal_common::payload::{self, Payload};
+use caudal_common::signed::{self, Purpose};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{Ack, SiteId, Status};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
@@ -174,13 +175,28 @@ impl Agent {
             .unwrap_or_else(|| panic!("an ack within {ACK_WAIT:?}"))
     }
 
-    /// The next ack, decoded; `None` if none comes within `wait`.
+    /// The next ack, decoded (a signed one after verifying its signature, whoever's key it
+    /// names); `None` if none comes within `wait`.
     pub async fn ack_within(&mut self, wait: Duration) -> Option<Ack> {
-        let bytes = tokio::time::timeout(wait, self.acks.recv())
-            .await
-            .ok()?
-            .expect("agent alive");
-        Some(payload::decode(&bytes).expect("a valid ack"))
+        let bytes = self.raw_ack_within(wait).await?;
+        let body = if signed::version_of(&bytes) == Some(signed::SIGNED_VERSION) {
+            signed::open(&bytes, Purpose::Ack)
+                .expect("a signed ack verifies")
+                .body
+        } else {
+            &bytes[..]
+        };
+        Some(payload::decode(body).expect("a valid ack"))
+    }
+
+    /// The next ack's bytes as they arrived; `None` if none comes within `wait`.
+    pub async fn raw_ack_within(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        Some(
+            tokio::time::timeout(wait, self.acks.recv())
+                .await
+                .ok()?
+                .expect("agent alive"),
+        )
     }
 
     /// No ack arrives within `wait`.

@@ -263,6 +263,13 @@ impl AgentConfig {
                 Problem::Value(format!("the client id {problem}")),
             );
         }
+        if let Some(Err(e)) = u
+            .cloud_public_key
+            .as_deref()
+            .map(str::parse::<caudal_common::signed::PublicKey>)
+        {
+            p.push(&uplink, "cloud_public_key", Problem::Value(e.to_string()));
+        }
         if u.client_cert.is_some() != u.client_key.is_some() {
             p.push(
                 &uplink,

@@ -165,6 +165,12 @@ pub struct UplinkConfig {
     /// How often the retained status is refreshed, seconds.
     #[serde(default = "d_status_interval_s")]
     pub status_interval_s: u64,
+    /// The cloud's Ed25519 public key (base64, `caudal-cloud signing-key` prints it). When set,
+    /// acks, commands and desired configuration are taken only signed with it; anything unsigned
+    /// or forged is refused, counted and deletes or runs nothing. When absent, they are taken
+    /// unsigned, with a warning at start (`docs/adr/010-signed-messages.md`).
+    #[serde(default)]
+    pub cloud_public_key: Option<String>,
 }
 
 fn d_keep_alive_s() -> u64 {

@@ -29,6 +29,10 @@
 //! ([`reject_hold`]), back to the start at the next accepted batch. So an agent the cloud
 //! refuses (an unknown or deactivated site, a rule it breaks) asks less and less often.
 //!
+//! **Signing.** With an [`Identity`] ([`Uplink::with_identity`], as the daemon always sets),
+//! every batch leaves in a signed v2 envelope over its exact v1 bytes; the cloud refuses a
+//! batch of a site with an enrolled key that is unsigned or does not verify.
+//!
 //! **Commands.** A command on `caudal/v1/{site}/command` is executed by whoever
 //! [`command::Executor::of`] names: the uplink answers `ping` and `publish_status` itself and
 //! hands the rest to the commands task as a [`CommandRequest`], which answers within
@@ -52,10 +56,12 @@ use crate::command::{
     self, CommandError, CommandRequest, Executor, MAX_COMMANDS_IN_PROGRESS, UplinkCommand,
 };
 use crate::config::UplinkConfig;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, Spool, SpoolState};
 use crate::watchdog::Heartbeat;
 use caudal_common::payload::{Payload, RawBatch, decode};
+use caudal_common::signed::{self, PublicKey, Purpose, SIGNED_VERSION, SignedError};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{
     Ack, AckStatus, Command, CommandResult, DesiredConfig, DeviceState, SCHEMA_VERSION, Seq,
@@ -116,6 +122,8 @@ pub enum UplinkError {
     BrokerUrl { url: String, reason: String },
     #[error("{0}")]
     Config(String),
+    #[error("uplink.cloud_public_key: {0}")]
+    CloudKey(SignedError),
     #[error("uplink.{key} {path}: {source}", path = path.display())]
     File {
         key: &'static str,
@@ -170,6 +178,10 @@ pub struct Uplink<S: Spool> {
     desired: watch::Sender<Option<DesiredConfig>>,
     /// Beaten every time round each state's loop; every state wakes at least this often.
     heartbeat: Heartbeat,
+    /// Signs every batch (a v2 envelope) when set; without it batches go out as plain v1.
+    identity: Option<Identity>,
+    /// The only key acks, commands and desired configuration are taken from, when set.
+    cloud_key: Option<PublicKey>,
 }
 
 impl<S: Spool> std::fmt::Debug for Uplink<S> {
@@ -198,6 +210,12 @@ impl<S: Spool> Uplink<S> {
         let broker = BrokerUrl::parse(&cfg.broker)?;
         let options = mqtt_options(&cfg, &site)?;
         let (desired, _) = watch::channel(None);
+        let cloud_key = cfg
+            .cloud_public_key
+            .as_deref()
+            .map(str::parse::<PublicKey>)
+            .transpose()
+            .map_err(UplinkError::CloudKey)?;
         Ok(Uplink {
             cfg,
             site,
@@ -212,7 +230,15 @@ impl<S: Spool> Uplink<S> {
             config_version: versions.1,
             desired,
             heartbeat: Heartbeat::unwatched(),
+            identity: None,
+            cloud_key,
         })
+    }
+
+    /// Signs every batch with `identity` (`docs/protocol.md`, "Signed envelope").
+    pub fn with_identity(mut self, identity: Identity) -> Uplink<S> {
+        self.identity = Some(identity);
+        self
     }
 
     /// Beats `heartbeat` for the watchdog while the uplink makes progress (connected or not).
@@ -660,7 +686,10 @@ impl<S: Spool> Driver<S> {
             for r in &out.records {
                 raw.push(r.kind, &r.json);
             }
-            let payload = raw.finish(&self.up.site, &id, chrono::Utc::now());
+            let mut payload = raw.finish(&self.up.site, &id, chrono::Utc::now());
+            if let Some(identity) = &self.up.identity {
+                payload = signed::seal(identity.key(), Purpose::Batch, &payload);
+            }
             let t = topic::topic(&self.up.site, TopicKind::Telemetry);
             match self.client.try_publish(t, QoS::AtLeastOnce, false, payload) {
                 Ok(()) => {
@@ -804,7 +833,46 @@ impl<S: Spool> Driver<S> {
             .inc();
     }
 
+    /// The body of a message from the cloud, when it may be believed (**authenticity rule**,
+    /// enforced here for acks, commands and desired configuration): with a configured cloud key,
+    /// only a v2 envelope that verifies with that very key; without one, a plain v1 payload or
+    /// an intact envelope. Anything else is refused, counted in
+    /// `caudal_agent_cloud_messages_refused_total{kind,reason}` and logged, and its caller acts on
+    /// nothing: a forged ack deletes nothing, a forged command runs nothing.
+    fn authentic<'a>(
+        &self,
+        payload: &'a [u8],
+        purpose: Purpose,
+        kind: &'static str,
+    ) -> Option<&'a [u8]> {
+        let signed = signed::version_of(payload) == Some(SIGNED_VERSION);
+        let refused = match (&self.up.cloud_key, signed) {
+            (None, false) => return Some(payload),
+            (Some(_), false) => "unsigned",
+            (key, true) => match signed::open(payload, purpose) {
+                Ok(o) if key.is_none_or(|k| k == o.key) => return Some(o.body),
+                Ok(_) => "unknown_key",
+                Err(_) => "bad_signature",
+            },
+        };
+        self.up
+            .metrics
+            .cloud_refused
+            .get_or_create(&Metrics::kind_reason(kind, refused))
+            .inc();
+        warn!(
+            kind,
+            reason = refused,
+            "message from the cloud not signed by the cloud's key; refused"
+        );
+        None
+    }
+
     async fn on_ack(&mut self, payload: &[u8], flow: &mut Flow) -> Result<(), UplinkError> {
+        let Some(payload) = self.authentic(payload, Purpose::Ack, "ack") else {
+            self.refuse_ack("not_authentic");
+            return Ok(());
+        };
         let ack: Ack = match decode(payload) {
             Ok(a) => a,
             Err(e) => {
@@ -916,6 +984,10 @@ impl<S: Spool> Driver<S> {
     }
 
     fn on_desired(&mut self, payload: &[u8]) {
+        let Some(payload) = self.authentic(payload, Purpose::DesiredConfig, "desired_config")
+        else {
+            return;
+        };
         match decode::<DesiredConfig>(payload) {
             Ok(d) => {
                 info!(version = %d.version, "desired configuration received");
@@ -929,6 +1001,9 @@ impl<S: Spool> Driver<S> {
     }
 
     async fn on_command(&mut self, payload: &[u8]) -> Result<(), UplinkError> {
+        let Some(payload) = self.authentic(payload, Purpose::Command, "command") else {
+            return Ok(());
+        };
         let cmd: Command = match decode(payload) {
             Ok(c) => c,
             Err(e) => {

@@ -406,3 +406,33 @@ profile = "generic"
         "{shown:?}"
     );
 }
+
+#[test]
+fn a_cloud_public_key_that_is_not_a_key_is_refused_with_its_line() {
+    let text = r#"[site]
+id = "s1"
+
+[uplink]
+broker = "mqtt://127.0.0.1:1883"
+cloud_public_key = "not-a-key"
+
+[[bus]]
+name = "net"
+kind = "tcp"
+address = "127.0.0.1:502"
+
+[[bus.device]]
+id = "fm1"
+unit = 1
+profile = "generic"
+"#;
+    let (path, r) = resolve(text);
+    let shown: Vec<String> = r.unwrap_err().iter().map(|e| e.to_string()).collect();
+    let f = path.display().to_string();
+    assert!(
+        shown.iter().any(|s| s.starts_with(&format!("{f}:6:"))
+            && s.contains("uplink.cloud_public_key")
+            && s.contains("not a base64 Ed25519 public key")),
+        "{shown:?}"
+    );
+}

@@ -13,6 +13,7 @@ use caudal_agent::metrics::Metrics;
 use caudal_agent::outbox::{ClockStamp, Outbox, OutboxHandle, Stamped};
 use caudal_agent::uplink::{Uplink, UplinkError};
 use caudal_common::payload::{Payload, decode};
+use caudal_common::signed::{self, Purpose, SecretKey};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{
     Command, CommandKind, CommandResult, DesiredConfig, DeviceId, DeviceState, Reading,
@@ -182,6 +183,7 @@ fn config(broker: &str) -> UplinkConfig {
         reconnect_min_ms: 50,
         reconnect_max_ms: 400,
         status_interval_s: 60,
+        cloud_public_key: None,
     }
 }
 
@@ -681,6 +683,100 @@ async fn forged_acks_from_another_client_delete_nothing_the_agent_did_not_send()
         c.receiver.gaps("pozo-test").unwrap().is_empty(),
         "no gap record was written"
     );
+    agent.stop().await.unwrap();
+}
+
+/// How often the uplink refused a message from the cloud for its signature.
+fn not_authentic(metrics: &Metrics, kind: &str, reason: &str) -> u64 {
+    metrics
+        .cloud_refused
+        .get_or_create(&Metrics::kind_reason(kind, reason))
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cloud_key_only_acks_signed_by_it_delete_anything() {
+    let c = cloud().await;
+    c.receiver.set_mode(AckMode::Paused);
+    let cloud_key = SecretKey::from_seed(&[9; 32]);
+    let forger = SecretKey::from_seed(&[6; 32]);
+    let mut cfg = config(&c.broker.url());
+    cfg.cloud_public_key = Some(cloud_key.public().to_string());
+    let spool = TestOutbox::new();
+    let agent = Agent::start(cfg, spool.clone());
+    agent.wait_connects("ok", 1, Duration::from_secs(10)).await;
+    let sent = spool.commit(10).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let in_flight = loop {
+        if let Some(a) = c.receiver.arrivals().into_iter().next() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no batch reached the broker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let range = (sent[0].0, sent[sent.len() - 1].0);
+    // The right ack for the batch in flight, as only the cloud may send it.
+    let genuine = forged_ack("pozo-test", &in_flight.batch, &[range]);
+    let telemetry = topic::topic(&site(), TopicKind::Telemetry);
+    let (intruder, _rx, _t) = probe(c.broker.v4_addr(), "intruder", &[telemetry]).await;
+    let ack_topic = topic::topic(&site(), TopicKind::Ack);
+    let mut tampered = signed::seal(&cloud_key, Purpose::Ack, &genuine);
+    // One byte of the body changed after signing: the first digit of the range's end.
+    let at = tampered
+        .windows(5)
+        .position(|w| w == b"\"to\":")
+        .expect("the ack has a range")
+        + 5;
+    assert!(tampered[at].is_ascii_digit());
+    tampered[at] = if tampered[at] == b'0' { b'1' } else { b'0' };
+    let forgeries: [Vec<u8>; 4] = [
+        // Unsigned, however right.
+        genuine.clone(),
+        // Signed by someone else's key.
+        signed::seal(&forger, Purpose::Ack, &genuine),
+        // Signed by the cloud's key, then altered.
+        tampered,
+        // The cloud's signature made for another purpose.
+        signed::seal(&cloud_key, Purpose::Command, &genuine),
+    ];
+    for f in forgeries {
+        intruder
+            .publish(ack_topic.clone(), QoS::AtLeastOnce, false, f)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused(&agent.metrics, "not_authentic") < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "forged acks not counted: {}",
+            refused(&agent.metrics, "not_authentic")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(not_authentic(&agent.metrics, "ack", "unsigned"), 1);
+    assert_eq!(not_authentic(&agent.metrics, "ack", "unknown_key"), 1);
+    assert_eq!(not_authentic(&agent.metrics, "ack", "bad_signature"), 2);
+    assert_eq!(
+        spool.remaining(),
+        u64s(&sent),
+        "a forged ack deleted records"
+    );
+    assert_eq!(agent.metrics.acked.get(), 0);
+
+    // The same ack signed by the cloud's key deletes the batch's records.
+    intruder
+        .publish(
+            ack_topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            signed::seal(&cloud_key, Purpose::Ack, &genuine),
+        )
+        .await
+        .unwrap();
+    spool.wait_empty(Duration::from_secs(10)).await;
+    assert_eq!(agent.metrics.acked.get(), sent.len() as u64);
+    assert_eq!(refused(&agent.metrics, "not_authentic"), 4);
     agent.stop().await.unwrap();
 }
 

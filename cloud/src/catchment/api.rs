@@ -5,6 +5,7 @@ use super::credentials;
 use super::device::{self, Device, DeviceError, DevicePatch, NewDevice};
 use super::point::{self, NewPoint, Point, PointError, PointPatch};
 use super::site::{self, Site, SiteError};
+use super::site_key::{self, SiteKey, SiteKeyError};
 use crate::core::api::{ApiError, ApiJson, ApiPath, ApiState, ErrorBody};
 use crate::core::auth::Permission;
 use crate::core::openapi::{DevicePath, Forbidden, SiteNotFound, SitePath, Unauthorized};
@@ -13,6 +14,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use caudal_common::signed::PublicKey;
 use caudal_common::{DeviceId, SiteId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -319,6 +321,100 @@ pub(super) async fn rotate_credentials(
             mqtt_password: issued.password.expose().to_string(),
         },
     ))
+}
+
+/// A site's new public key.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPublicKey {
+    /// Base64 of the agent's 32-byte Ed25519 public key (`caudal-agent identity`).
+    pub public_key: String,
+}
+
+/// Every key a site has had, oldest first; the one without `valid_to` is current.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SiteKeys {
+    pub keys: Vec<SiteKey>,
+}
+
+impl From<SiteKeyError> for ApiError {
+    fn from(e: SiteKeyError) -> Self {
+        match &e {
+            SiteKeyError::NotFound(id) => ApiError::NotFound(format!("site {id}")),
+            SiteKeyError::Reused { .. } => ApiError::conflict("public_key", e.to_string()),
+            SiteKeyError::Database(_) => ApiError::database("site keys", &e),
+        }
+    }
+}
+
+/// Enrolls the site's public key, or rotates it: from now on its batches are accepted only
+/// signed with this key; batches stored before keep verifying with the previous one (admin).
+#[utoipa::path(
+    put,
+    path = "/api/v1/sites/{site}/public-key",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(SitePath),
+    request_body = NewPublicKey,
+    responses(
+        (status = 200, description = "The site's keys after the change", body = SiteKeys),
+        (status = 400, description = "The key is not a base64 Ed25519 public key", body = ErrorBody),
+        (status = 409, description = "The key was the site's before and was rotated away", body = ErrorBody),
+        Unauthorized,
+        Forbidden,
+        SiteNotFound,
+    ),
+)]
+pub(super) async fn put_public_key(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(raw): ApiPath<String>,
+    body: Result<ApiJson<NewPublicKey>, ApiError>,
+) -> Result<Json<SiteKeys>, ApiError> {
+    caller.require(Permission::ManageKeys)?;
+    let id = site_id(&raw)?;
+    let ApiJson(body) = body?;
+    let key: PublicKey =
+        body.public_key
+            .parse()
+            .map_err(|e: caudal_common::signed::SignedError| {
+                ApiError::bad("public_key", e.to_string())
+            })?;
+    if site_key::enroll(&state.db, &id, &key, chrono::Utc::now()).await? {
+        tracing::warn!(by = caller.user.id, site = %id, public_key = %key, "site public key enrolled");
+    }
+    Ok(Json(SiteKeys {
+        keys: site_key::keys(&state.db, &id).await?,
+    }))
+}
+
+/// Every public key the site has had (any role).
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{site}/public-key",
+    tag = "catchment",
+    security(("bearer" = [])),
+    params(SitePath),
+    responses(
+        (status = 200, description = "The site's keys", body = SiteKeys),
+        (status = 400, description = "The path is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
+    ),
+)]
+pub(super) async fn get_public_keys(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(raw): ApiPath<String>,
+) -> Result<Json<SiteKeys>, ApiError> {
+    caller.require(Permission::Read)?;
+    let id = site_id(&raw)?;
+    if site::get(&state.db, &id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("site {id}")));
+    }
+    Ok(Json(SiteKeys {
+        keys: site_key::keys(&state.db, &id).await?,
+    }))
 }
 
 /// The devices of a site.

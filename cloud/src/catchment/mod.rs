@@ -9,6 +9,8 @@
 //! |---|---|
 //! | `GET /api/v1/sites`, `GET /api/v1/sites/{site}` | any role |
 //! | `POST /api/v1/sites`, `PATCH, DELETE /api/v1/sites/{site}`, `POST /api/v1/sites/{site}/credentials` | operator, technician, admin |
+//! | `GET /api/v1/sites/{site}/public-key` | any role |
+//! | `PUT /api/v1/sites/{site}/public-key` (enroll or rotate the site's key, [`site_key`]) | admin |
 //! | `GET /api/v1/sites/{site}/devices`, `GET …/devices/{device}` | any role |
 //! | `POST /api/v1/sites/{site}/devices`, `PATCH, DELETE …/devices/{device}` | operator, technician, admin |
 //! | `GET /api/v1/points`, `GET /api/v1/points/{id}` | any role |
@@ -22,7 +24,8 @@
 //!
 //! Anatomy (ARCHITECTURE.md, the cloud): this file holds the routes; the handlers and their bodies
 //! are in `api`; each store file ([`site`], [`point`], [`device`]) holds its table's SQL, and
-//! other modules reach these tables only through its functions; [`credentials`] holds the
+//! other modules reach these tables only through its functions (the ingest's store reads a
+//! site's `active` flag and current key inside its own transaction); [`credentials`] holds the
 //! broker's login check, the module's background task.
 
 mod api;
@@ -33,6 +36,7 @@ pub mod obra;
 pub mod point;
 pub mod rut;
 pub mod site;
+pub mod site_key;
 
 use crate::core::api::ApiState;
 use serde::{Deserialize, Deserializer};
@@ -51,6 +55,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
             api::deactivate_site
         ))
         .routes(routes!(api::rotate_credentials))
+        .routes(routes!(api::get_public_keys, api::put_public_key))
         .routes(routes!(api::list_devices, api::create_device))
         .routes(routes!(
             api::get_device,

@@ -49,6 +49,9 @@ pub enum Permission {
     ManageCatchment,
     /// Create, change and deactivate accounts.
     ManageUsers,
+    /// Enroll and rotate sites' public keys (what the cloud trusts a batch's signature with):
+    /// admins only.
+    ManageKeys,
     /// Change what is reported to the regulator (settings, passwords, releasing or discarding
     /// a held slot): admins and operators, who answer for the declarations.
     ManageCompliance,
@@ -73,7 +76,7 @@ impl Role {
             Permission::ManageCatchment => {
                 matches!(self, Role::Admin | Role::Operator | Role::Technician)
             }
-            Permission::ManageUsers => self == Role::Admin,
+            Permission::ManageUsers | Permission::ManageKeys => self == Role::Admin,
             Permission::ManageCompliance => matches!(self, Role::Admin | Role::Operator),
         }
     }
@@ -103,6 +106,7 @@ impl fmt::Display for Permission {
             Permission::Read => "read",
             Permission::ManageCatchment => "manage sites, catchment points and devices",
             Permission::ManageUsers => "manage accounts",
+            Permission::ManageKeys => "enroll site keys",
             Permission::ManageCompliance => "manage regulatory reporting",
         })
     }

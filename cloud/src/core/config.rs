@@ -82,6 +82,19 @@ pub struct CloudConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub compliance: ComplianceConfig,
+    #[serde(default)]
+    pub signing: SigningConfig,
+}
+
+/// `[signing]`: the cloud's own Ed25519 key, with which it signs what it sends to agents.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// The cloud's key file (`caudal-cloud signing-key` creates it and prints its public key,
+    /// which each agent is given as `uplink.cloud_public_key`). When set, every ack is sent
+    /// signed; when absent, acks go out as plain v1 and agents with a cloud key refuse them.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 fn default_services() -> Vec<String> {
@@ -105,6 +118,7 @@ impl Default for CloudConfig {
             auth: AuthConfig::default(),
             alerts: AlertsConfig::default(),
             compliance: ComplianceConfig::default(),
+            signing: SigningConfig::default(),
         }
     }
 }
@@ -445,6 +459,14 @@ pub struct IngestConfig {
     /// the next.
     #[serde(default = "default_refused_site_interval")]
     pub refused_site_interval_s: u64,
+    /// Accept batches from sites that have no enrolled public key: unsigned (v1) ones, and
+    /// signed ones whose key is not enrolled (counted in `ingest_unsigned_accepted`, no proof
+    /// kept). Default `false`: a batch is stored only when signed with its site's enrolled key.
+    /// A refused batch stays in its agent's outbox and is sent again, so turning this on for a
+    /// migration and off once every site's key is enrolled loses nothing. A site with an
+    /// enrolled key must sign whatever this says (`docs/adr/010-signed-messages.md`).
+    #[serde(default)]
+    pub accept_unsigned: bool,
 }
 
 fn default_dead_letter_retention() -> u32 {
@@ -495,6 +517,7 @@ impl Default for IngestConfig {
             dead_letter_max_rows: default_dead_letter_rows(),
             dead_letter_max_payload_bytes: default_dead_letter_payload(),
             refused_site_interval_s: default_refused_site_interval(),
+            accept_unsigned: false,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Core: what every process has whatever services it runs: configuration, logs, metrics, the
 //! database connection, the HTTP server with `/healthz` and `/metrics`, the embedded broker, and
-//! what every API route shares (errors, auth primitives), and readiness and watchdog towards the
+//! what every API route shares (errors, auth primitives), the cloud's signing key (`signing`), and readiness and watchdog towards the
 //! service manager.
 
 pub mod api;
@@ -13,6 +13,7 @@ pub mod log;
 pub mod metrics;
 pub mod openapi;
 pub mod service_manager;
+pub mod signing;
 
 use tokio::sync::watch;
 

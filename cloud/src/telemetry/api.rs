@@ -2,6 +2,7 @@
 //! events, each a read of [`super::query`] behind the caller's token. Times are RFC 3339
 //! (`2026-11-28T00:00:00Z`); ranges are `[from, to)`, by default the 24 hours before now.
 
+use super::provenance::{self, ProvenanceExport};
 use super::query::{
     self, Bucket, BucketView, Completeness, Cursor, DeviceLatest, EventView, MAX_LIMIT, QueryError,
     ReadingView,
@@ -582,4 +583,47 @@ mod tests {
         known.sort();
         assert_eq!(names, known);
     }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ProvenanceParams {
+    /// Records from, inclusive (RFC 3339). Default: 24 hours before `to`.
+    #[param(format = DateTime)]
+    from: Option<String>,
+    /// Records until, exclusive (RFC 3339). Default: now.
+    #[param(format = DateTime)]
+    to: Option<String>,
+}
+
+/// The signed batches behind the site's records in a time range, with their signatures and the
+/// site's keys: an auditor checks it with `caudal-cloud verify-export` and the site's public key
+/// alone (any role).
+#[utoipa::path(
+    get,
+    path = "/api/v1/sites/{site}/provenance",
+    tag = "telemetry",
+    security(("bearer" = [])),
+    params(SitePath, ProvenanceParams),
+    responses(
+        (status = 200, description = "The provenance export", body = ProvenanceExport),
+        (status = 400, description = "A parameter is wrong; `field` names it", body = ErrorBody),
+        Unauthorized,
+        SiteNotFound,
+    ),
+)]
+pub(super) async fn provenance(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ApiPath(site): ApiPath<String>,
+    ApiQuery(p): ApiQuery<ProvenanceParams>,
+) -> Result<Json<ProvenanceExport>, ApiError> {
+    caller.require(Permission::Read)?;
+    let site = known_site(&state, &site).await?;
+    let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
+    provenance::export(&state.db, &site, from, to)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::database("reading the provenance export", &e))
 }

@@ -28,6 +28,7 @@ mod api;
 pub mod conflict;
 pub mod dead_letter;
 pub mod ingest;
+pub mod provenance;
 pub mod query;
 pub mod store;
 pub mod volume;
@@ -52,6 +53,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(api::latest))
         .routes(routes!(api::completeness))
         .routes(routes!(api::events))
+        .routes(routes!(api::provenance))
         .merge(alert::routes())
 }
 
@@ -67,7 +69,14 @@ pub fn start(
 ) -> Result<(), IngestError> {
     let options = ingest::mqtt_options(broker_url, &config.mqtt)?;
     let metrics = IngestMetrics::register(registry);
-    let ingest = Ingest::new(options, config.ingest.clone(), db.clone(), metrics);
+    let mut ingest = Ingest::new(options, config.ingest.clone(), db.clone(), metrics);
+    if let Some(path) = &config.signing.key_file {
+        let key = crate::core::signing::load(path)?;
+        tracing::info!(public_key = %key.public(), "acks are signed with the cloud's key");
+        ingest = ingest.with_signer(key);
+    } else {
+        tracing::warn!("signing.key_file is not set: acks go out unsigned");
+    }
     let sd = shutdown.clone();
     tasks.spawn(async move {
         ingest.run(sd).await;

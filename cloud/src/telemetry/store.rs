@@ -13,7 +13,9 @@
 //! nothing of it and records the conflict for the alert; the stored record stays. Within a
 //! group, a batch is also compared with the group's earlier batches (SQLite: written before it
 //! in the same transaction; PostgreSQL: remembered, as the group is written in one insert).
-//! [`store_batch`] is the group of one.
+//! [`store_batch`] is the group of one. [`store_authenticated`], the ingest's way in, also
+//! checks each batch's signature against its site's current key in the same transaction, and
+//! keeps the signed bytes of each stored signed batch (`batch_signatures`).
 //!
 //! Bulk inserts: PostgreSQL receives each column of the whole group's readings as one array and
 //! inserts with `UNNEST`, one statement per group whatever its size, so a group pays one round
@@ -24,6 +26,7 @@
 
 use super::conflict::{self, SeqConflict};
 use crate::core::db::{Backend, Db, each_db, from_sqlite_time, pg_time, sqlite_time};
+use caudal_common::signed::{self, PublicKey};
 use caudal_common::{Batch, BatchError, Event, Gap, GapCause, Reading, Seq, SiteId, Status};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -51,6 +54,10 @@ pub enum StoreError {
     /// What is stored cannot be read back.
     #[error("{0}")]
     Invalid(String),
+    /// The batch's signature does not satisfy its site's key ([`store_authenticated`]);
+    /// nothing of it was written.
+    #[error("{0}")]
+    Signature(SignatureRefusal),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -120,6 +127,9 @@ pub struct GroupStored {
     /// inactive site, a broken rule of the contract, a `(site, seq)` conflict) with nothing of it
     /// written.
     pub outcomes: Vec<Result<(), StoreError>>,
+    /// One per batch: whether it was stored signed with its site's enrolled key (and its proof
+    /// kept in `batch_signatures`).
+    pub proven: Vec<bool>,
 }
 
 /// Stores a group of decoded batches, each with the time its message arrived, in one
@@ -129,6 +139,118 @@ pub async fn store_batches(
     db: &Db,
     group: &[(&Batch, DateTime<Utc>)],
 ) -> Result<GroupStored, sqlx::Error> {
+    store_group(db, group, None).await
+}
+
+/// How the ingest found a batch authenticated.
+#[derive(Debug, Clone, Copy)]
+pub enum Signer<'a> {
+    /// A plain v1 batch.
+    Unsigned,
+    /// A v2 envelope whose signature verified with `key` over `body` (the batch's exact bytes).
+    Signed {
+        key: PublicKey,
+        sig: [u8; 64],
+        body: &'a [u8],
+    },
+}
+
+/// What the store demands of a batch's signature.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SigningPolicy {
+    /// Accept unsigned batches from a site that has no enrolled key (`ingest.accept_unsigned`).
+    /// A site with an enrolled key must sign whatever this says.
+    pub accept_unsigned: bool,
+}
+
+/// Like [`store_batches`], for batches as they arrived: each is first checked against its
+/// site's current key (**authenticity rule**, enforced here, in the transaction that stores the
+/// batch): a batch of a site with an enrolled key is stored only when signed with that key; an
+/// unsigned batch of a site without a key only when `policy` accepts unsigned batches; anything
+/// else is refused ([`StoreError::Signature`]) with nothing written. A signed batch that is
+/// stored has its exact bytes, signature and key written with its records
+/// (`batch_signatures`), in the same commit, so every acknowledged signed record has its proof.
+pub async fn store_authenticated(
+    db: &Db,
+    group: &[(&Batch, DateTime<Utc>, Signer<'_>)],
+    policy: SigningPolicy,
+) -> Result<GroupStored, sqlx::Error> {
+    let plain: Vec<(&Batch, DateTime<Utc>)> = group.iter().map(|(b, at, _)| (*b, *at)).collect();
+    let signers: Vec<Signer<'_>> = group.iter().map(|(_, _, s)| *s).collect();
+    store_group(db, &plain, Some((&signers, policy))).await
+}
+
+/// Why the store refused a batch's signature; [`SignatureRefusal::reason`] labels the counter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureRefusal {
+    #[error("site {0} has an enrolled public key; its batches must be signed")]
+    UnsignedFromEnrolled(SiteId),
+    #[error("site {0} has no enrolled public key and this cloud accepts no unsigned batches")]
+    Unsigned(SiteId),
+    #[error("batch of site {site} is signed with key {key}, which is not the site's current key")]
+    UnknownKey { site: SiteId, key: PublicKey },
+}
+
+impl SignatureRefusal {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SignatureRefusal::UnsignedFromEnrolled(_) | SignatureRefusal::Unsigned(_) => "unsigned",
+            SignatureRefusal::UnknownKey { .. } => "unknown_key",
+        }
+    }
+}
+
+/// The authenticity rule of [`store_authenticated`] for one batch.
+fn check_signer(
+    site: &SiteId,
+    current: Option<&str>,
+    signer: &Signer<'_>,
+    policy: SigningPolicy,
+) -> Result<(), StoreError> {
+    let refused = match (current, signer) {
+        (Some(k), Signer::Signed { key, .. }) if k == key.to_string() => return Ok(()),
+        // A site without an enrolled key whose agent already signs (agents upgraded first):
+        // as good as unsigned, accepted under the same switch; no proof is kept for it.
+        (None, Signer::Signed { .. }) if policy.accept_unsigned => return Ok(()),
+        (_, Signer::Signed { key, .. }) => SignatureRefusal::UnknownKey {
+            site: site.clone(),
+            key: *key,
+        },
+        (Some(_), Signer::Unsigned) => SignatureRefusal::UnsignedFromEnrolled(site.clone()),
+        (None, Signer::Unsigned) if policy.accept_unsigned => return Ok(()),
+        (None, Signer::Unsigned) => SignatureRefusal::Unsigned(site.clone()),
+    };
+    Err(StoreError::Signature(refused))
+}
+
+/// The records' time span of a batch, for the provenance export's range.
+fn time_span(batch: &Batch) -> (DateTime<Utc>, DateTime<Utc>) {
+    let times = batch
+        .readings
+        .iter()
+        .map(|r| r.ts)
+        .chain(batch.events.iter().map(|e| e.ts))
+        .chain(batch.gaps.iter().flat_map(|g| [g.from, g.to]));
+    let mut span: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
+    for t in times {
+        span = Some(match span {
+            None => (t, t),
+            Some((a, b)) => (a.min(t), b.max(t)),
+        });
+    }
+    span.unwrap_or((batch.sent_at, batch.sent_at))
+}
+
+const INSERT_SIGNATURE: &str = "INSERT INTO batch_signatures (site, batch, received_at, \
+     public_key, signature, body, first_ts, last_ts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+async fn store_group(
+    db: &Db,
+    group: &[(&Batch, DateTime<Utc>)],
+    auth: Option<(&[Signer<'_>], SigningPolicy)>,
+) -> Result<GroupStored, sqlx::Error> {
+    let signer = |i: usize| auth.and_then(|(s, p)| s.get(i).map(|s| (s, p)));
+    let mut proven = vec![false; group.len()];
     // The ingest decoded each batch with these rules already; checked again here because the
     // columns depend on them whoever calls.
     let mut outcomes: Vec<Result<(), StoreError>> = group
@@ -145,18 +267,29 @@ pub async fn store_batches(
         Db::Sqlite(p) => {
             let mut tx = p.begin_write().await?;
             let mut active = std::collections::HashMap::with_capacity(sites.len());
+            let mut keys = std::collections::HashMap::with_capacity(sites.len());
             for site in sites {
-                let a: Option<bool> = sqlx::query_scalar("SELECT active FROM sites WHERE id = ?")
-                    .bind(site)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                active.insert(site, a);
+                let row: Option<(bool, Option<String>)> = sqlx::query_as(
+                    "SELECT s.active, (SELECT k.public_key FROM site_keys k \
+                     WHERE k.site = s.id AND k.valid_to IS NULL) FROM sites s WHERE s.id = ?",
+                )
+                .bind(site)
+                .fetch_optional(&mut *tx)
+                .await?;
+                active.insert(site, row.as_ref().map(|r| r.0));
+                keys.insert(site, row.and_then(|r| r.1));
             }
             let mut stored = Stored::default();
-            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+            for (i, ((batch, at), outcome)) in group.iter().zip(outcomes.iter_mut()).enumerate() {
                 if outcome.is_ok() {
                     let a = active.get(batch.site.as_str()).copied().flatten();
                     *outcome = check_site(&batch.site, a);
+                }
+                if outcome.is_ok()
+                    && let Some((s, policy)) = signer(i)
+                {
+                    let current = keys.get(batch.site.as_str()).and_then(|k| k.as_deref());
+                    *outcome = check_signer(&batch.site, current, s, policy);
                 }
                 if outcome.is_ok()
                     && let Some(c) = conflict::find_sqlite(&mut tx, batch).await?
@@ -166,16 +299,44 @@ pub async fn store_batches(
                 }
                 if outcome.is_ok() {
                     stored.add(sqlite_batch(&mut tx, batch, *at).await?);
+                    if let Some((Signer::Signed { key, sig, body }, _)) = signer(i)
+                        && keys.get(batch.site.as_str()).and_then(|k| k.as_deref())
+                            == Some(key.to_string().as_str())
+                    {
+                        let (first, last) = time_span(batch);
+                        sqlx::query(INSERT_SIGNATURE)
+                            .bind(batch.site.as_str())
+                            .bind(&batch.batch)
+                            .bind(sqlite_time(*at))
+                            .bind(key.to_string())
+                            .bind(signed::encode_signature(sig))
+                            .bind(*body)
+                            .bind(sqlite_time(first))
+                            .bind(sqlite_time(last))
+                            .execute(&mut *tx)
+                            .await?;
+                        proven[i] = true;
+                    }
                 }
             }
             tx.commit().await?;
-            Ok(GroupStored { stored, outcomes })
+            Ok(GroupStored {
+                stored,
+                outcomes,
+                proven,
+            })
         }
         Db::Postgres(p) => {
-            let active = pg_active(p, &sites).await?;
-            for ((batch, _), outcome) in group.iter().zip(outcomes.iter_mut()) {
+            let (active, keys) = pg_sites(p, &sites).await?;
+            for (i, ((batch, _), outcome)) in group.iter().zip(outcomes.iter_mut()).enumerate() {
                 if outcome.is_ok() {
                     *outcome = check_site(&batch.site, active.get(batch.site.as_str()).copied());
+                }
+                if outcome.is_ok()
+                    && let Some((s, policy)) = signer(i)
+                {
+                    let current = keys.get(batch.site.as_str()).and_then(|k| k.as_deref());
+                    *outcome = check_signer(&batch.site, current, s, policy);
                 }
             }
             let checked: Vec<(&Batch, DateTime<Utc>)> = group
@@ -184,6 +345,32 @@ pub async fn store_batches(
                 .filter(|(_, o)| o.is_ok())
                 .map(|((b, at), _)| (*b, *at))
                 .collect();
+            // The proofs to keep: each accepted batch signed with its site's current key.
+            let proofs = |outcomes: &[Result<(), StoreError>]| -> Vec<(usize, Proof<'_>)> {
+                group
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| outcomes[*i].is_ok())
+                    .filter_map(|(i, (batch, at))| match signer(i) {
+                        Some((Signer::Signed { key, sig, body }, _))
+                            if keys.get(batch.site.as_str()).and_then(|k| k.as_deref())
+                                == Some(key.to_string().as_str()) =>
+                        {
+                            Some((
+                                i,
+                                Proof {
+                                    batch,
+                                    at: *at,
+                                    key: *key,
+                                    sig: *sig,
+                                    body,
+                                },
+                            ))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
             // Optimistic first: insert everything. When every record was new and none took a
             // seq another kind holds (the tables are keyed apart), the group commits with
             // nothing read back: the common case. Otherwise the attempt is rolled back and the
@@ -196,60 +383,134 @@ pub async fn store_batches(
             if stored.readings + stored.events + stored.gaps == records
                 && !conflict::crosses_kinds_pg(&mut tx, &batches).await?
             {
+                let kept = proofs(&outcomes);
+                pg_proofs(&mut tx, &kept).await?;
                 tx.commit().await?;
-                return Ok(GroupStored { stored, outcomes });
+                for (i, _) in kept {
+                    proven[i] = true;
+                }
+                return Ok(GroupStored {
+                    stored,
+                    outcomes,
+                    proven,
+                });
             }
             tx.rollback().await?;
-            pg_refusing_conflicts(p, group, outcomes).await
+            let mut tx = p.begin_write().await?;
+            let mut under = conflict::stored_pg(&mut tx, &batches).await?;
+            let mut accepted = Vec::with_capacity(group.len());
+            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_ok()
+                    && let Some(c) = conflict::compare(batch, &under)
+                {
+                    conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
+                    *outcome = Err(StoreError::SeqConflict(c));
+                }
+                if outcome.is_ok() {
+                    conflict::remember(&mut under, batch);
+                    accepted.push((*batch, *at));
+                }
+            }
+            let stored = pg_batches(&mut tx, &accepted).await?;
+            let kept = proofs(&outcomes);
+            pg_proofs(&mut tx, &kept).await?;
+            tx.commit().await?;
+            for (i, _) in kept {
+                proven[i] = true;
+            }
+            Ok(GroupStored {
+                stored,
+                outcomes,
+                proven,
+            })
         }
     }
 }
 
-/// Whether each of `sites` is active (absent: unknown).
-async fn pg_active(
+/// The proof of one stored signed batch: its exact bytes, signature and key.
+struct Proof<'a> {
+    batch: &'a Batch,
+    at: DateTime<Utc>,
+    key: PublicKey,
+    sig: [u8; 64],
+    body: &'a [u8],
+}
+
+/// Writes the proofs of a group's signed batches in one statement (like its records).
+async fn pg_proofs(
+    tx: &mut Transaction<'static, Postgres>,
+    proofs: &[(usize, Proof<'_>)],
+) -> Result<(), sqlx::Error> {
+    if proofs.is_empty() {
+        return Ok(());
+    }
+    let n = proofs.len();
+    let (mut site, mut batch, mut received, mut key, mut sig, mut body, mut first, mut last) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (_, p) in proofs {
+        let (f, l) = time_span(p.batch);
+        site.push(p.batch.site.as_str());
+        batch.push(p.batch.batch.as_str());
+        received.push(p.at);
+        key.push(p.key.to_string());
+        sig.push(signed::encode_signature(&p.sig));
+        body.push(p.body);
+        first.push(f);
+        last.push(l);
+    }
+    sqlx::query(
+        "INSERT INTO batch_signatures (site, batch, received_at, public_key, signature, body, \
+         first_ts, last_ts) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], \
+                              $5::text[], $6::bytea[], $7::timestamptz[], $8::timestamptz[])",
+    )
+    .bind(site)
+    .bind(batch)
+    .bind(received)
+    .bind(key)
+    .bind(sig)
+    .bind(body)
+    .bind(first)
+    .bind(last)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Whether each of `sites` is active (absent: unknown), and its current public key.
+#[allow(clippy::type_complexity)]
+async fn pg_sites(
     p: &sqlx::PgPool,
     sites: &[&str],
-) -> Result<std::collections::HashMap<String, bool>, sqlx::Error> {
-    let rows: Vec<(String, bool)> =
-        sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
-            .bind(sites)
-            .fetch_all(p)
-            .await?;
-    Ok(rows.into_iter().collect())
-}
-
-/// Stores a group of which some record's seq was stored already: reads what is stored under
-/// every seq first, refuses (and records) each conflicting batch, stores the rest. Taken only
-/// after the optimistic insert met a stored seq, so its read costs nothing on the common path.
-async fn pg_refusing_conflicts(
-    p: &sqlx::PgPool,
-    group: &[(&Batch, DateTime<Utc>)],
-    mut outcomes: Vec<Result<(), StoreError>>,
-) -> Result<GroupStored, sqlx::Error> {
-    let mut tx = p.begin_write().await?;
-    let checked: Vec<&Batch> = group
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| o.is_ok())
-        .map(|((b, _), _)| *b)
-        .collect();
-    let mut under = conflict::stored_pg(&mut tx, &checked).await?;
-    let mut accepted = Vec::with_capacity(group.len());
-    for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
-        if outcome.is_ok()
-            && let Some(c) = conflict::compare(batch, &under)
-        {
-            conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
-            *outcome = Err(StoreError::SeqConflict(c));
-        }
-        if outcome.is_ok() {
-            conflict::remember(&mut under, batch);
-            accepted.push((*batch, *at));
-        }
+) -> Result<
+    (
+        std::collections::HashMap<String, bool>,
+        std::collections::HashMap<String, Option<String>>,
+    ),
+    sqlx::Error,
+> {
+    let rows: Vec<(String, bool, Option<String>)> = sqlx::query_as(
+        "SELECT s.id, s.active, k.public_key FROM sites s LEFT JOIN site_keys k \
+         ON k.site = s.id AND k.valid_to IS NULL WHERE s.id = ANY($1)",
+    )
+    .bind(sites)
+    .fetch_all(p)
+    .await?;
+    let mut active = std::collections::HashMap::with_capacity(rows.len());
+    let mut keys = std::collections::HashMap::with_capacity(rows.len());
+    for (id, a, k) in rows {
+        active.insert(id.clone(), a);
+        keys.insert(id, k);
     }
-    let stored = pg_batches(&mut tx, &accepted).await?;
-    tx.commit().await?;
-    Ok(GroupStored { stored, outcomes })
+    Ok((active, keys))
 }
 
 impl Stored {

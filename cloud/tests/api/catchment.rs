@@ -90,6 +90,13 @@ const ROUTES: &[(&str, &str, Option<&str>, Role)] = &[
         None,
         Role::Operator,
     ),
+    (
+        "PUT",
+        "/api/v1/sites/pozo-1/public-key",
+        Some(r#"{"public_key":"6GcFtv5uKd5ixy6QkLgdWhp+C/a1KtVL8ftifYB53ac="}"#),
+        Role::Admin,
+    ),
+    ("GET", "/api/v1/sites/pozo-1/public-key", None, Role::Viewer),
     ("DELETE", "/api/v1/points/1", None, Role::Operator),
     ("DELETE", "/api/v1/sites/pozo-1", None, Role::Operator),
 ];
@@ -1083,4 +1090,58 @@ async fn mosquitto_checks_the_exported_password_and_acl_files() {
         assert!(e.contains("refused"), "{user}: {e}");
     }
     cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_key_is_enrolled_rotated_and_never_reused_over_the_api() {
+    for db in TestDb::all().await {
+        let (cloud, admin) = api(&db).await;
+        let addr = cloud.http_addr();
+        let path = "/api/v1/sites/pozo-k/public-key";
+        expect(
+            addr,
+            &admin,
+            "POST",
+            "/api/v1/sites",
+            Some(r#"{"id":"pozo-k"}"#),
+            201,
+        )
+        .await;
+        let k1 = caudal_common::signed::SecretKey::from_seed(&[1; 32]).public();
+        let k2 = caudal_common::signed::SecretKey::from_seed(&[2; 32]).public();
+        let body = |k: &str| format!(r#"{{"public_key":"{k}"}}"#);
+
+        let bad = expect(addr, &admin, "PUT", path, Some(&body("not-a-key")), 400).await;
+        assert_eq!(bad["field"], "public_key", "{}: {bad}", db.name);
+        let missing = "/api/v1/sites/pozo-none/public-key";
+        expect(
+            addr,
+            &admin,
+            "PUT",
+            missing,
+            Some(&body(&k1.to_string())),
+            404,
+        )
+        .await;
+
+        let one = expect(addr, &admin, "PUT", path, Some(&body(&k1.to_string())), 200).await;
+        assert_eq!(one["keys"].as_array().map(Vec::len), Some(1));
+        let two = expect(addr, &admin, "PUT", path, Some(&body(&k2.to_string())), 200).await;
+        let keys = two["keys"].as_array().expect("keys");
+        assert_eq!(keys.len(), 2, "{}: {two}", db.name);
+        assert_eq!(keys[0]["public_key"], k1.to_string());
+        assert!(
+            keys[0]["valid_to"].is_string(),
+            "the old key is closed: {two}"
+        );
+        assert!(
+            keys[1]["valid_to"].is_null(),
+            "the new key is current: {two}"
+        );
+        let again = expect(addr, &admin, "PUT", path, Some(&body(&k1.to_string())), 409).await;
+        assert_eq!(again["field"], "public_key");
+        let listed = expect(addr, &admin, "GET", path, None, 200).await;
+        assert_eq!(listed, two);
+        cloud.stop().await;
+    }
 }

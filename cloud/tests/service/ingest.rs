@@ -194,9 +194,9 @@ async fn refused_payloads_are_dead_lettered_and_acked_rejected() {
                 false,
             ),
             (
-                edited(|v| v["v"] = 2.into()),
+                edited(|v| v["v"] = 3.into()),
                 "pozo-norte",
-                "unsupported schema version 2",
+                "unsupported schema version 3",
                 true,
             ),
             (

@@ -11,3 +11,4 @@ mod console;
 mod fake_dga;
 mod ingest;
 mod processes;
+mod signing;

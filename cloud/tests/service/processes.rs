@@ -180,7 +180,9 @@ async fn core_and_telemetry_processes_share_one_database() {
         tel_cmd
             .env("CAUDAL_HTTP__LISTEN", tel_http.to_string())
             .env("CAUDAL_MQTT__EMBEDDED__LISTEN", v4.to_string())
-            .env("CAUDAL_MQTT__EMBEDDED__LISTEN_V5", v5.to_string());
+            .env("CAUDAL_MQTT__EMBEDDED__LISTEN_V5", v5.to_string())
+            // The stand-in agent sends plain v1 for a site without a key.
+            .env("CAUDAL_INGEST__ACCEPT_UNSIGNED", "true");
         let mut tel = Proc::spawn("telemetry", tel_cmd, dir);
         tel.wait_healthy(tel_http).await;
         wait_metric(tel_http, "caudal_cloud_ingest_subscribed 1").await;
@@ -436,7 +438,8 @@ async fn six_hundred_logins_at_once_keep_memory_bounded_and_ingest_acking() {
         .env("CAUDAL_MQTT__EMBEDDED__LISTEN_V5", v5.to_string())
         .env("CAUDAL_AUTH__MAX_PARALLEL_HASHES", "2")
         .env("CAUDAL_AUTH__ADDRESS_ATTEMPTS", "10000")
-        .env("CAUDAL_AUTH__LOGIN_WAIT_S", "5");
+        .env("CAUDAL_AUTH__LOGIN_WAIT_S", "5")
+        .env("CAUDAL_INGEST__ACCEPT_UNSIGNED", "true");
     let mut cloud = Proc::spawn("cloud", cmd, dir);
     cloud.wait_healthy(http).await;
     wait_metric(http, "caudal_cloud_ingest_subscribed 1").await;

@@ -23,6 +23,8 @@ pub fn config(db: &TestDb) -> CloudConfig {
     c.mqtt.embedded.listen = "127.0.0.1:0".parse().expect("addr");
     c.mqtt.embedded.listen_v5 = "127.0.0.1:0".parse().expect("addr");
     c.ingest.workers = 2;
+    // Most tests speak plain v1 for sites without keys; `signing` tests the default.
+    c.ingest.accept_unsigned = true;
     c
 }
 

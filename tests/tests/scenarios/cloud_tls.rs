@@ -9,9 +9,10 @@
 use crate::support;
 
 use caudal_cloud::Cloud;
-use caudal_cloud::catchment::site;
+use caudal_cloud::catchment::{site, site_key};
 use caudal_cloud::core::config::{CloudConfig, Secret};
 use caudal_common::payload::{self, Payload};
+use caudal_common::signed::{self, Purpose, SecretKey};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, DeviceId, Quality, Reading, Seq, SiteId};
 use caudal_testkit::broker::{Broker, BrokerOptions, BrokerTls};
@@ -94,6 +95,10 @@ async fn the_ingest_stores_and_acks_through_a_mutual_tls_broker() {
     }
     let site = SiteId::new("pozo-tls").expect("site");
     site::add(cloud.db(), &site, "").await.expect("add site");
+    let key = SecretKey::from_seed(&[7; 32]);
+    site_key::enroll(cloud.db(), &site, &key.public(), Utc::now())
+        .await
+        .expect("enroll key");
 
     // An agent on the broker's plain listener (the same router).
     let addr = broker.v4_addr();
@@ -149,7 +154,7 @@ async fn the_ingest_stores_and_acks_through_a_mutual_tls_broker() {
             topic::topic(&site, TopicKind::Telemetry),
             QoS::AtLeastOnce,
             false,
-            batch.encode(),
+            signed::seal(&key, Purpose::Batch, &batch.encode()),
         )
         .await
         .expect("publish");

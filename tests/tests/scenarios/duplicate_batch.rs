@@ -6,6 +6,7 @@
 use crate::support;
 
 use caudal_common::payload::decode;
+use caudal_common::signed::{self, Purpose};
 use caudal_common::topic::{self, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, SiteId};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -76,7 +77,9 @@ async fn a_batch_delivered_twice_is_stored_once_and_acknowledged_again() {
     let (bytes, batch) = loop {
         let (t, p) = next(&mut rx).await;
         if t == telemetry {
-            let b: Batch = decode(&p).expect("the agent's batch decodes");
+            // The agent signs: the envelope verifies, and its body is the batch.
+            let opened = signed::open(&p, Purpose::Batch).expect("the agent's batch is signed");
+            let b: Batch = decode(opened.body).expect("the agent's batch decodes");
             if !b.readings.is_empty() {
                 break (p, b);
             }

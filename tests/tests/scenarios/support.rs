@@ -531,6 +531,22 @@ impl Site {
         }
     }
 
+    /// The agent's public key, from `caudal-agent identity` (which creates the key pair).
+    pub fn identity(&self) -> String {
+        let cfg = self.config_path.display().to_string();
+        let args = ["--config".to_string(), cfg, "identity".to_string()];
+        let out = command(Path::new(AGENT_BIN), &args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("caudal-agent starts");
+        assert!(
+            out.status.success(),
+            "caudal-agent identity: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Reads the outbox read-only (as `caudal-agent status` does); `None` while it does not
     /// exist yet. Remembers the epoch.
     pub fn inspect(&mut self) -> Option<Inspection> {
@@ -662,7 +678,19 @@ impl Scene {
             _turn: turn,
         };
         for s in &scene.sites {
-            let out = scene.cloud_cli(&["site", "add", "--id", &s.id, "--name", &s.id]);
+            // Each agent's key pair is made before its first start, as a technician does at
+            // installation, and its public key enrolled with the site: batches must be signed.
+            let public_key = s.identity();
+            let out = scene.cloud_cli(&[
+                "site",
+                "add",
+                "--id",
+                &s.id,
+                "--name",
+                &s.id,
+                "--public-key",
+                &public_key,
+            ]);
             if authenticate {
                 let password = out
                     .lines()

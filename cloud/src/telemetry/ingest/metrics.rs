@@ -15,6 +15,17 @@ pub(super) struct RecordLabels {
     pub(super) outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct SiteReasonLabels {
+    pub(super) site: String,
+    pub(super) reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct SiteLabels {
+    pub(super) site: String,
+}
+
 /// The ingest's counters.
 #[derive(Debug, Clone)]
 pub struct IngestMetrics {
@@ -22,6 +33,11 @@ pub struct IngestMetrics {
     pub(super) batches: Family<KindLabels, Counter>,
     pub(super) records: Family<RecordLabels, Counter>,
     pub(super) rejected: Family<ReasonLabels, Counter>,
+    /// Batches refused for their signature, per site and reason (`bad_signature`,
+    /// `unknown_key`, `unsigned`, `malformed_envelope`).
+    pub(super) signature_refused: Family<SiteReasonLabels, Counter>,
+    /// Batches accepted from a site without an enrolled key (`ingest.accept_unsigned`).
+    pub(super) unsigned_accepted: Family<SiteLabels, Counter>,
     pub(super) store_errors: Counter,
     pub(super) group_splits: Counter,
     pub(super) group_batches: Histogram,
@@ -47,6 +63,8 @@ impl IngestMetrics {
             batches: Family::default(),
             records: Family::default(),
             rejected: Family::default(),
+            signature_refused: Family::default(),
+            unsigned_accepted: Family::default(),
             store_errors: Counter::default(),
             group_splits: Counter::default(),
             group_batches: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
@@ -77,6 +95,17 @@ impl IngestMetrics {
             "ingest_rejected",
             "Messages refused and dead-lettered, by reason",
             m.rejected.clone(),
+        );
+        r.register(
+            "ingest_signature_refused",
+            "Batches refused for their signature, by site and reason (bad_signature, \
+             unknown_key, unsigned, malformed_envelope)",
+            m.signature_refused.clone(),
+        );
+        r.register(
+            "ingest_unsigned_accepted",
+            "Batches accepted from a site without an enrolled key (ingest.accept_unsigned)",
+            m.unsigned_accepted.clone(),
         );
         r.register(
             "ingest_store_errors",

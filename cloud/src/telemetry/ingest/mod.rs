@@ -63,6 +63,8 @@ use crate::core::Shutdown;
 use crate::core::config::IngestConfig;
 use crate::core::db::Db;
 use crate::core::metrics::KindLabels;
+use crate::telemetry::store::SigningPolicy;
+use caudal_common::signed::SecretKey;
 use caudal_common::topic::{self, TopicKind};
 use chrono::{DateTime, Utc};
 use dispatch::{InboundBudget, dispatch, held_size};
@@ -92,6 +94,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum IngestError {
     #[error("mqtt.url {0:?}: expected mqtt://host:port or mqtts://host:port")]
     Url(String),
+    #[error(transparent)]
+    SigningKey(#[from] crate::core::signing::SigningKeyError),
     #[error("{key} {path}: {source}")]
     File {
         key: &'static str,
@@ -114,6 +118,8 @@ pub struct Ingest {
     cfg: IngestConfig,
     db: Db,
     metrics: IngestMetrics,
+    /// Signs every ack when set (`[signing] key_file`).
+    signer: Option<Arc<SecretKey>>,
 }
 
 impl Ingest {
@@ -123,7 +129,14 @@ impl Ingest {
             cfg,
             db,
             metrics,
+            signer: None,
         }
+    }
+
+    /// Signs every ack with `key` (the cloud's own key).
+    pub fn with_signer(mut self, key: SecretKey) -> Self {
+        self.signer = Some(Arc::new(key));
+        self
     }
 
     /// Runs until `shutdown`, then lets the workers finish what they hold (their acks still go
@@ -160,6 +173,10 @@ impl Ingest {
                 ids: ids.clone(),
                 refused_sites: refused_sites.clone(),
                 dead_letter_max_payload: self.cfg.dead_letter_max_payload_bytes,
+                policy: SigningPolicy {
+                    accept_unsigned: self.cfg.accept_unsigned,
+                },
+                signer: self.signer.clone(),
             };
             tasks.spawn(w.run());
         }

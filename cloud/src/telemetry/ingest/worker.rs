@@ -2,12 +2,13 @@
 //! queue at a time, and answers each batch (an ack after the commit, or a rejection).
 
 use super::Message;
-use super::metrics::{IngestMetrics, RecordLabels};
+use super::metrics::{IngestMetrics, RecordLabels, SiteLabels, SiteReasonLabels};
 use crate::core::db::Db;
 use crate::core::metrics::{KindLabels, ReasonLabels};
 use crate::telemetry::dead_letter::{self, RefusedSites};
-use crate::telemetry::store::{self, StoreError};
+use crate::telemetry::store::{self, SignatureRefusal, Signer, SigningPolicy, StoreError};
 use caudal_common::payload::{self, Payload};
+use caudal_common::signed::{self, PublicKey, Purpose, SIGNED_VERSION, SecretKey, SignedError};
 use caudal_common::topic::{self, Topic, TopicKind};
 use caudal_common::{Ack, AckStatus, Batch, DecodeError, SeqRange, SiteId, Status};
 use chrono::{DateTime, Utc};
@@ -37,6 +38,12 @@ pub enum Rejection {
     /// A record arrived under a stored record's `(site, seq)` with other content.
     #[error("{0}")]
     SeqConflict(String),
+    /// A v2 envelope that is malformed or whose signature does not verify.
+    #[error("{0}")]
+    Envelope(#[from] SignedError),
+    /// A batch whose signature does not satisfy its site's enrolled key.
+    #[error("{0}")]
+    Signature(SignatureRefusal),
 }
 
 impl Rejection {
@@ -53,7 +60,14 @@ impl Rejection {
             Rejection::UnknownSite(_) => "unknown_site",
             Rejection::InactiveSite(_) => "inactive_site",
             Rejection::SeqConflict(_) => "seq_conflict",
+            Rejection::Envelope(e) => e.reason(),
+            Rejection::Signature(r) => r.reason(),
         }
+    }
+
+    /// Whether this refusal is about the batch's signature (counted per site as well).
+    fn is_signature(&self) -> bool {
+        matches!(self, Rejection::Envelope(_) | Rejection::Signature(_))
     }
 }
 
@@ -95,6 +109,10 @@ pub(super) struct Worker {
     /// Shared by the workers: how often a refused site's refusals are written.
     pub(super) refused_sites: Arc<RefusedSites>,
     pub(super) dead_letter_max_payload: usize,
+    /// What the store demands of a batch's signature.
+    pub(super) policy: SigningPolicy,
+    /// The cloud's key, which signs every ack when set.
+    pub(super) signer: Option<Arc<SecretKey>>,
 }
 
 /// A batch that was decoded and passed the checks, waiting to be stored with its group.
@@ -103,7 +121,22 @@ struct Pending {
     topic: String,
     site: SiteId,
     batch: Batch,
+    /// The verified signature, and where the signed body lies in the payload.
+    signed: Option<(PublicKey, [u8; 64], std::ops::Range<usize>)>,
     msg: Message,
+}
+
+impl Pending {
+    fn signer(&self) -> Signer<'_> {
+        match &self.signed {
+            Some((key, sig, at)) => Signer::Signed {
+                key: *key,
+                sig: *sig,
+                body: self.msg.publish.payload.get(at.clone()).unwrap_or_default(),
+            },
+            None => Signer::Unsigned,
+        }
+    }
 }
 
 impl Worker {
@@ -176,10 +209,30 @@ impl Worker {
     ) -> Option<Pending> {
         let span = tracing::Span::current();
         span.record("site", site.as_str());
-        let batch = match payload::decode::<Batch>(&msg.publish.payload) {
+        // A v2 envelope is verified before its body is read at all; the key's enrolment is
+        // the store's check, in the transaction that stores the batch.
+        let raw = &msg.publish.payload;
+        let (body, signed) = if signed::version_of(raw) == Some(SIGNED_VERSION) {
+            match signed::open(raw, Purpose::Batch) {
+                Ok(o) => {
+                    let start = o.body.as_ptr() as usize - raw.as_ptr() as usize;
+                    let at = start..start + o.body.len();
+                    (o.body, Some((o.key, o.sig, at)))
+                }
+                Err(e) => {
+                    let batch = loose_batch_id(raw);
+                    self.reject(&topic, Some(&site), batch.as_deref(), &msg, e.into())
+                        .await;
+                    return None;
+                }
+            }
+        } else {
+            (&raw[..], None)
+        };
+        let batch = match payload::decode::<Batch>(body) {
             Ok(b) => b,
             Err(e) => {
-                let batch = loose_batch_id(&msg.publish.payload);
+                let batch = loose_batch_id(body);
                 self.reject(&topic, Some(&site), batch.as_deref(), &msg, e.into())
                     .await;
                 return None;
@@ -205,6 +258,7 @@ impl Worker {
             topic,
             site,
             batch,
+            signed,
             msg,
         })
     }
@@ -237,11 +291,11 @@ impl Worker {
     /// One transaction for `group`, then the acks (accepted, or rejected for a batch whose site
     /// is unknown or inactive). `Err`: a database error; nothing was stored or answered.
     async fn store(&self, group: &[Pending]) -> Result<(), sqlx::Error> {
-        let input: Vec<(&Batch, DateTime<Utc>)> = group
+        let input: Vec<(&Batch, DateTime<Utc>, Signer<'_>)> = group
             .iter()
-            .map(|p| (&p.batch, p.msg.received_at))
+            .map(|p| (&p.batch, p.msg.received_at, p.signer()))
             .collect();
-        let stored = store::store_batches(&self.db, &input).await?;
+        let stored = store::store_authenticated(&self.db, &input, self.policy).await?;
         let m = &self.metrics;
         m.group_batches.observe(group.len() as f64);
         let mut totals = [0u64; 3];
@@ -276,20 +330,27 @@ impl Worker {
                     .inc_by(dup);
             }
         }
-        for (p, outcome) in group.iter().zip(stored.outcomes) {
+        for ((p, outcome), proven) in group.iter().zip(stored.outcomes).zip(stored.proven) {
             let span = tracing::info_span!("ingest", id = %p.id, site = %p.site);
-            self.answer(p, outcome).instrument(span).await;
+            self.answer(p, outcome, proven).instrument(span).await;
         }
         Ok(())
     }
 
     /// Answers one batch of a committed group.
-    async fn answer(&self, p: &Pending, outcome: Result<(), StoreError>) {
+    async fn answer(&self, p: &Pending, outcome: Result<(), StoreError>, proven: bool) {
         let batch = &p.batch;
         let why = match outcome {
             Ok(()) => {
                 let m = &self.metrics;
                 m.batches.get_or_create(&KindLabels::new("accepted")).inc();
+                if !proven {
+                    m.unsigned_accepted
+                        .get_or_create(&SiteLabels {
+                            site: p.site.to_string(),
+                        })
+                        .inc();
+                }
                 let ack = Ack {
                     v: caudal_common::SCHEMA_VERSION,
                     site: p.site.clone(),
@@ -317,6 +378,7 @@ impl Worker {
                     arrived = c.arrived, "seq conflict: batch refused, dead-lettered and alerted");
                 Rejection::SeqConflict(c.to_string())
             }
+            Err(StoreError::Signature(r)) => Rejection::Signature(r),
             Err(StoreError::Database(e)) => return self.failed(p, &e),
         };
         self.reject(&p.topic, Some(&p.site), Some(&batch.batch), &p.msg, why)
@@ -381,6 +443,10 @@ impl Worker {
                 let r = Rejection::SeqConflict(c.to_string());
                 self.reject(topic, Some(&site), None, msg, r).await
             }
+            Err(StoreError::Signature(r)) => {
+                self.reject(topic, Some(&site), None, msg, Rejection::Signature(r))
+                    .await
+            }
             Err(StoreError::Database(e)) => {
                 self.metrics.store_errors.inc();
                 tracing::error!(site = %site, error = %e, "status not stored");
@@ -403,6 +469,14 @@ impl Worker {
         m.rejected
             .get_or_create(&ReasonLabels::new(why.reason()))
             .inc();
+        if why.is_signature() {
+            m.signature_refused
+                .get_or_create(&SiteReasonLabels {
+                    site: site.map(|s| s.to_string()).unwrap_or_default(),
+                    reason: why.reason(),
+                })
+                .inc();
+        }
         // A site the cloud does not accept gets one dead letter and one log line per interval,
         // standing for the refusals between (dead_letter's boundedness rule).
         let summarised = matches!(why, Rejection::UnknownSite(_) | Rejection::InactiveSite(_))
@@ -459,9 +533,13 @@ impl Worker {
         };
         let t = topic::topic(&ack.site, TopicKind::Ack);
         // Waits only for room in the request channel, which the event loop drains continuously.
+        let payload = match &self.signer {
+            Some(key) => signed::seal(key, Purpose::Ack, &ack.encode()),
+            None => ack.encode(),
+        };
         let sent = self
             .client
-            .publish(t, QoS::AtLeastOnce, false, ack.encode())
+            .publish(t, QoS::AtLeastOnce, false, payload)
             .await;
         match sent {
             Ok(()) => {
@@ -478,8 +556,10 @@ impl Worker {
     }
 }
 
-/// The `batch` field of a payload that did not decode, when it has one.
+/// The `batch` field of a payload that did not decode (or of the body of an envelope that did
+/// not verify), when it has one: a `rejected` ack for it deletes nothing and tells the agent.
 fn loose_batch_id(payload: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let v = v.get("body").filter(|b| b.is_object()).unwrap_or(&v);
     v.get("batch")?.as_str().map(str::to_string)
 }
