@@ -29,7 +29,9 @@ use super::dga::{
 };
 use super::secret::Sealer;
 use super::slot::{self, Period};
-use super::store::{self, Answered, NewSlot, PointConfig, Slot, SlotState, Source, StoreError};
+use super::store::{
+    self, Answered, Claim, NewSlot, Pacing, PointConfig, Slot, SlotState, Source, StoreError,
+};
 use super::value::{self, FlowMethod, Inputs, Rules};
 use crate::catchment::point::{self, DgaStandard, Point};
 use crate::core::Shutdown;
@@ -44,12 +46,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// How far from the slot instant a reading may be to count as the slot's.
 pub const SAMPLE_WINDOW_S: i64 = 300;
 /// Most slots one point gets built in one round (a long backlog is built over several).
 pub const MAX_BUILT_PER_ROUND: usize = 500;
+/// Most slots held for missing data one point gets probed for late telemetry in one round; a
+/// longer list is gone through over several rounds.
+pub const MAX_REOPEN_PROBES_PER_ROUND: i64 = 200;
 
 /// Where the submitter takes the time from, so tests can move it.
 pub trait Clock: Send + Sync + 'static {
@@ -75,6 +81,7 @@ pub struct ComplianceMetrics {
     blocked: Family<ReasonLabels, Counter>,
     errors: Counter,
     slots: Family<KindLabels, Gauge>,
+    rebuilt: Family<KindLabels, Counter>,
 }
 
 impl ComplianceMetrics {
@@ -104,6 +111,11 @@ impl ComplianceMetrics {
             "compliance_round_errors",
             "Submitter rounds that failed on the database",
             m.errors.clone(),
+        );
+        r.register(
+            "compliance_slots_rebuilt",
+            "Slots held for missing data built again from late telemetry, by their new state",
+            m.rebuilt.clone(),
         );
         r.register(
             "compliance_slots",
@@ -167,6 +179,10 @@ pub struct Round {
     pub built: u64,
     pub sent: u64,
     pub blocked: u64,
+    /// Slots held for missing data built again from late telemetry.
+    pub rebuilt: u64,
+    /// Slots that waited for their obra's spacing or the global rate.
+    pub paced: u64,
 }
 
 /// One slot's submission, state by state.
@@ -178,16 +194,20 @@ pub enum Submission {
     InFlight {
         slot: Slot,
         exchange: i64,
+        attempt: i64,
         request: PostRequest,
     },
     /// The answer (or its absence) is in; not recorded yet.
     Answered {
         slot: Slot,
         exchange: i64,
+        attempt: i64,
         answer: Result<RawResponse, TransportError>,
     },
     /// Nothing more this round: the slot's state now.
     Done(SlotState),
+    /// The global rate is spent: nothing more is sent this round.
+    RateLimited,
 }
 
 /// The background task.
@@ -198,11 +218,16 @@ pub struct Submitter<C: DgaClient, K: Clock> {
     sealer: Option<Arc<Sealer>>,
     config: ComplianceConfig,
     metrics: ComplianceMetrics,
+    pacing: Pacing,
+    /// Per point, the last held slot probed for late telemetry (the next round goes on after it).
+    reopen_cursor: Mutex<HashMap<i64, DateTime<Utc>>>,
 }
 
 impl<C: DgaClient, K: Clock> std::fmt::Debug for Submitter<C, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Submitter").finish_non_exhaustive()
+        f.debug_struct("Submitter")
+            .field("owner", &self.pacing.owner)
+            .finish_non_exhaustive()
     }
 }
 
@@ -312,6 +337,13 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         config: ComplianceConfig,
         metrics: ComplianceMetrics,
     ) -> Self {
+        let pacing = Pacing {
+            owner: format!("pid{}-{:016x}", std::process::id(), fastrand::u64(..)),
+            lease: Duration::seconds(config.claim_lease_s as i64),
+            obra_spacing: Duration::seconds(config.obra_spacing_s as i64),
+            tokens_per_s: f64::from(config.max_posts_per_minute.max(1)) / 60.0,
+            burst: f64::from(config.burst.max(1)),
+        };
         Submitter {
             db,
             client,
@@ -319,23 +351,38 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             sealer,
             config,
             metrics,
+            pacing,
+            reopen_cursor: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Slots a stopped process left in flight become failed (unanswered). Run before the first
-    /// round.
+    /// The name this submitter's claims carry (`claimed_by`).
+    pub fn owner(&self) -> &str {
+        &self.pacing.owner
+    }
+
+    /// Slots left in flight whose claim's lease has passed become failed (unanswered): their
+    /// process stopped or lost the answer. A slot another running process holds is left to it.
+    /// Run at start and at the start of every round.
     pub async fn recover(&self) -> Result<u64, SubmitError> {
         let n = store::recover_in_flight(&self.db, self.clock.now()).await?;
         if n > 0 {
-            tracing::warn!(slots = n, "slots left in flight are treated as unanswered");
+            tracing::warn!(
+                slots = n,
+                "slots left in flight past their lease are treated as unanswered"
+            );
         }
         Ok(n)
     }
 
     /// Runs rounds every `interval_s` until `shutdown`.
     pub async fn run(self, mut shutdown: Shutdown) {
-        if let Err(e) = self.recover().await {
-            tracing::error!(error = %e, "compliance: recovering in-flight slots failed");
+        if self.config.obra_spacing_s < 300 {
+            tracing::warn!(
+                obra_spacing_s = self.config.obra_spacing_s,
+                "compliance: POSTs of one obra less than 5 minutes apart; Res. DGA 2.170 §6.1 \
+                 asks at least 5 minutes for a backlog"
+            );
         }
         let every = std::time::Duration::from_secs(self.config.interval_s.max(1));
         loop {
@@ -350,11 +397,15 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         }
     }
 
-    /// One round: build what is due, then send at most one slot per point.
+    /// One round: recover expired claims, build what is due, re-open slots held for missing
+    /// data that late telemetry now covers, then send at most one slot per point, as the
+    /// obras' spacing and the global rate allow.
     pub async fn round(&self) -> Result<Round, SubmitError> {
         self.metrics.rounds.inc();
         let mut round = Round::default();
+        self.recover().await?;
         self.build(&mut round).await?;
+        self.reopen(&mut round).await?;
         self.send_due(&mut round).await?;
         for state in SlotState::ALL {
             self.metrics
@@ -427,9 +478,103 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         Ok(())
     }
 
+    /// Slots held for missing data (never reviewed) whose sources received telemetry covering
+    /// them since they were built are built again: pending if their values now pass the checks,
+    /// held with the new reason if not. Each probe is one index range per source; at most
+    /// [`MAX_REOPEN_PROBES_PER_ROUND`] slots per point a round, going on where the last round
+    /// stopped.
+    async fn reopen(&self, round: &mut Round) -> Result<(), SubmitError> {
+        let now = self.clock.now();
+        let w = Duration::seconds(SAMPLE_WINDOW_S);
+        for c in store::point_configs(&self.db).await? {
+            if c.mode == store::Mode::Off {
+                continue;
+            }
+            let after = self.cursor(c.point_id);
+            let held = store::held_for_missing_data(
+                &self.db,
+                c.point_id,
+                after,
+                MAX_REOPEN_PROBES_PER_ROUND,
+            )
+            .await?;
+            let next = match held.last() {
+                Some(s) if held.len() as i64 == MAX_REOPEN_PROBES_PER_ROUND => Some(s.slot_at),
+                _ => None,
+            };
+            self.set_cursor(c.point_id, next);
+            if held.is_empty() {
+                continue;
+            }
+            let Some(p) = point::get(&self.db, c.point_id).await? else {
+                continue;
+            };
+            let Ok(mut rules) = rules_of(&p, &c) else {
+                continue;
+            };
+            for s in held {
+                let prev = slot::previous(rules.period, s.slot_at);
+                let mut arrived = false;
+                for src in [&c.flow, &c.total, &c.level].into_iter().flatten() {
+                    let Ok(site) = SiteId::new(&src.site) else {
+                        continue;
+                    };
+                    if query::received_since(
+                        &self.db,
+                        &site,
+                        &src.device,
+                        prev - w,
+                        s.slot_at + w,
+                        s.updated_at,
+                    )
+                    .await?
+                    {
+                        arrived = true;
+                        break;
+                    }
+                }
+                if !arrived {
+                    continue;
+                }
+                rules.slot_seconds = (s.slot_at - prev).num_seconds() as f64;
+                let i = inputs(&self.db, &c, &rules, s.slot_at).await?;
+                let built = build_slot(p.id, s.slot_at, &i, &rules);
+                if store::rebuild_held(&self.db, &built, now).await? {
+                    round.rebuilt += 1;
+                    self.metrics
+                        .rebuilt
+                        .get_or_create(&KindLabels::new(built.state.as_str()))
+                        .inc();
+                    tracing::info!(
+                        point = p.id,
+                        slot = %s.slot_at,
+                        state = built.state.as_str(),
+                        "compliance: a slot held for missing data was built again from late telemetry"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cursor(&self, point: i64) -> Option<DateTime<Utc>> {
+        let map = self.reopen_cursor.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&point).copied()
+    }
+
+    fn set_cursor(&self, point: i64, at: Option<DateTime<Utc>>) {
+        let mut map = self.reopen_cursor.lock().unwrap_or_else(|p| p.into_inner());
+        match at {
+            Some(at) => map.insert(point, at),
+            None => map.remove(&point),
+        };
+    }
+
     async fn send_due(&self, round: &mut Round) -> Result<(), SubmitError> {
         let now = self.clock.now();
-        for s in store::due(&self.db, now).await? {
+        let spacing = self.pacing.obra_spacing;
+        let margin = Duration::seconds(self.config.interval_s as i64);
+        for s in store::due(&self.db, now, spacing, margin).await? {
             let mut sub = Submission::Pending(s);
             loop {
                 sub = match sub {
@@ -437,17 +582,20 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
                     Submission::InFlight {
                         slot,
                         exchange,
+                        attempt,
                         request,
-                    } => self.on_in_flight(slot, exchange, request).await,
+                    } => self.on_in_flight(slot, exchange, attempt, request).await,
                     Submission::Answered {
                         slot,
                         exchange,
+                        attempt,
                         answer,
                     } => {
                         round.sent += 1;
-                        self.on_answered(slot, exchange, answer).await?
+                        self.on_answered(slot, exchange, attempt, answer).await?
                     }
                     Submission::Done(_) => break,
+                    Submission::RateLimited => return Ok(()),
                 };
             }
         }
@@ -541,22 +689,50 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             },
             "body": m.redacted(),
         });
-        match store::claim(&self.db, slot.point_id, slot.slot_at, &logged, now).await? {
-            Some((exchange, _attempt)) => Ok(Submission::InFlight {
+        let claim = store::claim(
+            &self.db,
+            slot.point_id,
+            slot.slot_at,
+            &request.codigo_obra,
+            &logged,
+            &self.pacing,
+            now,
+        )
+        .await?;
+        match claim {
+            Claim::Claimed { exchange, attempt } => Ok(Submission::InFlight {
                 slot,
                 exchange,
+                attempt,
                 request,
             }),
-            None => Ok(Submission::Done(slot.state)),
+            Claim::NotDue => Ok(Submission::Done(slot.state)),
+            Claim::ObraPaced { until } => {
+                round.paced += 1;
+                tracing::debug!(point = slot.point_id, %until, "compliance: obra paced");
+                Ok(Submission::Done(slot.state))
+            }
+            Claim::RateLimited { until } => {
+                round.paced += 1;
+                tracing::debug!(%until, "compliance: global rate spent for this round");
+                Ok(Submission::RateLimited)
+            }
         }
     }
 
     /// In flight → answered: the POST.
-    async fn on_in_flight(&self, slot: Slot, exchange: i64, request: PostRequest) -> Submission {
+    async fn on_in_flight(
+        &self,
+        slot: Slot,
+        exchange: i64,
+        attempt: i64,
+        request: PostRequest,
+    ) -> Submission {
         let answer = self.client.post(&request).await;
         Submission::Answered {
             slot,
             exchange,
+            attempt,
             answer,
         }
     }
@@ -566,6 +742,7 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         &self,
         slot: Slot,
         exchange: i64,
+        attempt: i64,
         answer: Result<RawResponse, TransportError>,
     ) -> Result<Submission, SubmitError> {
         let now = self.clock.now();
@@ -601,7 +778,13 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             reason: reason.clone(),
             next_attempt_at: (state == SlotState::Failed).then(|| now + Duration::days(1)),
         };
-        store::record(&self.db, slot.point_id, slot.slot_at, &a, now).await?;
+        if !store::record(&self.db, slot.point_id, slot.slot_at, attempt, &a, now).await? {
+            tracing::warn!(
+                point = slot.point_id,
+                slot = %slot.slot_at,
+                "compliance: the answer came after the slot was claimed again; kept on its exchange only"
+            );
+        }
         match &outcome {
             Outcome::RejectedConfig { message } => {
                 store::stop_point(&self.db, slot.point_id, message, now).await?;

@@ -281,6 +281,18 @@ impl Rig {
     }
 }
 
+/// The pacing a process with the default configuration claims with, named `owner`.
+fn pacing(owner: &str) -> store::Pacing {
+    let c = config();
+    store::Pacing {
+        owner: owner.to_string(),
+        lease: Duration::seconds(c.claim_lease_s as i64),
+        obra_spacing: Duration::seconds(c.obra_spacing_s as i64),
+        tokens_per_s: f64::from(c.max_posts_per_minute) / 60.0,
+        burst: f64::from(c.burst),
+    }
+}
+
 fn states(slots: &[Slot]) -> Vec<SlotState> {
     slots.iter().map(|s| s.state).collect()
 }
@@ -455,24 +467,40 @@ async fn a_crash_between_states_never_sends_an_accepted_slot_again() {
         );
         assert_eq!(rig.fake.posts().len(), 1);
 
-        // The process dies after committing the second slot as in flight, before its POST.
+        // Five minutes on, the process dies after committing the second slot as in flight,
+        // before its POST.
+        rig.clock.advance(Duration::minutes(5));
         let at = slots[1].slot_at;
-        assert!(
+        assert!(matches!(
             store::claim(
                 &rig.db,
                 rig.point,
                 at,
+                OBRA,
                 &serde_json::json!({}),
+                &pacing("crashed"),
                 rig.clock.now()
             )
             .await
-            .expect("claim")
-            .is_some()
-        );
+            .expect("claim"),
+            store::Claim::Claimed { .. }
+        ));
 
-        // Restart: both are unanswered, so failed and due a day after their send.
+        // Restart: a claim is its owner's while its lease runs: the cut round's, five minutes
+        // old, has passed its lease (120 s) and is unanswered; the one just claimed is left to
+        // its owner until its lease passes too. Both end failed, due a day after their send.
         let sub = rig.submitter();
-        assert_eq!(sub.recover().await.expect("recover"), 2, "{}", rig.name);
+        assert_eq!(sub.recover().await.expect("recover"), 1, "{}", rig.name);
+        assert_eq!(
+            rig.slots().await[1].state,
+            SlotState::InFlight,
+            "{}: a live lease is never taken over",
+            rig.name
+        );
+        rig.clock.advance(Duration::seconds(119));
+        assert_eq!(sub.recover().await.expect("recover"), 0, "{}", rig.name);
+        rig.clock.advance(Duration::seconds(2));
+        assert_eq!(sub.recover().await.expect("recover"), 1, "{}", rig.name);
         rig.rounds(&sub, 3).await;
         assert_eq!(
             rig.fake.posts().len(),
@@ -795,7 +823,8 @@ async fn the_process_killed_mid_post_never_sends_an_accepted_slot_again() {
                 "services = [\"compliance\"]\ndata_dir = {:?}\n[http]\nlisten = \"{http}\"\n\
                  [database]\nurl = {:?}\n[auth]\njwt_secret = {:?}\n[compliance]\n\
                  key = \"CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=\"\ninterval_s = 1\n\
-                 settle_s = 60\npost_timeout_s = 60\n",
+                 settle_s = 60\npost_timeout_s = 5\nclaim_lease_s = 10\nobra_spacing_s = 1\n\
+                 max_posts_per_minute = 600\nburst = 10\n",
                 dir.path().display().to_string(),
                 t.url,
                 crate::support::JWT_SECRET
