@@ -13,16 +13,29 @@
 //!                                                    └ 5xx, reset, timeout, … .. failed (again in a day)
 //! ```
 //!
-//! Durability (where it is enforced: `store::claim`, `store::record`): the in-flight state and
-//! the redacted request are committed **before** the POST leaves; the answer is committed
-//! after. A crash between the two leaves the slot in flight, and [`Submitter::recover`] (run
-//! before the first round) makes it failed — unanswered — so it is sent again the next day,
-//! where a measurement that did reach the DGA comes back as the duplicate-400 with its receipt.
-//! Only `pending` and due `failed` slots are claimed, so **an accepted slot is never POSTed
-//! again**. A slot sent `max_attempts` times without a `00` becomes a transmission failure.
+//! Durability (where it is enforced: `store::claim`, `store::record`): the in-flight state, its
+//! owner and its lease, and the redacted request are committed **before** the POST leaves; the
+//! answer is committed after. A crash between the two leaves the slot in flight, and
+//! [`Submitter::recover`] (at start and at every round, in any process) makes it failed —
+//! unanswered — once its lease (`compliance.claim_lease_s`) has passed, so it is sent again the
+//! next day, where a measurement that did reach the DGA comes back as the duplicate-400 with
+//! its receipt. A slot another process holds, lease running, is never touched. Only `pending`
+//! and due `failed` slots are claimed, so **an accepted slot is never POSTed again**. A slot
+//! sent `max_attempts` times without a `00` becomes a transmission failure.
 //!
-//! Pacing for now: each round sends at most one slot per point (its oldest due one), so a
-//! backlog goes one measurement per point per round (`compliance.interval_s`).
+//! Pacing (enforced in `store::claim`, under the one lock every claim takes, so it holds across
+//! processes and restarts): a round every `compliance.interval_s` (30 s) sends at most one slot
+//! per point; an obra's POSTs are at least `obra_spacing_s` (300 s, Res. 2.170 §6.1) apart,
+//! measured from its last POST as stored; all POSTs draw on one token bucket of
+//! `max_posts_per_minute` holding at most `burst`, and a round stops sending when it is empty.
+//! A point's oldest due slot goes first, unless the backlog ahead of its live slot (within the
+//! hour) would make that one late: then the live slot goes first (`store::due`). Data past the
+//! standard's allowed lag is still sent.
+//!
+//! Late telemetry: a slot held for missing data (`no_data`), never reviewed, is built again
+//! when its sources received readings covering it after it was built ([`Submitter::round`]'s
+//! re-open step): pending if its values now pass the checks, held with the new reason if not.
+//! A slot held for a suspicious value, or one a person released or discarded, is never rebuilt.
 
 use super::dga::{
     DgaClient, Endpoint, Measurement, Outcome, PostRequest, RawResponse, TransportError, classify,
