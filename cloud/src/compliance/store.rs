@@ -724,60 +724,71 @@ pub const LIVE_S: i64 = 3600;
 /// oldest slot due (pending, or failed with its next attempt due), unless the backlog ahead of
 /// its oldest live slot (pending, instant within [`LIVE_S`] of `now`) would make that one late
 /// at one POST per `spacing` (plus `margin`, a round): then the live slot goes first and the
-/// backlog after it. One row per point, however long its backlog.
+/// backlog after it. One slot per point, however long its backlog: each question is a probe or
+/// a range of the `(state, point_id, slot_at)` index, never a scan of a point's history.
 pub async fn due(
     db: &Db,
     now: DateTime<Utc>,
     spacing: Duration,
     margin: Duration,
 ) -> Result<Vec<Slot>, StoreError> {
-    let cols: Vec<String> = SLOT_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect();
-    let cols = cols.join(", ");
-    let due = "(d.state = 'pending' OR (d.state = 'failed' AND d.next_attempt_at <= $1))";
-    let oldest = format!(
-        "SELECT {cols} FROM compliance_slots s JOIN compliance_points c ON c.point_id = s.point_id \
-         WHERE c.mode = 'on' AND c.stopped_reason IS NULL AND s.slot_at = (SELECT \
-         MIN(d.slot_at) FROM compliance_slots d WHERE d.point_id = s.point_id AND {due}) \
-         ORDER BY s.point_id"
-    );
-    let live = format!(
-        "SELECT {cols}, (SELECT COUNT(*) FROM compliance_slots d WHERE d.point_id = s.point_id \
-         AND d.slot_at < s.slot_at AND {due}) AS ahead FROM compliance_slots s \
-         JOIN compliance_points c ON c.point_id = s.point_id \
-         WHERE c.mode = 'on' AND c.stopped_reason IS NULL AND s.slot_at = (SELECT \
-         MIN(d.slot_at) FROM compliance_slots d WHERE d.point_id = s.point_id \
-         AND d.state = 'pending' AND d.slot_at >= $2)"
-    );
-    let (mut first, live): (Vec<Slot>, Vec<(Slot, i64)>) = each_db!(db, |p, to_db, from_row| {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(oldest))
-            .bind(to_db(now))
-            .fetch_all(p)
-            .await?;
-        let first = rows
-            .iter()
-            .map(|r| slot_row!(r, from_row))
-            .collect::<Result<Vec<_>, _>>()?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(live))
-            .bind(to_db(now))
-            .bind(to_db(now - Duration::seconds(LIVE_S)))
-            .fetch_all(p)
-            .await?;
-        let live = rows
-            .iter()
-            .map(|r| Ok((slot_row!(r, from_row)?, r.try_get::<i64, _>("ahead")?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        (first, live)
-    });
-    for (l, ahead) in live {
-        let done = now + spacing * (ahead.clamp(0, i32::MAX as i64) as i32) + margin;
-        if done <= l.slot_at + Duration::seconds(LIVE_S) {
-            continue;
+    let points = "SELECT point_id FROM compliance_points WHERE mode = 'on' \
+                  AND stopped_reason IS NULL ORDER BY point_id";
+    // Each condition names `state`, `point_id` and a range of `slot_at`, so SQLite's planner
+    // takes the state index rather than the point's whole history by primary key. The backlog
+    // ahead of a live slot is counted over pending slots only: failed ones due (a day old at
+    // least, a few a day) go before it too, one each, within the round's margin.
+    let pending = "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'pending' \
+                   AND point_id = $1 AND slot_at >= $2";
+    let failed = "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'failed' \
+                  AND point_id = $1 AND slot_at >= $3 AND next_attempt_at <= $2";
+    let ahead = "SELECT COUNT(*) FROM compliance_slots WHERE state = 'pending' \
+                 AND point_id = $1 AND slot_at >= $3 AND slot_at < $2";
+    let mut chosen = Vec::new();
+    each_db!(db, |p, to_db, from_row| {
+        let ids: Vec<i64> = sqlx::query_scalar(points).fetch_all(p).await?;
+        for id in ids {
+            let epoch = DateTime::<Utc>::UNIX_EPOCH;
+            let min = |sql: &'static str, at: DateTime<Utc>| async move {
+                let r = sqlx::query(sql)
+                    .bind(id)
+                    .bind(to_db(at))
+                    .bind(to_db(epoch))
+                    .fetch_one(p)
+                    .await?;
+                let r = &r;
+                Ok::<_, StoreError>(opt_time!(r, "at", from_row))
+            };
+            let oldest = match (min(pending, epoch).await?, min(failed, now).await?) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let Some(oldest) = oldest else { continue };
+            let mut next = oldest;
+            if let Some(live) = min(pending, now - Duration::seconds(LIVE_S)).await?
+                && live > oldest
+            {
+                let n: i64 = sqlx::query_scalar(ahead)
+                    .bind(id)
+                    .bind(to_db(live))
+                    .bind(to_db(epoch))
+                    .fetch_one(p)
+                    .await?;
+                let done = now + spacing * (n.clamp(0, i32::MAX as i64) as i32) + margin;
+                if done > live + Duration::seconds(LIVE_S) {
+                    next = live;
+                }
+            }
+            chosen.push((id, next));
         }
-        if let Some(f) = first.iter_mut().find(|f| f.point_id == l.point_id) {
-            *f = l;
+    });
+    let mut out = Vec::with_capacity(chosen.len());
+    for (id, at) in chosen {
+        if let Some(s) = slot(db, id, at).await? {
+            out.push(s);
         }
     }
-    Ok(first)
+    Ok(out)
 }
 
 /// How a claim paces: the obra's spacing, the global token bucket, the owner and its lease.

@@ -69,6 +69,8 @@ pub const MAX_BUILT_PER_ROUND: usize = 500;
 /// Most slots held for missing data one point gets probed for late telemetry in one round; a
 /// longer list is gone through over several rounds.
 pub const MAX_REOPEN_PROBES_PER_ROUND: i64 = 200;
+/// Seconds between two counts of slots by state (the `compliance_slots` gauges).
+pub const GAUGES_EVERY_S: i64 = 300;
 
 /// Where the submitter takes the time from, so tests can move it.
 pub trait Clock: Send + Sync + 'static {
@@ -234,6 +236,8 @@ pub struct Submitter<C: DgaClient, K: Clock> {
     pacing: Pacing,
     /// Per point, the last held slot probed for late telemetry (the next round goes on after it).
     reopen_cursor: Mutex<HashMap<i64, DateTime<Utc>>>,
+    /// When the slots-by-state gauges were last counted.
+    gauges_at: Mutex<Option<DateTime<Utc>>>,
 }
 
 impl<C: DgaClient, K: Clock> std::fmt::Debug for Submitter<C, K> {
@@ -366,6 +370,7 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             metrics,
             pacing,
             reopen_cursor: Mutex::new(HashMap::new()),
+            gauges_at: Mutex::new(None),
         }
     }
 
@@ -420,6 +425,21 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         self.build(&mut round).await?;
         self.reopen(&mut round).await?;
         self.send_due(&mut round).await?;
+        self.count_slots().await?;
+        Ok(round)
+    }
+
+    /// The slots-by-state gauges, refreshed at most every [`GAUGES_EVERY_S`]: the count reads
+    /// the whole state index, too much for every short round.
+    async fn count_slots(&self) -> Result<(), SubmitError> {
+        let now = self.clock.now();
+        {
+            let mut at = self.gauges_at.lock().unwrap_or_else(|p| p.into_inner());
+            if at.is_some_and(|t| now >= t && now - t < Duration::seconds(GAUGES_EVERY_S)) {
+                return Ok(());
+            }
+            *at = Some(now);
+        }
         for state in SlotState::ALL {
             self.metrics
                 .slots
@@ -432,7 +452,7 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
                 .get_or_create(&KindLabels::new(&state))
                 .set(n);
         }
-        Ok(round)
+        Ok(())
     }
 
     fn blocked(&self, round: &mut Round, b: &Blocked) {
