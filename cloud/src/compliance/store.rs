@@ -740,8 +740,19 @@ pub async fn due(
     // least, a few a day) go before it too, one each, within the round's margin.
     let pending = "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'pending' \
                    AND point_id = $1 AND slot_at >= $2";
-    let failed = "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'failed' \
-                  AND point_id = $1 AND slot_at >= $3 AND next_attempt_at <= $2";
+    // Without statistics SQLite reads a point's failed slots through the primary key (its
+    // whole history, in slot order, for the MIN); it is told the state index. PostgreSQL plans
+    // with its statistics.
+    let failed = match db {
+        Db::Sqlite(_) => {
+            "SELECT MIN(slot_at) AS at FROM compliance_slots INDEXED BY compliance_slots_state \
+             WHERE state = 'failed' AND point_id = $1 AND slot_at >= $3 AND next_attempt_at <= $2"
+        }
+        Db::Postgres(_) => {
+            "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'failed' \
+             AND point_id = $1 AND slot_at >= $3 AND next_attempt_at <= $2"
+        }
+    };
     let ahead = "SELECT COUNT(*) FROM compliance_slots WHERE state = 'pending' \
                  AND point_id = $1 AND slot_at >= $3 AND slot_at < $2";
     let mut chosen = Vec::new();
@@ -789,6 +800,20 @@ pub async fn due(
         }
     }
     Ok(out)
+}
+
+/// The last POST for the código de obra of `point`, if any: a read-only look before a claim, so
+/// a round does not build a request (nor take the claim lock) for an obra still paced. The
+/// claim checks again under its lock.
+pub async fn obra_last_post(db: &Db, point: i64) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let sql = "SELECT o.last_post_at FROM compliance_obras o JOIN catchment_points p \
+               ON p.obra_code = o.obra_code WHERE p.id = $1";
+    each_db!(db, |p, _to, from_row| {
+        match sqlx::query(sql).bind(point).fetch_optional(p).await? {
+            Some(r) => Ok(Some(from_row(&r, "last_post_at")?)),
+            None => Ok(None),
+        }
+    })
 }
 
 /// How a claim paces: the obra's spacing, the global token bucket, the owner and its lease.

@@ -698,6 +698,12 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             );
             return Ok(Submission::Done(SlotState::TransmissionFailure));
         }
+        if let Some(last) = store::obra_last_post(&self.db, slot.point_id).await?
+            && now < last + self.pacing.obra_spacing
+        {
+            round.paced += 1;
+            return Ok(Submission::Done(slot.state));
+        }
         let (m, password) = match self.measurement(&slot).await? {
             Ok(x) => x,
             Err(b) => {

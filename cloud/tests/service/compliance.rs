@@ -1442,3 +1442,82 @@ async fn two_processes(t: TestDb, spacing: u64, rate: u32) {
         );
     }
 }
+
+/// What a round costs over a long history: 20 points, each with two years of hourly slots
+/// already accepted and a 3-hour backlog. Prints the time of a round that sends nothing (every
+/// obra paced). `cargo test -p caudal-cloud --test service round_cost -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn round_cost_over_two_years_of_slots() {
+    for t in TestDb::all().await {
+        let rig = Rig::new(&t).await;
+        let mut points = vec![rig.point];
+        for i in 0..19 {
+            points.push(rig.add_obra(&format!("OB-0101-{}", 200 + i)).await);
+        }
+        let hours = 2 * 365 * 24;
+        let first = start() - Duration::hours(hours);
+        let now = start() + Duration::hours(3) + Duration::minutes(10);
+        for p in &points {
+            let mut slots = Vec::new();
+            for h in 0..hours + 4 {
+                slots.push(store::NewSlot {
+                    point_id: *p,
+                    slot_at: first + Duration::hours(h),
+                    state: if h < hours {
+                        SlotState::Accepted
+                    } else {
+                        SlotState::Pending
+                    },
+                    values: Some(Default::default()),
+                    reason: None,
+                    detail: String::new(),
+                });
+            }
+            store::insert_slots(&rig.db, &slots, now)
+                .await
+                .expect("slots");
+        }
+        rig.clock.set(now);
+        let sub = rig.submitter();
+        // Two rounds a minute apart send one slot per obra (the bucket holds 10); the next
+        // ones find every obra paced.
+        sub.round().await.expect("round");
+        rig.clock.advance(Duration::seconds(60));
+        sub.round().await.expect("round");
+        let n = 10;
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            rig.clock.advance(Duration::seconds(10));
+            let r = sub.round().await.expect("round");
+            assert_eq!(r.sent, 0);
+        }
+        let round = t0.elapsed() / n;
+        let t1 = std::time::Instant::now();
+        let due = store::due(
+            &rig.db,
+            rig.clock.now(),
+            Duration::minutes(5),
+            Duration::zero(),
+        )
+        .await
+        .expect("due");
+        let due_t = t1.elapsed();
+        let t2 = std::time::Instant::now();
+        store::recover_in_flight(&rig.db, rig.clock.now())
+            .await
+            .expect("recover");
+        let recover_t = t2.elapsed();
+        let t3 = std::time::Instant::now();
+        store::state_counts(&rig.db).await.expect("counts");
+        println!(
+            "{}: {} points × {} slots: a round in {round:?} (due {due_t:?} for {}, recover \
+             {recover_t:?}); counting slots by state {:?}",
+            rig.name,
+            points.len(),
+            hours + 4,
+            due.len(),
+            t3.elapsed()
+        );
+    }
+}
