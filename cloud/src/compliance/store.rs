@@ -886,12 +886,14 @@ pub async fn claim(
         if let Some(r) = last {
             let until = from_row(&r, "last_post_at")? + pacing.obra_spacing;
             if now < until {
+                tx.rollback().await?;
                 return Ok(Claim::ObraPaced { until });
             }
         }
         let tokens = refill(tokens, tokens_at, now, pacing);
         if tokens < 1.0 {
             let wait = ((1.0 - tokens) / pacing.tokens_per_s * 1000.0).ceil() as i64;
+            tx.rollback().await?;
             return Ok(Claim::RateLimited {
                 until: now + Duration::milliseconds(wait),
             });
@@ -912,6 +914,9 @@ pub async fn claim(
         .fetch_optional(&mut *tx)
         .await?;
         let Some(attempt) = attempts else {
+            // Rolled back now, not when the connection is next used: the budget row's lock
+            // must not outlive the claim.
+            tx.rollback().await?;
             return Ok(Claim::NotDue);
         };
         sqlx::query("UPDATE compliance_budget SET tokens = $1, tokens_at = $2 WHERE id = 1")
@@ -1174,4 +1179,31 @@ pub async fn set_reason(
             .await?;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacing(per_minute: f64, burst: f64) -> Pacing {
+        Pacing {
+            owner: "t".into(),
+            lease: Duration::seconds(120),
+            obra_spacing: Duration::seconds(300),
+            tokens_per_s: per_minute / 60.0,
+            burst,
+        }
+    }
+
+    #[test]
+    fn the_bucket_refills_at_its_rate_up_to_its_burst_and_never_from_a_clock_gone_back() {
+        let p = pacing(20.0, 10.0);
+        let t = DateTime::<Utc>::UNIX_EPOCH + Duration::days(20_000);
+        assert!((refill(0.0, t, t + Duration::seconds(3), &p) - 1.0).abs() < 1e-9);
+        assert!((refill(2.5, t, t + Duration::seconds(6), &p) - 4.5).abs() < 1e-9);
+        assert_eq!(refill(0.0, t, t + Duration::hours(1), &p), 10.0);
+        assert_eq!(refill(0.5, t, t - Duration::hours(1), &p), 0.5);
+        // The row as the migration leaves it (no tokens, at the epoch) starts full.
+        assert_eq!(refill(0.0, DateTime::<Utc>::UNIX_EPOCH, t, &p), 10.0);
+    }
 }
