@@ -97,6 +97,7 @@ pub struct ComplianceMetrics {
     errors: Counter,
     slots: Family<KindLabels, Gauge>,
     rebuilt: Family<KindLabels, Counter>,
+    paced: Family<ReasonLabels, Counter>,
 }
 
 impl ComplianceMetrics {
@@ -131,6 +132,11 @@ impl ComplianceMetrics {
             "compliance_slots_rebuilt",
             "Slots held for missing data built again from late telemetry, by their new state",
             m.rebuilt.clone(),
+        );
+        r.register(
+            "compliance_paced",
+            "Slots due that waited, by what held them: obra_spacing, rate",
+            m.paced.clone(),
         );
         r.register(
             "compliance_slots",
@@ -455,6 +461,14 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         Ok(())
     }
 
+    fn paced(&self, round: &mut Round, by: &'static str) {
+        round.paced += 1;
+        self.metrics
+            .paced
+            .get_or_create(&ReasonLabels::new(by))
+            .inc();
+    }
+
     fn blocked(&self, round: &mut Round, b: &Blocked) {
         round.blocked += 1;
         self.metrics
@@ -701,7 +715,7 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         if let Some(last) = store::obra_last_post(&self.db, slot.point_id).await?
             && now < last + self.pacing.obra_spacing
         {
-            round.paced += 1;
+            self.paced(round, "obra_spacing");
             return Ok(Submission::Done(slot.state));
         }
         let (m, password) = match self.measurement(&slot).await? {
@@ -747,12 +761,12 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             }),
             Claim::NotDue => Ok(Submission::Done(slot.state)),
             Claim::ObraPaced { until } => {
-                round.paced += 1;
+                self.paced(round, "obra_spacing");
                 tracing::debug!(point = slot.point_id, %until, "compliance: obra paced");
                 Ok(Submission::Done(slot.state))
             }
             Claim::RateLimited { until } => {
-                round.paced += 1;
+                self.paced(round, "rate");
                 tracing::debug!(%until, "compliance: global rate spent for this round");
                 Ok(Submission::RateLimited)
             }

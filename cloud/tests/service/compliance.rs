@@ -1084,15 +1084,17 @@ async fn a_backlog_goes_one_per_obra_five_minutes_apart_under_the_global_rate() 
             ..config()
         };
         let mut sub = rig.submitter_with(paced.clone());
+        let mut waited = 0;
         for i in 0..90 {
             if i == 20 || i == 21 || i == 45 {
                 // Restarts, one right after the other: nothing goes before its time.
                 sub = rig.submitter_with(paced.clone());
                 sub.recover().await.expect("recover");
             }
-            sub.round().await.expect("round");
+            waited += sub.round().await.expect("round").paced;
             rig.clock.advance(Duration::seconds(20));
         }
+        assert!(waited > 0, "{}: the rounds counted what waited", rig.name);
         let points = [(rig.point, OBRA), (other, OTHER)];
         let sends = rig.sends(&points).await;
         assert_eq!(sends.len(), 8, "{}: {sends:?}", rig.name);
