@@ -133,6 +133,10 @@ impl Cloud {
             db: db.clone(),
             keys: Arc::new(TokenKeys::from_config(&config.auth)),
             auth_metrics: AuthMetrics::register(&mut registry),
+            logins: Arc::new(users::throttle::LoginGuard::new(
+                &config.auth,
+                config.http.trust_forwarded_for,
+            )),
         };
         let metrics = Arc::new(Metrics::new(registry));
         // Each module's routes come with their OpenAPI paths; the document describes exactly
@@ -171,8 +175,9 @@ impl Cloud {
             source,
         })?;
         let sd = shutdown.clone();
+        let config_http = config.http.clone();
         tasks.spawn(async move {
-            core::http::serve(listener, app, sd)
+            core::http::serve(listener, app, &config_http, sd)
                 .await
                 .map_err(|e| format!("HTTP server on {http_addr}: {e}"))
         });

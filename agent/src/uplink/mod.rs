@@ -24,7 +24,10 @@
 //! drains oldest-first behind them at `backlog_rate` records per second. At most
 //! `max_inflight_batches` batches wait for an acknowledgement; one not acknowledged within
 //! `ack_timeout_s` is rebuilt from what is still pending and sent again. A rejected batch's
-//! records stay in the outbox and are held back for [`REJECT_HOLD`] without stopping the others.
+//! records stay in the outbox and are held back without stopping the others: [`REJECT_HOLD`]
+//! after one rejection, doubling with each rejection in a row up to [`REJECT_HOLD_MAX`]
+//! ([`reject_hold`]), back to the start at the next accepted batch. So an agent the cloud
+//! refuses (an unknown or deactivated site, a rule it breaks) asks less and less often.
 //!
 //! **Commands.** A command on `caudal/v1/{site}/command` is executed by whoever
 //! [`command::Executor::of`] names: the uplink answers `ping` and `publish_status` itself and
@@ -75,8 +78,20 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 use tracing::{debug, error, info, warn};
 
-/// How long the records of a rejected batch are held back before they are sent again.
+/// How long the records of a rejected batch are held back before they are sent again, after
+/// one rejection.
 pub const REJECT_HOLD: Duration = Duration::from_secs(60);
+/// The longest hold, however many rejections in a row.
+pub const REJECT_HOLD_MAX: Duration = Duration::from_secs(3600);
+
+/// The hold after the `n`th rejection in a row (`n` ≥ 1): 60 s, 120 s, 240 s, … at most
+/// [`REJECT_HOLD_MAX`].
+pub fn reject_hold(n: u32) -> Duration {
+    let doublings = n.saturating_sub(1).min(16);
+    REJECT_HOLD
+        .saturating_mul(1 << doublings)
+        .min(REJECT_HOLD_MAX)
+}
 /// Control messages (status, command results) waiting for room in the request queue, at most.
 const DEFERRED_CAP: usize = 32;
 /// Events from the event-loop task waiting for the uplink.
@@ -315,6 +330,8 @@ struct Driver<S: Spool> {
     in_progress: JoinSet<CommandResult>,
     /// Consecutive failed attempts, for the back-off.
     attempt: u32,
+    /// Batches rejected in a row, for their hold ([`reject_hold`]).
+    rejections: u32,
     online: bool,
     /// False once the clock watch's sender is gone (its branch would fire forever).
     clock_open: bool,
@@ -344,6 +361,7 @@ impl<S: Spool> Driver<S> {
             resume,
             spool_rx,
             holds: Holds::default(),
+            rejections: 0,
             ledger,
             ids: BatchIds::new(),
             deferred: VecDeque::new(),
@@ -835,6 +853,7 @@ impl<S: Spool> Driver<S> {
                     debug!(batch = %ack.batch, deleted, "ack for a batch no longer in flight (late or repeated)");
                     return Ok(());
                 };
+                self.rejections = 0;
                 let latency = now.saturating_duration_since(f.sent);
                 self.up.metrics.ack_latency.observe(latency.as_secs_f64());
                 let missing: Vec<Seq> = f
@@ -859,11 +878,12 @@ impl<S: Spool> Driver<S> {
                 let reason = ack.reason.as_deref().unwrap_or("no reason given");
                 match entry {
                     Some(f) => {
+                        self.rejections = self.rejections.saturating_add(1);
+                        let hold = reject_hold(self.rejections);
                         warn!(batch = %ack.batch, records = f.seqs.len(), reason,
-                            hold_s = REJECT_HOLD.as_secs(),
+                            hold_s = hold.as_secs(), in_a_row = self.rejections,
                             "cloud rejected the batch; its records stay in the outbox and are retried later");
-                        self.holds
-                            .hold(SeqRange::compact(f.seqs), now + REJECT_HOLD);
+                        self.holds.hold(SeqRange::compact(f.seqs), now + hold);
                     }
                     None => {
                         warn!(batch = %ack.batch, reason, "cloud rejected a batch not in flight");

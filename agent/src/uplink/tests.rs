@@ -224,3 +224,14 @@ async fn a_command_nobody_answers_gets_a_result_naming_why() {
         ]
     );
 }
+
+#[test]
+fn rejections_in_a_row_double_the_hold_up_to_its_cap() {
+    use super::{REJECT_HOLD, REJECT_HOLD_MAX, reject_hold};
+    assert_eq!(reject_hold(1), REJECT_HOLD);
+    assert_eq!(reject_hold(2), REJECT_HOLD * 2);
+    assert_eq!(reject_hold(3), REJECT_HOLD * 4);
+    assert_eq!(reject_hold(7), REJECT_HOLD_MAX);
+    assert_eq!(reject_hold(u32::MAX), REJECT_HOLD_MAX);
+    assert_eq!(reject_hold(0), REJECT_HOLD);
+}

@@ -117,6 +117,7 @@ pub(super) struct LoginForm {
 
 pub(super) async fn login(
     State(console): State<Console>,
+    from: crate::users::throttle::ClientAddr,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -143,7 +144,7 @@ pub(super) async fn login(
     if !session::csrf_ok(&headers, &f.csrf) {
         return again(StatusCode::FORBIDDEN, t.form_expired);
     }
-    match crate::users::session::sign_in(&console.api, &f.email, f.password).await {
+    match crate::users::session::sign_in(&console.api, &f.email, f.password, &from).await {
         Ok((_, token, expires_at)) => {
             let age = (expires_at - Utc::now()).num_seconds().max(0);
             let mut r = Redirect::to(&next).into_response();
@@ -155,6 +156,13 @@ pub(super) async fn login(
             r
         }
         Err(ApiError::Unauthorized(_)) => again(StatusCode::UNAUTHORIZED, t.wrong_credentials),
+        Err(ApiError::Throttled(th)) => {
+            let status = ApiError::Throttled(th.clone()).status();
+            let mut r = again(status, t.too_many_logins);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(th.retry_after_s()));
+            r
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -26,6 +26,8 @@ pub struct ApiState {
     pub db: Db,
     pub keys: Arc<TokenKeys>,
     pub auth_metrics: AuthMetrics,
+    /// The login bounds (hash slots, per address, per account).
+    pub logins: Arc<crate::users::throttle::LoginGuard>,
 }
 
 /// An API failure, as the caller sees it.
@@ -49,6 +51,12 @@ pub enum ApiError {
         field: Option<String>,
         message: String,
     },
+    /// 413: the body is over `http.body_limit_bytes`.
+    #[error("body: {0}")]
+    TooLarge(String),
+    /// 429 (too many attempts) or 503 (too many at once), with `Retry-After`.
+    #[error("{0}")]
+    Throttled(crate::users::throttle::Throttled),
     /// 503: the database failed; the cause was logged.
     #[error("the database is unavailable; try again")]
     Unavailable,
@@ -60,7 +68,8 @@ pub enum ApiError {
 /// The body of every error answer.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `unavailable` or
+    /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
+    /// `payload_too_large`, `too_many_requests`, `busy`, `unavailable` or
     /// `internal`.
     #[schema(example = "bad_request")]
     pub error: String,
@@ -106,6 +115,11 @@ impl ApiError {
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Throttled(crate::users::throttle::Throttled::Busy { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -118,6 +132,9 @@ impl ApiError {
             ApiError::Forbidden { .. } => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict { .. } => "conflict",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Throttled(crate::users::throttle::Throttled::Busy { .. }) => "busy",
+            ApiError::Throttled(_) => "too_many_requests",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
         }
@@ -144,6 +161,10 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized(_)) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::Throttled(t) = &self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(t.retry_after_s()));
         }
         resp
     }
@@ -209,9 +230,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::bad("body", e.body_text()))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(e.body_text())
+            } else {
+                ApiError::bad("body", e.body_text())
+            }
+        })?;
         if bytes
             .iter()
             .find(|b| !b.is_ascii_whitespace())

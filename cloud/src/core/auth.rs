@@ -160,6 +160,66 @@ pub fn verify_password(password: &Secret, hash: &str) -> bool {
     })
 }
 
+/// Largest Argon2 memory a stored hash may ask of [`verify_password_reusing`], KiB: ours take
+/// 19 456; a hash asking for more is not one of ours and is refused rather than allocated.
+pub const MAX_HASH_MEMORY_KIB: u32 = 256 * 1024;
+
+std::thread_local! {
+    /// The Argon2 memory of this thread's last check, kept for its next one.
+    static HASH_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`verify_password`] on memory kept by the calling thread between checks, so a thread that
+/// checks passwords all day holds one hash's memory (~19 MiB) for good instead of leaving
+/// freed ones to the allocator. Call it only from a few long-lived threads of its own (see
+/// `users::throttle`), never from a pool that grows.
+pub fn verify_password_reusing(password: &Secret, hash: &str) -> bool {
+    use argon2::{Params, Version};
+    use subtle::ConstantTimeEq;
+    if password.expose().len() > MAX_PASSWORD_BYTES {
+        return false;
+    }
+    let Ok(h) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        argon2::Algorithm::try_from(h.algorithm),
+        Params::try_from(&h),
+    ) else {
+        return false;
+    };
+    let version = match h.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+        return false;
+    };
+    if params.m_cost() > MAX_HASH_MEMORY_KIB {
+        return false;
+    }
+    let mut salt_bytes = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+    let mut out = vec![0u8; expected.len()];
+    let blocks = params.block_count();
+    let hashed = HASH_MEMORY.with_borrow_mut(|memory| {
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+            password.expose().as_bytes(),
+            salt,
+            &mut out,
+            &mut memory[..blocks],
+        )
+    });
+    hashed.is_ok() && bool::from(out.as_slice().ct_eq(expected.as_bytes()))
+}
+
 /// What a token says. `sub` is the account id; `sv` its session version when the token was
 /// issued (a token from an older version is refused).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,7 +352,7 @@ impl AuthMetrics {
         let m = AuthMetrics::default();
         registry.register(
             "auth_logins",
-            "Login attempts by outcome (kind: ok, wrong_credentials, inactive)",
+            "Login attempts by outcome (kind: ok, wrong_credentials, inactive, throttled_address, throttled_account, busy)",
             m.logins.clone(),
         );
         registry.register(
@@ -328,6 +388,18 @@ mod tests {
         assert!(verify_password(&pw, &h));
         assert!(!verify_password(&Secret::new("correct horse battery!"), &h));
         assert!(!verify_password(&pw, "not a hash"));
+        // The check on kept memory agrees, also on a second use of the same memory, and
+        // refuses a hash asking for more memory than ours ever do.
+        for _ in 0..2 {
+            assert!(verify_password_reusing(&pw, &h));
+            assert!(!verify_password_reusing(
+                &Secret::new("correct horse battery!"),
+                &h
+            ));
+        }
+        assert!(!verify_password_reusing(&pw, "not a hash"));
+        let greedy = h.replace("m=19456", "m=4194304");
+        assert!(!verify_password_reusing(&pw, &greedy));
         assert!(matches!(
             hash_password(&Secret::new("short")),
             Err(PasswordError::TooShort(5))

@@ -53,6 +53,8 @@ pub enum ConfigError {
     Auth { key: &'static str, reason: String },
     #[error("configuration key compliance.{key}: {reason}")]
     Compliance { key: &'static str, reason: String },
+    #[error("configuration key http.{key}: {reason}")]
+    Http { key: &'static str, reason: String },
 }
 
 /// The whole configuration.
@@ -263,6 +265,24 @@ pub struct HttpConfig {
     /// says the request came over HTTPS (`X-Forwarded-Proto: https`).
     #[serde(default)]
     pub secure_cookies: Option<bool>,
+    /// Whether the client address (for the login limits) is the last `X-Forwarded-For` entry:
+    /// turn on only behind a reverse proxy that appends it, else a client could pick its own.
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
+    /// Largest request body accepted, bytes; a larger one is answered `413`.
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    /// Longest a request may take, s; then it is answered `408` and its work dropped.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+}
+
+fn default_body_limit() -> usize {
+    1024 * 1024
+}
+
+fn default_request_timeout() -> u64 {
+    30
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -274,6 +294,9 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: default_http_listen(),
             secure_cookies: None,
+            trust_forwarded_for: false,
+            body_limit_bytes: default_body_limit(),
+            request_timeout_s: default_request_timeout(),
         }
     }
 }
@@ -463,6 +486,36 @@ pub struct IngestConfig {
     /// it).
     #[serde(default = "default_inbound_bytes")]
     pub inbound_bytes: usize,
+    /// Dead letters older than this (by their last arrival) are removed, days.
+    #[serde(default = "default_dead_letter_retention")]
+    pub dead_letter_retention_days: u32,
+    /// Most dead letters kept; beyond it the oldest are removed.
+    #[serde(default = "default_dead_letter_rows")]
+    pub dead_letter_max_rows: u64,
+    /// Most bytes of a refused payload kept in its dead letter (its full size is recorded).
+    #[serde(default = "default_dead_letter_payload")]
+    pub dead_letter_max_payload_bytes: usize,
+    /// A site the cloud does not know or has deactivated gets its refusals written (dead
+    /// letter, log line) at most once per this many seconds; the ones between are counted into
+    /// the next.
+    #[serde(default = "default_refused_site_interval")]
+    pub refused_site_interval_s: u64,
+}
+
+fn default_dead_letter_retention() -> u32 {
+    30
+}
+
+fn default_dead_letter_rows() -> u64 {
+    100_000
+}
+
+fn default_dead_letter_payload() -> usize {
+    64 * 1024
+}
+
+fn default_refused_site_interval() -> u64 {
+    60
 }
 
 fn default_group() -> String {
@@ -493,6 +546,10 @@ impl Default for IngestConfig {
             queue: default_queue(),
             group_bytes: default_group_bytes(),
             inbound_bytes: default_inbound_bytes(),
+            dead_letter_retention_days: default_dead_letter_retention(),
+            dead_letter_max_rows: default_dead_letter_rows(),
+            dead_letter_max_payload_bytes: default_dead_letter_payload(),
+            refused_site_interval_s: default_refused_site_interval(),
         }
     }
 }
@@ -555,6 +612,48 @@ pub struct AuthConfig {
     /// How long a token issued at login is valid, seconds.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_s: u64,
+    /// Password checks (Argon2id, ~19 MiB and tens of milliseconds each) run at once, at most.
+    /// Default: the machine's cores.
+    #[serde(default = "default_max_parallel_hashes")]
+    pub max_parallel_hashes: usize,
+    /// How long a login waits for a free password check before `503` with `Retry-After`, s.
+    #[serde(default = "default_login_wait")]
+    pub login_wait_s: u64,
+    /// Logins one client address may try per `address_window_s`, right or wrong.
+    #[serde(default = "default_address_attempts")]
+    pub address_attempts: u32,
+    #[serde(default = "default_address_window")]
+    pub address_window_s: u64,
+    /// Wrong passwords for one email per `account_window_s` before it is closed to logins
+    /// until the window ends.
+    #[serde(default = "default_account_failures")]
+    pub account_failures: u32,
+    #[serde(default = "default_account_window")]
+    pub account_window_s: u64,
+}
+
+fn default_max_parallel_hashes() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn default_login_wait() -> u64 {
+    10
+}
+
+fn default_address_attempts() -> u32 {
+    30
+}
+
+fn default_address_window() -> u64 {
+    60
+}
+
+fn default_account_failures() -> u32 {
+    10
+}
+
+fn default_account_window() -> u64 {
+    900
 }
 
 fn default_token_ttl() -> u64 {
@@ -566,6 +665,12 @@ impl Default for AuthConfig {
         AuthConfig {
             jwt_secret: None,
             token_ttl_s: default_token_ttl(),
+            max_parallel_hashes: default_max_parallel_hashes(),
+            login_wait_s: default_login_wait(),
+            address_attempts: default_address_attempts(),
+            address_window_s: default_address_window(),
+            account_failures: default_account_failures(),
+            account_window_s: default_account_window(),
         }
     }
 }
@@ -750,9 +855,33 @@ impl CloudConfig {
                 ),
             });
         }
-        if self.auth.token_ttl_s == 0 {
+        let at_least_one = [
+            ("token_ttl_s", self.auth.token_ttl_s),
+            ("max_parallel_hashes", self.auth.max_parallel_hashes as u64),
+            ("login_wait_s", self.auth.login_wait_s),
+            ("address_attempts", u64::from(self.auth.address_attempts)),
+            ("address_window_s", self.auth.address_window_s),
+            ("account_failures", u64::from(self.auth.account_failures)),
+            ("account_window_s", self.auth.account_window_s),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Auth {
-                key: "token_ttl_s",
+                key,
+                reason: "must be at least 1".to_string(),
+            });
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(ConfigError::Http {
+                key: "body_limit_bytes",
+                reason: format!(
+                    "is {}; at least 1024 (the API's bodies are small JSON, not nothing)",
+                    self.http.body_limit_bytes
+                ),
+            });
+        }
+        if self.http.request_timeout_s == 0 {
+            return Err(ConfigError::Http {
+                key: "request_timeout_s",
                 reason: "must be at least 1".to_string(),
             });
         }

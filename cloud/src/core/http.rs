@@ -1,5 +1,6 @@
 //! The HTTP server every process runs: `/healthz`, `/metrics`, and the routes of the modules it
-//! runs, merged into one router; and the request id every request carries into its log lines.
+//! runs, merged into one router; the request id every request carries into its log lines; and
+//! the limits every request meets (body size, time).
 //!
 //! Each request gets an id: the caller's `x-request-id` when it sends a usable one (a proxy's,
 //! so one id follows the request across machines), else a fresh one. It is echoed in the
@@ -7,6 +8,7 @@
 //! while serving the request names it, and one line at the end gives status and duration.
 
 use crate::core::Shutdown;
+use crate::core::config::HttpConfig;
 use crate::core::db::Db;
 use crate::core::metrics::Metrics;
 use axum::Router;
@@ -125,14 +127,78 @@ async fn traced(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Serves `app` on `listener` until `shutdown`, every request with its id.
+/// Serves `app` on `listener` until `shutdown`, every request with its id, its client's address
+/// (the login limits count by it), a body limit (`http.body_limit_bytes`, `413` beyond) and a
+/// time limit (`http.request_timeout_s`, `408` after it, the handler's work dropped).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    http: &HttpConfig,
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let app = app.layer(axum::middleware::from_fn(traced));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await
+    let app = limited(app, http).layer(axum::middleware::from_fn(traced));
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.wait().await })
+    .await
+}
+
+/// `app` with the body and time limits of `http`.
+pub fn limited(app: Router, http: &HttpConfig) -> Router {
+    app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        std::time::Duration::from_secs(http.request_timeout_s),
+    ))
+    .layer(axum::extract::DefaultBodyLimit::max(http.body_limit_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+
+    /// A handler slower than `http.request_timeout_s` is answered `408`; a body over
+    /// `http.body_limit_bytes` `413`; the rest as usual.
+    #[tokio::test]
+    async fn slow_requests_and_big_bodies_meet_their_limits() {
+        let http = HttpConfig {
+            request_timeout_s: 1,
+            body_limit_bytes: 1024,
+            ..HttpConfig::default()
+        };
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route("/echo", post(|body: String| async move { body }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (trigger, shutdown) = Shutdown::new();
+        let server = tokio::spawn(async move { serve(listener, app, &http, shutdown).await });
+        let client = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let slow = client
+            .get(format!("http://{addr}/slow"))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(slow.status().as_u16(), 408);
+        assert!(started.elapsed() < std::time::Duration::from_secs(4));
+        let echo = |n: usize| {
+            client
+                .post(format!("http://{addr}/echo"))
+                .body("x".repeat(n))
+                .send()
+        };
+        assert_eq!(echo(1000).await.expect("answered").status().as_u16(), 200);
+        assert_eq!(echo(2000).await.expect("answered").status().as_u16(), 413);
+        trigger.trigger();
+        server.await.expect("joined").expect("served");
+    }
 }

@@ -2,8 +2,8 @@
 //! content. Owns the comparison, its SQL (reading back the stored records of a batch's seqs) and
 //! the `seq_conflicts` table the alert rule reads.
 //!
-//! **Safety rule** (enforced by [`find`], called by `store::store_batches` inside the batch's
-//! transaction before anything of it is written): an arriving record whose `(site, seq)` is
+//! **Safety rule** (enforced by `store::store_batches`, inside the transaction that writes the
+//! batch, before it commits): an arriving record whose `(site, seq)` is
 //! stored is a duplicate only when what is stored is the same record: same kind and same
 //! content, column by column as stored (times to the microsecond the columns hold, extra channels
 //! as JSON values). Anything else refuses the whole batch: it is dead-lettered, counted and
@@ -314,6 +314,77 @@ pub(super) async fn stored_pg(
         "extra::text",
         pg_micros
     ))
+}
+
+/// Whether a record of `batches`, all just inserted in `tx` (every one new in its own table),
+/// took a seq that another table holds for the same site: a reading's seq stored as an event,
+/// say. The tables are keyed apart, so the insert alone cannot see it. Three index lookups for
+/// the whole group: the readings table by the (few) event and gap seqs; the events and gaps
+/// tables by each batch's seq range, whose rows (few: events and gaps are rare) are checked
+/// against the kinds that arrived.
+pub(super) async fn crosses_kinds_pg(
+    tx: &mut Transaction<'static, Postgres>,
+    batches: &[&Batch],
+) -> Result<bool, sqlx::Error> {
+    let (mut rare_sites, mut rare_seqs) = (Vec::new(), Vec::new());
+    let (mut range_sites, mut lows, mut highs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut kinds: HashMap<(&str, i64), &'static str> = HashMap::new();
+    for b in batches {
+        let site = b.site.as_str();
+        let arriving = arriving(b);
+        for (seq, content) in &arriving {
+            kinds.insert((site, *seq), content.kind());
+            if !matches!(content, Content::Reading { .. }) {
+                rare_sites.push(site);
+                rare_seqs.push(*seq);
+            }
+        }
+        if let (Some(lo), Some(hi)) = (
+            arriving.iter().map(|(s, _)| *s).min(),
+            arriving.iter().map(|(s, _)| *s).max(),
+        ) {
+            range_sites.push(site);
+            lows.push(lo);
+            highs.push(hi);
+        }
+    }
+    if !rare_seqs.is_empty() {
+        let taken: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM readings \
+             WHERE (site, seq) IN (SELECT * FROM UNNEST($1::text[], $2::int8[])) LIMIT 1",
+        )
+        .bind(&rare_sites)
+        .bind(&rare_seqs)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if taken.is_some() {
+            return Ok(true);
+        }
+    }
+    if range_sites.is_empty() {
+        return Ok(false);
+    }
+    for (table, kind) in [("events", "event"), ("gaps", "gap")] {
+        let sql = format!(
+            "SELECT t.site, t.seq FROM {table} t \
+             JOIN UNNEST($1::text[], $2::int8[], $3::int8[]) AS r(site, lo, hi) \
+               ON t.site = r.site AND t.seq BETWEEN r.lo AND r.hi"
+        );
+        let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&range_sites)
+            .bind(&lows)
+            .bind(&highs)
+            .fetch_all(&mut **tx)
+            .await?;
+        if rows.iter().any(|(site, seq)| {
+            kinds
+                .get(&(site.as_str(), *seq))
+                .is_some_and(|k| *k != kind)
+        }) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Records a conflict for the alert rule, in the transaction that refused the batch.

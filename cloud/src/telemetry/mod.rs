@@ -1,12 +1,14 @@
 //! Telemetry: what agents send (batches of readings, events and gaps; their status), received
 //! over MQTT ([`ingest`]), stored once per record ([`store`]), read back through the API
 //! ([`query`], with the totalizer arithmetic in [`volume`]), and watched by the alert rules
-//! ([`alert`], whose routes are `/api/v1/alerts`).
+//! ([`alert`], whose routes are `/api/v1/alerts`). What the ingest refuses is kept, bounded, in
+//! [`dead_letter`].
 //!
 //! The module's anatomy, which every cloud module follows: this file holds the routes and the
 //! wiring of the background tasks ([`start`]); the handlers are in `api`; the SQL is in
 //! [`store`] (writes, status) and [`query`] (the API's reads); each background task has its
-//! own home ([`ingest`], the alert [`alert::Evaluator`]).
+//! own home ([`ingest`], the alert [`alert::Evaluator`], the dead letters' sweeper in
+//! [`dead_letter`]).
 //!
 //! Routes (every one needs a token; any role may read):
 //!
@@ -24,6 +26,7 @@
 pub mod alert;
 mod api;
 pub mod conflict;
+pub mod dead_letter;
 pub mod ingest;
 pub mod query;
 pub mod store;
@@ -68,6 +71,11 @@ pub fn start(
     let sd = shutdown.clone();
     tasks.spawn(async move {
         ingest.run(sd).await;
+        Ok(())
+    });
+    let (sweep_db, sweep_cfg, sd) = (db.clone(), config.ingest.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        dead_letter::run_sweeper(sweep_db, sweep_cfg, sd).await;
         Ok(())
     });
     if config.alerts.enabled {

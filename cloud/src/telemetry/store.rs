@@ -171,43 +171,84 @@ pub async fn store_batches(
             Ok(GroupStored { stored, outcomes })
         }
         Db::Postgres(p) => {
-            let mut tx = p.begin_write().await?;
-            let rows: Vec<(String, bool)> =
-                sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
-                    .bind(&sites)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let active: std::collections::HashMap<String, bool> = rows.into_iter().collect();
+            let active = pg_active(p, &sites).await?;
             for ((batch, _), outcome) in group.iter().zip(outcomes.iter_mut()) {
                 if outcome.is_ok() {
                     *outcome = check_site(&batch.site, active.get(batch.site.as_str()).copied());
                 }
             }
-            let checked: Vec<&Batch> = group
+            let checked: Vec<(&Batch, DateTime<Utc>)> = group
                 .iter()
                 .zip(&outcomes)
                 .filter(|(_, o)| o.is_ok())
-                .map(|((b, _), _)| *b)
+                .map(|((b, at), _)| (*b, *at))
                 .collect();
-            let mut under = conflict::stored_pg(&mut tx, &checked).await?;
-            let mut accepted = Vec::with_capacity(group.len());
-            for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
-                if outcome.is_ok()
-                    && let Some(c) = conflict::compare(batch, &under)
-                {
-                    conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
-                    *outcome = Err(StoreError::SeqConflict(c));
-                }
-                if outcome.is_ok() {
-                    conflict::remember(&mut under, batch);
-                    accepted.push((*batch, *at));
-                }
+            // Optimistic first: insert everything. When every record was new and none took a
+            // seq another kind holds (the tables are keyed apart), the group commits with
+            // nothing read back: the common case. Otherwise the attempt is rolled back and the
+            // group is stored the careful way, comparing before writing, with the conflicting
+            // batches refused: a redelivered duplicate pays that, the hot path does not.
+            let mut tx = p.begin_write().await?;
+            let stored = pg_batches(&mut tx, &checked).await?;
+            let records: u64 = checked.iter().map(|(b, _)| b.len() as u64).sum();
+            let batches: Vec<&Batch> = checked.iter().map(|(b, _)| *b).collect();
+            if stored.readings + stored.events + stored.gaps == records
+                && !conflict::crosses_kinds_pg(&mut tx, &batches).await?
+            {
+                tx.commit().await?;
+                return Ok(GroupStored { stored, outcomes });
             }
-            let stored = pg_batches(&mut tx, &accepted).await?;
-            tx.commit().await?;
-            Ok(GroupStored { stored, outcomes })
+            tx.rollback().await?;
+            pg_refusing_conflicts(p, group, outcomes).await
         }
     }
+}
+
+/// Whether each of `sites` is active (absent: unknown).
+async fn pg_active(
+    p: &sqlx::PgPool,
+    sites: &[&str],
+) -> Result<std::collections::HashMap<String, bool>, sqlx::Error> {
+    let rows: Vec<(String, bool)> =
+        sqlx::query_as("SELECT id, active FROM sites WHERE id = ANY($1)")
+            .bind(sites)
+            .fetch_all(p)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Stores a group of which some record's seq was stored already: reads what is stored under
+/// every seq first, refuses (and records) each conflicting batch, stores the rest. Taken only
+/// after the optimistic insert met a stored seq, so its read costs nothing on the common path.
+async fn pg_refusing_conflicts(
+    p: &sqlx::PgPool,
+    group: &[(&Batch, DateTime<Utc>)],
+    mut outcomes: Vec<Result<(), StoreError>>,
+) -> Result<GroupStored, sqlx::Error> {
+    let mut tx = p.begin_write().await?;
+    let checked: Vec<&Batch> = group
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_ok())
+        .map(|((b, _), _)| *b)
+        .collect();
+    let mut under = conflict::stored_pg(&mut tx, &checked).await?;
+    let mut accepted = Vec::with_capacity(group.len());
+    for ((batch, at), outcome) in group.iter().zip(outcomes.iter_mut()) {
+        if outcome.is_ok()
+            && let Some(c) = conflict::compare(batch, &under)
+        {
+            conflict::record_pg(&mut tx, &c, &batch.batch, *at).await?;
+            *outcome = Err(StoreError::SeqConflict(c));
+        }
+        if outcome.is_ok() {
+            conflict::remember(&mut under, batch);
+            accepted.push((*batch, *at));
+        }
+    }
+    let stored = pg_batches(&mut tx, &accepted).await?;
+    tx.commit().await?;
+    Ok(GroupStored { stored, outcomes })
 }
 
 impl Stored {
@@ -502,32 +543,6 @@ pub async fn store_status(
     Ok(())
 }
 
-/// Keeps a refused payload as received, with the reason.
-pub async fn dead_letter(
-    db: &Db,
-    topic: &str,
-    site: Option<&SiteId>,
-    payload: &[u8],
-    reason: &str,
-    received_at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    let site = site.map(SiteId::as_str);
-    each_db!(db, |pool, to_db, from_row| {
-        sqlx::query(
-            "INSERT INTO dead_letters (topic, site, payload, reason, received_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(topic)
-        .bind(site)
-        .bind(payload)
-        .bind(reason)
-        .bind(to_db(received_at))
-        .execute(pool)
-        .await?;
-    });
-    Ok(())
-}
-
 /// What the cloud last knew of a site's agent.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SiteStatus {
@@ -716,17 +731,30 @@ pub struct DeadLetter {
     pub id: i64,
     pub topic: String,
     pub site: Option<String>,
+    /// As received, cut at `ingest.dead_letter_max_payload_bytes`.
     pub payload: Vec<u8>,
     pub reason: String,
+    /// Refusals this row stands for (`telemetry::dead_letter`).
+    pub count: i64,
+    /// The size the payload had.
+    pub payload_bytes: Option<i64>,
 }
 
-/// The most recent dead letters, newest first.
+/// The most recent dead letters (by their last arrival), newest first.
 pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
-    type Row = (i64, String, Option<String>, Vec<u8>, String);
+    type Row = (
+        i64,
+        String,
+        Option<String>,
+        Vec<u8>,
+        String,
+        i64,
+        Option<i64>,
+    );
     let rows: Vec<Row> = each_db!(db, |pool, to_db, from_row| {
         sqlx::query_as(
-            "SELECT id, topic, site, payload, reason FROM dead_letters \
-             ORDER BY id DESC LIMIT $1",
+            "SELECT id, topic, site, payload, reason, count, payload_bytes FROM dead_letters \
+             ORDER BY COALESCE(last_received_at, received_at) DESC, id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(pool)
@@ -734,12 +762,16 @@ pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::
     });
     Ok(rows
         .into_iter()
-        .map(|(id, topic, site, payload, reason)| DeadLetter {
-            id,
-            topic,
-            site,
-            payload,
-            reason,
-        })
+        .map(
+            |(id, topic, site, payload, reason, count, payload_bytes)| DeadLetter {
+                id,
+                topic,
+                site,
+                payload,
+                reason,
+                count,
+                payload_bytes,
+            },
+        )
         .collect())
 }

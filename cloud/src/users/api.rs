@@ -68,14 +68,17 @@ pub(super) struct LoginResponse {
         (status = 200, description = "A bearer token and the account", body = LoginResponse),
         (status = 400, description = "A field is missing or malformed", body = ErrorBody),
         (status = 401, description = "Wrong email or password, or a deactivated account", body = ErrorBody),
+        (status = 429, description = "Too many logins from this address, or too many wrong passwords for this account; `Retry-After` says when to come back", body = ErrorBody),
+        (status = 503, description = "Too many logins at once (`busy`, with `Retry-After`), or the database is unavailable", body = ErrorBody),
     ),
 )]
 pub(super) async fn login(
     State(state): State<ApiState>,
+    from: super::throttle::ClientAddr,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
     let (user, token, expires_at) =
-        super::session::sign_in(&state, &req.email, req.password).await?;
+        super::session::sign_in(&state, &req.email, req.password, &from).await?;
     Ok(Json(LoginResponse {
         token,
         token_type: "Bearer",

@@ -16,12 +16,13 @@
 //!
 //! Anatomy (ARCHITECTURE.md, the cloud): this file holds the routes; the handlers are in
 //! `api`, the access check in `caller`, signing in and tokens in [`session`] (shared with the
-//! console), the accounts' SQL in [`account`].
+//! console), what a login may cost in [`throttle`], the accounts' SQL in [`account`].
 
 pub mod account;
 mod api;
 mod caller;
 pub mod session;
+pub mod throttle;
 
 pub use caller::Caller;
 

@@ -7,6 +7,7 @@
 //! deactivation ends every session at the next request).
 
 use super::account::{self, User};
+use super::throttle::ClientAddr;
 use crate::core::api::{ApiError, ApiState};
 use crate::core::auth;
 use crate::core::config::Secret;
@@ -31,20 +32,17 @@ fn dummy_hash() -> String {
 }
 
 /// Checks `email` and `password`; on success returns the account and a session token with its
-/// expiry. Every attempt is counted by outcome (`caudal_cloud_logins_total{kind}`).
+/// expiry. Every attempt is counted by outcome (`caudal_cloud_auth_logins_total{kind}`).
+///
+/// The limits of [`throttle`](super::throttle) come first, before anything is hashed: the
+/// attempt counts against `from`, a closed account or address answers `429`, and no free
+/// password check within `auth.login_wait_s` answers `503`, all with `Retry-After`.
 pub async fn sign_in(
     state: &ApiState,
     email: &str,
     password: Secret,
+    from: &ClientAddr,
 ) -> Result<(User, String, DateTime<Utc>), ApiError> {
-    let found = account::by_email(&state.db, email).await?;
-    let stored = found.as_ref().map(|(_, h)| h.clone());
-    let matches = tokio::task::spawn_blocking(move || {
-        let hash = stored.unwrap_or_else(dummy_hash);
-        auth::verify_password(&password, &hash)
-    })
-    .await
-    .map_err(|e| ApiError::corrupt("checking a password", &e))?;
     let count = |kind: &str| {
         state
             .auth_metrics
@@ -52,6 +50,26 @@ pub async fn sign_in(
             .get_or_create(&KindLabels::new(kind))
             .inc();
     };
+    let throttled = |t: super::throttle::Throttled| {
+        count(t.kind());
+        tracing::info!(reason = %t, "login not tried");
+        ApiError::Throttled(t)
+    };
+    let guard = &state.logins;
+    guard
+        .admit(guard.address_of(from), email)
+        .map_err(throttled)?;
+    let found = account::by_email(&state.db, email).await?;
+    let stored = found.as_ref().map(|(_, h)| h.clone());
+    let matches = guard
+        .check(move || {
+            let hash = stored.unwrap_or_else(dummy_hash);
+            auth::verify_password_reusing(&password, &hash)
+        })
+        .await
+        .map_err(throttled)?
+        .ok_or_else(|| ApiError::corrupt("checking a password", &"the check's thread ended"))?;
+    guard.checked(email, matches);
     let user = match found {
         Some((u, _)) if matches && u.active => u,
         Some((u, _)) if matches && !u.active => {

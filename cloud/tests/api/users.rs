@@ -425,3 +425,116 @@ async fn every_request_carries_an_id_echoed_in_its_response() {
     assert_ne!(ida, idb);
     cloud.stop().await;
 }
+
+/// A login over `reqwest`, with optional extra headers: status, `Retry-After`, body.
+async fn login_with(
+    addr: std::net::SocketAddr,
+    email: &str,
+    password: &str,
+    forwarded_for: Option<&str>,
+) -> (u16, Option<String>, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "email": email, "password": password }).to_string());
+    if let Some(f) = forwarded_for {
+        req = req.header("x-forwarded-for", f);
+    }
+    let resp = req.send().await.expect("login request");
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp.text().await.expect("body");
+    (status, retry, json(&body))
+}
+
+/// The login limits: wrong passwords close an account (known or not) for its window, an
+/// address over its attempts waits for its window, both answered `429` with `Retry-After` and
+/// counted; other accounts and addresses go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_limited_per_account_and_per_address() {
+    let db = TestDb::sqlite();
+    let mut cfg = api_config(&db, "core");
+    cfg.auth.account_failures = 3;
+    cfg.auth.address_attempts = 8;
+    let cloud = Cloud::start(cfg).await.expect("start");
+    let addr = cloud.http_addr();
+    account_token(&cloud, "ana@x.cl", Role::Viewer).await; // attempt 1
+    account_token(&cloud, "ben@x.cl", Role::Viewer).await; // 2
+    for _ in 0..3 {
+        let (code, _, _) = login_with(addr, "ana@x.cl", "a wrong password", None).await;
+        assert_eq!(code, 401); // 3, 4, 5
+    }
+    let (code, retry, body) = login_with(addr, "ANA@x.cl", "a long enough password", None).await; // 6
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"], "too_many_requests");
+    let retry: u64 = retry.expect("Retry-After").parse().expect("seconds");
+    assert!((1..=900).contains(&retry), "{retry}");
+    let (code, _, body) = login_with(addr, "ben@x.cl", "a long enough password", None).await; // 7
+    assert_eq!(code, 200, "another account goes on: {body}");
+    let (code, _, _) = login_with(addr, "nobody@x.cl", "x", None).await; // 8
+    assert_eq!(code, 401);
+    let (code, retry, body) = login_with(addr, "ben@x.cl", "a long enough password", None).await;
+    assert_eq!(code, 429, "the address is over its 8 attempts: {body}");
+    assert!(retry.is_some());
+    // Without http.trust_forwarded_for a client cannot pick another address.
+    let (code, _, _) =
+        login_with(addr, "ben@x.cl", "a long enough password", Some("10.0.0.9")).await;
+    assert_eq!(code, 429);
+    let metrics = support::http_get(addr, "/metrics").await.1;
+    for line in [
+        r#"caudal_cloud_auth_logins_total{kind="throttled_account"} 1"#,
+        r#"caudal_cloud_auth_logins_total{kind="throttled_address"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    cloud.stop().await;
+}
+
+/// Behind a proxy (`http.trust_forwarded_for`), each client's address is the last
+/// `X-Forwarded-For` entry: one client over its attempts does not hold back the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_each_client_has_its_own_budget() {
+    let db = TestDb::sqlite();
+    let mut cfg = api_config(&db, "core");
+    cfg.auth.address_attempts = 2;
+    cfg.http.trust_forwarded_for = true;
+    let cloud = Cloud::start(cfg).await.expect("start");
+    let addr = cloud.http_addr();
+    for _ in 0..2 {
+        let (code, _, _) = login_with(addr, "x@x.cl", "x", Some("1.2.3.4, 10.0.0.1")).await;
+        assert_eq!(code, 401);
+    }
+    let (code, _, _) = login_with(addr, "x@x.cl", "x", Some("9.9.9.9, 10.0.0.1")).await;
+    assert_eq!(
+        code, 429,
+        "the proxy appended 10.0.0.1 both times: one client"
+    );
+    let (code, _, _) = login_with(addr, "x@x.cl", "x", Some("10.0.0.2")).await;
+    assert_eq!(code, 401, "another client");
+    cloud.stop().await;
+}
+
+/// A body over `http.body_limit_bytes` is answered `413`, not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_refused() {
+    let db = TestDb::sqlite();
+    let mut cfg = api_config(&db, "core");
+    cfg.http.body_limit_bytes = 4096;
+    let cloud = Cloud::start(cfg).await.expect("start");
+    let big = format!(r#"{{"email":"x@x.cl","password":"{}"}}"#, "p".repeat(8192));
+    let (code, body) = http(
+        cloud.http_addr(),
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&big),
+    )
+    .await;
+    assert_eq!(code, 413, "{body}");
+    assert_eq!(json(&body)["error"], "payload_too_large");
+    cloud.stop().await;
+}

@@ -152,13 +152,22 @@ async fn shot(c: &Client, name: &str) {
     }
 }
 
+/// The text of the element `css`. Tried again for up to 10 s while the element is missing or
+/// stale: a page still being replaced after a submit, or a row htmx swapped between finding it
+/// and reading it, is not a failure of the page.
 async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .expect("text")
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = match c.find(Locator::Css(css)).await {
+            Ok(e) => e.text().await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(t) => return t,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("{css}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// Waits (up to 20 s) until the element `css` exists; the live rows refresh every 5 s.

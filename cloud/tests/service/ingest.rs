@@ -297,6 +297,101 @@ async fn refused_payloads_are_dead_lettered_and_acked_rejected() {
     }
 }
 
+/// Dead letters stay bounded: the same refused payload again and again is one row with its
+/// count; a site the cloud does not know sending batch after batch is refused every time but
+/// written once per `ingest.refused_site_interval_s`; a payload is kept up to
+/// `ingest.dead_letter_max_payload_bytes`; the sweeper expires old rows and caps the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_deduplicated_summarised_cut_and_swept() {
+    use caudal_cloud::telemetry::dead_letter;
+    for db in TestDb::all().await {
+        let mut cfg = config(&db);
+        cfg.ingest.dead_letter_max_payload_bytes = 64;
+        let cloud = Cloud::start(cfg).await.expect("start");
+        wait_metric(cloud.http_addr(), "caudal_cloud_ingest_subscribed 1").await;
+        site::add(cloud.db(), &site_id("pozo-norte"), "")
+            .await
+            .expect("add");
+        let broker = cloud.broker().expect("embedded broker").v4_addr();
+        let mut agent = Agent::connect(broker, "pozo-norte", false).await;
+        let bad = edited(|v| v["readings"][0]["flow_lps"] = "fast".into());
+        for _ in 0..20 {
+            agent.publish(None, bad.clone()).await;
+            assert_eq!(agent.ack().await.status, AckStatus::Rejected);
+        }
+        let mut stranger = Agent::connect(broker, "pozo-nuevo", false).await;
+        let unknown = edited(|v| v["site"] = "pozo-nuevo".into());
+        for i in 0..30 {
+            let mut b: serde_json::Value = serde_json::from_slice(&unknown).expect("json");
+            b["batch"] = format!("nuevo-{i}").into();
+            stranger.publish(None, b.to_string()).await;
+            let ack = stranger.ack().await;
+            assert_eq!(ack.status, AckStatus::Rejected, "refused every time");
+        }
+        let letters = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(letters.len(), 2, "{}: {letters:?}", db.name);
+        let same = letters
+            .iter()
+            .find(|l| l.site.as_deref() == Some("pozo-norte"))
+            .expect("the repeated payload");
+        assert_eq!(same.count, 20, "{}", db.name);
+        assert_eq!(same.payload, bad[..64], "cut at the limit");
+        assert_eq!(same.payload_bytes, Some(bad.len() as i64));
+        let summary = letters
+            .iter()
+            .find(|l| l.site.as_deref() == Some("pozo-nuevo"))
+            .expect("the unknown site");
+        assert_eq!(
+            summary.count, 1,
+            "{}: written once in the interval, the rest held back",
+            db.name
+        );
+        let line = r#"caudal_cloud_ingest_rejected_total{reason="unknown_site"}"#;
+        assert_eq!(
+            metric(cloud.http_addr(), line).await,
+            30.0,
+            "every refusal counted"
+        );
+
+        // The sweeper: nothing is old yet; a cap of one keeps the latest; a retention of
+        // zero seen from tomorrow expires the rest.
+        let now = chrono::Utc::now();
+        let swept = dead_letter::sweep(cloud.db(), chrono::Duration::days(30), 100, now)
+            .await
+            .expect("sweep");
+        assert_eq!(swept, dead_letter::Swept::default());
+        let swept = dead_letter::sweep(cloud.db(), chrono::Duration::days(30), 1, now)
+            .await
+            .expect("sweep");
+        assert_eq!(swept.over_cap, 1, "{}", db.name);
+        let left = store::dead_letters(cloud.db(), 100).await.expect("letters");
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            left[0].site.as_deref(),
+            Some("pozo-nuevo"),
+            "the latest kept"
+        );
+        let swept = dead_letter::sweep(
+            cloud.db(),
+            chrono::Duration::zero(),
+            100,
+            now + chrono::Duration::days(1),
+        )
+        .await
+        .expect("sweep");
+        assert_eq!(swept.expired, 1, "{}", db.name);
+        assert!(
+            store::dead_letters(cloud.db(), 100)
+                .await
+                .expect("letters")
+                .is_empty()
+        );
+        agent.kill();
+        stranger.kill();
+        cloud.stop().await;
+    }
+}
+
 /// A different record under a stored `(site, seq)`: what an agent whose outbox was rolled back
 /// (and that did not open a new epoch) or a forger sends. Refused, dead-lettered, counted and
 /// alerted; never acknowledged as a duplicate; the stored record stays.
@@ -901,6 +996,50 @@ async fn a_conflict_within_one_group_is_refused() {
             .await
             .expect("read");
         assert_eq!(readings, good.readings, "{}: the first is kept", db.name);
+
+        // A stored reading's seq arriving as an event, and within one group a reading's seq
+        // taken by an event of the next batch: the tables are keyed apart, so only the
+        // comparison of kinds can refuse them.
+        let mut as_event = example_batch();
+        as_event.batch = "9b1c07-10".into();
+        as_event.readings.clear();
+        as_event.gaps.clear();
+        as_event.events.truncate(1);
+        as_event.events[0].seq = good.readings[1].seq;
+        let mut fresh = example_batch();
+        fresh.batch = "9b1c07-11".into();
+        for (i, r) in fresh.readings.iter_mut().enumerate() {
+            r.seq = caudal_common::Seq(1_000_000 + i as u64);
+        }
+        fresh.events.clear();
+        fresh.gaps.clear();
+        let mut takes_fresh = as_event.clone();
+        takes_fresh.batch = "9b1c07-12".into();
+        takes_fresh.events[0].seq = fresh.readings[0].seq;
+        let stored =
+            store::store_batches(&pool, &[(&as_event, at), (&fresh, at), (&takes_fresh, at)])
+                .await
+                .expect("stored");
+        assert!(
+            matches!(&stored.outcomes[0], Err(store::StoreError::SeqConflict(c)) if c.seq == good.readings[1].seq),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[0]
+        );
+        assert!(stored.outcomes[1].is_ok(), "{}", db.name);
+        assert!(
+            matches!(&stored.outcomes[2], Err(store::StoreError::SeqConflict(c)) if c.seq == fresh.readings[0].seq),
+            "{}: {:?}",
+            db.name,
+            stored.outcomes[2]
+        );
+        assert_eq!(
+            stored.stored.readings,
+            fresh.readings.len() as u64,
+            "{}: only the fresh batch is stored",
+            db.name
+        );
+        assert_eq!(stored.stored.events, 0, "{}", db.name);
         pool.close().await;
     }
 }

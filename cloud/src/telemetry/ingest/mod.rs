@@ -144,6 +144,9 @@ impl Ingest {
         let (seq_tx, seq_rx) = mpsc::unbounded_channel();
         let mut senders = Vec::with_capacity(workers);
         let mut tasks = JoinSet::new();
+        let refused_sites = Arc::new(crate::telemetry::dead_letter::RefusedSites::new(
+            std::time::Duration::from_secs(self.cfg.refused_site_interval_s),
+        ));
         for _ in 0..workers {
             let (tx, rx) = mpsc::channel(queue);
             senders.push(tx);
@@ -155,6 +158,8 @@ impl Ingest {
                 client: client.clone(),
                 metrics: self.metrics.clone(),
                 ids: ids.clone(),
+                refused_sites: refused_sites.clone(),
+                dead_letter_max_payload: self.cfg.dead_letter_max_payload_bytes,
             };
             tasks.spawn(w.run());
         }

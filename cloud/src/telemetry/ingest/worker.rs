@@ -5,6 +5,7 @@ use super::Message;
 use super::metrics::{IngestMetrics, RecordLabels};
 use crate::core::db::Db;
 use crate::core::metrics::{KindLabels, ReasonLabels};
+use crate::telemetry::dead_letter::{self, RefusedSites};
 use crate::telemetry::store::{self, StoreError};
 use caudal_common::payload::{self, Payload};
 use caudal_common::topic::{self, Topic, TopicKind};
@@ -91,6 +92,9 @@ pub(super) struct Worker {
     pub(super) client: AsyncClient,
     pub(super) metrics: IngestMetrics,
     pub(super) ids: Arc<IngestIds>,
+    /// Shared by the workers: how often a refused site's refusals are written.
+    pub(super) refused_sites: Arc<RefusedSites>,
+    pub(super) dead_letter_max_payload: usize,
 }
 
 /// A batch that was decoded and passed the checks, waiting to be stored with its group.
@@ -399,25 +403,37 @@ impl Worker {
         m.rejected
             .get_or_create(&ReasonLabels::new(why.reason()))
             .inc();
-        tracing::warn!(
-            topic,
-            batch,
-            reason = %reason,
-            bytes = msg.publish.payload.len(),
-            "message refused"
-        );
-        if let Err(e) = store::dead_letter(
-            &self.db,
-            topic,
-            site,
-            &msg.publish.payload,
-            &reason,
-            msg.received_at,
-        )
-        .await
-        {
-            m.dead_letter_errors.inc();
-            tracing::error!(topic, error = %e, "refused message not written to dead_letters");
+        // A site the cloud does not accept gets one dead letter and one log line per interval,
+        // standing for the refusals between (dead_letter's boundedness rule).
+        let summarised = matches!(why, Rejection::UnknownSite(_) | Rejection::InactiveSite(_))
+            .then(|| why.reason());
+        let count = match (summarised, site) {
+            (Some(_), Some(s)) => self.refused_sites.admit(s, std::time::Instant::now()),
+            _ => Some(1),
+        };
+        if let Some(count) = count {
+            tracing::warn!(
+                topic,
+                batch,
+                reason = %reason,
+                bytes = msg.publish.payload.len(),
+                count,
+                "message refused"
+            );
+            let refused = dead_letter::Refused {
+                topic,
+                site,
+                payload: &msg.publish.payload,
+                reason: &reason,
+                summarised,
+                received_at: msg.received_at,
+                count,
+            };
+            if let Err(e) = dead_letter::keep(&self.db, refused, self.dead_letter_max_payload).await
+            {
+                m.dead_letter_errors.inc();
+                tracing::error!(topic, error = %e, "refused message not written to dead_letters");
+            }
         }
         let is_batch = topic.ends_with(TopicKind::Telemetry.suffix());
         if is_batch {
