@@ -11,13 +11,19 @@
 //! and the CLI); the month reports, the log and the rectification dossier ([`report`]); the
 //! receipt check against the DGA's GET endpoint ([`verify`]).
 //!
-//! **Durability rule: an accepted slot is never POSTed again.** A slot's in-flight state and its
-//! redacted request are committed **before** the POST leaves (`store::claim`), the answer after
-//! (`store::record`); only pending and due failed slots are ever claimed. A crash between the
-//! two leaves the slot in flight; at start it is treated as unanswered and sent again the next
-//! day, where a measurement that did land answers as the duplicate-400 carrying its receipt.
-//! Every request (password as `****`) and every answer is kept with its slot. (One process per
-//! database sends for now: the recovery at start assumes no other process has a slot in flight.)
+//! **Durability rule: an accepted slot is never POSTed again.** A slot's in-flight state, its
+//! owner and lease, and its redacted request are committed **before** the POST leaves
+//! (`store::claim`), the answer after (`store::record`); only pending and due failed slots are
+//! ever claimed. A crash between the two leaves the slot in flight; once its lease has passed,
+//! any process treats it as unanswered and it is sent again the next day, where a measurement
+//! that did land answers as the duplicate-400 carrying its receipt. Every request (password as
+//! `****`) and every answer is kept with its slot.
+//!
+//! **Several processes per database.** Any number of processes may run the compliance preset on
+//! one database: a claim moves a slot only from a sendable state, so one process wins it; a
+//! slot in flight is its owner's until `claimed_until`; the obras' spacing and the global rate
+//! are rows every claim reads and writes under one lock (`compliance_budget`), so they hold
+//! across processes and restarts (ADR 011).
 //!
 //! Routes (every one needs a token; any role reads; admin and operator change):
 //!

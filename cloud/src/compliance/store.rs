@@ -514,12 +514,16 @@ pub struct Slot {
     pub receipt: Option<String>,
     pub reviewed_by: Option<String>,
     pub note: String,
+    /// The process that holds it in flight, and until when (its lease); absent otherwise.
+    pub claimed_by: Option<String>,
+    pub claimed_until: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 const SLOT_COLUMNS: &str = "point_id, slot_at, state, caudal, totalizador, nivel, altura, \
-    reason, detail, attempts, next_attempt_at, receipt, reviewed_by, note, created_at, updated_at";
+    reason, detail, attempts, next_attempt_at, receipt, reviewed_by, note, claimed_by, \
+    claimed_until, created_at, updated_at";
 
 macro_rules! slot_row {
     ($r:expr, $from_row:ident) => {{
@@ -550,6 +554,8 @@ macro_rules! slot_row {
             receipt: r.try_get("receipt")?,
             reviewed_by: r.try_get("reviewed_by")?,
             note: r.try_get("note")?,
+            claimed_by: r.try_get("claimed_by")?,
+            claimed_until: opt_time!(r, "claimed_until", $from_row),
             created_at: $from_row(r, "created_at")?,
             updated_at: $from_row(r, "updated_at")?,
         })
@@ -615,6 +621,61 @@ pub async fn insert_slots(
     Ok(n)
 }
 
+/// A point's slots held for missing data that no person reviewed, after `after` (slot
+/// instant), oldest first, at most `limit`: the ones late telemetry may re-open.
+pub async fn held_for_missing_data(
+    db: &Db,
+    point: i64,
+    after: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<Slot>, StoreError> {
+    let sql = format!(
+        "SELECT {SLOT_COLUMNS} FROM compliance_slots WHERE point_id = $1 AND state = 'held' \
+         AND reason = 'no_data' AND reviewed_by IS NULL AND slot_at > $2 ORDER BY slot_at LIMIT $3"
+    );
+    let after = after.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+    each_db!(db, |p, to_db, from_row| {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(point)
+            .bind(to_db(after))
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+        rows.iter().map(|r| slot_row!(r, from_row)).collect()
+    })
+}
+
+/// A slot held for missing data, built again from the telemetry that arrived since: it takes
+/// the new state (pending when its values now pass the checks, held with the new reason
+/// otherwise) and values. Only a slot still held for missing data and never reviewed moves: a
+/// slot a person decided on, or held for a suspicious value, is never rebuilt. Returns whether
+/// it moved.
+pub async fn rebuild_held(db: &Db, s: &NewSlot, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    let v = s.values.clone().unwrap_or_default();
+    let has = s.values.is_some();
+    each_db!(db, |p, to_db, _from| {
+        let n = sqlx::query(
+            "UPDATE compliance_slots SET state = $3, caudal = $4, totalizador = $5, nivel = $6, \
+             altura = $7, reason = $8, detail = $9, updated_at = $10 WHERE point_id = $1 \
+             AND slot_at = $2 AND state = 'held' AND reason = 'no_data' AND reviewed_by IS NULL",
+        )
+        .bind(s.point_id)
+        .bind(to_db(s.slot_at))
+        .bind(s.state.as_str())
+        .bind(has.then_some(v.caudal))
+        .bind(v.totalizador)
+        .bind(v.nivel)
+        .bind(v.altura)
+        .bind(s.reason.clone())
+        .bind(&s.detail)
+        .bind(to_db(now))
+        .execute(p)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    })
+}
+
 /// One slot.
 pub async fn slot(db: &Db, point: i64, at: DateTime<Utc>) -> Result<Option<Slot>, StoreError> {
     let sql =
@@ -655,45 +716,192 @@ pub async fn slots(
     })
 }
 
-/// For each point whose mode is `on` and that is not stopped, its oldest slot due to be sent:
-/// pending, or failed with its next attempt due. One row per point, however long its backlog.
-pub async fn due(db: &Db, now: DateTime<Utc>) -> Result<Vec<Slot>, StoreError> {
-    let cols: Vec<String> = SLOT_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect();
-    let sql = format!(
-        "SELECT {} FROM compliance_slots s JOIN compliance_points c ON c.point_id = s.point_id \
-         WHERE c.mode = 'on' AND c.stopped_reason IS NULL AND (s.state = 'pending' OR \
-         (s.state = 'failed' AND s.next_attempt_at <= $1)) AND s.slot_at = (SELECT \
-         MIN(d.slot_at) FROM compliance_slots d WHERE d.point_id = s.point_id AND \
-         (d.state = 'pending' OR (d.state = 'failed' AND d.next_attempt_at <= $1))) \
-         ORDER BY s.point_id",
-        cols.join(", ")
-    );
+/// How long after its instant a slot still counts as live: the DGA wants it within the hour of
+/// its measurement (Res. 2.170 §3).
+pub const LIVE_S: i64 = 3600;
+
+/// For each point whose mode is `on` and that is not stopped, the slot to send next: its
+/// oldest slot due (pending, or failed with its next attempt due), unless the backlog ahead of
+/// its oldest live slot (pending, instant within [`LIVE_S`] of `now`) would make that one late
+/// at one POST per `spacing` (plus `margin`, a round): then the live slot goes first and the
+/// backlog after it. One slot per point, however long its backlog: each question is a probe or
+/// a range of the `(state, point_id, slot_at)` index, never a scan of a point's history.
+pub async fn due(
+    db: &Db,
+    now: DateTime<Utc>,
+    spacing: Duration,
+    margin: Duration,
+) -> Result<Vec<Slot>, StoreError> {
+    let points = "SELECT point_id FROM compliance_points WHERE mode = 'on' \
+                  AND stopped_reason IS NULL ORDER BY point_id";
+    // Each condition names `state`, `point_id` and a range of `slot_at`, so SQLite's planner
+    // takes the state index rather than the point's whole history by primary key. The backlog
+    // ahead of a live slot is counted over pending slots only: failed ones due (a day old at
+    // least, a few a day) go before it too, one each, within the round's margin.
+    let pending = "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'pending' \
+                   AND point_id = $1 AND slot_at >= $2";
+    // Without statistics SQLite reads a point's failed slots through the primary key (its
+    // whole history, in slot order, for the MIN); it is told the state index. PostgreSQL plans
+    // with its statistics.
+    let failed = match db {
+        Db::Sqlite(_) => {
+            "SELECT MIN(slot_at) AS at FROM compliance_slots INDEXED BY compliance_slots_state \
+             WHERE state = 'failed' AND point_id = $1 AND slot_at >= $3 AND next_attempt_at <= $2"
+        }
+        Db::Postgres(_) => {
+            "SELECT MIN(slot_at) AS at FROM compliance_slots WHERE state = 'failed' \
+             AND point_id = $1 AND slot_at >= $3 AND next_attempt_at <= $2"
+        }
+    };
+    let ahead = "SELECT COUNT(*) FROM compliance_slots WHERE state = 'pending' \
+                 AND point_id = $1 AND slot_at >= $3 AND slot_at < $2";
+    let mut chosen = Vec::new();
     each_db!(db, |p, to_db, from_row| {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(to_db(now))
-            .fetch_all(p)
-            .await?;
-        rows.iter().map(|r| slot_row!(r, from_row)).collect()
+        let ids: Vec<i64> = sqlx::query_scalar(points).fetch_all(p).await?;
+        for id in ids {
+            let epoch = DateTime::<Utc>::UNIX_EPOCH;
+            let min = |sql: &'static str, at: DateTime<Utc>| async move {
+                let r = sqlx::query(sql)
+                    .bind(id)
+                    .bind(to_db(at))
+                    .bind(to_db(epoch))
+                    .fetch_one(p)
+                    .await?;
+                let r = &r;
+                Ok::<_, StoreError>(opt_time!(r, "at", from_row))
+            };
+            let oldest = match (min(pending, epoch).await?, min(failed, now).await?) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let Some(oldest) = oldest else { continue };
+            let mut next = oldest;
+            if let Some(live) = min(pending, now - Duration::seconds(LIVE_S)).await?
+                && live > oldest
+            {
+                let n: i64 = sqlx::query_scalar(ahead)
+                    .bind(id)
+                    .bind(to_db(live))
+                    .bind(to_db(epoch))
+                    .fetch_one(p)
+                    .await?;
+                let done = now + spacing * (n.clamp(0, i32::MAX as i64) as i32) + margin;
+                if done > live + Duration::seconds(LIVE_S) {
+                    next = live;
+                }
+            }
+            chosen.push((id, next));
+        }
+    });
+    let mut out = Vec::with_capacity(chosen.len());
+    for (id, at) in chosen {
+        if let Some(s) = slot(db, id, at).await? {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// The last POST for the código de obra of `point`, if any: a read-only look before a claim, so
+/// a round does not build a request (nor take the claim lock) for an obra still paced. The
+/// claim checks again under its lock.
+pub async fn obra_last_post(db: &Db, point: i64) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let sql = "SELECT o.last_post_at FROM compliance_obras o JOIN catchment_points p \
+               ON p.obra_code = o.obra_code WHERE p.id = $1";
+    each_db!(db, |p, _to, from_row| {
+        match sqlx::query(sql).bind(point).fetch_optional(p).await? {
+            Some(r) => Ok(Some(from_row(&r, "last_post_at")?)),
+            None => Ok(None),
+        }
     })
 }
 
+/// How a claim paces: the obra's spacing, the global token bucket, the owner and its lease.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    /// The process claiming (see [`Slot::claimed_by`]).
+    pub owner: String,
+    /// How long the claim is the owner's before another process may treat it as unanswered.
+    pub lease: Duration,
+    /// Least time between two POSTs for one obra.
+    pub obra_spacing: Duration,
+    /// Tokens added per second to the global bucket.
+    pub tokens_per_s: f64,
+    /// Most tokens the bucket holds.
+    pub burst: f64,
+}
+
+/// What a claim did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Committed in flight: the exchange row and the attempt number.
+    Claimed { exchange: i64, attempt: i64 },
+    /// Not in a state to send (taken by another process, accepted, held meanwhile).
+    NotDue,
+    /// The obra's last POST is too recent: not before `until`.
+    ObraPaced { until: DateTime<Utc> },
+    /// The global bucket is empty: a token comes at `until`.
+    RateLimited { until: DateTime<Utc> },
+}
+
+/// The bucket's tokens at `now`, refilled since `at` (a clock that went back adds none).
+pub fn refill(tokens: f64, at: DateTime<Utc>, now: DateTime<Utc>, p: &Pacing) -> f64 {
+    let elapsed = ((now - at).num_milliseconds().max(0) as f64) / 1000.0;
+    (tokens + elapsed * p.tokens_per_s).min(p.burst)
+}
+
 /// pending (or failed and due) → in flight, committed with the exchange row holding the
-/// redacted request, before anything is sent. Its next attempt is set to a day later, so a
-/// slot whose answer is never recorded (the process died) is sent again the next day. `None`
-/// when the slot was not in a state to send (taken, accepted, held meanwhile).
+/// redacted request, before anything is sent, if the obra's spacing and the global bucket let
+/// it go. Its next attempt is set to a day later, so a slot whose answer is never recorded
+/// (its process died) is sent again the next day; `claimed_by`/`claimed_until` say whose it is
+/// until when.
+///
+/// Several processes may claim on one database: the transaction first updates the one
+/// `compliance_budget` row (a row lock on PostgreSQL, the write lock on SQLite, held to
+/// commit), so claims are serialised and the spacing and bucket read are the latest; the slot
+/// moves only from a sendable state, so exactly one claim of a slot wins.
 pub async fn claim(
     db: &Db,
     point: i64,
     at: DateTime<Utc>,
+    obra: &str,
     request: &serde_json::Value,
+    pacing: &Pacing,
     now: DateTime<Utc>,
-) -> Result<Option<(i64, i64)>, StoreError> {
+) -> Result<Claim, StoreError> {
     let next = now + Duration::days(1);
-    each_db!(db, |p, to_db, _from| {
+    each_db!(db, |p, to_db, from_row| {
         let mut tx = p.begin().await?;
+        let bucket = sqlx::query(
+            "UPDATE compliance_budget SET tokens = tokens WHERE id = 1 RETURNING tokens, tokens_at",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let tokens: f64 = bucket.try_get("tokens")?;
+        let tokens_at = from_row(&bucket, "tokens_at")?;
+        let last = sqlx::query("SELECT last_post_at FROM compliance_obras WHERE obra_code = $1")
+            .bind(obra)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(r) = last {
+            let until = from_row(&r, "last_post_at")? + pacing.obra_spacing;
+            if now < until {
+                tx.rollback().await?;
+                return Ok(Claim::ObraPaced { until });
+            }
+        }
+        let tokens = refill(tokens, tokens_at, now, pacing);
+        if tokens < 1.0 {
+            let wait = ((1.0 - tokens) / pacing.tokens_per_s * 1000.0).ceil() as i64;
+            tx.rollback().await?;
+            return Ok(Claim::RateLimited {
+                until: now + Duration::milliseconds(wait),
+            });
+        }
         let attempts: Option<i64> = sqlx::query_scalar(
             "UPDATE compliance_slots SET state = 'in_flight', attempts = attempts + 1, \
-             next_attempt_at = $3, updated_at = $4 WHERE point_id = $1 AND slot_at = $2 AND \
+             next_attempt_at = $3, updated_at = $4, claimed_by = $5, claimed_until = $6 \
+             WHERE point_id = $1 AND slot_at = $2 AND \
              (state = 'pending' OR (state = 'failed' AND next_attempt_at <= $4)) \
              RETURNING attempts",
         )
@@ -701,11 +909,29 @@ pub async fn claim(
         .bind(to_db(at))
         .bind(to_db(next))
         .bind(to_db(now))
+        .bind(&pacing.owner)
+        .bind(to_db(now + pacing.lease))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(attempt) = attempts else {
-            return Ok(None);
+            // Rolled back now, not when the connection is next used: the budget row's lock
+            // must not outlive the claim.
+            tx.rollback().await?;
+            return Ok(Claim::NotDue);
         };
+        sqlx::query("UPDATE compliance_budget SET tokens = $1, tokens_at = $2 WHERE id = 1")
+            .bind(tokens - 1.0)
+            .bind(to_db(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO compliance_obras (obra_code, last_post_at) VALUES ($1, $2) \
+             ON CONFLICT (obra_code) DO UPDATE SET last_post_at = excluded.last_post_at",
+        )
+        .bind(obra)
+        .bind(to_db(now))
+        .execute(&mut *tx)
+        .await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO compliance_exchanges (point_id, slot_at, attempt, sent_at, request) \
              VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -718,7 +944,10 @@ pub async fn claim(
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some((id, attempt)))
+        Ok(Claim::Claimed {
+            exchange: id,
+            attempt,
+        })
     })
 }
 
@@ -735,12 +964,19 @@ pub struct Answered {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
+/// Why a slot recovered from an expired claim is failed.
+pub const UNANSWERED: &str = "unanswered: the process stopped while the measurement was in flight";
+
 /// in flight → what the answer means, with the answer on its exchange row, in one
-/// transaction. Returns whether the slot was still in flight.
+/// transaction. Only the claim that sent it (`attempt`) moves the slot: from `in_flight`, or
+/// from the `failed` a lease expiry made of it (the answer came after all, and is the truth);
+/// a slot claimed again since, or accepted another way, is left as it is. Returns whether the
+/// slot moved.
 pub async fn record(
     db: &Db,
     point: i64,
     at: DateTime<Utc>,
+    attempt: i64,
     a: &Answered,
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
@@ -760,8 +996,9 @@ pub async fn record(
         .await?;
         let n = sqlx::query(
             "UPDATE compliance_slots SET state = $3, receipt = $4, reason = $5, \
-             next_attempt_at = $6, updated_at = $7 WHERE point_id = $1 AND slot_at = $2 \
-             AND state = 'in_flight'",
+             next_attempt_at = $6, updated_at = $7, claimed_by = NULL, claimed_until = NULL \
+             WHERE point_id = $1 AND slot_at = $2 AND attempts = $8 \
+             AND (state = 'in_flight' OR (state = 'failed' AND reason = $9))",
         )
         .bind(point)
         .bind(to_db(at))
@@ -770,6 +1007,8 @@ pub async fn record(
         .bind(a.reason.clone())
         .bind(a.next_attempt_at.map(to_db))
         .bind(to_db(now))
+        .bind(attempt)
+        .bind(UNANSWERED)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -778,26 +1017,35 @@ pub async fn record(
     })
 }
 
-/// Slots left in flight by a process that stopped before their answer was recorded: treated
-/// as unanswered (failed, sent again at the next attempt `claim` set, a day after the send).
+/// Slots left in flight whose claim's lease has passed (`claimed_until <= now`, or no lease:
+/// claimed before leases existed): their process stopped, or lost its answer, before it was
+/// recorded. Treated as unanswered: failed, sent again at the next attempt `claim` set, a day
+/// after the send. A slot another live process holds (lease not passed) is left to it, so any
+/// number of processes may run this at any time.
 pub async fn recover_in_flight(db: &Db, now: DateTime<Utc>) -> Result<u64, StoreError> {
+    let expired = "s.state = 'in_flight' AND (s.claimed_until IS NULL OR s.claimed_until <= $1)";
+    let exchanges = format!(
+        "UPDATE compliance_exchanges SET outcome = 'unanswered' WHERE outcome IS NULL \
+         AND answered_at IS NULL AND EXISTS (SELECT 1 FROM compliance_slots s \
+         WHERE s.point_id = compliance_exchanges.point_id \
+         AND s.slot_at = compliance_exchanges.slot_at \
+         AND s.attempts = compliance_exchanges.attempt AND {expired})"
+    );
+    let slots = "UPDATE compliance_slots SET state = 'failed', reason = $2, updated_at = $1, \
+         claimed_by = NULL, claimed_until = NULL WHERE state = 'in_flight' \
+         AND (claimed_until IS NULL OR claimed_until <= $1)";
     each_db!(db, |p, to_db, _from| {
         let mut tx = p.begin().await?;
-        sqlx::query(
-            "UPDATE compliance_exchanges SET outcome = 'unanswered' WHERE outcome IS NULL \
-             AND answered_at IS NULL",
-        )
-        .execute(&mut *tx)
-        .await?;
-        let n = sqlx::query(
-            "UPDATE compliance_slots SET state = 'failed', reason = $1, updated_at = $2 \
-             WHERE state = 'in_flight'",
-        )
-        .bind("unanswered: the process stopped while the measurement was in flight")
-        .bind(to_db(now))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        sqlx::query(sqlx::AssertSqlSafe(exchanges))
+            .bind(to_db(now))
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query(slots)
+            .bind(to_db(now))
+            .bind(UNANSWERED)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(n)
     })
@@ -931,4 +1179,31 @@ pub async fn set_reason(
             .await?;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacing(per_minute: f64, burst: f64) -> Pacing {
+        Pacing {
+            owner: "t".into(),
+            lease: Duration::seconds(120),
+            obra_spacing: Duration::seconds(300),
+            tokens_per_s: per_minute / 60.0,
+            burst,
+        }
+    }
+
+    #[test]
+    fn the_bucket_refills_at_its_rate_up_to_its_burst_and_never_from_a_clock_gone_back() {
+        let p = pacing(20.0, 10.0);
+        let t = DateTime::<Utc>::UNIX_EPOCH + Duration::days(20_000);
+        assert!((refill(0.0, t, t + Duration::seconds(3), &p) - 1.0).abs() < 1e-9);
+        assert!((refill(2.5, t, t + Duration::seconds(6), &p) - 4.5).abs() < 1e-9);
+        assert_eq!(refill(0.0, t, t + Duration::hours(1), &p), 10.0);
+        assert_eq!(refill(0.5, t, t - Duration::hours(1), &p), 0.5);
+        // The row as the migration leaves it (no tokens, at the epoch) starts full.
+        assert_eq!(refill(0.0, DateTime::<Utc>::UNIX_EPOCH, t, &p), 10.0);
+    }
 }

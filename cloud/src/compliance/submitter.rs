@@ -13,23 +13,38 @@
 //!                                                    └ 5xx, reset, timeout, … .. failed (again in a day)
 //! ```
 //!
-//! Durability (where it is enforced: `store::claim`, `store::record`): the in-flight state and
-//! the redacted request are committed **before** the POST leaves; the answer is committed
-//! after. A crash between the two leaves the slot in flight, and [`Submitter::recover`] (run
-//! before the first round) makes it failed — unanswered — so it is sent again the next day,
-//! where a measurement that did reach the DGA comes back as the duplicate-400 with its receipt.
-//! Only `pending` and due `failed` slots are claimed, so **an accepted slot is never POSTed
-//! again**. A slot sent `max_attempts` times without a `00` becomes a transmission failure.
+//! Durability (where it is enforced: `store::claim`, `store::record`): the in-flight state, its
+//! owner and its lease, and the redacted request are committed **before** the POST leaves; the
+//! answer is committed after. A crash between the two leaves the slot in flight, and
+//! [`Submitter::recover`] (at start and at every round, in any process) makes it failed —
+//! unanswered — once its lease (`compliance.claim_lease_s`) has passed, so it is sent again the
+//! next day, where a measurement that did reach the DGA comes back as the duplicate-400 with
+//! its receipt. A slot another process holds, lease running, is never touched. Only `pending`
+//! and due `failed` slots are claimed, so **an accepted slot is never POSTed again**. A slot
+//! sent `max_attempts` times without a `00` becomes a transmission failure.
 //!
-//! Pacing for now: each round sends at most one slot per point (its oldest due one), so a
-//! backlog goes one measurement per point per round (`compliance.interval_s`).
+//! Pacing (enforced in `store::claim`, under the one lock every claim takes, so it holds across
+//! processes and restarts): a round every `compliance.interval_s` (30 s) sends at most one slot
+//! per point; an obra's POSTs are at least `obra_spacing_s` (300 s, Res. 2.170 §6.1) apart,
+//! measured from its last POST as stored; all POSTs draw on one token bucket of
+//! `max_posts_per_minute` holding at most `burst`, and a round stops sending when it is empty.
+//! A point's oldest due slot goes first, unless the backlog ahead of its live slot (within the
+//! hour) would make that one late: then the live slot goes first (`store::due`). Data past the
+//! standard's allowed lag is still sent.
+//!
+//! Late telemetry: a slot held for missing data (`no_data`), never reviewed, is built again
+//! when its sources received readings covering it after it was built ([`Submitter::round`]'s
+//! re-open step): pending if its values now pass the checks, held with the new reason if not.
+//! A slot held for a suspicious value, or one a person released or discarded, is never rebuilt.
 
 use super::dga::{
     DgaClient, Endpoint, Measurement, Outcome, PostRequest, RawResponse, TransportError, classify,
 };
 use super::secret::Sealer;
 use super::slot::{self, Period};
-use super::store::{self, Answered, NewSlot, PointConfig, Slot, SlotState, Source, StoreError};
+use super::store::{
+    self, Answered, Claim, NewSlot, Pacing, PointConfig, Slot, SlotState, Source, StoreError,
+};
 use super::value::{self, FlowMethod, Inputs, Rules};
 use crate::catchment::point::{self, DgaStandard, Point};
 use crate::core::Shutdown;
@@ -44,12 +59,18 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// How far from the slot instant a reading may be to count as the slot's.
 pub const SAMPLE_WINDOW_S: i64 = 300;
 /// Most slots one point gets built in one round (a long backlog is built over several).
 pub const MAX_BUILT_PER_ROUND: usize = 500;
+/// Most slots held for missing data one point gets probed for late telemetry in one round; a
+/// longer list is gone through over several rounds.
+pub const MAX_REOPEN_PROBES_PER_ROUND: i64 = 200;
+/// Seconds between two counts of slots by state (the `compliance_slots` gauges).
+pub const GAUGES_EVERY_S: i64 = 300;
 
 /// Where the submitter takes the time from, so tests can move it.
 pub trait Clock: Send + Sync + 'static {
@@ -75,6 +96,8 @@ pub struct ComplianceMetrics {
     blocked: Family<ReasonLabels, Counter>,
     errors: Counter,
     slots: Family<KindLabels, Gauge>,
+    rebuilt: Family<KindLabels, Counter>,
+    paced: Family<ReasonLabels, Counter>,
 }
 
 impl ComplianceMetrics {
@@ -104,6 +127,16 @@ impl ComplianceMetrics {
             "compliance_round_errors",
             "Submitter rounds that failed on the database",
             m.errors.clone(),
+        );
+        r.register(
+            "compliance_slots_rebuilt",
+            "Slots held for missing data built again from late telemetry, by their new state",
+            m.rebuilt.clone(),
+        );
+        r.register(
+            "compliance_paced",
+            "Slots due that waited, by what held them: obra_spacing, rate",
+            m.paced.clone(),
         );
         r.register(
             "compliance_slots",
@@ -167,6 +200,10 @@ pub struct Round {
     pub built: u64,
     pub sent: u64,
     pub blocked: u64,
+    /// Slots held for missing data built again from late telemetry.
+    pub rebuilt: u64,
+    /// Slots that waited for their obra's spacing or the global rate.
+    pub paced: u64,
 }
 
 /// One slot's submission, state by state.
@@ -178,16 +215,20 @@ pub enum Submission {
     InFlight {
         slot: Slot,
         exchange: i64,
+        attempt: i64,
         request: PostRequest,
     },
     /// The answer (or its absence) is in; not recorded yet.
     Answered {
         slot: Slot,
         exchange: i64,
+        attempt: i64,
         answer: Result<RawResponse, TransportError>,
     },
     /// Nothing more this round: the slot's state now.
     Done(SlotState),
+    /// The global rate is spent: nothing more is sent this round.
+    RateLimited,
 }
 
 /// The background task.
@@ -198,11 +239,18 @@ pub struct Submitter<C: DgaClient, K: Clock> {
     sealer: Option<Arc<Sealer>>,
     config: ComplianceConfig,
     metrics: ComplianceMetrics,
+    pacing: Pacing,
+    /// Per point, the last held slot probed for late telemetry (the next round goes on after it).
+    reopen_cursor: Mutex<HashMap<i64, DateTime<Utc>>>,
+    /// When the slots-by-state gauges were last counted.
+    gauges_at: Mutex<Option<DateTime<Utc>>>,
 }
 
 impl<C: DgaClient, K: Clock> std::fmt::Debug for Submitter<C, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Submitter").finish_non_exhaustive()
+        f.debug_struct("Submitter")
+            .field("owner", &self.pacing.owner)
+            .finish_non_exhaustive()
     }
 }
 
@@ -312,6 +360,13 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         config: ComplianceConfig,
         metrics: ComplianceMetrics,
     ) -> Self {
+        let pacing = Pacing {
+            owner: format!("pid{}-{:016x}", std::process::id(), fastrand::u64(..)),
+            lease: Duration::seconds(config.claim_lease_s as i64),
+            obra_spacing: Duration::seconds(config.obra_spacing_s as i64),
+            tokens_per_s: f64::from(config.max_posts_per_minute.max(1)) / 60.0,
+            burst: f64::from(config.burst.max(1)),
+        };
         Submitter {
             db,
             client,
@@ -319,23 +374,39 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             sealer,
             config,
             metrics,
+            pacing,
+            reopen_cursor: Mutex::new(HashMap::new()),
+            gauges_at: Mutex::new(None),
         }
     }
 
-    /// Slots a stopped process left in flight become failed (unanswered). Run before the first
-    /// round.
+    /// The name this submitter's claims carry (`claimed_by`).
+    pub fn owner(&self) -> &str {
+        &self.pacing.owner
+    }
+
+    /// Slots left in flight whose claim's lease has passed become failed (unanswered): their
+    /// process stopped or lost the answer. A slot another running process holds is left to it.
+    /// Run at start and at the start of every round.
     pub async fn recover(&self) -> Result<u64, SubmitError> {
         let n = store::recover_in_flight(&self.db, self.clock.now()).await?;
         if n > 0 {
-            tracing::warn!(slots = n, "slots left in flight are treated as unanswered");
+            tracing::warn!(
+                slots = n,
+                "slots left in flight past their lease are treated as unanswered"
+            );
         }
         Ok(n)
     }
 
     /// Runs rounds every `interval_s` until `shutdown`.
     pub async fn run(self, mut shutdown: Shutdown) {
-        if let Err(e) = self.recover().await {
-            tracing::error!(error = %e, "compliance: recovering in-flight slots failed");
+        if self.config.obra_spacing_s < 300 {
+            tracing::warn!(
+                obra_spacing_s = self.config.obra_spacing_s,
+                "compliance: POSTs of one obra less than 5 minutes apart; Res. DGA 2.170 §6.1 \
+                 asks at least 5 minutes for a backlog"
+            );
         }
         let every = std::time::Duration::from_secs(self.config.interval_s.max(1));
         loop {
@@ -350,12 +421,31 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         }
     }
 
-    /// One round: build what is due, then send at most one slot per point.
+    /// One round: recover expired claims, build what is due, re-open slots held for missing
+    /// data that late telemetry now covers, then send at most one slot per point, as the
+    /// obras' spacing and the global rate allow.
     pub async fn round(&self) -> Result<Round, SubmitError> {
         self.metrics.rounds.inc();
         let mut round = Round::default();
+        self.recover().await?;
         self.build(&mut round).await?;
+        self.reopen(&mut round).await?;
         self.send_due(&mut round).await?;
+        self.count_slots().await?;
+        Ok(round)
+    }
+
+    /// The slots-by-state gauges, refreshed at most every [`GAUGES_EVERY_S`]: the count reads
+    /// the whole state index, too much for every short round.
+    async fn count_slots(&self) -> Result<(), SubmitError> {
+        let now = self.clock.now();
+        {
+            let mut at = self.gauges_at.lock().unwrap_or_else(|p| p.into_inner());
+            if at.is_some_and(|t| now >= t && now - t < Duration::seconds(GAUGES_EVERY_S)) {
+                return Ok(());
+            }
+            *at = Some(now);
+        }
         for state in SlotState::ALL {
             self.metrics
                 .slots
@@ -368,7 +458,15 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
                 .get_or_create(&KindLabels::new(&state))
                 .set(n);
         }
-        Ok(round)
+        Ok(())
+    }
+
+    fn paced(&self, round: &mut Round, by: &'static str) {
+        round.paced += 1;
+        self.metrics
+            .paced
+            .get_or_create(&ReasonLabels::new(by))
+            .inc();
     }
 
     fn blocked(&self, round: &mut Round, b: &Blocked) {
@@ -427,9 +525,103 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         Ok(())
     }
 
+    /// Slots held for missing data (never reviewed) whose sources received telemetry covering
+    /// them since they were built are built again: pending if their values now pass the checks,
+    /// held with the new reason if not. Each probe is one index range per source; at most
+    /// [`MAX_REOPEN_PROBES_PER_ROUND`] slots per point a round, going on where the last round
+    /// stopped.
+    async fn reopen(&self, round: &mut Round) -> Result<(), SubmitError> {
+        let now = self.clock.now();
+        let w = Duration::seconds(SAMPLE_WINDOW_S);
+        for c in store::point_configs(&self.db).await? {
+            if c.mode == store::Mode::Off {
+                continue;
+            }
+            let after = self.cursor(c.point_id);
+            let held = store::held_for_missing_data(
+                &self.db,
+                c.point_id,
+                after,
+                MAX_REOPEN_PROBES_PER_ROUND,
+            )
+            .await?;
+            let next = match held.last() {
+                Some(s) if held.len() as i64 == MAX_REOPEN_PROBES_PER_ROUND => Some(s.slot_at),
+                _ => None,
+            };
+            self.set_cursor(c.point_id, next);
+            if held.is_empty() {
+                continue;
+            }
+            let Some(p) = point::get(&self.db, c.point_id).await? else {
+                continue;
+            };
+            let Ok(mut rules) = rules_of(&p, &c) else {
+                continue;
+            };
+            for s in held {
+                let prev = slot::previous(rules.period, s.slot_at);
+                let mut arrived = false;
+                for src in [&c.flow, &c.total, &c.level].into_iter().flatten() {
+                    let Ok(site) = SiteId::new(&src.site) else {
+                        continue;
+                    };
+                    if query::received_since(
+                        &self.db,
+                        &site,
+                        &src.device,
+                        prev - w,
+                        s.slot_at + w,
+                        s.updated_at,
+                    )
+                    .await?
+                    {
+                        arrived = true;
+                        break;
+                    }
+                }
+                if !arrived {
+                    continue;
+                }
+                rules.slot_seconds = (s.slot_at - prev).num_seconds() as f64;
+                let i = inputs(&self.db, &c, &rules, s.slot_at).await?;
+                let built = build_slot(p.id, s.slot_at, &i, &rules);
+                if store::rebuild_held(&self.db, &built, now).await? {
+                    round.rebuilt += 1;
+                    self.metrics
+                        .rebuilt
+                        .get_or_create(&KindLabels::new(built.state.as_str()))
+                        .inc();
+                    tracing::info!(
+                        point = p.id,
+                        slot = %s.slot_at,
+                        state = built.state.as_str(),
+                        "compliance: a slot held for missing data was built again from late telemetry"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cursor(&self, point: i64) -> Option<DateTime<Utc>> {
+        let map = self.reopen_cursor.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&point).copied()
+    }
+
+    fn set_cursor(&self, point: i64, at: Option<DateTime<Utc>>) {
+        let mut map = self.reopen_cursor.lock().unwrap_or_else(|p| p.into_inner());
+        match at {
+            Some(at) => map.insert(point, at),
+            None => map.remove(&point),
+        };
+    }
+
     async fn send_due(&self, round: &mut Round) -> Result<(), SubmitError> {
         let now = self.clock.now();
-        for s in store::due(&self.db, now).await? {
+        let spacing = self.pacing.obra_spacing;
+        let margin = Duration::seconds(self.config.interval_s as i64);
+        for s in store::due(&self.db, now, spacing, margin).await? {
             let mut sub = Submission::Pending(s);
             loop {
                 sub = match sub {
@@ -437,17 +629,20 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
                     Submission::InFlight {
                         slot,
                         exchange,
+                        attempt,
                         request,
-                    } => self.on_in_flight(slot, exchange, request).await,
+                    } => self.on_in_flight(slot, exchange, attempt, request).await,
                     Submission::Answered {
                         slot,
                         exchange,
+                        attempt,
                         answer,
                     } => {
                         round.sent += 1;
-                        self.on_answered(slot, exchange, answer).await?
+                        self.on_answered(slot, exchange, attempt, answer).await?
                     }
                     Submission::Done(_) => break,
+                    Submission::RateLimited => return Ok(()),
                 };
             }
         }
@@ -517,6 +712,12 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             );
             return Ok(Submission::Done(SlotState::TransmissionFailure));
         }
+        if let Some(last) = store::obra_last_post(&self.db, slot.point_id).await?
+            && now < last + self.pacing.obra_spacing
+        {
+            self.paced(round, "obra_spacing");
+            return Ok(Submission::Done(slot.state));
+        }
         let (m, password) = match self.measurement(&slot).await? {
             Ok(x) => x,
             Err(b) => {
@@ -541,22 +742,50 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             },
             "body": m.redacted(),
         });
-        match store::claim(&self.db, slot.point_id, slot.slot_at, &logged, now).await? {
-            Some((exchange, _attempt)) => Ok(Submission::InFlight {
+        let claim = store::claim(
+            &self.db,
+            slot.point_id,
+            slot.slot_at,
+            &request.codigo_obra,
+            &logged,
+            &self.pacing,
+            now,
+        )
+        .await?;
+        match claim {
+            Claim::Claimed { exchange, attempt } => Ok(Submission::InFlight {
                 slot,
                 exchange,
+                attempt,
                 request,
             }),
-            None => Ok(Submission::Done(slot.state)),
+            Claim::NotDue => Ok(Submission::Done(slot.state)),
+            Claim::ObraPaced { until } => {
+                self.paced(round, "obra_spacing");
+                tracing::debug!(point = slot.point_id, %until, "compliance: obra paced");
+                Ok(Submission::Done(slot.state))
+            }
+            Claim::RateLimited { until } => {
+                self.paced(round, "rate");
+                tracing::debug!(%until, "compliance: global rate spent for this round");
+                Ok(Submission::RateLimited)
+            }
         }
     }
 
     /// In flight → answered: the POST.
-    async fn on_in_flight(&self, slot: Slot, exchange: i64, request: PostRequest) -> Submission {
+    async fn on_in_flight(
+        &self,
+        slot: Slot,
+        exchange: i64,
+        attempt: i64,
+        request: PostRequest,
+    ) -> Submission {
         let answer = self.client.post(&request).await;
         Submission::Answered {
             slot,
             exchange,
+            attempt,
             answer,
         }
     }
@@ -566,6 +795,7 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
         &self,
         slot: Slot,
         exchange: i64,
+        attempt: i64,
         answer: Result<RawResponse, TransportError>,
     ) -> Result<Submission, SubmitError> {
         let now = self.clock.now();
@@ -601,7 +831,13 @@ impl<C: DgaClient, K: Clock> Submitter<C, K> {
             reason: reason.clone(),
             next_attempt_at: (state == SlotState::Failed).then(|| now + Duration::days(1)),
         };
-        store::record(&self.db, slot.point_id, slot.slot_at, &a, now).await?;
+        if !store::record(&self.db, slot.point_id, slot.slot_at, attempt, &a, now).await? {
+            tracing::warn!(
+                point = slot.point_id,
+                slot = %slot.slot_at,
+                "compliance: the answer came after the slot was claimed again; kept on its exchange only"
+            );
+        }
         match &outcome {
             Outcome::RejectedConfig { message } => {
                 store::stop_point(&self.db, slot.point_id, message, now).await?;

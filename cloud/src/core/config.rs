@@ -51,6 +51,8 @@ pub enum ConfigError {
     Mqtt { key: &'static str, reason: String },
     #[error("configuration key auth.{key}: {reason}")]
     Auth { key: &'static str, reason: String },
+    #[error("configuration key compliance.{key}: {reason}")]
+    Compliance { key: &'static str, reason: String },
     #[error("configuration key http.{key}: {reason}")]
     Http { key: &'static str, reason: String },
 }
@@ -135,11 +137,28 @@ pub struct ComplianceConfig {
     /// A file holding the key (base64, one line), readable by the service only.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
-    /// Seconds between two rounds of building, checking and sending slots. Each round sends at
-    /// most one slot per point, so the default of 300 keeps a backlog at one measurement per
-    /// obra every 5 minutes (Res. DGA 2.170 §6.1) and live hourly slots well within the hour.
+    /// Seconds between two rounds of building, checking and sending slots (1–600). A slot due
+    /// now goes in the next round, so the default of 30 sends a live slot well within the hour
+    /// (Res. DGA 2.170 §3); each round reads only what changed.
     #[serde(default = "default_compliance_interval_s")]
     pub interval_s: u64,
+    /// Seconds between two POSTs for one código de obra (1–86400; 300 is Res. DGA 2.170 §6.1's
+    /// "at least 5 minutes apart" for a backlog, and less is refused by no rule but logged as a
+    /// warning). Measured from the obra's last POST as stored in the database, so a restart or
+    /// a second process keeps it.
+    #[serde(default = "default_obra_spacing_s")]
+    pub obra_spacing_s: u64,
+    /// The Centro de Control's POSTs per minute over every obra (1–600): a token bucket kept in
+    /// the database, shared by every process that sends for it.
+    #[serde(default = "default_max_posts_per_minute")]
+    pub max_posts_per_minute: u32,
+    /// Most POSTs the bucket lets go back to back (1–600, at most `max_posts_per_minute`).
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Seconds a process owns a slot it claimed (in flight) before another process may treat
+    /// it as unanswered: at least `post_timeout_s` + 5, at most 86400.
+    #[serde(default = "default_claim_lease_s")]
+    pub claim_lease_s: u64,
     /// Seconds after a slot before it is built, so the agents' readings of that minute arrive.
     #[serde(default = "default_settle_s")]
     pub settle_s: u64,
@@ -165,7 +184,19 @@ pub struct ComplianceConfig {
 }
 
 fn default_compliance_interval_s() -> u64 {
+    30
+}
+fn default_obra_spacing_s() -> u64 {
     300
+}
+fn default_max_posts_per_minute() -> u32 {
+    20
+}
+fn default_burst() -> u32 {
+    10
+}
+fn default_claim_lease_s() -> u64 {
+    120
 }
 fn default_settle_s() -> u64 {
     300
@@ -192,6 +223,10 @@ impl Default for ComplianceConfig {
             key: None,
             key_file: None,
             interval_s: default_compliance_interval_s(),
+            obra_spacing_s: default_obra_spacing_s(),
+            max_posts_per_minute: default_max_posts_per_minute(),
+            burst: default_burst(),
+            claim_lease_s: default_claim_lease_s(),
             settle_s: default_settle_s(),
             post_timeout_s: default_post_timeout_s(),
             get_timeout_s: default_get_timeout_s(),
@@ -199,6 +234,54 @@ impl Default for ComplianceConfig {
             verify_interval_s: default_verify_interval_s(),
             verify_per_round: default_verify_per_round(),
         }
+    }
+}
+
+impl ComplianceConfig {
+    /// Checks each key against its bounds; the error names the key, its value and the bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn within(key: &'static str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+            if (lo..=hi).contains(&v) {
+                return Ok(());
+            }
+            Err(ConfigError::Compliance {
+                key,
+                reason: format!("is {v}; it must be between {lo} and {hi}"),
+            })
+        }
+        within("interval_s", self.interval_s, 1, 600)?;
+        within("obra_spacing_s", self.obra_spacing_s, 1, 86_400)?;
+        within(
+            "max_posts_per_minute",
+            u64::from(self.max_posts_per_minute),
+            1,
+            600,
+        )?;
+        within("burst", u64::from(self.burst), 1, 600)?;
+        if self.burst > self.max_posts_per_minute {
+            return Err(ConfigError::Compliance {
+                key: "burst",
+                reason: format!(
+                    "is {}; it must be at most max_posts_per_minute ({})",
+                    self.burst, self.max_posts_per_minute
+                ),
+            });
+        }
+        within("post_timeout_s", self.post_timeout_s, 1, 600)?;
+        within("get_timeout_s", self.get_timeout_s, 1, 600)?;
+        within("max_attempts", u64::from(self.max_attempts), 1, 100)?;
+        within("claim_lease_s", self.claim_lease_s, 1, 86_400)?;
+        if self.claim_lease_s < self.post_timeout_s + 5 {
+            return Err(ConfigError::Compliance {
+                key: "claim_lease_s",
+                reason: format!(
+                    "is {}; it must be at least post_timeout_s ({}) + 5, so a POST still out \
+                     is never taken for unanswered",
+                    self.claim_lease_s, self.post_timeout_s
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -853,6 +936,7 @@ impl CloudConfig {
                 reason: "must be at least 1".to_string(),
             });
         }
+        self.compliance.validate()?;
         if self.mqtt.url.is_none() && self.mqtt.embedded.authenticate {
             let required = |key: &'static str| ConfigError::Mqtt {
                 key,
@@ -969,6 +1053,63 @@ mod tests {
         assert_eq!(c.mqtt.password, Some(Secret::new("1234")));
         assert_eq!(c.ingest.workers, 2);
         assert!(!format!("{c:?}").contains("u:p@h"), "secrets do not print");
+    }
+
+    #[test]
+    fn compliance_pacing_keys_are_bounded_and_name_the_key() {
+        let c = CloudConfig::load(None, env(&[])).expect("defaults are valid");
+        assert_eq!(
+            (
+                c.compliance.interval_s,
+                c.compliance.obra_spacing_s,
+                c.compliance.max_posts_per_minute,
+                c.compliance.burst,
+                c.compliance.claim_lease_s
+            ),
+            (30, 300, 20, 10, 120)
+        );
+        let refused = |vars: &[(&str, &str)]| match CloudConfig::load(None, env(vars)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{vars:?} was accepted"),
+        };
+        assert_eq!(
+            refused(&[("CAUDAL_COMPLIANCE__INTERVAL_S", "0")]),
+            "configuration key compliance.interval_s: is 0; it must be between 1 and 600"
+        );
+        assert_eq!(
+            refused(&[("CAUDAL_COMPLIANCE__OBRA_SPACING_S", "0")]),
+            "configuration key compliance.obra_spacing_s: is 0; it must be between 1 and 86400"
+        );
+        assert_eq!(
+            refused(&[("CAUDAL_COMPLIANCE__MAX_POSTS_PER_MINUTE", "601")]),
+            "configuration key compliance.max_posts_per_minute: is 601; it must be between 1 \
+             and 600"
+        );
+        assert_eq!(
+            refused(&[
+                ("CAUDAL_COMPLIANCE__MAX_POSTS_PER_MINUTE", "5"),
+                ("CAUDAL_COMPLIANCE__BURST", "6")
+            ]),
+            "configuration key compliance.burst: is 6; it must be at most max_posts_per_minute (5)"
+        );
+        assert!(
+            refused(&[
+                ("CAUDAL_COMPLIANCE__POST_TIMEOUT_S", "60"),
+                ("CAUDAL_COMPLIANCE__CLAIM_LEASE_S", "64")
+            ])
+            .starts_with(
+                "configuration key compliance.claim_lease_s: is 64; it must be at least \
+                 post_timeout_s (60) + 5"
+            )
+        );
+        let ok = CloudConfig::load(
+            None,
+            env(&[
+                ("CAUDAL_COMPLIANCE__POST_TIMEOUT_S", "60"),
+                ("CAUDAL_COMPLIANCE__CLAIM_LEASE_S", "65"),
+            ]),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -416,10 +416,27 @@ async fn reports_log_dossier_and_verify_by_role_with_csv_and_named_400s() {
             .expect("insert");
         let sent = at("2026-10-20T12:00:00Z");
         let request = serde_json::json!({"body": {"autenticacion": {"password": "****"}, "medicionSubterranea": {"caudal": "10.50", "fechaMedicion": "2026-10-01", "horaMedicion": "00:00:00", "nivelFreaticoDelPozo": "9.85", "totalizador": "1010"}}});
-        let (exchange, _) = store::claim(db, id, at("2026-10-01T04:00:00Z"), &request, sent)
-            .await
-            .expect("claim")
-            .expect("claimed");
+        let pacing = store::Pacing {
+            owner: "test".into(),
+            lease: chrono::Duration::seconds(120),
+            obra_spacing: chrono::Duration::seconds(300),
+            tokens_per_s: 1.0,
+            burst: 10.0,
+        };
+        let claimed = store::claim(
+            db,
+            id,
+            at("2026-10-01T04:00:00Z"),
+            "OB-0101-114",
+            &request,
+            &pacing,
+            sent,
+        )
+        .await
+        .expect("claim");
+        let store::Claim::Claimed { exchange, attempt } = claimed else {
+            panic!("not claimed: {claimed:?}")
+        };
         let answered = Answered {
             exchange,
             http_status: Some(200),
@@ -431,7 +448,7 @@ async fn reports_log_dossier_and_verify_by_role_with_csv_and_named_400s() {
             next_attempt_at: None,
         };
         assert!(
-            store::record(db, id, at("2026-10-01T04:00:00Z"), &answered, sent)
+            store::record(db, id, at("2026-10-01T04:00:00Z"), attempt, &answered, sent)
                 .await
                 .expect("record")
         );

@@ -164,3 +164,29 @@ pub async fn last_reading_at(
         row.map(|r| from_row(&r, "ts")).transpose()?
     }))
 }
+
+/// Whether the device has a reading taken in `[from, to]` that arrived after `since`: the
+/// probe that tells the compliance submitter late telemetry reached a slot held for missing
+/// data. One range of the (site, device, ts) index, filtered on `received_at`.
+pub async fn received_since(
+    db: &Db,
+    site: &SiteId,
+    device: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    since: DateTime<Utc>,
+) -> Result<bool, QueryError> {
+    let sql = "SELECT 1 FROM readings WHERE site = $1 AND device = $2 AND ts >= $3 AND ts <= $4 \
+               AND received_at > $5 LIMIT 1";
+    Ok(each_db!(db, |pool, to_db, _from| {
+        sqlx::query(sql)
+            .bind(site.as_str())
+            .bind(device)
+            .bind(to_db(from))
+            .bind(to_db(to))
+            .bind(to_db(since))
+            .fetch_optional(pool)
+            .await?
+            .is_some()
+    }))
+}

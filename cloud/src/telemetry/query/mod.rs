@@ -26,7 +26,9 @@ pub use completeness::{
     FailedPoll, GapView, Hole, TimeGap, completeness,
 };
 pub use events::{EventPage, EventView, events, events_since};
-pub use latest::{Channel, DeviceLatest, Latest, last_reading_at, latest, latest_value};
+pub use latest::{
+    Channel, DeviceLatest, Latest, last_reading_at, latest, latest_value, received_since,
+};
 pub use readings::{ReadingPage, ReadingView, quality_filter, raw_readings};
 pub use scan::flag_names;
 
