@@ -168,6 +168,7 @@ impl Cloud {
             app = app.merge(console::routes(console::Console {
                 api: api_state,
                 secure_cookies: config.http.secure_cookies,
+                dga: Default::default(),
             }));
         }
         let listener = tokio::net::TcpListener::bind(config.http.listen)

@@ -83,22 +83,61 @@ pub enum FleetError {
     ComplianceSettings(#[from] crate::compliance::store::StoreError),
 }
 
+/// How long the overview's DGA figures are reused: the month report reads every obra's slots
+/// (seconds for 1 000 obras on SQLite, see docs/performance.md), while the rows refresh every
+/// 5 s in every open browser. A change of any point's reporting settings recomputes them at
+/// once; a slot's new state shows within this long.
+pub const DGA_FIGURES_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+type DgaBySite = std::collections::HashMap<String, (u64, u64)>;
+
+/// What the cached figures were computed from: the month, and the reporting settings (how many
+/// points, when last changed).
+type DgaKey = (String, usize, Option<DateTime<Utc>>);
+
+/// This month's DGA figures per site, computed at most once per [`DGA_FIGURES_FOR`] per
+/// process, whoever asks.
+#[derive(Debug, Default)]
+pub struct DgaFigures {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, DgaKey, DgaBySite)>>,
+}
+
+impl DgaFigures {
+    async fn get(&self, db: &Db) -> Result<DgaBySite, FleetError> {
+        use crate::compliance::report::Month;
+        let now = Utc::now();
+        let configs = crate::compliance::store::point_configs(db).await?;
+        let key: DgaKey = (
+            Month::of(now).to_string(),
+            configs.len(),
+            configs.iter().map(|c| c.updated_at).max(),
+        );
+        // Held across the computation: concurrent refreshes wait for one report, not run many.
+        let mut last = self.last.lock().await;
+        if let Some((at, k, figures)) = last.as_ref()
+            && *k == key
+            && at.elapsed() < DGA_FIGURES_FOR
+        {
+            return Ok(figures.clone());
+        }
+        let figures = dga_by_site(db, configs, now).await?;
+        *last = Some((std::time::Instant::now(), key, figures.clone()));
+        Ok(figures)
+    }
+}
+
 /// This month's (UTC-4) DGA figures per site: the accepted and due slots of every reported
 /// obra that takes a value from the site, summed. One month report for the whole fleet.
 async fn dga_by_site(
     db: &Db,
+    configs: Vec<crate::compliance::store::PointConfig>,
     now: DateTime<Utc>,
-) -> Result<std::collections::HashMap<String, (u64, u64)>, FleetError> {
+) -> Result<DgaBySite, FleetError> {
     use crate::compliance::report::{self, Month};
-    use crate::compliance::store as compliance;
     let month = report::month_report(db, Month::of(now), &report::Filter::default(), now).await?;
-    let configs: std::collections::HashMap<i64, compliance::PointConfig> =
-        compliance::point_configs(db)
-            .await?
-            .into_iter()
-            .map(|c| (c.point_id, c))
-            .collect();
-    let mut out: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+    let configs: std::collections::HashMap<i64, crate::compliance::store::PointConfig> =
+        configs.into_iter().map(|c| (c.point_id, c)).collect();
+    let mut out = DgaBySite::new();
     for r in month {
         let Some(c) = configs.get(&r.point_id) else {
             continue;
@@ -124,9 +163,14 @@ async fn dga_by_site(
 }
 
 /// The sites whose id or name contains `filter` (case-insensitive), in `sort` order.
-pub async fn rows(db: &Db, filter: &str, sort: Sort) -> Result<Vec<SiteRow>, FleetError> {
+pub async fn rows(
+    db: &Db,
+    dga: &DgaFigures,
+    filter: &str,
+    sort: Sort,
+) -> Result<Vec<SiteRow>, FleetError> {
     let needle = filter.trim().to_lowercase();
-    let dga = dga_by_site(db, Utc::now()).await?;
+    let dga = dga.get(db).await?;
     let mut out = Vec::new();
     for s in site::list(db).await? {
         if !needle.is_empty()

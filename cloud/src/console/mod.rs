@@ -25,7 +25,7 @@
 //! reads in `fleet`, what a site page reads in `site_page`.
 
 mod compliance_page;
-mod fleet;
+pub mod fleet;
 pub mod i18n;
 mod pages;
 pub mod session;
@@ -47,6 +47,8 @@ pub struct Console {
     /// (plain HTTP on a trusted network), `None` when the request came over HTTPS as a proxy
     /// says (`X-Forwarded-Proto: https`).
     pub secure_cookies: Option<bool>,
+    /// The overview's DGA figures, shared by every request of this process.
+    pub dga: std::sync::Arc<fleet::DgaFigures>,
 }
 
 impl Console {

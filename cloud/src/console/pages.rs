@@ -337,9 +337,14 @@ async fn fleet_rows(
     q: &FleetQuery,
 ) -> Result<Vec<RowView>, Response> {
     let sort = Sort::parse(q.sort.as_deref());
-    let rows = fleet::rows(&console.api.db, q.q.as_deref().unwrap_or(""), sort)
-        .await
-        .map_err(|e| unavailable("the fleet overview", &e))?;
+    let rows = fleet::rows(
+        &console.api.db,
+        &console.dga,
+        q.q.as_deref().unwrap_or(""),
+        sort,
+    )
+    .await
+    .map_err(|e| unavailable("the fleet overview", &e))?;
     let now = Utc::now();
     Ok(rows.into_iter().map(|r| view(t, r, now)).collect())
 }
