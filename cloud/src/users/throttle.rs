@@ -131,7 +131,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The threads password checks run on: a fixed few, fed through a channel.
 #[derive(Debug)]
 struct HashThreads {
-    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl HashThreads {
@@ -159,9 +159,7 @@ impl HashThreads {
                 tracing::error!(error = %e, "a password check thread could not start");
             }
         }
-        HashThreads {
-            jobs: Mutex::new(tx),
-        }
+        HashThreads { jobs: tx }
     }
 
     /// Runs `f` on a hash thread; `None` when no thread runs.
@@ -170,11 +168,7 @@ impl HashThreads {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(job)
-            .ok()?;
+        self.jobs.send(job).ok()?;
         rx.await.ok()
     }
 }
